@@ -1,0 +1,82 @@
+//! densepred-backbones: SMT (and later Conv2Former, MCGA), each with its variant presets and the
+//! official checkpoint key mapping.
+
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+use densepred_core::ShapeSpec;
+use serde::{Deserialize, Serialize};
+
+pub mod smt;
+
+/// A backbone: image batch in, multi-scale feature maps out.
+pub trait Backbone {
+    /// `x` `(B, 3, H, W)` normalised image batch → one `(B, C_i, H_i, W_i)` map per output index,
+    /// finest first. `train` selects training behaviour (batch-norm statistics, stochastic depth).
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>>;
+
+    /// Channels and stride of each map that [`Backbone::forward`] returns, in the same order.
+    fn out_shapes(&self) -> Vec<ShapeSpec>;
+}
+
+/// The `[backbone]` / `[model.backbone]` config table, selected by its `type` key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum BackboneConfig {
+    /// Scale-Aware Modulation Transformer.
+    #[serde(rename = "SMT")]
+    Smt(smt::SmtConfig),
+}
+
+/// A built backbone of any supported type.
+pub enum AnyBackbone {
+    /// SMT.
+    Smt(smt::Smt),
+}
+
+impl AnyBackbone {
+    /// Builds the backbone that `cfg` describes, with parameters created in (or fetched from) `vb`.
+    ///
+    /// Errors: inconsistent hyper-parameters (the message names the field).
+    pub fn new(vb: VarBuilder, cfg: &BackboneConfig) -> Result<Self> {
+        match cfg {
+            BackboneConfig::Smt(c) => Ok(Self::Smt(smt::Smt::new(vb, c)?)),
+        }
+    }
+
+    /// Maps an official checkpoint key of this backbone type to our parameter name.
+    pub fn map_checkpoint_key(&self, key: &str) -> String {
+        match self {
+            Self::Smt(_) => smt::map_checkpoint_key(key),
+        }
+    }
+
+    /// The classification logits `(B, num_classes)` from the last stage map, if the backbone has a
+    /// head (`None` otherwise).
+    pub fn classify(&self, last: &Tensor) -> Result<Option<Tensor>> {
+        match self {
+            Self::Smt(m) if m.has_head() => m.classify(last).map(Some),
+            Self::Smt(_) => Ok(None),
+        }
+    }
+
+    /// Runs every stage (ignoring `out_indices`): the four maps `(B, C_i, H/s_i, W/s_i)`.
+    pub fn forward_stages(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
+        match self {
+            Self::Smt(m) => Ok(m.forward_all(x, train, false)?.0),
+        }
+    }
+}
+
+impl Backbone for AnyBackbone {
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
+        match self {
+            Self::Smt(m) => m.forward(x, train),
+        }
+    }
+
+    fn out_shapes(&self) -> Vec<ShapeSpec> {
+        match self {
+            Self::Smt(m) => m.out_shapes(),
+        }
+    }
+}

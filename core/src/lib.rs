@@ -1,0 +1,11 @@
+//! densepred-core: layers, tensor ops, losses and structures shared by every densepred crate
+//! (see `DESIGN.md` for the layout).
+
+pub mod nn;
+pub mod ops;
+pub mod params;
+pub mod rng;
+pub mod shape_spec;
+pub mod weights;
+
+pub use shape_spec::ShapeSpec;

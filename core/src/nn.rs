@@ -1,0 +1,252 @@
+//! Layers with PyTorch semantics and PyTorch parameter names (`weight`, `bias`, `running_mean`,
+//! `running_var`), built through candle-nn's `VarBuilder`. Initialisers follow the official SMT code
+//! (`_init_weights`: Linear `trunc_normal(std=.02)`, Conv2d `normal(0, sqrt(2 / fan_out))`,
+//! norms weight 1 / bias 0); checkpoints overwrite them.
+
+use crate::ops::{depthwise_conv2d, layer_norm, DwConvParams};
+use candle_core::{Result, Tensor, Var, D};
+use candle_nn::{Init, VarBuilder};
+
+/// Conv2d hyper-parameters (square kernel; `(h, w)`-equal stride, padding and dilation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvCfg {
+    /// Stride in input pixels.
+    pub stride: usize,
+    /// Zero padding on each side, in input pixels.
+    pub padding: usize,
+    /// Dilation of the kernel taps.
+    pub dilation: usize,
+    /// Number of channel groups (`in_channels` for a depthwise convolution).
+    pub groups: usize,
+}
+
+impl Default for ConvCfg {
+    fn default() -> Self {
+        Self { stride: 1, padding: 0, dilation: 1, groups: 1 }
+    }
+}
+
+/// 2-D convolution, `torch.nn.Conv2d` semantics: input `(B, C_in, H, W)` → `(B, C_out, OH, OW)`.
+///
+/// Parameters: `weight` `(C_out, C_in / groups, K, K)`, optional `bias` `(C_out,)`.
+/// Dispatch: depthwise (`groups == C_in == C_out`) goes to [`depthwise_conv2d`]; 1x1 stride-1
+/// convolutions (dense or grouped) become one batched matmul; everything else is candle's
+/// `conv2d`.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    /// `(C_out, C_in / groups, K, K)`.
+    pub weight: Tensor,
+    /// `(C_out,)`.
+    pub bias: Option<Tensor>,
+    /// Stride / padding / dilation / groups.
+    pub cfg: ConvCfg,
+}
+
+impl Conv2d {
+    /// Creates (or fetches from `vb`) `weight` and, if `bias`, `bias`.
+    ///
+    /// Errors: `in_c` or `out_c` not divisible by `cfg.groups`; a stored parameter of another shape.
+    pub fn new(vb: VarBuilder, in_c: usize, out_c: usize, k: usize, cfg: ConvCfg, bias: bool) -> Result<Self> {
+        if cfg.groups == 0 || in_c % cfg.groups != 0 || out_c % cfg.groups != 0 {
+            candle_core::bail!("Conv2d {}: channels {in_c}->{out_c} not divisible by groups {}", vb.prefix(), cfg.groups);
+        }
+        let fan_out = (k * k * out_c / cfg.groups) as f64;
+        let weight = vb.get_with_hints(
+            (out_c, in_c / cfg.groups, k, k),
+            "weight",
+            Init::Randn { mean: 0.0, stdev: (2.0 / fan_out).sqrt() },
+        )?;
+        let bias = if bias { Some(vb.get_with_hints(out_c, "bias", Init::Const(0.0))?) } else { None };
+        Ok(Self { weight, bias, cfg })
+    }
+
+    /// `(B, C_in, H, W)` → `(B, C_out, OH, OW)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (out_c, in_per_g, k, _) = self.weight.dims4()?;
+        let c = self.cfg;
+        let in_c = x.dim(1)?;
+        if in_c != in_per_g * c.groups {
+            candle_core::bail!("Conv2d: input has {in_c} channels, weight expects {}", in_per_g * c.groups);
+        }
+        if c.groups == in_c && in_per_g == 1 && out_c == in_c {
+            let p = DwConvParams {
+                stride: (c.stride, c.stride),
+                padding: (c.padding, c.padding),
+                dilation: (c.dilation, c.dilation),
+            };
+            return depthwise_conv2d(x, &self.weight, self.bias.as_ref(), p);
+        }
+        let y = if k == 1 && c.stride == 1 && c.padding == 0 {
+            pointwise_conv(x, &self.weight, c.groups)?
+        } else {
+            x.conv2d(&self.weight, c.padding, c.stride, c.dilation, c.groups)?
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// 1x1 convolution with `groups` groups as a batched matmul: `x` `(B, C_in, H, W)`, `w`
+/// `(C_out, C_in / groups, 1, 1)` → `(B, C_out, H, W)`; output channel `o` of group `g =
+/// o / (C_out / groups)` reads input channels `[g * C_in/groups, (g+1) * C_in/groups)`, as PyTorch.
+pub fn pointwise_conv(x: &Tensor, w: &Tensor, groups: usize) -> Result<Tensor> {
+    let (b, in_c, h, wd) = x.dims4()?;
+    let out_c = w.dim(0)?;
+    let (ig, og) = (in_c / groups, out_c / groups);
+    let xg = x.reshape((b, groups, ig, h * wd))?;
+    let wg = w.reshape((1, groups, og, ig))?.broadcast_as((b, groups, og, ig))?.contiguous()?;
+    wg.matmul(&xg)?.reshape((b, out_c, h, wd))
+}
+
+/// Fully connected layer, `torch.nn.Linear`: `(..., in)` → `(..., out)`, `y = x Wᵀ + b`.
+/// Parameters `weight` `(out, in)`, optional `bias` `(out,)`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    inner: candle_nn::Linear,
+}
+
+impl Linear {
+    /// Creates (or fetches) `weight` (init N(0, 0.02²), the official `trunc_normal_(std=.02)` up to
+    /// the ±2 truncation, which never triggers at that std) and `bias` (zeros).
+    pub fn new(vb: VarBuilder, in_f: usize, out_f: usize, bias: bool) -> Result<Self> {
+        let w = vb.get_with_hints((out_f, in_f), "weight", Init::Randn { mean: 0.0, stdev: 0.02 })?;
+        let b = if bias { Some(vb.get_with_hints(out_f, "bias", Init::Const(0.0))?) } else { None };
+        Ok(Self { inner: candle_nn::Linear::new(w, b) })
+    }
+
+    /// `(..., in)` → `(..., out)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_core::Module::forward(&self.inner, x)
+    }
+}
+
+/// LayerNorm over the last dimension, `torch.nn.LayerNorm(C, eps)`: `(..., C)` → `(..., C)`.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    /// `(C,)`, init 1.
+    pub weight: Tensor,
+    /// `(C,)`, init 0.
+    pub bias: Tensor,
+    /// Added to the (biased) variance.
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    /// Creates (or fetches) `weight` and `bias` of length `c`.
+    pub fn new(vb: VarBuilder, c: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints(c, "weight", Init::Const(1.0))?,
+            bias: vb.get_with_hints(c, "bias", Init::Const(0.0))?,
+            eps,
+        })
+    }
+
+    /// `(..., C)` → `(..., C)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// BatchNorm over the channels of `(B, C, H, W)`, `torch.nn.BatchNorm2d(C, eps, momentum=0.1)`.
+///
+/// Evaluation uses the running statistics; training normalises with the batch statistics (biased
+/// variance) and updates `running_mean` / `running_var` (unbiased variance) in place, as PyTorch.
+#[derive(Debug, Clone)]
+pub struct BatchNorm2d {
+    /// `(C,)`, init 1.
+    pub weight: Tensor,
+    /// `(C,)`, init 0.
+    pub bias: Tensor,
+    /// `(C,)` buffer, init 0.
+    pub running_mean: Tensor,
+    /// `(C,)` buffer, init 1.
+    pub running_var: Tensor,
+    /// Added to the variance (PyTorch default 1e-5).
+    pub eps: f64,
+    /// Running-statistics update factor (PyTorch default 0.1).
+    pub momentum: f64,
+}
+
+impl BatchNorm2d {
+    /// Creates (or fetches) the affine parameters and running statistics of `c` channels.
+    pub fn new(vb: VarBuilder, c: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints(c, "weight", Init::Const(1.0))?,
+            bias: vb.get_with_hints(c, "bias", Init::Const(0.0))?,
+            running_mean: vb.get_with_hints(c, "running_mean", Init::Const(0.0))?,
+            running_var: vb.get_with_hints(c, "running_var", Init::Const(1.0))?,
+            eps,
+            momentum: 0.1,
+        })
+    }
+
+    /// `(B, C, H, W)` → `(B, C, H, W)`; `train` selects batch statistics and updates the buffers.
+    ///
+    /// Errors: a batch with a single value per channel in training (variance undefined).
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let c = x.dim(1)?;
+        if !train {
+            let scale = (&self.weight / (&self.running_var + self.eps)?.sqrt()?)?;
+            let shift = (&self.bias - (&self.running_mean * &scale)?)?;
+            return x
+                .broadcast_mul(&scale.reshape((1, c, 1, 1))?)?
+                .broadcast_add(&shift.reshape((1, c, 1, 1))?);
+        }
+        let n = x.elem_count() / c;
+        if n < 2 {
+            candle_core::bail!("BatchNorm2d: training needs more than one value per channel, got input {:?}", x.dims());
+        }
+        let xt = x.transpose(0, 1)?.contiguous()?.reshape((c, n))?;
+        let mean = xt.mean_keepdim(D::Minus1)?;
+        let xc = xt.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = xc.broadcast_div(&(&var + self.eps)?.sqrt()?)?;
+        let y = y.broadcast_mul(&self.weight.reshape((c, 1))?)?.broadcast_add(&self.bias.reshape((c, 1))?)?;
+        let (b, _, h, w) = x.dims4()?;
+        let y = y.reshape((c, b, h, w))?.transpose(0, 1)?.contiguous()?;
+        if self.running_mean.is_variable() {
+            let m = self.momentum;
+            let mean = mean.flatten_all()?.detach();
+            let var_unbiased = (var.flatten_all()?.detach() * (n as f64 / (n - 1) as f64))?;
+            let rm = ((&self.running_mean * (1.0 - m))? + (mean * m)?)?;
+            let rv = ((&self.running_var * (1.0 - m))? + (var_unbiased * m)?)?;
+            Var::from_tensor(&self.running_mean)?.set(&rm)?;
+            Var::from_tensor(&self.running_var)?.set(&rv)?;
+        }
+        Ok(y)
+    }
+}
+
+/// Stochastic depth per sample (Huang et al. 2016; timm's `DropPath`): in training each sample's
+/// residual branch is zeroed with probability `p` and the kept ones are scaled by `1 / (1 - p)`.
+/// Identity in evaluation or when `p == 0`. Draws from [`crate::rng`].
+#[derive(Debug, Clone, Copy)]
+pub struct DropPath {
+    /// Drop probability in `[0, 1)`.
+    pub p: f64,
+}
+
+impl DropPath {
+    /// `x` `(B, ...)` → same shape.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if !train || self.p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 - self.p;
+        let b = x.dim(0)?;
+        let mask: Vec<f32> = crate::rng::with_rng(|r| {
+            (0..b).map(|_| if rand::Rng::random::<f64>(r) < keep { (1.0 / keep) as f32 } else { 0.0 }).collect()
+        });
+        let mut shape = vec![1usize; x.rank()];
+        shape[0] = b;
+        let mask = Tensor::from_vec(mask, shape, x.device())?.to_dtype(x.dtype())?;
+        x.broadcast_mul(&mask)
+    }
+}
+
+/// Exact (erf) GELU, `torch.nn.GELU()` default.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    x.gelu_erf()
+}

@@ -1,0 +1,8 @@
+//! Tensor kernels that candle lacks or runs too slowly, as candle custom ops (see DESIGN.md,
+//! "Kernels").
+
+pub mod dwconv;
+pub mod layer_norm;
+
+pub use dwconv::{depthwise_conv2d, depthwise_conv2d_reference, DwConvParams};
+pub use layer_norm::{layer_norm, layer_norm_channels};

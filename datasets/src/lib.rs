@@ -1,0 +1,1 @@
+//! densepred-datasets (see ../shared/DESIGN.md).

@@ -1,0 +1,1 @@
+//! densepred-engine (see ../shared/DESIGN.md).

@@ -1,0 +1,1 @@
+//! densepred-evaluation (see ../shared/DESIGN.md).

@@ -1,0 +1,1 @@
+//! densepred-heads (see ../shared/DESIGN.md).

@@ -1,0 +1,1 @@
+//! densepred-models (see ../shared/DESIGN.md).

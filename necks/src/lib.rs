@@ -1,0 +1,1 @@
+//! densepred-necks (see ../shared/DESIGN.md).
