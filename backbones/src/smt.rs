@@ -19,7 +19,7 @@ use crate::Backbone;
 use candle_core::{Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use densepred_core::nn::{gelu, BatchNorm2d, Conv2d, ConvCfg, DropPath, LayerNorm, Linear};
-use densepred_core::ops::{depthwise_conv2d, DwConvParams};
+use densepred_core::ops::{depthwise_conv2d, softmax_last_dim, DwConvParams};
 use densepred_core::ShapeSpec;
 use serde::{Deserialize, Serialize};
 
@@ -349,7 +349,7 @@ impl Msa {
         let k = kv.get(0)?.contiguous()?;
         let v = kv.get(1)?.contiguous()?;
         let attn = (q.matmul(&k.t()?)? * self.scale)?;
-        let attn = candle_nn::ops::softmax_last_dim(&attn)?;
+        let attn = softmax_last_dim(&attn)?;
         let o = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
         // v (B, nh, N, d) -> (B, nh*d, h, w): channels head-major, as the official reshape.
         let v_map = v.transpose(2, 3)?.reshape((b, c, h, w))?;

@@ -79,13 +79,32 @@ impl Conv2d {
         let y = if k == 1 && c.stride == 1 && c.padding == 0 {
             pointwise_conv(x, &self.weight, c.groups)?
         } else {
-            x.conv2d(&self.weight, c.padding, c.stride, c.dilation, c.groups)?
+            strided_conv2d(x, &self.weight, c)?
         };
         match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
             None => Ok(y),
         }
     }
+}
+
+/// candle's `conv2d`, made safe for training when the stride leaves trailing input rows/columns
+/// unread (`(L + 2p - span) % s != 0`, e.g. a 3x3/2 conv on an odd map): candle 0.11's backward
+/// then produces a gradient of the wrong shape. Those rows never influence the output, so they are
+/// cropped off first (explicit zero padding, then a narrow); the output is unchanged and the
+/// gradient of the cropped rows is 0, as PyTorch computes it.
+fn strided_conv2d(x: &Tensor, w: &Tensor, c: ConvCfg) -> Result<Tensor> {
+    let (_, _, h, wd) = x.dims4()?;
+    let k = w.dim(2)?;
+    let span = c.dilation * (k - 1) + 1;
+    let unread = |len: usize| if len + 2 * c.padding >= span { (len + 2 * c.padding - span) % c.stride } else { 0 };
+    let (rh, rw) = (unread(h), unread(wd));
+    if rh == 0 && rw == 0 {
+        return x.conv2d(w, c.padding, c.stride, c.dilation, c.groups);
+    }
+    let xp = x.pad_with_zeros(2, c.padding, c.padding)?.pad_with_zeros(3, c.padding, c.padding)?;
+    let xp = xp.narrow(2, 0, h + 2 * c.padding - rh)?.narrow(3, 0, wd + 2 * c.padding - rw)?;
+    xp.conv2d(w, 0, c.stride, c.dilation, c.groups)
 }
 
 /// 1x1 convolution with `groups` groups as a batched matmul: `x` `(B, C_in, H, W)`, `w`

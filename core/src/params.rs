@@ -41,6 +41,12 @@ impl SeededVarMap {
         v
     }
 
+    /// Number of trainable scalars (every variable except BatchNorm buffers), as PyTorch's
+    /// `sum(p.numel() for p in model.parameters())`.
+    pub fn num_parameters(&self) -> usize {
+        self.named_vars().iter().filter(|(k, _)| !is_buffer(k)).map(|(_, v)| v.elem_count()).sum()
+    }
+
     fn sample(&self, shape: &Shape, init: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
         let n = shape.elem_count();
         let mut rng = self.rng.lock().expect("rng lock poisoned");

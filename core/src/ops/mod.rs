@@ -3,6 +3,8 @@
 
 pub mod dwconv;
 pub mod layer_norm;
+pub mod softmax;
 
 pub use dwconv::{depthwise_conv2d, depthwise_conv2d_reference, DwConvParams};
 pub use layer_norm::{layer_norm, layer_norm_channels};
+pub use softmax::softmax_last_dim;

@@ -1,0 +1,61 @@
+//! Softmax over the last dimension with a backward pass.
+//!
+//! candle-nn 0.11's fused `ops::softmax_last_dim` is forward-only (`apply_op1_no_bwd`), so
+//! attention trained through it receives no gradient for `q` and `k`. This op keeps a fused,
+//! numerically stable CPU forward (max-subtracted) and adds the standard backward
+//! `dx = y * (dy - sum(dy * y))`.
+
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
+use num_traits::Float;
+use rayon::prelude::*;
+
+struct SoftmaxLastDim;
+
+fn kernel<T: Float + Send + Sync>(x: &[T], dim: usize) -> Vec<T> {
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(dim).zip(x.par_chunks(dim)).for_each(|(o, xr)| {
+        let m = xr.iter().fold(T::neg_infinity(), |a, &v| a.max(v));
+        let mut s = T::zero();
+        for (oi, &xi) in o.iter_mut().zip(xr) {
+            *oi = (xi - m).exp();
+            s = s + *oi;
+        }
+        let inv = s.recip();
+        for oi in o.iter_mut() {
+            *oi = *oi * inv;
+        }
+    });
+    out
+}
+
+impl CustomOp1 for SoftmaxLastDim {
+    fn name(&self) -> &'static str {
+        "softmax-last-dim"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dim = l.shape().dims().last().copied().unwrap_or(1).max(1);
+        let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::msg("softmax: input must be contiguous"))?;
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(kernel(&v[a..b], dim)),
+            CpuStorage::F64(v) => CpuStorage::F64(kernel(&v[a..b], dim)),
+            _ => candle_core::bail!("softmax: expected f32 or f64, got {:?}", s.dtype()),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let s = (dy * y)?.sum_keepdim(D::Minus1)?;
+        Ok(Some((y * dy.broadcast_sub(&s)?)?))
+    }
+}
+
+/// `softmax(x)` over the last dimension: `(..., N)` → `(..., N)`, rows summing to 1;
+/// differentiable. CPU f32/f64 use a fused kernel, other devices candle-nn's composed softmax.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        x.contiguous()?.apply_op1(SoftmaxLastDim)
+    } else {
+        candle_nn::ops::softmax(x, D::Minus1)
+    }
+}

@@ -1,0 +1,140 @@
+//! Depthwise convolution and LayerNorm: forward against candle's own (slow) ops, backward against
+//! central finite differences in f64.
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use densepred_core::ops::{depthwise_conv2d, depthwise_conv2d_reference, layer_norm, softmax_last_dim, DwConvParams};
+
+fn randn(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
+    // Deterministic pseudo-random values without depending on candle's unseeded RNG.
+    let n: usize = shape.iter().product();
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let v: Vec<f64> = (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+}
+
+/// Central-difference gradient of `f` (a scalar function) with respect to every element of `x`
+/// (f64, step 1e-6): the analytic gradient must agree within 1e-7 relative to its scale, far
+/// below any indexing or sign error (which are O(1)).
+fn check_fd(x: &Tensor, analytic: &Tensor, f: &dyn Fn(&Tensor) -> f64) {
+    let h = 1e-6;
+    let base: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
+    let grad: Vec<f64> = analytic.flatten_all().unwrap().to_vec1().unwrap();
+    let scale = grad.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+    for i in 0..base.len() {
+        let mut p = base.clone();
+        p[i] += h;
+        let fp = f(&Tensor::from_vec(p.clone(), x.shape(), x.device()).unwrap());
+        p[i] -= 2.0 * h;
+        let fm = f(&Tensor::from_vec(p, x.shape(), x.device()).unwrap());
+        let num = (fp - fm) / (2.0 * h);
+        assert!((num - grad[i]).abs() <= 1e-7 * scale.max(1.0) + 1e-8, "element {i}: numeric {num}, analytic {}", grad[i]);
+    }
+}
+
+#[test]
+fn dwconv_forward_matches_candle_conv2d() {
+    // (kernel, stride, padding, dilation) including even kernels, stride 2, dilation 2 and a
+    // padding larger than the kernel's half.
+    for &(k, s, p, d) in &[(3, 1, 1, 1), (7, 1, 3, 1), (5, 2, 2, 1), (3, 2, 0, 1), (3, 1, 2, 2), (2, 2, 0, 1), (9, 1, 4, 1), (3, 3, 4, 1)] {
+        let x = randn(&[2, 5, 13, 11], 1, DType::F32);
+        let w = randn(&[5, 1, k, k], 2, DType::F32);
+        let prm = DwConvParams { stride: (s, s), padding: (p, p), dilation: (d, d) };
+        let ours = depthwise_conv2d(&x, &w, None, prm).unwrap();
+        let reference = depthwise_conv2d_reference(&x, &w, prm).unwrap();
+        let err = max_abs(&ours, &reference);
+        // f32 sums of at most 81 products of O(1) values: rounding ~1e-6.
+        assert!(err < 1e-5, "k{k} s{s} p{p} d{d}: {err}");
+    }
+}
+
+#[test]
+fn dwconv_bias_and_shapes() {
+    let x = randn(&[1, 4, 6, 6], 3, DType::F32);
+    let w = Tensor::zeros((4, 1, 3, 3), DType::F32, &Device::Cpu).unwrap();
+    let b = Tensor::new(&[1f32, 2., 3., 4.], &Device::Cpu).unwrap();
+    let y = depthwise_conv2d(&x, &w, Some(&b), DwConvParams::same(1)).unwrap();
+    assert_eq!(y.dims(), &[1, 4, 6, 6]);
+    let per_channel: Vec<f32> = y.mean((0, 2, 3)).unwrap().to_vec1().unwrap();
+    assert_eq!(per_channel, vec![1., 2., 3., 4.]);
+    // A weight that is not (C,1,k,k) is an error, not a panic.
+    let bad = Tensor::zeros((3, 1, 3, 3), DType::F32, &Device::Cpu).unwrap();
+    assert!(depthwise_conv2d(&x, &bad, None, DwConvParams::same(1)).is_err());
+    // So is a kernel larger than the padded input.
+    let big = Tensor::zeros((4, 1, 9, 9), DType::F32, &Device::Cpu).unwrap();
+    assert!(depthwise_conv2d(&x, &big, None, DwConvParams::same(0)).is_err());
+}
+
+#[test]
+fn dwconv_backward_matches_finite_differences() {
+    for &(k, s, p, d) in &[(3, 1, 1, 1), (5, 2, 1, 1), (3, 1, 2, 2), (4, 1, 2, 1)] {
+        let prm = DwConvParams { stride: (s, s), padding: (p, p), dilation: (d, d) };
+        let x = Var::from_tensor(&randn(&[2, 3, 7, 6], 4, DType::F64)).unwrap();
+        let w = Var::from_tensor(&randn(&[3, 1, k, k], 5, DType::F64)).unwrap();
+        // A random linear functional of the output makes every output position matter.
+        let out_shape = depthwise_conv2d(&x, &w, None, prm).unwrap().dims().to_vec();
+        let r = randn(&out_shape, 6, DType::F64);
+        let loss = |x: &Tensor, w: &Tensor| -> Tensor { (depthwise_conv2d(x, w, None, prm).unwrap() * &r).unwrap().sum_all().unwrap() };
+        let grads = loss(x.as_tensor(), w.as_tensor()).backward().unwrap();
+        let gx = grads.get(x.as_tensor()).unwrap();
+        let gw = grads.get(w.as_tensor()).unwrap();
+        check_fd(x.as_tensor(), gx, &|xp| loss(xp, w.as_tensor()).to_scalar::<f64>().unwrap());
+        check_fd(w.as_tensor(), gw, &|wp| loss(x.as_tensor(), wp).to_scalar::<f64>().unwrap());
+        // And the same gradients as candle's differentiable grouped conv2d (stride 1 only: candle
+        // 0.11's conv2d backward fails with a shape error when a stride leaves input rows unread).
+        if s != 1 {
+            continue;
+        }
+        let lr = |x: &Tensor, w: &Tensor| (depthwise_conv2d_reference(x, w, prm).unwrap() * &r).unwrap().sum_all().unwrap();
+        let g2 = lr(x.as_tensor(), w.as_tensor()).backward().unwrap();
+        assert!(max_abs(gx, g2.get(x.as_tensor()).unwrap()) < 1e-12);
+        assert!(max_abs(gw, g2.get(w.as_tensor()).unwrap()) < 1e-12);
+    }
+}
+
+fn layer_norm_reference(x: &Tensor, g: &Tensor, b: &Tensor, eps: f64) -> Tensor {
+    let mean = x.mean_keepdim(D::Minus1).unwrap();
+    let xc = x.broadcast_sub(&mean).unwrap();
+    let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+    xc.broadcast_div(&(var + eps).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(g).unwrap().broadcast_add(b).unwrap()
+}
+
+#[test]
+fn layer_norm_forward_and_backward() {
+    let x = Var::from_tensor(&(randn(&[3, 4, 9], 7, DType::F64) * 3.0).unwrap()).unwrap();
+    let g = Var::from_tensor(&(randn(&[9], 8, DType::F64) + 1.0).unwrap()).unwrap();
+    let b = Var::from_tensor(&randn(&[9], 9, DType::F64)).unwrap();
+    let eps = 1e-6;
+    let ours = layer_norm(&x, &g, &b, eps).unwrap();
+    assert!(max_abs(&ours, &layer_norm_reference(&x, &g, &b, eps)) < 1e-12);
+    let r = randn(&[3, 4, 9], 10, DType::F64);
+    let loss = |x: &Tensor, g: &Tensor, b: &Tensor| (layer_norm(x, g, b, eps).unwrap() * &r).unwrap().sum_all().unwrap();
+    let grads = loss(&x, &g, &b).backward().unwrap();
+    check_fd(&x, grads.get(&x).unwrap(), &|xp| loss(xp, &g, &b).to_scalar::<f64>().unwrap());
+    check_fd(&g, grads.get(&g).unwrap(), &|gp| loss(&x, gp, &b).to_scalar::<f64>().unwrap());
+    check_fd(&b, grads.get(&b).unwrap(), &|bp| loss(&x, &g, bp).to_scalar::<f64>().unwrap());
+    // f32 path agrees with the f64 one.
+    let y32 = layer_norm(&x.to_dtype(DType::F32).unwrap(), &g.to_dtype(DType::F32).unwrap(), &b.to_dtype(DType::F32).unwrap(), eps).unwrap();
+    assert!(max_abs(&y32.to_dtype(DType::F64).unwrap(), &ours) < 1e-5);
+}
+
+#[test]
+fn softmax_forward_and_backward() {
+    let x = Var::from_tensor(&(randn(&[2, 3, 7], 11, DType::F64) * 4.0).unwrap()).unwrap();
+    let y = softmax_last_dim(&x).unwrap();
+    let reference = candle_nn::ops::softmax(&x, D::Minus1).unwrap();
+    assert!(max_abs(&y, &reference) < 1e-14);
+    let r = randn(&[2, 3, 7], 12, DType::F64);
+    let loss = |x: &Tensor| (softmax_last_dim(x).unwrap() * &r).unwrap().sum_all().unwrap();
+    let grads = loss(&x).backward().unwrap();
+    check_fd(&x, grads.get(&x).unwrap(), &|xp| loss(xp).to_scalar::<f64>().unwrap());
+}
