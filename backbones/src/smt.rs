@@ -19,7 +19,7 @@ use crate::Backbone;
 use candle_core::{Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use densepred_core::nn::{gelu, BatchNorm2d, Conv2d, ConvCfg, DropPath, LayerNorm, Linear};
-use densepred_core::ops::{depthwise_conv2d, softmax_last_dim, DwConvParams};
+use densepred_core::ops::{depthwise_conv2d, softmax_last_dim, transpose_last2, DwConvParams};
 use densepred_core::ShapeSpec;
 use serde::{Deserialize, Serialize};
 
@@ -231,13 +231,13 @@ impl PatchEmbed {
 /// NCHW `(B, C, h, w)` → tokens `(B, h*w, C)`.
 fn to_tokens(x: &Tensor) -> Result<(Tensor, usize, usize)> {
     let (b, c, h, w) = x.dims4()?;
-    Ok((x.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?, h, w))
+    Ok((transpose_last2(&x.reshape((b, c, h * w))?)?, h, w))
 }
 
 /// Tokens `(B, h*w, C)` → NCHW `(B, C, h, w)`.
 fn to_map(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
     let (b, _, c) = x.dims3()?;
-    x.transpose(1, 2)?.contiguous()?.reshape((b, c, h, w))
+    transpose_last2(x)?.reshape((b, c, h, w))
 }
 
 /// A depthwise conv of the official code (bias, stride 1, "same" padding), on parameters `weight`
@@ -348,7 +348,8 @@ impl Msa {
         let kv = self.kv.forward(x)?.reshape((b, n, 2, nh, d))?.permute((2, 0, 3, 1, 4))?;
         let k = kv.get(0)?.contiguous()?;
         let v = kv.get(1)?.contiguous()?;
-        let attn = (q.matmul(&k.t()?)? * self.scale)?;
+        // q·kᵀ with kᵀ made contiguous: gemm on a transposed view is ~5x slower here.
+        let attn = (q.matmul(&transpose_last2(&k)?)? * self.scale)?;
         let attn = softmax_last_dim(&attn)?;
         let o = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
         // v (B, nh, N, d) -> (B, nh*d, h, w): channels head-major, as the official reshape.

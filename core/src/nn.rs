@@ -267,5 +267,5 @@ impl DropPath {
 
 /// Exact (erf) GELU, `torch.nn.GELU()` default.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    x.gelu_erf()
+    crate::ops::gelu_erf(x)
 }

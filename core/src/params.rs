@@ -47,6 +47,15 @@ impl SeededVarMap {
         self.named_vars().iter().filter(|(k, _)| !is_buffer(k)).map(|(_, v)| v.elem_count()).sum()
     }
 
+    /// A `VarBuilder` over detached copies of the current values (sharing storage, not tracked by
+    /// autograd): a model built from it runs inference without recording a backward graph, so
+    /// intermediates are freed as soon as they are used.
+    pub fn inference_var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        let map: std::collections::HashMap<String, Tensor> =
+            self.named_vars().into_iter().map(|(k, v)| (k, v.as_tensor().detach())).collect();
+        VarBuilder::from_tensors(map, dtype, device)
+    }
+
     fn sample(&self, shape: &Shape, init: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
         let n = shape.elem_count();
         let mut rng = self.rng.lock().expect("rng lock poisoned");

@@ -28,11 +28,8 @@ fn ln_kernel<T: Float + Send + Sync>(x: &[T], g: &[T], b: &[T], dim: usize, eps:
     let n = T::from(dim).unwrap_or_else(T::one);
     let eps = T::from(eps).unwrap_or_else(T::zero);
     out.par_chunks_mut(dim).zip(x.par_chunks(dim)).for_each(|(o, xr)| {
-        let mean = xr.iter().fold(T::zero(), |a, &v| a + v) / n;
-        let var = xr.iter().fold(T::zero(), |a, &v| {
-            let d = v - mean;
-            a + d * d
-        }) / n;
+        let mean = super::reduce::sum(xr) / n;
+        let var = super::reduce::sum_sq_dev(xr, mean) / n;
         let rstd = (var + eps).sqrt().recip();
         for i in 0..dim {
             o[i] = (xr[i] - mean) * rstd * g[i] + b[i];

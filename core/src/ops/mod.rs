@@ -1,10 +1,15 @@
 //! Tensor kernels that candle lacks or runs too slowly, as candle custom ops (see DESIGN.md,
 //! "Kernels").
 
+pub mod activation;
 pub mod dwconv;
 pub mod layer_norm;
+mod reduce;
 pub mod softmax;
+pub mod transpose;
 
 pub use dwconv::{depthwise_conv2d, depthwise_conv2d_reference, DwConvParams};
 pub use layer_norm::{layer_norm, layer_norm_channels};
 pub use softmax::softmax_last_dim;
+pub use activation::gelu_erf;
+pub use transpose::transpose_last2;

@@ -11,15 +11,31 @@ use rayon::prelude::*;
 
 struct SoftmaxLastDim;
 
-fn kernel<T: Float + Send + Sync>(x: &[T], dim: usize) -> Vec<T> {
+/// Element-wise `exp`, specialised per dtype (f32: the vectorisable [`super::activation::exp_f32`]).
+trait FastExp: Float {
+    fn fast_exp(self) -> Self;
+}
+impl FastExp for f32 {
+    #[inline(always)]
+    fn fast_exp(self) -> Self {
+        super::activation::exp_f32(self)
+    }
+}
+impl FastExp for f64 {
+    #[inline(always)]
+    fn fast_exp(self) -> Self {
+        self.exp()
+    }
+}
+
+fn kernel<T: FastExp + Send + Sync>(x: &[T], dim: usize) -> Vec<T> {
     let mut out = vec![T::zero(); x.len()];
     out.par_chunks_mut(dim).zip(x.par_chunks(dim)).for_each(|(o, xr)| {
-        let m = xr.iter().fold(T::neg_infinity(), |a, &v| a.max(v));
-        let mut s = T::zero();
+        let m = super::reduce::max(xr);
         for (oi, &xi) in o.iter_mut().zip(xr) {
-            *oi = (xi - m).exp();
-            s = s + *oi;
+            *oi = (xi - m).fast_exp();
         }
+        let s = super::reduce::sum(o);
         let inv = s.recip();
         for oi in o.iter_mut() {
             *oi = *oi * inv;

@@ -1,0 +1,49 @@
+//! `densepred analyze`: model inspection.
+
+use crate::backbone_config;
+use anyhow::Result;
+use candle_core::Device;
+use densepred_core::params::is_buffer;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+#[derive(clap::Subcommand)]
+pub enum Analyze {
+    /// Print the trainable parameter count of every top-level module, then `total N` (buffers such
+    /// as BatchNorm running statistics excluded, as PyTorch's `parameters()`).
+    Params {
+        /// Config with a `[backbone]` (or `[model.backbone]`) table.
+        config: PathBuf,
+    },
+}
+
+pub fn run(a: Analyze) -> Result<()> {
+    match a {
+        Analyze::Params { config } => {
+            let loaded = backbone_config::build(&config, None, &Device::Cpu)?;
+            let mut per_module: BTreeMap<String, usize> = BTreeMap::new();
+            for (name, var) in loaded.vars.named_vars() {
+                if is_buffer(&name) {
+                    continue;
+                }
+                let top = name.split('.').next().unwrap_or(&name).to_string();
+                *per_module.entry(top).or_default() += var.elem_count();
+            }
+            let width = per_module.keys().map(|k| k.len()).max().unwrap_or(0);
+            // Natural order: patch_embed1, block1, norm1, patch_embed2, ...
+            let mut rows: Vec<_> = per_module.into_iter().collect();
+            rows.sort_by_key(|(k, _)| {
+                let digits: String = k.chars().filter(|c| c.is_ascii_digit()).collect();
+                let kind = ["patch_embed", "block", "norm"].iter().position(|p| k.starts_with(p)).unwrap_or(3);
+                (digits.parse::<usize>().unwrap_or(usize::MAX), kind, k.clone())
+            });
+            let mut total = 0;
+            for (k, n) in rows {
+                println!("{k:<width$}  {n:>12}");
+                total += n;
+            }
+            println!("total {total}");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! `densepred features`: backbone feature extraction in eval mode.
+
+use crate::backbone_config;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use densepred_backbones::Backbone;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// Run a backbone (eval mode) and write `__stage1__` … `__stage4__` (and `__logits__` when the config
+/// has a classification head) to a safetensors file.
+#[derive(clap::Args)]
+pub struct Args {
+    /// TOML file with a `[backbone]` table (`type = "SMT"`, ...).
+    #[arg(long)]
+    backbone: PathBuf,
+    /// Weights with the official key names (safetensors or PyTorch `.pth`); default: random init.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// safetensors file holding `__input__` `(B, 3, H, W)` float32.
+    #[arg(long, conflicts_with = "image")]
+    input: Option<PathBuf>,
+    /// An image file instead (RGB, normalised with the ImageNet mean/std that mmdetection uses).
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// Output safetensors file.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// mmdetection's default `data_preprocessor` mean / std (RGB, 0–255 pixels).
+const MEAN: [f32; 3] = [123.675, 116.28, 103.53];
+const STD: [f32; 3] = [58.395, 57.12, 57.375];
+
+fn image_tensor(path: &std::path::Path) -> Result<Tensor> {
+    let img = image::ImageReader::open(path)
+        .with_context(|| format!("{}: cannot open image", path.display()))?
+        .with_guessed_format()?
+        .decode()
+        .with_context(|| format!("{}: cannot decode image", path.display()))?
+        .to_rgb8();
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let mut data = vec![0f32; 3 * h * w];
+    for (x, y, p) in img.enumerate_pixels() {
+        for c in 0..3 {
+            data[c * h * w + y as usize * w + x as usize] = (p[c] as f32 - MEAN[c]) / STD[c];
+        }
+    }
+    Ok(Tensor::from_vec(data, (1, 3, h, w), &Device::Cpu)?)
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let device = Device::Cpu;
+    let loaded = backbone_config::build(&a.backbone, a.weights.as_deref(), &device)?;
+    if let Some(r) = &loaded.report {
+        eprintln!("weights: {}", r.to_string().trim_end());
+    }
+    let x = match (&a.input, &a.image) {
+        (Some(p), None) => {
+            let t = candle_core::safetensors::load(p, &device).with_context(|| format!("{}: cannot read safetensors", p.display()))?;
+            let x = t.get("__input__").with_context(|| format!("{}: no tensor named __input__", p.display()))?;
+            if x.rank() != 4 || x.dim(1)? != 3 {
+                bail!("{}: __input__ must be (B, 3, H, W), got {:?}", p.display(), x.dims());
+            }
+            x.to_dtype(DType::F32)?
+        }
+        (None, Some(p)) => image_tensor(p)?,
+        _ => bail!("give exactly one of --input or --image"),
+    };
+    let stages = loaded.inference.forward_stages(&x, false)?;
+    let mut out = BTreeMap::new();
+    for (i, s) in stages.iter().enumerate() {
+        println!("__stage{}__ {:?} mean {:.6} std {:.6}", i + 1, s.dims(), s.mean_all()?.to_scalar::<f32>()?, s.flatten_all()?.var(0)?.sqrt()?.to_scalar::<f32>()?);
+        out.insert(format!("__stage{}__", i + 1), s.clone());
+    }
+    if let Some(l) = loaded.inference.classify(&stages[3])? {
+        println!("__logits__ {:?} argmax {:?}", l.dims(), l.argmax(1)?.to_vec1::<u32>()?);
+        out.insert("__logits__".to_string(), l);
+    }
+    densepred_core::weights::save_safetensors_atomic(&out, &a.out)?;
+    println!("wrote {}", a.out.display());
+    // Keep only the shape spec used, for the user's information.
+    let shapes = loaded.inference.out_shapes();
+    println!("out_shapes (channels, stride): {:?}", shapes.iter().map(|s| (s.channels, s.stride)).collect::<Vec<_>>());
+    Ok(())
+}

@@ -1,0 +1,4 @@
+pub mod analyze;
+pub mod benchmark;
+pub mod convert;
+pub mod features;
