@@ -19,7 +19,7 @@ use crate::Backbone;
 use candle_core::{Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use densepred_core::nn::{gelu, BatchNorm2d, Conv2d, ConvCfg, DropPath, LayerNorm, Linear};
-use densepred_core::ops::{depthwise_conv2d, softmax_last_dim, transpose_last2, DwConvParams};
+use densepred_core::ops::{depthwise_conv2d, mul_scale_last, softmax_last_dim, transpose_last2, DwConvParams};
 use densepred_core::ShapeSpec;
 use serde::{Deserialize, Serialize};
 
@@ -428,13 +428,13 @@ impl Block {
             Attention::Msa(m) => m.forward(&y, h, w)?,
         };
         let a = match &self.gammas {
-            Some((g1, _)) => a.broadcast_mul(g1)?,
+            Some((g1, _)) => mul_scale_last(&a, g1)?,
             None => a,
         };
         let x = (x + self.drop_path.forward(&a, train)?)?;
         let f = self.mlp.forward(&self.norm2.forward(&x)?, h, w)?;
         let f = match &self.gammas {
-            Some((_, g2)) => f.broadcast_mul(g2)?,
+            Some((_, g2)) => mul_scale_last(&f, g2)?,
             None => f,
         };
         x + self.drop_path.forward(&f, train)?

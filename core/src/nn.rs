@@ -3,7 +3,7 @@
 //! (`_init_weights`: Linear `trunc_normal(std=.02)`, Conv2d `normal(0, sqrt(2 / fan_out))`,
 //! norms weight 1 / bias 0); checkpoints overwrite them.
 
-use crate::ops::{depthwise_conv2d, layer_norm, DwConvParams};
+use crate::ops::{add_bias_channels, add_bias_last, depthwise_conv2d, layer_norm, mul_scale_channels, DwConvParams};
 use candle_core::{Result, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder};
 
@@ -82,7 +82,7 @@ impl Conv2d {
             strided_conv2d(x, &self.weight, c)?
         };
         match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            Some(b) => add_bias_channels(&y, b),
             None => Ok(y),
         }
     }
@@ -114,16 +114,23 @@ pub fn pointwise_conv(x: &Tensor, w: &Tensor, groups: usize) -> Result<Tensor> {
     let (b, in_c, h, wd) = x.dims4()?;
     let out_c = w.dim(0)?;
     let (ig, og) = (in_c / groups, out_c / groups);
-    let xg = x.reshape((b, groups, ig, h * wd))?;
-    let wg = w.reshape((1, groups, og, ig))?.broadcast_as((b, groups, og, ig))?.contiguous()?;
-    wg.matmul(&xg)?.reshape((b, out_c, h, wd))
+    // One matmul per image: a weight broadcast over the batch would make its gradient a slow
+    // leading-dimension reduction in candle.
+    let wg = w.reshape((groups, og, ig))?;
+    let per_image = (0..b)
+        .map(|i| wg.matmul(&x.get(i)?.reshape((groups, ig, h * wd))?)?.reshape((out_c, h, wd)))
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::stack(&per_image, 0)
 }
 
 /// Fully connected layer, `torch.nn.Linear`: `(..., in)` → `(..., out)`, `y = x Wᵀ + b`.
 /// Parameters `weight` `(out, in)`, optional `bias` `(out,)`.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    inner: candle_nn::Linear,
+    /// `(out, in)`.
+    pub weight: Tensor,
+    /// `(out,)`.
+    pub bias: Option<Tensor>,
 }
 
 impl Linear {
@@ -132,12 +139,23 @@ impl Linear {
     pub fn new(vb: VarBuilder, in_f: usize, out_f: usize, bias: bool) -> Result<Self> {
         let w = vb.get_with_hints((out_f, in_f), "weight", Init::Randn { mean: 0.0, stdev: 0.02 })?;
         let b = if bias { Some(vb.get_with_hints(out_f, "bias", Init::Const(0.0))?) } else { None };
-        Ok(Self { inner: candle_nn::Linear::new(w, b) })
+        Ok(Self { weight: w, bias: b })
     }
 
-    /// `(..., in)` → `(..., out)`.
+    /// `(..., in)` → `(..., out)`. Computed as one 2-D matmul over all rows (no weight broadcast
+    /// over the batch, whose gradient candle would reduce slowly).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        candle_core::Module::forward(&self.inner, x)
+        let dims = x.dims();
+        let in_f = *dims.last().ok_or_else(|| candle_core::Error::msg("Linear: scalar input"))?;
+        let rows = x.elem_count() / in_f.max(1);
+        let y = x.reshape((rows, in_f))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => add_bias_last(&y, b)?,
+            None => y,
+        };
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("non-empty") = self.weight.dim(0)?;
+        y.reshape(out_dims)
     }
 }
 
@@ -209,9 +227,7 @@ impl BatchNorm2d {
         if !train {
             let scale = (&self.weight / (&self.running_var + self.eps)?.sqrt()?)?;
             let shift = (&self.bias - (&self.running_mean * &scale)?)?;
-            return x
-                .broadcast_mul(&scale.reshape((1, c, 1, 1))?)?
-                .broadcast_add(&shift.reshape((1, c, 1, 1))?);
+            return add_bias_channels(&mul_scale_channels(x, &scale)?, &shift);
         }
         let n = x.elem_count() / c;
         if n < 2 {

@@ -138,3 +138,68 @@ fn softmax_forward_and_backward() {
     let grads = loss(&x).backward().unwrap();
     check_fd(&x, grads.get(&x).unwrap(), &|xp| loss(xp).to_scalar::<f64>().unwrap());
 }
+
+#[test]
+fn channel_bias_and_scale_ops_match_broadcasts_and_finite_differences() {
+    use densepred_core::ops::{add_bias_channels, add_bias_last, mul_scale_channels, mul_scale_last};
+    let x4 = Var::from_tensor(&randn(&[2, 3, 4, 5], 21, DType::F64)).unwrap();
+    let x3 = Var::from_tensor(&randn(&[2, 6, 3], 22, DType::F64)).unwrap();
+    let p3 = Var::from_tensor(&randn(&[3], 23, DType::F64)).unwrap();
+    type Op = fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>;
+    let cases: Vec<(&str, Op, &Var, Tensor)> = vec![
+        ("add_bias_channels", add_bias_channels, &x4, x4.broadcast_add(&p3.reshape((1, 3, 1, 1)).unwrap()).unwrap()),
+        ("mul_scale_channels", mul_scale_channels, &x4, x4.broadcast_mul(&p3.reshape((1, 3, 1, 1)).unwrap()).unwrap()),
+        ("add_bias_last", add_bias_last, &x3, x3.broadcast_add(p3.as_tensor()).unwrap()),
+        ("mul_scale_last", mul_scale_last, &x3, x3.broadcast_mul(p3.as_tensor()).unwrap()),
+    ];
+    for (name, op, x, reference) in cases {
+        let y = op(x, &p3).unwrap();
+        assert!(max_abs(&y, &reference) < 1e-14, "{name}");
+        let r = randn(y.dims(), 24, DType::F64);
+        let loss = |x: &Tensor, p: &Tensor| (op(x, p).unwrap() * &r).unwrap().sum_all().unwrap();
+        let grads = loss(x, &p3).backward().unwrap();
+        check_fd(x, grads.get(x).unwrap(), &|xp| loss(xp, &p3).to_scalar::<f64>().unwrap());
+        check_fd(&p3, grads.get(&p3).unwrap(), &|pp| loss(x, pp).to_scalar::<f64>().unwrap());
+    }
+}
+
+#[test]
+fn fast_gelu_matches_exact_gelu() {
+    use densepred_core::ops::gelu_erf;
+    // Values over the whole useful range, including the clamped tails.
+    let v: Vec<f32> = (-2000..=2000).map(|i| i as f32 * 0.005).collect();
+    let x = Var::from_tensor(&Tensor::new(v.as_slice(), &Device::Cpu).unwrap()).unwrap();
+    let ours = gelu_erf(&x).unwrap();
+    let exact = x.to_dtype(DType::F64).unwrap().gelu_erf().unwrap();
+    // erf approximation error ≤ 1.5e-7 times |x|/2 ≤ 5, plus f32 rounding of values up to 10.
+    assert!(max_abs(&ours.to_dtype(DType::F64).unwrap(), &exact) < 2e-6);
+    let g_ours = ours.sum_all().unwrap().backward().unwrap();
+    let x64 = Var::from_tensor(&x.to_dtype(DType::F64).unwrap()).unwrap();
+    let g_exact = x64.gelu_erf().unwrap().sum_all().unwrap().backward().unwrap();
+    let d = max_abs(&g_ours.get(&x).unwrap().to_dtype(DType::F64).unwrap(), g_exact.get(&x64).unwrap());
+    assert!(d < 2e-6, "gelu gradient differs by {d}");
+}
+
+#[test]
+fn fast_exp_relative_error() {
+    use densepred_core::ops::activation::exp_f32;
+    for i in -8700..=8800 {
+        let x = i as f32 * 0.01;
+        let (a, e) = (exp_f32(x) as f64, (x as f64).exp());
+        assert!(((a - e) / e).abs() < 5e-7, "exp({x}): {a} vs {e}");
+    }
+    assert_eq!(exp_f32(-1000.0), exp_f32(-87.3));
+}
+
+#[test]
+fn transpose_last2_matches_candle_and_backpropagates() {
+    use densepred_core::ops::transpose_last2;
+    let x = Var::from_tensor(&randn(&[2, 37, 70], 31, DType::F64)).unwrap();
+    let y = transpose_last2(&x).unwrap();
+    assert_eq!(y.dims(), &[2, 70, 37]);
+    assert_eq!(max_abs(&y, &x.transpose(1, 2).unwrap().contiguous().unwrap()), 0.0);
+    let r = randn(&[2, 70, 37], 32, DType::F64);
+    let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    assert_eq!(max_abs(g.get(&x).unwrap(), &r.transpose(1, 2).unwrap().contiguous().unwrap()), 0.0);
+    assert!(transpose_last2(&Tensor::new(&[1f32, 2.], &Device::Cpu).unwrap()).is_err());
+}

@@ -11,6 +11,19 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `mi_option_purge_delay` in mimalloc's `mi_option_e` (the same index in its v2 and v3 headers;
+/// the Rust binding exports no constant for it).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Keeps freed memory in the process instead of returning it to the kernel 10 ms later: a training
+/// step frees and re-allocates the same ~1 GB of activations, and re-faulting those pages cost a
+/// quarter of the step (kernel page zeroing) in a profile.
+fn keep_freed_memory() {
+    // SAFETY: setting an option of the allocator in use; mimalloc documents options as settable at
+    // any time.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}
+
 /// Dense prediction (detection, instance and semantic segmentation) in one native binary.
 #[derive(Parser)]
 #[command(name = "densepred", version, about)]
@@ -35,6 +48,7 @@ enum Command {
 }
 
 fn main() {
+    keep_freed_memory();
     // candle's element-wise ops run on a spinning barrier pool of its own beside rayon's and gemm's
     // threads; on the 2-core machines this project targets, that pool's spinning costs ~15% of a
     // backbone forward (BENCHMARKS.md). Memory-bound element-wise work gains little from a second

@@ -156,9 +156,7 @@ fn dot_row<T: Float>(out: &[T], inp: &[T], ox0: usize, ox1: usize, off: isize, s
     if sw == 1 {
         let base = (ox0 as isize + off) as usize;
         let n = ox1 - ox0;
-        for (&o, &i) in out[ox0..ox1].iter().zip(&inp[base..base + n]) {
-            acc = acc + o * i;
-        }
+        return super::reduce::dot(&out[ox0..ox1], &inp[base..base + n]);
     } else {
         for ox in ox0..ox1 {
             acc = acc + out[ox] * inp[((ox * sw) as isize + off) as usize];
@@ -383,7 +381,7 @@ pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, p: D
         depthwise_conv2d_reference(x, weight, p)?
     };
     match bias {
-        Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+        Some(b) => super::bias::add_bias_channels(&y, b),
         None => Ok(y),
     }
 }

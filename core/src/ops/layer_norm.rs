@@ -88,8 +88,10 @@ impl CustomOp3 for LayerNormLastDim {
         let mean_g = g.mean_keepdim(D::Minus1)?;
         let mean_gx = (&g * &xh)?.mean_keepdim(D::Minus1)?;
         let dx = g.broadcast_sub(&mean_g)?.sub(&xh.broadcast_mul(&mean_gx)?)?.broadcast_mul(&rstd)?;
-        let dgamma = (dy * &xh)?.reshape((rows, dim))?.sum(0)?;
-        let dbeta = dy.reshape((rows, dim))?.sum(0)?;
+        // Column sums as a gemm with a ones row (candle's sum over leading dims is slow).
+        let ones = Tensor::ones((1, rows), dy.dtype(), dy.device())?;
+        let dgamma = ones.matmul(&(dy * &xh)?.reshape((rows, dim))?)?.reshape(dim)?;
+        let dbeta = ones.matmul(&dy.contiguous()?.reshape((rows, dim))?)?.reshape(dim)?;
         Ok((Some(dx), Some(dgamma), Some(dbeta)))
     }
 }

@@ -2,6 +2,7 @@
 //! "Kernels").
 
 pub mod activation;
+pub mod bias;
 pub mod dwconv;
 pub mod layer_norm;
 mod reduce;
@@ -13,3 +14,4 @@ pub use layer_norm::{layer_norm, layer_norm_channels};
 pub use softmax::softmax_last_dim;
 pub use activation::gelu_erf;
 pub use transpose::transpose_last2;
+pub use bias::{add_bias_channels, add_bias_last, mul_scale_channels, mul_scale_last};

@@ -55,3 +55,23 @@ pub fn sum_sq_dev<T: Float>(x: &[T], m: T) -> T {
     }
     r
 }
+
+/// `Σ a[i]·b[i]` over the shorter length.
+#[inline]
+pub fn dot<T: Float>(a: &[T], b: &[T]) -> T {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [T::zero(); LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            acc[i] = acc[i] + x[i] * y[i];
+        }
+    }
+    let mut r = acc.iter().fold(T::zero(), |s, &v| s + v);
+    for (&x, &y) in ra.iter().zip(rb) {
+        r = r + x * y;
+    }
+    r
+}

@@ -17,10 +17,10 @@ fn kernel<T: Copy + Send + Sync + Default>(x: &[T], batch: usize, r: usize, c: u
     if plane == 0 {
         return out;
     }
-    // Parallel over (batch, tile of output rows); each task writes a disjoint band of `out`.
-    let row_tiles = c.div_ceil(TILE);
-    out.par_chunks_mut(plane).enumerate().for_each(|(bi, o)| {
-        let xi = &x[bi * plane..(bi + 1) * plane];
+    // Parallel over (batch, band of TILE output rows); each task writes a disjoint band of `out`
+    // and walks the input in TILE x TILE blocks that stay in L1.
+    debug_assert_eq!(x.len(), batch * plane);
+    out.par_chunks_mut(plane).zip(x.par_chunks(plane)).for_each(|(o, xi)| {
         o.par_chunks_mut(TILE * r).enumerate().for_each(|(t, band)| {
             // Output rows j in [t*TILE, ..) are input columns.
             let j0 = t * TILE;
@@ -28,16 +28,15 @@ fn kernel<T: Copy + Send + Sync + Default>(x: &[T], batch: usize, r: usize, c: u
             for i0 in (0..r).step_by(TILE) {
                 let i1 = (i0 + TILE).min(r);
                 for j in j0..j1 {
-                    let orow = &mut band[(j - j0) * r..(j - j0 + 1) * r];
-                    for i in i0..i1 {
-                        orow[i] = xi[i * c + j];
+                    let orow = &mut band[(j - j0) * r + i0..(j - j0) * r + i1];
+                    for (k, o) in orow.iter_mut().enumerate() {
+                        // In bounds: (i0 + k) < r and j < c, so the index is < r * c = xi.len().
+                        *o = unsafe { *xi.get_unchecked((i0 + k) * c + j) };
                     }
                 }
             }
         });
-        let _ = row_tiles;
     });
-    let _ = batch;
     out
 }
 

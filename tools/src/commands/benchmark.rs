@@ -11,6 +11,85 @@ use std::time::Instant;
 pub enum Benchmark {
     /// Backbone forward (eval) or forward + backward (`--train`) on a random input.
     Backbone(BackboneArgs),
+    /// A single kernel against candle's own implementation of the same operation.
+    Op(OpArgs),
+}
+
+/// Operations that `benchmark op` knows.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum OpName {
+    /// Depthwise conv2d, stride 1, "same" padding: ours vs candle's grouped `conv2d`.
+    DepthwiseConv,
+}
+
+#[derive(clap::Args)]
+pub struct OpArgs {
+    /// Which operation.
+    op: OpName,
+    /// Input shape `BxCxHxW`.
+    #[arg(long, default_value = "1x64x56x56")]
+    shape: String,
+    /// Square kernel size.
+    #[arg(long, default_value_t = 7)]
+    kernel: usize,
+    /// Timed iterations (after 3 warm-up iterations).
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+    /// Also time the backward pass (gradients of input and weight).
+    #[arg(long)]
+    train: bool,
+}
+
+fn median_ms(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..3 {
+        f()?;
+    }
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters.max(1) {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(|x, y| x.total_cmp(y));
+    Ok(times[times.len() / 2])
+}
+
+fn op(a: OpArgs) -> Result<()> {
+    let dims: Vec<usize> = a
+        .shape
+        .split(['x', 'X'])
+        .map(|v| v.trim().parse::<usize>())
+        .collect::<std::result::Result<_, _>>()
+        .with_context(|| format!("--shape must be BxCxHxW, got {:?}", a.shape))?;
+    let [b, c, h, w] = dims[..] else { bail!("--shape must be BxCxHxW, got {:?}", a.shape) };
+    let dev = Device::Cpu;
+    let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, c, h, w), &dev)?)?;
+    let k = candle_core::Var::from_tensor(&Tensor::randn(0f32, 0.1, (c, 1, a.kernel, a.kernel), &dev)?)?;
+    let p = densepred_core::ops::DwConvParams::same(a.kernel / 2);
+    match a.op {
+        OpName::DepthwiseConv => {
+            let ours = |train: bool| -> Result<()> {
+                let y = densepred_core::ops::depthwise_conv2d(&x, &k, None, p)?;
+                if train {
+                    y.sum_all()?.backward()?;
+                }
+                Ok(())
+            };
+            let theirs = |train: bool| -> Result<()> {
+                let y = densepred_core::ops::depthwise_conv2d_reference(&x, &k, p)?;
+                if train {
+                    y.sum_all()?.backward()?;
+                }
+                Ok(())
+            };
+            let threads = rayon::current_num_threads();
+            let what = if a.train { "forward+backward" } else { "forward" };
+            let m1 = median_ms(a.iters, || ours(a.train))?;
+            let m2 = median_ms(a.iters.min(5), || theirs(a.train))?;
+            println!("depthwise conv {b}x{c}x{h}x{w} k{} {what}, {threads} threads: densepred {m1:.3} ms, candle conv2d(groups=C) {m2:.3} ms", a.kernel);
+        }
+    }
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -62,6 +141,7 @@ pub fn peak_rss_mb() -> f64 {
 pub fn run(b: Benchmark) -> Result<()> {
     match b {
         Benchmark::Backbone(a) => backbone(a),
+        Benchmark::Op(a) => op(a),
     }
 }
 

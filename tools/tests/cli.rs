@@ -1,0 +1,117 @@
+//! End-to-end tests of the `densepred` binary on the official SMT fixture.
+
+use candle_core::{Device, Tensor};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn fixture() -> PathBuf {
+    let p = root().join("../shared/fixtures/backbones/smt_small.safetensors");
+    assert!(p.exists(), "missing {} (../shared must sit beside the checkout)", p.display());
+    p
+}
+
+fn densepred(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_densepred")).args(args).current_dir(root()).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn load(p: &Path) -> std::collections::HashMap<String, Tensor> {
+    candle_core::safetensors::load(p, &Device::Cpu).unwrap()
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// `features` reproduces the official outputs (the ≤ 2.5e-5 gate of `smt_parity.rs`) from both a
+/// safetensors file and a PyTorch `.pth` checkpoint with the state dict under `model`.
+#[test]
+fn features_match_official_outputs_from_safetensors_and_pth() {
+    let dir = tempfile::tempdir().unwrap();
+    let want = load(&fixture());
+    for weights in [fixture(), root().join("tests/data/smt_small_model.pth")] {
+        let out = dir.path().join("out.safetensors");
+        let (ok, stdout, stderr) = densepred(&[
+            "features", "--backbone", "tests/data/smt_small.toml", "--weights", weights.to_str().unwrap(),
+            "--input", fixture().to_str().unwrap(), "--out", out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{stdout}{stderr}");
+        let got = load(&out);
+        for k in ["__stage1__", "__stage2__", "__stage3__", "__stage4__", "__logits__"] {
+            let err = max_abs(&got[k], &want[k]);
+            assert!(err <= 2.5e-5, "{}: {k} differs by {err}", weights.display());
+        }
+    }
+}
+
+#[test]
+fn convert_pth_to_safetensors_keeps_every_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("w.safetensors");
+    let (ok, stdout, stderr) = densepred(&["convert", "pth2safetensors", "tests/data/smt_small_model.pth", out.to_str().unwrap()]);
+    assert!(ok, "{stdout}{stderr}");
+    let got = load(&out);
+    let want = load(&fixture());
+    let params: Vec<_> = want.keys().filter(|k| !k.starts_with("__")).collect();
+    assert_eq!(got.len(), params.len());
+    for k in params {
+        let (a, b) = (&got[k], &want[k]);
+        assert_eq!(a.dtype(), b.dtype(), "{k}");
+        let d = (a.to_dtype(candle_core::DType::F64).unwrap() - b.to_dtype(candle_core::DType::F64).unwrap()).unwrap();
+        assert_eq!(d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap(), 0.0, "{k}");
+    }
+}
+
+#[test]
+fn analyze_params_prints_official_total() {
+    let (ok, stdout, stderr) = densepred(&["analyze", "params", "configs/backbones/smt-t_in1k.toml"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.lines().last().unwrap(), "total 11506536");
+    assert!(stdout.contains("patch_embed1") && stdout.contains("head"));
+}
+
+#[test]
+fn benchmark_json_is_the_last_line() {
+    let (ok, stdout, stderr) = densepred(&["benchmark", "backbone", "tests/data/smt_small.toml", "--shape", "64x64", "--iters", "2", "--train", "--json"]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert!(v["median_ms"].as_f64().unwrap() > 0.0);
+    assert!(v["peak_mb"].as_f64().unwrap() > 0.0);
+    // The official model's parameters: every fixture tensor except buffers and `__*__` extras.
+    let want: usize = load(&fixture())
+        .iter()
+        .filter(|(k, _)| !k.starts_with("__") && !densepred_core::params::is_buffer(k))
+        .map(|(_, t)| t.elem_count())
+        .sum();
+    assert_eq!(v["params"].as_u64().unwrap() as usize, want);
+}
+
+/// Bad input is a clear error naming the file and the problem, never a panic.
+#[test]
+fn bad_input_gives_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.safetensors");
+    let o = out.to_str().unwrap();
+    let f = fixture();
+    let fx = f.to_str().unwrap();
+    // Missing weights file.
+    let (ok, _, err) = densepred(&["features", "--backbone", "tests/data/smt_small.toml", "--weights", "nope.pth", "--input", fx, "--out", o]);
+    assert!(!ok && err.contains("nope.pth") && err.contains("no such file"), "{err}");
+    // Misspelled config key.
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(&cfg, "[backbone]\ntype = \"SMT\"\nvariant = \"t\"\ndepth = [1, 1, 1, 1]\n").unwrap();
+    let (ok, _, err) = densepred(&["analyze", "params", cfg.to_str().unwrap()]);
+    assert!(!ok && err.contains("bad.toml") && err.contains("depth"), "{err}");
+    // Weights of another model: shape mismatches listed by name.
+    let (ok, _, err) = densepred(&["features", "--backbone", "configs/backbones/smt-t.toml", "--weights", fx, "--input", fx, "--out", o]);
+    assert!(!ok && err.contains("shape mismatch for patch_embed1.conv.0.weight"), "{err}");
+    // An input file without __input__.
+    let (ok, _, err) = densepred(&["features", "--backbone", "tests/data/smt_small.toml", "--input", "tests/data/smt_small_model.pth", "--out", o]);
+    assert!(!ok && err.contains("smt_small_model.pth"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
