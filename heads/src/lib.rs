@@ -1,1 +1,3 @@
-//! densepred-heads (see ../shared/DESIGN.md).
+//! densepred-heads: detection / segmentation heads and mmdetection's task modules.
+
+pub mod task;

@@ -4,7 +4,9 @@
 pub mod activation;
 pub mod bias;
 pub mod dwconv;
+pub mod iou;
 pub mod layer_norm;
+pub mod nms;
 mod reduce;
 pub mod softmax;
 pub mod transpose;
@@ -15,3 +17,4 @@ pub use softmax::softmax_last_dim;
 pub use activation::gelu_erf;
 pub use transpose::transpose_last2;
 pub use bias::{add_bias_channels, add_bias_last, mul_scale_channels, mul_scale_last};
+pub use nms::{batched_nms, filter_nms, nms};

@@ -1,0 +1,91 @@
+//! Samplers: which assigned priors enter the loss (mmdetection `PseudoSampler`, `RandomSampler`).
+
+use super::assigner::AssignResult;
+use rand::seq::SliceRandom;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+/// Indices of the sampled positives and negatives, and how many leading entries are gt boxes
+/// added as proposals.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SamplingResult {
+    /// Positive prior indices (into the priors, after any prepended gts).
+    pub pos_inds: Vec<usize>,
+    /// Negative prior indices.
+    pub neg_inds: Vec<usize>,
+    /// For each positive, its gt index (0-based).
+    pub pos_assigned_gt_inds: Vec<usize>,
+    /// Number of gt boxes prepended to the priors (`add_gt_as_proposals`).
+    pub num_gts_added: usize,
+}
+
+/// `type = "PseudoSampler"`: every positive (`gt_inds > 0`) and every negative (`gt_inds == 0`).
+pub fn pseudo_sample(a: &AssignResult) -> SamplingResult {
+    let pos_inds: Vec<usize> = (0..a.gt_inds.len()).filter(|&i| a.gt_inds[i] > 0).collect();
+    let neg_inds = (0..a.gt_inds.len()).filter(|&i| a.gt_inds[i] == 0).collect();
+    let pos_assigned_gt_inds = pos_inds.iter().map(|&i| (a.gt_inds[i] - 1) as usize).collect();
+    SamplingResult { pos_inds, neg_inds, pos_assigned_gt_inds, num_gts_added: 0 }
+}
+
+fn default_neg_pos_ub() -> f64 {
+    -1.0
+}
+fn default_true() -> bool {
+    true
+}
+
+/// `type = "RandomSampler"`: at most `num · pos_fraction` positives chosen uniformly, the rest of
+/// `num` negatives (at most `neg_pos_ub · max(1, #pos)` when `neg_pos_ub ≥ 0`); with
+/// `add_gt_as_proposals` the gt boxes are prepended to the priors as positives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RandomSampler {
+    /// Total samples per image.
+    pub num: usize,
+    /// Target fraction of positives.
+    pub pos_fraction: f64,
+    /// Upper bound of negatives per positive (−1: none).
+    #[serde(default = "default_neg_pos_ub")]
+    pub neg_pos_ub: f64,
+    /// Prepend the gt boxes to the priors.
+    #[serde(default = "default_true")]
+    pub add_gt_as_proposals: bool,
+}
+
+impl RandomSampler {
+    /// Samples from `a`. With `add_gt_as_proposals` (and gts present) the returned indices refer to
+    /// the priors with the `num_gts` gt boxes prepended (the caller prepends them as well), and
+    /// `a` is extended accordingly (mmdetection's `add_gt_`).
+    pub fn sample(&self, a: &mut AssignResult, gt_labels: &[i64], rng: &mut impl Rng) -> SamplingResult {
+        let mut added = 0;
+        if self.add_gt_as_proposals && a.num_gts > 0 {
+            added = a.num_gts;
+            let mut gi: Vec<i64> = (1..=a.num_gts as i64).collect();
+            gi.extend_from_slice(&a.gt_inds);
+            a.gt_inds = gi;
+            let mut mo = vec![1.0f32; a.num_gts];
+            mo.extend_from_slice(&a.max_overlaps);
+            a.max_overlaps = mo;
+            let mut lb = gt_labels.to_vec();
+            lb.extend_from_slice(&a.labels);
+            a.labels = lb;
+        }
+        let mut pos: Vec<usize> = (0..a.gt_inds.len()).filter(|&i| a.gt_inds[i] > 0).collect();
+        let num_pos = (self.num as f64 * self.pos_fraction) as usize;
+        if pos.len() > num_pos {
+            pos.shuffle(rng);
+            pos.truncate(num_pos);
+        }
+        let mut num_neg = self.num - pos.len();
+        if self.neg_pos_ub >= 0.0 {
+            num_neg = num_neg.min((self.neg_pos_ub * pos.len().max(1) as f64) as usize);
+        }
+        let mut neg: Vec<usize> = (0..a.gt_inds.len()).filter(|&i| a.gt_inds[i] == 0).collect();
+        if neg.len() > num_neg {
+            neg.shuffle(rng);
+            neg.truncate(num_neg);
+        }
+        let pos_assigned_gt_inds = pos.iter().map(|&i| (a.gt_inds[i] - 1) as usize).collect();
+        SamplingResult { pos_inds: pos, neg_inds: neg, pos_assigned_gt_inds, num_gts_added: added }
+    }
+}
