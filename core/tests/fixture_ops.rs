@@ -75,3 +75,125 @@ fn nms_edge_cases() {
     let b = Tensor::new(&[[0f32, 0., 10., 10.]], &Device::Cpu).unwrap();
     assert!(nms(&b, &Tensor::new(&[1f32, 2.], &Device::Cpu).unwrap(), 0.5).is_err());
 }
+
+mod losses {
+    use super::*;
+    use candle_core::Var;
+    use densepred_core::losses::*;
+
+    #[test]
+    fn sigmoid_focal_loss_matches_torchvision() {
+        let f = fixture("sigmoid_focal_loss.safetensors");
+        let x = Var::from_tensor(&f["logits"]).unwrap();
+        let el = sigmoid_focal_loss_elementwise(&x, &f["targets"], 2.0, 0.25).unwrap();
+        assert!(max_rel(&el, &f["loss_none"]) <= TOL, "loss_none");
+        let sum = el.sum_all().unwrap();
+        assert!(max_rel(&sum.reshape(1).unwrap(), &f["loss_sum"]) <= TOL, "loss_sum");
+        let g = sum.backward().unwrap();
+        let err = max_rel(g.get(&x).unwrap(), &f["grad_logits"]);
+        assert!(err <= TOL, "grad {err}");
+        // f64 path against the f64 reference, tighter.
+        let x64 = Var::from_tensor(&f["logits"].to_dtype(DType::F64).unwrap()).unwrap();
+        let s64 = sigmoid_focal_loss_elementwise(&x64, &f["targets"], 2.0, 0.25).unwrap().sum_all().unwrap();
+        assert!(max_rel(&s64.reshape(1).unwrap(), &f["loss_sum_f64"]) < 1e-12);
+        let g64 = s64.backward().unwrap();
+        assert!(max_rel(g64.get(&x64).unwrap(), &f["grad_logits_f64"]) < 1e-12);
+    }
+
+    #[test]
+    fn focal_loss_from_labels_uses_background_index_and_avg_factor() {
+        let f = fixture("sigmoid_focal_loss.safetensors");
+        let t: Vec<Vec<f32>> = f["targets"].to_vec2().unwrap();
+        // Rows with exactly one 1 become labels; all-zero rows are background (label C = 5).
+        let rows: Vec<usize> = (0..t.len()).filter(|&i| t[i].iter().sum::<f32>() <= 1.0).collect();
+        let labels: Vec<i64> = rows.iter().map(|&i| t[i].iter().position(|&v| v == 1.0).map(|p| p as i64).unwrap_or(5)).collect();
+        let idx = Tensor::new(rows.iter().map(|&i| i as u32).collect::<Vec<_>>().as_slice(), &Device::Cpu).unwrap();
+        let logits = f["logits"].index_select(&idx, 0).unwrap();
+        let num_pos = labels.iter().filter(|&&l| l < 5).count() as f64;
+        let loss = sigmoid_focal_loss(&logits, &Tensor::new(labels.as_slice(), &Device::Cpu).unwrap(), 2.0, 0.25, None, Reduction::Mean, Some(num_pos)).unwrap();
+        let want = f["loss_none"].index_select(&idx, 0).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64 / (num_pos + AVG_FACTOR_EPS);
+        assert!((loss.to_scalar::<f32>().unwrap() as f64 - want).abs() < 1e-5 * want.max(1.0));
+    }
+
+    fn fd(x: &Tensor, g: &Tensor, f: &dyn Fn(&Tensor) -> f64) {
+        let base: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let grad: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
+        for i in 0..base.len() {
+            let mut p = base.clone();
+            p[i] += 1e-6;
+            let fp = f(&Tensor::from_vec(p.clone(), x.shape(), x.device()).unwrap());
+            p[i] -= 2e-6;
+            let fm = f(&Tensor::from_vec(p, x.shape(), x.device()).unwrap());
+            let num = (fp - fm) / 2e-6;
+            assert!((num - grad[i]).abs() < 1e-6 * grad[i].abs().max(1.0), "element {i}: numeric {num} analytic {}", grad[i]);
+        }
+    }
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut s = seed;
+        let v: Vec<f64> = (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 11) as f64 / (1u64 << 53) as f64) * 4.0 - 2.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Every loss's gradient against central finite differences (f64).
+    #[test]
+    fn loss_gradients_match_finite_differences() {
+        let x = Var::from_tensor(&rand(&[6, 4], 1)).unwrap();
+        let t = rand(&[6, 4], 2);
+        let w = rand(&[6, 4], 3).abs().unwrap();
+        type L = Box<dyn Fn(&Tensor) -> Tensor>;
+        let (t1, t2, t3, t4, w1) = (t.clone(), t.clone(), t.clone(), t.clone(), w.clone());
+        let probs = ((rand(&[6, 4], 9) + 2.0).unwrap() / 4.0).unwrap();
+        let cases: Vec<(&str, L)> = vec![
+            ("l1", Box::new(move |x| l1_loss(x, &t1, Some(&w1), Reduction::Mean, Some(3.0)).unwrap())),
+            ("smooth_l1", Box::new(move |x| smooth_l1_loss(x, &t2, 0.5, None, Reduction::Sum, None).unwrap())),
+            ("bce", Box::new(move |x| binary_cross_entropy_with_logits(x, &probs, None, Reduction::Mean, None).unwrap())),
+            ("focal", Box::new(move |x| sigmoid_focal_loss_elementwise(x, &((&t3 + 2.0).unwrap() / 4.0).unwrap(), 2.0, 0.25).unwrap().sum_all().unwrap())),
+            ("focal_gamma1.5", Box::new(move |x| sigmoid_focal_loss_elementwise(x, &((&t4 + 2.0).unwrap() / 4.0).unwrap(), 1.5, -1.0).unwrap().sum_all().unwrap())),
+        ];
+        for (name, f) in cases {
+            let g = f(&x).backward().unwrap();
+            let g = g.get(&x).unwrap_or_else(|| panic!("{name}: no gradient"));
+            fd(&x, g, &|xp| f(xp).to_scalar::<f64>().unwrap());
+        }
+        // Cross-entropy with ignore_index and class weights, (N, C, H, W) layout.
+        let logits = Var::from_tensor(&rand(&[2, 3, 2, 2], 4)).unwrap();
+        let labels = Tensor::new(&[[[0i64, 2], [255, 1]], [[1, 1], [2, 255]]], &Device::Cpu).unwrap();
+        let cw = Tensor::new(&[1.0f64, 2.0, 0.5], &Device::Cpu).unwrap();
+        let ce = |l: &Tensor| cross_entropy(l, &labels, Some(&cw), Some(255), None, Reduction::Mean, None, true).unwrap();
+        let g = ce(&logits).backward().unwrap();
+        fd(&logits, g.get(&logits).unwrap(), &|lp| ce(lp).to_scalar::<f64>().unwrap());
+        // GIoU loss on boxes (pred = target + perturbation, so boxes stay valid).
+        let target = Tensor::new(&[[0f64, 0., 10., 10.], [5., 5., 20., 12.], [1., 2., 3., 9.]], &Device::Cpu).unwrap();
+        let pred = Var::from_tensor(&(&target + (rand(&[3, 4], 5) * 0.3).unwrap()).unwrap()).unwrap();
+        let gl = |p: &Tensor| giou_loss(p, &target, None, Reduction::Mean, None).unwrap();
+        let g = gl(&pred).backward().unwrap();
+        fd(&pred, g.get(&pred).unwrap(), &|pp| gl(pp).to_scalar::<f64>().unwrap());
+    }
+
+    /// Cross-entropy values from first principles: −log softmax, ignore and class weights.
+    #[test]
+    fn cross_entropy_conventions() {
+        let logits = Tensor::new(&[[2.0f64, 0.0, -1.0], [0.5, 0.5, 0.5], [1.0, 3.0, 0.0]], &Device::Cpu).unwrap();
+        let labels = Tensor::new(&[0i64, 255, 1], &Device::Cpu).unwrap();
+        let nll = |row: [f64; 3], k: usize| -> f64 { -(row[k].exp() / row.iter().map(|v| v.exp()).sum::<f64>()).ln() };
+        let (a, c) = (nll([2.0, 0.0, -1.0], 0), nll([1.0, 3.0, 0.0], 1));
+        let mean_all = cross_entropy(&logits, &labels, None, Some(255), None, Reduction::Mean, None, false).unwrap().to_scalar::<f64>().unwrap();
+        assert!((mean_all - (a + c) / 3.0).abs() < 1e-12, "ignored elements count in the mean by default");
+        let mean_valid = cross_entropy(&logits, &labels, None, Some(255), None, Reduction::Mean, None, true).unwrap().to_scalar::<f64>().unwrap();
+        // avg_non_ignore becomes an avg_factor, which mmdet divides by with float32 eps added.
+        assert!((mean_valid - (a + c) / (2.0 + AVG_FACTOR_EPS)).abs() < 1e-12);
+        let cw = Tensor::new(&[2.0f64, 3.0, 1.0], &Device::Cpu).unwrap();
+        let s = cross_entropy(&logits, &labels, Some(&cw), Some(255), None, Reduction::Sum, None, false).unwrap().to_scalar::<f64>().unwrap();
+        assert!((s - (2.0 * a + 3.0 * c)).abs() < 1e-12);
+        let bad = Tensor::new(&[0i64, 7, 1], &Device::Cpu).unwrap();
+        assert!(cross_entropy(&logits, &bad, None, Some(255), None, Reduction::Mean, None, false).is_err());
+        assert!(weight_reduce_loss(&logits, None, Reduction::Sum, Some(2.0)).is_err());
+    }
+}
