@@ -197,3 +197,96 @@ mod losses {
         assert!(weight_reduce_loss(&logits, None, Reduction::Sum, Some(2.0)).is_err());
     }
 }
+
+mod roi {
+    use super::*;
+    use candle_core::Var;
+    use densepred_core::ops::{map_roi_levels, roi_align, RoiAlignParams};
+
+    /// Forward and backward against torchvision for strides 4 and 16, sampling 0 (adaptive) and 2,
+    /// outputs 7 and 14; the fixture's f32/f64 spread is ~5e-6 (outputs) and ~2e-5 (gradients),
+    /// so the gate is 2e-5 relative on outputs and 5e-5 on gradients.
+    #[test]
+    fn roi_align_matches_torchvision() {
+        for s in [4usize, 16] {
+            let f = fixture(&format!("roi_align_s{s}.safetensors"));
+            let feat = Var::from_tensor(&f[&format!("s{s}_features")]).unwrap();
+            let rois = &f[&format!("s{s}_rois")];
+            for sr in [0usize, 2] {
+                for o in [7usize, 14] {
+                    let key = format!("s{s}_sr{sr}_o{o}");
+                    let p = RoiAlignParams { output_size: (o, o), spatial_scale: 1.0 / s as f32, sampling_ratio: sr, aligned: true };
+                    let out = roi_align(&feat, rois, p).unwrap();
+                    let e = max_rel(&out, &f[&format!("{key}_output")]);
+                    assert!(e <= 2e-5, "{key} output {e}");
+                    let up = &f[&format!("{key}_upstream_grad")];
+                    let g = (out * up).unwrap().sum_all().unwrap().backward().unwrap();
+                    let e = max_rel(g.get(&feat).unwrap(), &f[&format!("{key}_grad_features")]);
+                    assert!(e <= 5e-5, "{key} grad {e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn roi_levels_and_errors() {
+        // level = floor(log2(sqrt(area) / 56 + 1e-6)): sqrt(area) 56 → log2(1) = 0 → 0; 112 → 1;
+        // 224 → 2; 448 → 3; 2000 → 5, clamped to 3; 10 → negative, clamped to 0.
+        let rois = Tensor::new(&[[0f32, 0., 0., 56., 56.], [0., 0., 0., 112., 112.], [0., 0., 0., 224., 224.], [0., 0., 0., 448., 448.], [0., 0., 0., 2000., 2000.], [0., 0., 0., 10., 10.]], &Device::Cpu).unwrap();
+        assert_eq!(map_roi_levels(&rois, 4, 56.0).unwrap(), vec![0, 1, 2, 3, 3, 0]);
+        let feat = Tensor::zeros((1, 2, 8, 8), DType::F32, &Device::Cpu).unwrap();
+        let p = RoiAlignParams { output_size: (2, 2), spatial_scale: 1.0, sampling_ratio: 0, aligned: true };
+        let bad = Tensor::new(&[[1f32, 0., 0., 4., 4.]], &Device::Cpu).unwrap();
+        assert!(roi_align(&feat, &bad, p).unwrap_err().to_string().contains("batch index"));
+    }
+}
+
+mod roi_fd {
+    use super::*;
+    use candle_core::Var;
+    use densepred_core::ops::{roi_align, RoiAlignParams};
+
+    /// The backward pass against finite differences. RoIAlign is linear in the features, so the
+    /// central difference with a unit step is the exact derivative up to f32 rounding (1e-4).
+    #[test]
+    fn roi_align_backward_matches_finite_differences() {
+        let f = fixture("roi_align_s4.safetensors");
+        let feat = Var::from_tensor(&f["s4_features"]).unwrap();
+        let rois = &f["s4_rois"];
+        let p = RoiAlignParams { output_size: (7, 7), spatial_scale: 0.25, sampling_ratio: 0, aligned: false };
+        let r = &f["s4_sr0_o7_upstream_grad"];
+        let loss = |x: &Tensor| (roi_align(x, rois, p).unwrap() * r).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+        let g: Vec<f32> = {
+            let out = roi_align(&feat, rois, p).unwrap();
+            let gs = (out * r).unwrap().sum_all().unwrap().backward().unwrap();
+            gs.get(&feat).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+        };
+        let base: Vec<f32> = feat.flatten_all().unwrap().to_vec1().unwrap();
+        let mut nonzero = 0;
+        for i in (0..base.len()).step_by(7) {
+            let mut v = base.clone();
+            v[i] += 1.0;
+            let fp = loss(&Tensor::from_vec(v.clone(), feat.shape(), &Device::Cpu).unwrap());
+            v[i] -= 2.0;
+            let fm = loss(&Tensor::from_vec(v, feat.shape(), &Device::Cpu).unwrap());
+            let num = (fp - fm) / 2.0;
+            assert!((num - g[i] as f64).abs() < 1e-4 * num.abs().max(1.0), "element {i}: numeric {num}, analytic {}", g[i]);
+            nonzero += (num.abs() > 1e-6) as usize;
+        }
+        assert!(nonzero > 20, "the check covers sampled pixels");
+    }
+}
+
+#[test]
+fn paste_masks_matches_mmdet() {
+    let f = fixture("paste_masks.safetensors");
+    let got = densepred_core::ops::paste_masks(&f["masks"], &f["boxes"], 60, 80).unwrap();
+    let err = max_rel(&got, &f["mmdet_do_paste_mask"]);
+    assert!(err <= 1e-5, "{err}");
+    // Binarised at 0.5 the same pixels are set (f32 rounding could only flip values within 1e-5 of
+    // the threshold; count those as agreeing).
+    let a: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+    let b: Vec<f32> = f["mmdet_do_paste_mask"].flatten_all().unwrap().to_vec1().unwrap();
+    let flips = a.iter().zip(&b).filter(|(x, y)| (**x >= 0.5) != (**y >= 0.5) && (**y - 0.5).abs() > 1e-5).count();
+    assert_eq!(flips, 0);
+}

@@ -7,7 +7,9 @@ pub mod dwconv;
 pub mod iou;
 pub mod layer_norm;
 pub mod nms;
+pub mod paste_mask;
 mod reduce;
+pub mod roi_align;
 pub mod softmax;
 pub mod transpose;
 
@@ -18,3 +20,5 @@ pub use activation::gelu_erf;
 pub use transpose::transpose_last2;
 pub use bias::{add_bias_channels, add_bias_last, mul_scale_channels, mul_scale_last};
 pub use nms::{batched_nms, filter_nms, nms};
+pub use roi_align::{map_roi_levels, roi_align, RoiAlignParams};
+pub use paste_mask::paste_masks;

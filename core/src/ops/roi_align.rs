@@ -1,0 +1,227 @@
+//! RoIAlign (He et al. 2017, Mask R-CNN §3) with `torchvision.ops.roi_align` semantics, as a candle
+//! custom op with CPU kernels for the forward and backward passes (rayon), and mmdetection's
+//! multi-level RoI → FPN level mapping.
+//!
+//! Per RoI `(batch, x1, y1, x2, y2)` in image pixels: coordinates are scaled by `spatial_scale`
+//! and, with `aligned`, shifted by −0.5 (pixel centres); without `aligned` the RoI size is clamped
+//! to ≥ 1. Each of the `oh × ow` bins averages `gh × gw` bilinear samples at the sub-bin centres,
+//! with `g = sampling_ratio` or, when 0, `ceil(roi_size / out_size)` per axis. Samples with
+//! `y < −1` or `y > H` (same for x) contribute 0; samples in `[−1, 0]` are clamped to 0; the
+//! average divides by the number of samples including the zero ones.
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// RoIAlign hyper-parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RoiAlignParams {
+    /// Output `(oh, ow)` bins.
+    pub output_size: (usize, usize),
+    /// Feature-map pixels per image pixel (1 / stride).
+    pub spatial_scale: f32,
+    /// Samples per bin and axis; 0 = adaptive.
+    pub sampling_ratio: usize,
+    /// Half-pixel shift (mmdetection / detectron2 `aligned=True`).
+    pub aligned: bool,
+}
+
+/// One bilinear sample: up to four `(index into the H×W plane, weight)` taps.
+type Taps = [(usize, f32); 4];
+
+/// The sampling plan of one RoI: for each output bin, its taps, plus `1 / count`.
+fn plan(roi: &[f32], p: &RoiAlignParams, h: usize, w: usize) -> (Vec<Vec<Taps>>, f32) {
+    let (oh, ow) = p.output_size;
+    let off = if p.aligned { 0.5 } else { 0.0 };
+    let sx = roi[1] * p.spatial_scale - off;
+    let sy = roi[2] * p.spatial_scale - off;
+    let ex = roi[3] * p.spatial_scale - off;
+    let ey = roi[4] * p.spatial_scale - off;
+    let (mut rw, mut rh) = (ex - sx, ey - sy);
+    if !p.aligned {
+        rw = rw.max(1.0);
+        rh = rh.max(1.0);
+    }
+    let bh = rh / oh as f32;
+    let bw = rw / ow as f32;
+    let gh = if p.sampling_ratio > 0 { p.sampling_ratio } else { (rh / oh as f32).ceil().max(0.0) as usize };
+    let gw = if p.sampling_ratio > 0 { p.sampling_ratio } else { (rw / ow as f32).ceil().max(0.0) as usize };
+    let count = (gh * gw).max(1) as f32;
+    let mut bins = Vec::with_capacity(oh * ow);
+    for ph in 0..oh {
+        for pw in 0..ow {
+            let mut taps = Vec::with_capacity(gh * gw);
+            for iy in 0..gh {
+                let y = sy + ph as f32 * bh + (iy as f32 + 0.5) * bh / gh as f32;
+                for ix in 0..gw {
+                    let x = sx + pw as f32 * bw + (ix as f32 + 0.5) * bw / gw as f32;
+                    if let Some(t) = bilinear_taps(y, x, h, w) {
+                        taps.push(t);
+                    }
+                }
+            }
+            bins.push(taps);
+        }
+    }
+    (bins, 1.0 / count)
+}
+
+fn bilinear_taps(y: f32, x: f32, h: usize, w: usize) -> Option<Taps> {
+    if y < -1.0 || y > h as f32 || x < -1.0 || x > w as f32 {
+        return None;
+    }
+    let (mut y, mut x) = (y.max(0.0), x.max(0.0));
+    let mut y_lo = y as usize;
+    let mut x_lo = x as usize;
+    let y_hi;
+    let x_hi;
+    if y_lo >= h - 1 {
+        y_lo = h - 1;
+        y_hi = h - 1;
+        y = y_lo as f32;
+    } else {
+        y_hi = y_lo + 1;
+    }
+    if x_lo >= w - 1 {
+        x_lo = w - 1;
+        x_hi = w - 1;
+        x = x_lo as f32;
+    } else {
+        x_hi = x_lo + 1;
+    }
+    let (ly, lx) = (y - y_lo as f32, x - x_lo as f32);
+    let (hy, hx) = (1.0 - ly, 1.0 - lx);
+    Some([(y_lo * w + x_lo, hy * hx), (y_lo * w + x_hi, hy * lx), (y_hi * w + x_lo, ly * hx), (y_hi * w + x_hi, ly * lx)])
+}
+
+fn dims(feat: &Shape, rois: &Shape) -> Result<(usize, usize, usize, usize, usize)> {
+    let (b, c, h, w) = feat.dims4()?;
+    let (k, five) = rois.dims2()?;
+    if five != 5 {
+        candle_core::bail!("roi_align: rois must be (K, 5) = (batch, x1, y1, x2, y2), got {:?}", rois.dims());
+    }
+    Ok((b, c, h, w, k))
+}
+
+fn cslice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("roi_align: {what} must be contiguous f32"),
+    }
+}
+
+fn batch_index(roi: &[f32], b: usize, n: usize) -> Result<usize> {
+    let bi = roi[0];
+    if bi < 0.0 || bi as usize >= b || bi.fract() != 0.0 {
+        candle_core::bail!("roi_align: roi {n} has batch index {bi}, features have batch {b}");
+    }
+    Ok(bi as usize)
+}
+
+struct RoiAlign(RoiAlignParams);
+
+impl CustomOp2 for RoiAlign {
+    fn name(&self) -> &'static str {
+        "roi-align"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, c, h, w, k) = dims(l1.shape(), l2.shape())?;
+        let feat = cslice(s1, l1, "features")?;
+        let rois = cslice(s2, l2, "rois")?;
+        let (oh, ow) = self.0.output_size;
+        let plane = oh * ow;
+        let mut out = vec![0f32; k * c * plane];
+        let bis = (0..k).map(|n| batch_index(&rois[5 * n..5 * n + 5], b, n)).collect::<Result<Vec<_>>>()?;
+        out.par_chunks_mut(c * plane).enumerate().for_each(|(n, o)| {
+            let (bins, inv) = plan(&rois[5 * n..5 * n + 5], &self.0, h, w);
+            for ch in 0..c {
+                let f = &feat[(bis[n] * c + ch) * h * w..(bis[n] * c + ch + 1) * h * w];
+                for (bin, taps) in bins.iter().enumerate() {
+                    let mut acc = 0f32;
+                    for t in taps {
+                        acc += t[0].1 * f[t[0].0] + t[1].1 * f[t[1].0] + t[2].1 * f[t[2].0] + t[3].1 * f[t[3].0];
+                    }
+                    o[ch * plane + bin] = acc * inv;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((k, c, oh, ow))))
+    }
+
+    fn bwd(&self, feat: &Tensor, rois: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad.contiguous()?.apply_op2_no_bwd(rois, &RoiAlignGrad { p: self.0, feat_shape: feat.shape().clone() })?;
+        Ok((Some(g), None))
+    }
+}
+
+/// `(dL/dout (K, C, oh, ow), rois) → dL/dfeatures (B, C, H, W)`: each sample's weight scattered
+/// back. Parallel over channels (RoIs of one channel write the same plane, so they run in order).
+struct RoiAlignGrad {
+    p: RoiAlignParams,
+    feat_shape: Shape,
+}
+
+impl CustomOp2 for RoiAlignGrad {
+    fn name(&self) -> &'static str {
+        "roi-align-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, c, h, w, k) = dims(&self.feat_shape, l2.shape())?;
+        let gy = cslice(s1, l1, "gradient")?;
+        let rois = cslice(s2, l2, "rois")?;
+        let plane = self.p.output_size.0 * self.p.output_size.1;
+        let plans: Vec<_> = (0..k).map(|n| plan(&rois[5 * n..5 * n + 5], &self.p, h, w)).collect();
+        let bis = (0..k).map(|n| batch_index(&rois[5 * n..5 * n + 5], b, n)).collect::<Result<Vec<_>>>()?;
+        // Layout (C, B, H, W) while accumulating so each channel is one contiguous chunk.
+        let mut acc = vec![0f32; c * b * h * w];
+        acc.par_chunks_mut(b * h * w).enumerate().for_each(|(ch, gc)| {
+            for (n, (bins, inv)) in plans.iter().enumerate() {
+                let g = &mut gc[bis[n] * h * w..(bis[n] + 1) * h * w];
+                let go = &gy[(n * c + ch) * plane..(n * c + ch + 1) * plane];
+                for (bin, taps) in bins.iter().enumerate() {
+                    let v = go[bin] * inv;
+                    for t in taps {
+                        for &(i, wt) in t {
+                            g[i] += wt * v;
+                        }
+                    }
+                }
+            }
+        });
+        let mut out = vec![0f32; b * c * h * w];
+        for ch in 0..c {
+            for bi in 0..b {
+                out[(bi * c + ch) * h * w..(bi * c + ch + 1) * h * w].copy_from_slice(&acc[(ch * b + bi) * h * w..(ch * b + bi + 1) * h * w]);
+            }
+        }
+        Ok((CpuStorage::F32(out), self.feat_shape.clone()))
+    }
+}
+
+/// RoIAlign: `features` `(B, C, H, W)` f32, `rois` `(K, 5)` `(batch_index, x1, y1, x2, y2)` in
+/// image pixels → `(K, C, oh, ow)`; differentiable in `features`. Runs on the CPU (other devices
+/// are copied there and back).
+///
+/// Errors: malformed shapes, a batch index outside `[0, B)`.
+pub fn roi_align(features: &Tensor, rois: &Tensor, p: RoiAlignParams) -> Result<Tensor> {
+    let dev = features.device().clone();
+    let f = features.to_device(&candle_core::Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?;
+    let r = rois.to_device(&candle_core::Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?;
+    f.apply_op2(&r, RoiAlign(p))?.to_device(&dev)
+}
+
+/// mmdetection's `SingleRoIExtractor.map_roi_levels`: level
+/// `floor(log2(sqrt(w·h) / finest_scale + 1e-6))` clamped to `[0, num_levels − 1]`, for `rois`
+/// `(K, 5)` (or `(K, 4)` boxes). `finest_scale` is 56 in mmdetection.
+pub fn map_roi_levels(rois: &Tensor, num_levels: usize, finest_scale: f64) -> Result<Vec<usize>> {
+    let r: Vec<Vec<f32>> = rois.to_dtype(DType::F32)?.to_vec2()?;
+    Ok(r.iter()
+        .map(|row| {
+            let o = row.len() - 4;
+            let scale = (((row[o + 2] - row[o]) * (row[o + 3] - row[o + 1])) as f64).sqrt();
+            let lvl = (scale / finest_scale + 1e-6).log2().floor();
+            lvl.clamp(0.0, (num_levels - 1) as f64) as usize
+        })
+        .collect())
+}
