@@ -290,3 +290,60 @@ fn paste_masks_matches_mmdet() {
     let flips = a.iter().zip(&b).filter(|(x, y)| (**x >= 0.5) != (**y >= 0.5) && (**y - 0.5).abs() > 1e-5).count();
     assert_eq!(flips, 0);
 }
+
+#[test]
+fn filter_nms_applies_score_threshold_top_k_and_max_num() {
+    use densepred_core::ops::filter_nms;
+    let f = fixture("nms.safetensors");
+    let (b, s, c) = (&f["boxes"], &f["scores"], &f["idxs"]);
+    // Without filtering it is batched NMS.
+    let all = filter_nms(b, s, c, f32::NEG_INFINITY, None, 0.5, None).unwrap();
+    assert_eq!(keep(all.clone()), keep(f["batched_nms_keep_thr0p5"].clone()));
+    // A score threshold keeps only strictly higher scores, in the same order.
+    let sv: Vec<f32> = s.to_vec1().unwrap();
+    let thr = 0.5f32;
+    let want: Vec<i64> = keep(all.clone()).into_iter().filter(|&i| sv[i as usize] > thr).collect();
+    let got = keep(filter_nms(b, s, c, thr, None, 0.5, None).unwrap());
+    assert!(got.iter().all(|&i| sv[i as usize] > thr));
+    assert!(want.iter().all(|i| got.contains(i)), "every kept box above the threshold stays kept");
+    // max_num truncates the best-first list.
+    assert_eq!(keep(filter_nms(b, s, c, f32::NEG_INFINITY, None, 0.5, Some(5)).unwrap()), keep(all).into_iter().take(5).collect::<Vec<_>>());
+    // pre_top_k = 1 keeps only the single best box.
+    let best = (0..sv.len()).max_by(|&i, &j| sv[i].total_cmp(&sv[j]).then(j.cmp(&i))).unwrap() as i64;
+    assert_eq!(keep(filter_nms(b, s, c, f32::NEG_INFINITY, Some(1), 0.5, None).unwrap()), vec![best]);
+}
+
+#[test]
+fn boxes_conversions_clip_scale_flip() {
+    use densepred_core::structures::Boxes;
+    let b = Boxes::new(Tensor::new(&[[10f32, 20., 30., 60.], [-5., -5., 5., 5.]], &Device::Cpu).unwrap()).unwrap();
+    assert_eq!(b.len(), 2);
+    assert_eq!(b.area().unwrap().to_vec1::<f32>().unwrap(), vec![800., 100.]);
+    let xywh = b.to_xywh().unwrap();
+    assert_eq!(xywh.to_vec2::<f32>().unwrap()[0], vec![10., 20., 20., 40.]);
+    assert_eq!(Boxes::from_xywh(&xywh).unwrap().tensor().to_vec2::<f32>().unwrap(), b.tensor().to_vec2::<f32>().unwrap());
+    let c = b.to_cxcywh().unwrap();
+    assert_eq!(c.to_vec2::<f32>().unwrap()[0], vec![20., 40., 20., 40.]);
+    assert_eq!(Boxes::from_cxcywh(&c).unwrap().tensor().to_vec2::<f32>().unwrap(), b.tensor().to_vec2::<f32>().unwrap());
+    assert_eq!(b.clip(50.0, 25.0).unwrap().tensor().to_vec2::<f32>().unwrap(), vec![vec![10., 20., 25., 50.], vec![0., 0., 5., 5.]]);
+    assert_eq!(b.scale(2.0, 0.5).unwrap().tensor().to_vec2::<f32>().unwrap()[0], vec![20., 10., 60., 30.]);
+    assert_eq!(b.flip_horizontal(100.0).unwrap().tensor().to_vec2::<f32>().unwrap()[0], vec![70., 20., 90., 60.]);
+    assert_eq!(b.flip_vertical(100.0).unwrap().tensor().to_vec2::<f32>().unwrap()[0], vec![10., 40., 30., 80.]);
+    assert!(Boxes::new(Tensor::zeros((3, 5), DType::F32, &Device::Cpu).unwrap()).is_err());
+}
+
+#[test]
+fn mask_cross_entropy_picks_the_class_channel() {
+    use densepred_core::losses::{binary_cross_entropy_with_logits, mask_cross_entropy, Reduction};
+    let pred = Tensor::new(&[[[[1f64, -1.], [0.5, 2.]], [[-3., 0.], [1., 1.]]], [[[0., 0.], [0., 0.]], [[2., -2.], [3., -1.]]]], &Device::Cpu).unwrap();
+    let target = Tensor::new(&[[[1f64, 0.], [1., 1.]], [[0., 1.], [1., 0.]]], &Device::Cpu).unwrap();
+    let labels = Tensor::new(&[1u32, 0], &Device::Cpu).unwrap();
+    let got = mask_cross_entropy(&pred, &target, &labels, None).unwrap().to_scalar::<f64>().unwrap();
+    // RoI 0 uses channel 1, RoI 1 channel 0.
+    let sel = Tensor::stack(&[pred.get(0).unwrap().get(1).unwrap(), pred.get(1).unwrap().get(0).unwrap()], 0).unwrap();
+    let want = binary_cross_entropy_with_logits(&sel, &target, None, Reduction::Mean, None).unwrap().to_scalar::<f64>().unwrap();
+    assert!((got - want).abs() < 1e-12);
+    // BCE with logits from first principles at one element: x = 2, t = 1 → log(1 + e^-2).
+    let one = binary_cross_entropy_with_logits(&Tensor::new(&[2f64], &Device::Cpu).unwrap(), &Tensor::new(&[1f64], &Device::Cpu).unwrap(), None, Reduction::Sum, None).unwrap();
+    assert!((one.to_scalar::<f64>().unwrap() - (1.0 + (-2f64).exp()).ln()).abs() < 1e-12);
+}

@@ -20,6 +20,29 @@ pub enum Benchmark {
 pub enum OpName {
     /// Depthwise conv2d, stride 1, "same" padding: ours vs candle's grouped `conv2d`.
     DepthwiseConv,
+    /// RoIAlign of 1000 random boxes on `(2, 256, 200, 336)` (stride 4), 7x7, sampling 2, aligned
+    /// (`--train`: forward + backward).
+    RoiAlign,
+    /// NMS (IoU 0.5) of 10 000 random boxes in clusters.
+    Nms,
+    /// RetinaNet anchors (P3–P7) for a 1333x800 image padded to 1344x800, plus MaxIoU assignment
+    /// (pos 0.5, neg 0.4, low-quality matches) to 50 random gt boxes.
+    AnchorsAssign,
+}
+
+/// Random xyxy boxes inside `w x h`: `n` boxes around `clusters` centres (so NMS has work).
+fn random_boxes(n: usize, w: f32, h: f32, clusters: usize, rng: &mut impl rand::Rng) -> Vec<[f32; 4]> {
+    let centres: Vec<(f32, f32, f32)> = (0..clusters.max(1))
+        .map(|_| (rng.random_range(0.0..w), rng.random_range(0.0..h), rng.random_range(16.0..256.0)))
+        .collect();
+    (0..n)
+        .map(|i| {
+            let (cx, cy, s) = centres[i % centres.len()];
+            let (x, y) = (cx + rng.random_range(-0.2..0.2) * s, cy + rng.random_range(-0.2..0.2) * s);
+            let (bw, bh) = (s * rng.random_range(0.6..1.4), s * rng.random_range(0.6..1.4));
+            [(x - bw / 2.0).clamp(0.0, w - 2.0), (y - bh / 2.0).clamp(0.0, h - 2.0), (x + bw / 2.0).clamp(2.0, w), (y + bh / 2.0).clamp(2.0, h)]
+        })
+        .collect()
 }
 
 #[derive(clap::Args)]
@@ -66,7 +89,63 @@ fn op(a: OpArgs) -> Result<()> {
     let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, c, h, w), &dev)?)?;
     let k = candle_core::Var::from_tensor(&Tensor::randn(0f32, 0.1, (c, 1, a.kernel, a.kernel), &dev)?)?;
     let p = densepred_core::ops::DwConvParams::same(a.kernel / 2);
+    let threads = rayon::current_num_threads();
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
+    let to_tensor = |b: &[[f32; 4]]| Tensor::from_vec(b.concat(), (b.len(), 4), &dev);
     match a.op {
+        OpName::RoiAlign => {
+            let feat = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 256, 200, 336), &dev)?)?;
+            let boxes = random_boxes(1000, 1344.0, 800.0, 1000, &mut rng);
+            let rois: Vec<f32> = boxes.iter().enumerate().flat_map(|(i, b)| [(i % 2) as f32, b[0], b[1], b[2], b[3]]).collect();
+            let rois = Tensor::from_vec(rois, (1000, 5), &dev)?;
+            let p = densepred_core::ops::RoiAlignParams { output_size: (7, 7), spatial_scale: 0.25, sampling_ratio: 2, aligned: true };
+            let fwd = median_ms(a.iters, || {
+                densepred_core::ops::roi_align(&feat, &rois, p)?;
+                Ok(())
+            })?;
+            let up = Tensor::randn(0f32, 1.0, (1000, 256, 7, 7), &dev)?;
+            let both = median_ms(a.iters, || {
+                let y = densepred_core::ops::roi_align(&feat, &rois, p)?;
+                (y * &up)?.sum_all()?.backward()?;
+                Ok(())
+            })?;
+            println!("roi_align 1000 boxes on 2x256x200x336, 7x7, sampling 2, aligned, {threads} threads: forward {fwd:.2} ms, forward+backward {both:.2} ms");
+        }
+        OpName::Nms => {
+            let boxes = to_tensor(&random_boxes(10_000, 1344.0, 800.0, 2000, &mut rng))?;
+            let scores = Tensor::rand(0f32, 1.0, 10_000, &dev)?;
+            let mut kept = 0;
+            let m = median_ms(a.iters, || {
+                kept = densepred_core::ops::nms(&boxes, &scores, 0.5)?.dim(0)?;
+                Ok(())
+            })?;
+            println!("nms 10000 boxes, IoU 0.5, {threads} threads: {m:.2} ms ({kept} kept)");
+        }
+        OpName::AnchorsAssign => {
+            let gen: densepred_heads::task::prior_generator::AnchorGenerator = toml::from_str(
+                "strides = [8, 16, 32, 64, 128]\nratios = [0.5, 1.0, 2.0]\noctave_base_scale = 4\nscales_per_octave = 3\n",
+            )?;
+            let assigner = densepred_heads::task::assigner::MaxIoUAssigner {
+                pos_iou_thr: 0.5,
+                neg_iou_thr: densepred_heads::task::assigner::NegIouThr::Below(0.4),
+                min_pos_iou: 0.0,
+                gt_max_assign_all: true,
+                ignore_iof_thr: -1.0,
+                ignore_wrt_candidates: true,
+                match_low_quality: true,
+            };
+            let gt = to_tensor(&random_boxes(50, 1333.0, 800.0, 50, &mut rng))?;
+            let labels: Vec<i64> = (0..50).map(|i| i % 80).collect();
+            let sizes: Vec<(usize, usize)> = [8usize, 16, 32, 64, 128].iter().map(|s| (800usize.div_ceil(*s), 1344usize.div_ceil(*s))).collect();
+            let mut n = 0;
+            let m = median_ms(a.iters, || {
+                let priors = Tensor::cat(&gen.grid_priors(&sizes, &dev)?, 0)?;
+                let r = assigner.assign(&priors, &gt, &labels, None)?;
+                n = r.gt_inds.len();
+                Ok(())
+            })?;
+            println!("anchors (P3-P7, 1344x800) + MaxIoU assignment to 50 gts, {threads} threads: {m:.2} ms ({n} anchors)");
+        }
         OpName::DepthwiseConv => {
             let ours = |train: bool| -> Result<()> {
                 let y = densepred_core::ops::depthwise_conv2d(&x, &k, None, p)?;
@@ -82,7 +161,6 @@ fn op(a: OpArgs) -> Result<()> {
                 }
                 Ok(())
             };
-            let threads = rayon::current_num_threads();
             let what = if a.train { "forward+backward" } else { "forward" };
             let m1 = median_ms(a.iters, || ours(a.train))?;
             let m2 = median_ms(a.iters.min(5), || theirs(a.train))?;
