@@ -42,6 +42,9 @@ enum Command {
     /// Measure speed and peak memory.
     #[command(subcommand)]
     Benchmark(commands::benchmark::Benchmark),
+    /// Evaluate saved results (COCO bbox/segm, semantic segmentation).
+    #[command(subcommand)]
+    Eval(commands::eval::Eval),
     /// Inspect a model (parameter counts).
     #[command(subcommand)]
     Analyze(commands::analyze::Analyze),
@@ -69,6 +72,7 @@ fn main() {
         Command::Convert(c) => commands::convert::run(c),
         Command::Benchmark(b) => commands::benchmark::run(b),
         Command::Analyze(a) => commands::analyze::run(a),
+        Command::Eval(e) => commands::eval::run(e),
     };
     if let Err(e) = res {
         eprintln!("error: {e:#}");

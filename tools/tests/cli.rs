@@ -115,3 +115,80 @@ fn bad_input_gives_clear_errors() {
     assert!(!ok && err.contains("smt_small_model.pth"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+fn eval_dir() -> PathBuf {
+    root().join("../shared/fixtures/eval")
+}
+
+/// `eval coco --json-out` writes the 12 stats under their names, equal to pycocotools'.
+#[test]
+fn eval_coco_json_out_matches_pycocotools() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("s.json");
+    let case = eval_dir().join("coco/segm");
+    let (ok, stdout, stderr) = densepred(&[
+        "eval", "coco", "--gt", case.join("gt.json").to_str().unwrap(), "--results", case.join("dets.json").to_str().unwrap(),
+        "--iou-type", "segm", "--json-out", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("Average Precision  (AP) @[ IoU=0.50:0.95") || stdout.contains("Average Precision (AP) @[ IoU=0.50:0.95"), "{stdout}");
+    let got: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let expected: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(case.join("expected.json")).unwrap()).unwrap();
+    let want = expected["segm"]["pycocotools"]["stats"].as_array().unwrap();
+    let names = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"];
+    for (name, w) in names.iter().zip(want) {
+        let g = got[*name].as_f64().unwrap_or_else(|| panic!("{name} missing"));
+        assert!((g - w.as_f64().unwrap()).abs() < 1e-6, "{name}: {g} vs {w}");
+    }
+    assert_eq!(got.as_object().unwrap().len(), 12);
+}
+
+#[test]
+fn eval_errors_name_file_record_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let case = eval_dir().join("coco/bbox");
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, r#"[{"image_id": 101, "category_id": 1, "bbox": [1, 2, 3, 4], "score": 0.5}, {"image_id": 999999, "category_id": 1, "bbox": [1, 2, 3, 4], "score": 0.5}]"#).unwrap();
+    let (ok, _, err) = densepred(&["eval", "coco", "--gt", case.join("gt.json").to_str().unwrap(), "--results", bad.to_str().unwrap()]);
+    assert!(!ok && err.contains("bad.json") && err.contains("image_id") && err.contains("999999"), "{err}");
+    let (ok, _, err) = densepred(&["eval", "coco", "--gt", "missing.json", "--results", bad.to_str().unwrap()]);
+    assert!(!ok && err.contains("missing.json"), "{err}");
+    std::fs::write(&bad, "{ not json").unwrap();
+    let (ok, _, err) = densepred(&["eval", "coco", "--gt", bad.to_str().unwrap(), "--results", bad.to_str().unwrap()]);
+    assert!(!ok && err.contains("bad.json"), "{err}");
+    assert!(!err.contains("panicked"));
+}
+
+/// `eval seg` on PNG folders in the ADE20K convention: predictions equal to the ground truth give
+/// mIoU 1 over the classes present; a size mismatch is an error naming the file.
+#[test]
+fn eval_seg_on_png_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let gt_dir = root().join("assets/ade20k_samples/annotations/validation");
+    let pred = dir.path().join("pred");
+    std::fs::create_dir(&pred).unwrap();
+    for e in std::fs::read_dir(&gt_dir).unwrap() {
+        let p = e.unwrap().path();
+        // A perfect prediction: the ground truth with "other" (0) replaced by class 1 (value 1).
+        let img = image::open(&p).unwrap().to_luma8();
+        let fixed = image::ImageBuffer::from_fn(img.width(), img.height(), |x, y| image::Luma([img.get_pixel(x, y)[0].max(1)]));
+        fixed.save(pred.join(p.file_name().unwrap())).unwrap();
+    }
+    let out = dir.path().join("m.json");
+    let (ok, stdout, stderr) = densepred(&[
+        "eval", "seg", "--gt-dir", gt_dir.to_str().unwrap(), "--pred-dir", pred.to_str().unwrap(), "--num-classes", "150",
+        "--reduce-zero-label", "--json-out", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("mIoU"));
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(m["mIoU"].as_f64().unwrap(), 1.0);
+    assert_eq!(m["aAcc"].as_f64().unwrap(), 1.0);
+    assert_eq!(m["IoU"].as_array().unwrap().len(), 150);
+    assert!(m["IoU"].as_array().unwrap().iter().any(|v| v.is_null()), "absent classes are null");
+    // Size mismatch.
+    let first = std::fs::read_dir(&pred).unwrap().next().unwrap().unwrap().path();
+    image::GrayImage::new(3, 3).save(&first).unwrap();
+    let (ok, _, err) = densepred(&["eval", "seg", "--gt-dir", gt_dir.to_str().unwrap(), "--pred-dir", pred.to_str().unwrap(), "--num-classes", "150", "--reduce-zero-label"]);
+    assert!(!ok && err.contains(first.file_name().unwrap().to_str().unwrap()) && err.contains("differs"), "{err}");
+}

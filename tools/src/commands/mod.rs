@@ -1,4 +1,5 @@
 pub mod analyze;
 pub mod benchmark;
 pub mod convert;
+pub mod eval;
 pub mod features;

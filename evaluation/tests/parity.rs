@@ -1,0 +1,80 @@
+//! Parity with pycocotools and mmsegmentation on `../shared/fixtures/eval/` (see its README):
+//! every expected value within 1e-6.
+
+use densepred_evaluation::coco::{evaluate_results_file, load_gt, CocoIouType};
+use densepred_evaluation::semseg::IoUMetric;
+use std::path::PathBuf;
+
+fn dir() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/eval");
+    assert!(p.is_dir(), "missing {} (../shared must sit beside the checkout)", p.display());
+    p
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-6
+}
+
+#[test]
+fn coco_cases_match_pycocotools() {
+    let mut checked = 0;
+    for (case, types) in [("bbox", &["bbox"][..]), ("segm", &["segm", "bbox"]), ("edge_bbox", &["bbox"]), ("edge_segm", &["segm", "bbox"])] {
+        let d = dir().join("coco").join(case);
+        let expected: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("expected.json")).unwrap()).unwrap();
+        let gt = load_gt(&d.join("gt.json")).unwrap();
+        for &t in types {
+            let s = evaluate_results_file(&gt, &d.join("dets.json"), t.parse::<CocoIouType>().unwrap()).unwrap();
+            let want: Vec<f64> = expected[t]["pycocotools"]["stats"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+            for (i, (&g, &w)) in s.stats.iter().zip(&want).enumerate() {
+                assert!(close(g, w), "{case}/{t}: stat {i} = {g}, pycocotools {w}");
+            }
+            let per = expected[t]["pycocotools"]["per_category"].as_array().unwrap();
+            assert_eq!(per.len(), s.per_category.len(), "{case}/{t} categories");
+            for (row, got) in per.iter().zip(&s.per_category) {
+                for (key, g) in [("AP", got.ap), ("AP50", got.ap50), ("AP75", got.ap75)] {
+                    match (row[key].as_f64(), g) {
+                        (None, None) => {}
+                        (Some(w), Some(g)) => assert!(close(g, w), "{case}/{t} {} {key}: {g} vs {w}", got.name),
+                        (w, g) => panic!("{case}/{t} {} {key}: {g:?} vs {w:?}", got.name),
+                    }
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 6);
+}
+
+#[test]
+fn semseg_matches_mmseg_iou_metric() {
+    let t = candle_core::safetensors::load(dir().join("semseg/ade_like.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let expected: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir().join("semseg/expected.json")).unwrap()).unwrap();
+    let mut m = IoUMetric::new(150, 255);
+    for i in 0..4 {
+        let gt: Vec<u8> = t[&format!("gt_label_{i}")].flatten_all().unwrap().to_vec1().unwrap();
+        let pred: Vec<u8> = t[&format!("pred_label_{i}")].flatten_all().unwrap().to_vec1().unwrap();
+        // reduce_zero_label applied to the raw map gives the fixture's ground truth.
+        let mut raw: Vec<u8> = t[&format!("raw_label_{i}")].flatten_all().unwrap().to_vec1().unwrap();
+        densepred_evaluation::semseg::reduce_zero_label(&mut raw);
+        assert_eq!(raw, gt);
+        m.update(&gt, &pred).unwrap();
+    }
+    let r = m.compute();
+    let f64s = &expected["f64"];
+    let arr = |k: &str| -> Vec<Option<f64>> { f64s[k].as_array().unwrap().iter().map(|v| v.as_f64()).collect() };
+    for (name, got) in [("IoU", &r.iou), ("Acc", &r.acc)] {
+        let want = arr(name);
+        assert_eq!(want.len(), 150);
+        for (c, (w, &g)) in want.iter().zip(got).enumerate() {
+            match w {
+                None => assert!(g.is_nan(), "{name}[{c}] should be NaN, got {g}"),
+                Some(w) => assert!(close(g, *w), "{name}[{c}]: {g} vs {w}"),
+            }
+        }
+    }
+    let scalar = |k: &str| f64s[k].as_f64().unwrap();
+    assert!(close(r.a_acc, scalar("aAcc")), "aAcc {} vs {}", r.a_acc, scalar("aAcc"));
+    assert!(close(r.m_iou, scalar("mIoU")), "mIoU {} vs {}", r.m_iou, scalar("mIoU"));
+    assert!(close(r.m_acc, scalar("mAcc")), "mAcc {} vs {}", r.m_acc, scalar("mAcc"));
+    assert_eq!(r.iou.iter().filter(|v| !v.is_nan()).count(), 51);
+}
