@@ -1,0 +1,191 @@
+//! The `dataset` table of a dataloader (mmdetection 3.x / mmsegmentation 1.x keys) and the
+//! dataloader table around it.
+
+use crate::ade::Ade20kDataset;
+use crate::coco::{CocoDataset, CocoOptions};
+use crate::transforms::{Pipeline, TransformConfig};
+use crate::{DataError, Dataset};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// `data_prefix` of a COCO dataset.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImgPrefix {
+    /// Image folder relative to `data_root`.
+    #[serde(default)]
+    pub img: PathBuf,
+}
+
+/// `data_prefix` of a segmentation dataset.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SegPrefix {
+    /// Image folder relative to `data_root`.
+    pub img_path: PathBuf,
+    /// Label-map folder relative to `data_root`.
+    pub seg_map_path: PathBuf,
+}
+
+/// `filter_cfg` (mmdetection).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterCfg {
+    /// Drop images without objects.
+    #[serde(default)]
+    pub filter_empty_gt: bool,
+    /// Drop images whose shorter side is smaller.
+    #[serde(default)]
+    pub min_size: u32,
+}
+
+/// `metainfo` override.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetaInfoCfg {
+    /// Class subset / names.
+    pub classes: Vec<String>,
+    /// Accepted for compatibility (drawing colours).
+    #[serde(default)]
+    pub palette: Option<Vec<[u8; 3]>>,
+}
+
+fn t() -> bool {
+    true
+}
+
+/// The `dataset` table, selected by `type`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", deny_unknown_fields)]
+pub enum DatasetConfig {
+    /// COCO instances.
+    CocoDataset {
+        /// Root folder (relative to the working directory).
+        #[serde(default)]
+        data_root: PathBuf,
+        /// Instances JSON relative to `data_root`.
+        ann_file: PathBuf,
+        /// Image folder.
+        #[serde(default)]
+        data_prefix: ImgPrefix,
+        /// Image filtering.
+        #[serde(default)]
+        filter_cfg: Option<FilterCfg>,
+        /// Class subset.
+        #[serde(default)]
+        metainfo: Option<MetaInfoCfg>,
+        /// Transform list.
+        #[serde(default)]
+        pipeline: Vec<TransformConfig>,
+        /// mmdet's `test_mode` (disables filtering).
+        #[serde(default)]
+        test_mode: bool,
+        /// Invalid records become warnings (skipped and counted) instead of errors.
+        #[serde(default)]
+        skip_invalid: bool,
+        /// Accepted for compatibility.
+        #[serde(default)]
+        backend_args: Option<crate::transforms::toml_value::Empty>,
+    },
+    /// ADE20K-layout semantic segmentation.
+    #[serde(rename = "ADE20KDataset")]
+    Ade20kDataset {
+        /// Root folder.
+        #[serde(default)]
+        data_root: PathBuf,
+        /// Image and label-map folders.
+        data_prefix: SegPrefix,
+        /// mmseg's `reduce_zero_label` (ADE20K: true).
+        #[serde(default = "t")]
+        reduce_zero_label: bool,
+        /// Class names.
+        #[serde(default)]
+        metainfo: Option<MetaInfoCfg>,
+        /// Transform list.
+        #[serde(default)]
+        pipeline: Vec<TransformConfig>,
+        /// Invalid records become warnings instead of errors.
+        #[serde(default)]
+        skip_invalid: bool,
+        /// Accepted for compatibility.
+        #[serde(default)]
+        test_mode: bool,
+    },
+}
+
+impl DatasetConfig {
+    /// Reads the annotations and compiles the pipeline.
+    ///
+    /// Errors: as [`CocoDataset::load`] / [`Ade20kDataset::load`].
+    pub fn build(&self) -> Result<(Arc<dyn Dataset>, Pipeline, bool), DataError> {
+        match self {
+            DatasetConfig::CocoDataset { data_root, ann_file, data_prefix, filter_cfg, metainfo, pipeline, test_mode, skip_invalid, .. } => {
+                let f = filter_cfg.clone().unwrap_or_default();
+                let opts = CocoOptions {
+                    classes: metainfo.as_ref().map(|m| m.classes.clone()),
+                    filter_empty_gt: f.filter_empty_gt && !test_mode,
+                    min_size: if *test_mode { 0 } else { f.min_size },
+                    skip_invalid: *skip_invalid,
+                };
+                let ds = CocoDataset::load(&data_root.join(ann_file), &data_root.join(&data_prefix.img), &opts)?;
+                Ok((Arc::new(ds), Pipeline(pipeline.clone()), *skip_invalid))
+            }
+            DatasetConfig::Ade20kDataset { data_root, data_prefix, reduce_zero_label, metainfo, pipeline, skip_invalid, .. } => {
+                let ds = Ade20kDataset::load(
+                    data_root,
+                    &data_root.join(&data_prefix.img_path),
+                    &data_root.join(&data_prefix.seg_map_path),
+                    metainfo.as_ref().map(|m| m.classes.clone()),
+                    *reduce_zero_label,
+                )?;
+                Ok((Arc::new(ds), Pipeline(pipeline.clone()), *skip_invalid))
+            }
+        }
+    }
+}
+
+/// `sampler` table (mmengine `DefaultSampler`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplerCfg {
+    /// `DefaultSampler`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Shuffle every epoch.
+    #[serde(default = "t")]
+    pub shuffle: bool,
+}
+
+fn one() -> usize {
+    1
+}
+fn two() -> usize {
+    2
+}
+
+/// A `train_dataloader` / `val_dataloader` / `test_dataloader` table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataloaderConfig {
+    /// Images per batch.
+    #[serde(default = "one")]
+    pub batch_size: usize,
+    /// Worker threads that run the pipeline (0: the loading thread itself).
+    #[serde(default = "two")]
+    pub num_workers: usize,
+    /// Accepted for compatibility.
+    #[serde(default)]
+    pub persistent_workers: bool,
+    /// Drop the last incomplete batch.
+    #[serde(default)]
+    pub drop_last: bool,
+    /// Sampler.
+    #[serde(default)]
+    pub sampler: Option<SamplerCfg>,
+    /// Accepted for compatibility (mmdet's aspect-ratio batch sampler).
+    #[serde(default)]
+    pub batch_sampler: Option<toml::Table>,
+    /// The dataset.
+    pub dataset: DatasetConfig,
+}

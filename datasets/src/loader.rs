@@ -1,0 +1,190 @@
+//! The data loader: a deterministic order and per-sample randomness for a seed, the pipeline run by
+//! worker threads, a bounded prefetch queue, and batching into `(B, 3, H, W)` tensors.
+//!
+//! Determinism: the order of epoch `e` is a permutation drawn from `(seed, e)`, and sample `i` of
+//! epoch `e` runs its transforms with a generator seeded from `(seed, e, i)`, so results do not
+//! depend on the number of workers or on scheduling.
+
+use crate::transforms::Pipeline;
+use crate::{DataError, Dataset, Sample};
+use candle_core::{Device, Tensor};
+use rand::seq::SliceRandom;
+use rand::{rngs::StdRng, SeedableRng};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Loader options.
+#[derive(Clone)]
+pub struct DataLoader {
+    /// The dataset.
+    pub dataset: Arc<dyn Dataset>,
+    /// Its pipeline.
+    pub pipeline: Pipeline,
+    /// Images per batch.
+    pub batch_size: usize,
+    /// Worker threads (0 = run on the loading thread).
+    pub num_workers: usize,
+    /// Shuffle each epoch.
+    pub shuffle: bool,
+    /// Drop the last incomplete batch.
+    pub drop_last: bool,
+    /// Base seed.
+    pub seed: u64,
+    /// Batches prepared ahead of the consumer.
+    pub prefetch: usize,
+    /// Failing samples are skipped with a warning (and counted) instead of ending the epoch.
+    pub skip_invalid: bool,
+}
+
+fn mix(a: u64, b: u64) -> u64 {
+    // SplitMix64 step over the pair: independent streams per (seed, epoch, index).
+    let mut z = a ^ b.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl DataLoader {
+    /// Number of batches per epoch.
+    pub fn num_batches(&self) -> usize {
+        let n = self.dataset.len();
+        let b = self.batch_size.max(1);
+        if self.drop_last {
+            n / b
+        } else {
+            n.div_ceil(b)
+        }
+    }
+
+    /// Sample indices of epoch `epoch`, in order.
+    pub fn order(&self, epoch: u64) -> Vec<usize> {
+        let mut idx: Vec<usize> = (0..self.dataset.len()).collect();
+        if self.shuffle {
+            idx.shuffle(&mut StdRng::seed_from_u64(mix(self.seed, epoch)));
+        }
+        idx
+    }
+
+    /// Runs the pipeline on sample `i` of epoch `epoch`.
+    pub fn load(&self, epoch: u64, i: usize) -> Result<Sample, DataError> {
+        let mut rng = StdRng::seed_from_u64(mix(mix(self.seed, epoch), i as u64 + 1));
+        self.pipeline.apply(self.dataset.sample(i), &mut rng)
+    }
+
+    /// The batches of `epoch` (processed samples), prepared by `num_workers` threads with up to
+    /// `prefetch` batches queued ahead. Dropping the iterator stops the producer.
+    pub fn epoch(&self, epoch: u64) -> impl Iterator<Item = Result<Vec<Sample>, DataError>> {
+        let (tx, rx) = crossbeam_channel::bounded(self.prefetch.max(1));
+        let this = self.clone();
+        std::thread::spawn(move || {
+            let order = this.order(epoch);
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(this.num_workers.max(1)).build();
+            let bs = this.batch_size.max(1);
+            for chunk in order.chunks(bs) {
+                if this.drop_last && chunk.len() < bs {
+                    break;
+                }
+                let run = || -> Vec<Result<Sample, DataError>> {
+                    if this.num_workers == 0 {
+                        chunk.iter().map(|&i| this.load(epoch, i)).collect()
+                    } else {
+                        chunk.par_iter().map(|&i| this.load(epoch, i)).collect()
+                    }
+                };
+                let results = match &pool {
+                    Ok(p) => p.install(run),
+                    Err(_) => run(),
+                };
+                let mut batch = Vec::with_capacity(results.len());
+                let mut failed = None;
+                for r in results {
+                    match r {
+                        Ok(s) => batch.push(s),
+                        Err(e) if this.skip_invalid => tracing::warn!("skipping sample: {e}"),
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
+                let item = match failed {
+                    Some(e) => Err(e),
+                    None => Ok(batch),
+                };
+                let stop = item.is_err();
+                if tx.send(item).is_err() || stop {
+                    return;
+                }
+            }
+        });
+        rx.into_iter()
+    }
+}
+
+/// mmdet's `data_preprocessor` normalisation (RGB mean / std on 0–255 pixels).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Normalization {
+    /// Channel means.
+    pub mean: [f32; 3],
+    /// Channel standard deviations.
+    pub std: [f32; 3],
+}
+
+/// A batch ready for a model.
+pub struct Batch {
+    /// `(B, 3, H, W)` f32, each image normalised (if requested) then zero-padded bottom/right to
+    /// the largest size in the batch rounded up to `pad_size_divisor`.
+    pub images: Tensor,
+    /// `(B, H, W)` u8 label maps padded with 255, when the samples have them.
+    pub seg_maps: Option<Tensor>,
+    /// The samples with their metadata, instances and masks (images dropped).
+    pub samples: Vec<Sample>,
+}
+
+/// Batches processed samples (mmdet's `DetDataPreprocessor`: normalise, then pad with 0 to a
+/// common size that is a multiple of `pad_size_divisor`).
+///
+/// Errors: a sample without an image.
+pub fn collate(mut samples: Vec<Sample>, norm: Option<&Normalization>, pad_size_divisor: usize, device: &Device) -> Result<Batch, DataError> {
+    let d = pad_size_divisor.max(1);
+    let mut hmax = 0;
+    let mut wmax = 0;
+    for s in &samples {
+        let img = s.img.as_ref().ok_or_else(|| DataError::Config(format!("{}: no image loaded (pipeline lacks LoadImageFromFile)", s.img_path.display())))?;
+        hmax = hmax.max(img.dim().0);
+        wmax = wmax.max(img.dim().1);
+    }
+    let (h, w) = (hmax.div_ceil(d) * d, wmax.div_ceil(d) * d);
+    let b = samples.len();
+    let mut data = vec![0f32; b * 3 * h * w];
+    let has_seg = samples.iter().all(|s| s.gt_seg_map.is_some()) && b > 0;
+    let mut seg = if has_seg { vec![255u8; b * h * w] } else { vec![] };
+    for (i, s) in samples.iter_mut().enumerate() {
+        let img = s.img.take().expect("checked");
+        let (ih, iw, _) = img.dim();
+        for y in 0..ih {
+            for x in 0..iw {
+                for c in 0..3 {
+                    let mut v = img[(y, x, c)];
+                    if let Some(n) = norm {
+                        v = (v - n.mean[c]) / n.std[c];
+                    }
+                    data[((i * 3 + c) * h + y) * w + x] = v;
+                }
+            }
+        }
+        if has_seg {
+            let m = s.gt_seg_map.as_ref().expect("checked");
+            let (mh, mw) = m.dim();
+            for y in 0..mh.min(h) {
+                for x in 0..mw.min(w) {
+                    seg[(i * h + y) * w + x] = m[(y, x)];
+                }
+            }
+        }
+    }
+    let err = |e: candle_core::Error| DataError::Config(format!("batching: {e}"));
+    let images = Tensor::from_vec(data, (b, 3, h, w), device).map_err(err)?;
+    let seg_maps = if has_seg { Some(Tensor::from_vec(seg, (b, h, w), device).map_err(err)?) } else { None };
+    Ok(Batch { images, seg_maps, samples })
+}
