@@ -51,7 +51,7 @@ fn coco_reader_maps_categories_and_crowds() {
 /// equal it exactly; the masks' tight boxes fix the row/column orientation.
 #[test]
 fn masks_match_pycocotools_areas() {
-    let mut checked = 0;
+    let (mut checked, mut rle_crowds) = (0, 0);
     for case in ["bbox", "segm", "edge_segm"] {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/eval/coco").join(case).join("gt.json");
         let raw: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
@@ -69,6 +69,7 @@ fn masks_match_pycocotools_areas() {
             assert_eq!(m.dim(), (h as usize, w as usize));
             let px: u64 = m.iter().map(|&v| v as u64).sum();
             assert_eq!(px as f64, a["area"].as_f64().unwrap(), "{case} annotation {}", a["id"]);
+            rle_crowds += matches!(seg, hotcoco::types::Segmentation::UncompressedRle { .. }) as usize;
             if a["iscrowd"].as_u64() == Some(0) {
                 let bbox: Vec<f64> = a["bbox"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
                 let ys: Vec<usize> = (0..h as usize).filter(|&y| m.row(y).iter().any(|&v| v > 0)).collect();
@@ -81,18 +82,7 @@ fn masks_match_pycocotools_areas() {
         }
     }
     assert!(checked > 100);
-    // mini_coco's crowd annotations are uncompressed RLE whose `area` is the mask area too.
-    let path = assets().join("mini_coco/annotations/instances_train.json");
-    let raw: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let mut crowds = 0;
-    for a in raw["annotations"].as_array().unwrap().iter().filter(|a| a["iscrowd"].as_u64() == Some(1)) {
-        let seg: hotcoco::types::Segmentation = serde_json::from_value(a["segmentation"].clone()).unwrap();
-        let size = a["segmentation"]["size"].as_array().unwrap();
-        let m = segmentation_to_mask(&seg, size[0].as_u64().unwrap() as u32, size[1].as_u64().unwrap() as u32).unwrap();
-        assert_eq!(m.iter().map(|&v| v as u64).sum::<u64>() as f64, a["area"].as_f64().unwrap());
-        crowds += 1;
-    }
-    assert_eq!(crowds, 6);
+    assert!(rle_crowds >= 6, "uncompressed-RLE crowds covered: {rle_crowds}");
 }
 
 fn pipeline(toml_src: &str) -> Pipeline {
