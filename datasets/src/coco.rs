@@ -175,7 +175,7 @@ impl Dataset for CocoDataset {
         let mut s = Sample::new(e.path.clone(), e.img_id);
         s.ori_shape = (e.height as usize, e.width as usize);
         s.img_shape = s.ori_shape;
-        s.instances = e.instances.clone();
+        s.ann_instances = e.instances.clone();
         s.segmentations = e.segmentations.clone();
         s
     }

@@ -76,8 +76,12 @@ pub struct Sample {
     pub scale_factor: (f64, f64),
     /// Whether the image was flipped horizontally.
     pub flip: bool,
-    /// Objects (detection).
+    /// Objects (detection), in current-image pixels; filled by `LoadAnnotations` from
+    /// `ann_instances`, so that annotations loaded after a `Resize` stay at the original scale (the
+    /// mmdetection test-pipeline convention used for evaluation).
     pub instances: Vec<Instance>,
+    /// The dataset's annotations for this image, in original-image pixels.
+    pub ann_instances: Vec<Instance>,
     /// Instance masks `(H, W)` u8 (0/1), parallel to `instances`, when loaded.
     pub masks: Option<Vec<Array2<u8>>>,
     /// Raw annotations of the instances (polygons / RLE), for `LoadAnnotations(with_mask)`.
@@ -103,6 +107,7 @@ impl Sample {
             scale_factor: (1.0, 1.0),
             flip: false,
             instances: Vec::new(),
+            ann_instances: Vec::new(),
             masks: None,
             segmentations: Vec::new(),
             seg_map_path: None,

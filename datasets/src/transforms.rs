@@ -243,13 +243,24 @@ fn apply_one(t: &TransformConfig, mut s: Sample, rng: &mut dyn RngCore) -> Resul
     match t {
         T::LoadImageFromFile { .. } => {
             let img = load_rgb(&s.img_path)?;
+            if s.ori_shape != (0, 0) && s.ori_shape != (img.dim().0, img.dim().1) {
+                return Err(DataError::File {
+                    path: s.img_path.clone(),
+                    reason: format!("image is {}x{} but its annotation says {}x{}", img.dim().1, img.dim().0, s.ori_shape.1, s.ori_shape.0),
+                });
+            }
             s.ori_shape = (img.dim().0, img.dim().1);
             s.img_shape = s.ori_shape;
             s.pad_shape = s.ori_shape;
             s.img = Some(img);
         }
-        T::LoadAnnotations { with_mask, with_seg, reduce_zero_label, .. } => {
-            let (h, w) = s.img_shape;
+        T::LoadAnnotations { with_bbox, with_mask, with_seg, reduce_zero_label, .. } => {
+            // Annotations come at the file's resolution (mmdet / mmseg): a LoadAnnotations placed
+            // after Resize leaves them there, for evaluation against the original image.
+            let (h, w) = s.ori_shape;
+            if *with_bbox || *with_mask {
+                s.instances = s.ann_instances.clone();
+            }
             if *with_mask {
                 let mut masks = Vec::with_capacity(s.instances.len());
                 for (inst, seg) in s.instances.iter().zip(&s.segmentations) {

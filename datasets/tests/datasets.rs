@@ -31,7 +31,7 @@ fn coco_reader_maps_categories_and_crowds() {
     let (mut crowd, mut total) = (0, 0);
     for i in 0..ds.len() {
         let s = ds.sample(i);
-        for inst in &s.instances {
+        for inst in &s.ann_instances {
             assert!(inst.bbox[2] > inst.bbox[0] && inst.bbox[3] > inst.bbox[1]);
             assert!(inst.bbox[2] <= s.ori_shape.1 as f32 && inst.bbox[3] <= s.ori_shape.0 as f32);
             crowd += inst.ignore as usize;
@@ -42,7 +42,7 @@ fn coco_reader_maps_categories_and_crowds() {
     assert!(total > 500);
     // filter_empty_gt drops images without non-crowd objects, and nothing else.
     let filtered = mini_coco("train", &CocoOptions { filter_empty_gt: true, ..Default::default() });
-    let empty = (0..ds.len()).filter(|&i| !ds.sample(i).instances.iter().any(|x| !x.ignore)).count();
+    let empty = (0..ds.len()).filter(|&i| !ds.sample(i).ann_instances.iter().any(|x| !x.ignore)).count();
     assert_eq!(filtered.len(), ds.len() - empty);
 }
 
@@ -100,7 +100,7 @@ fn resize_flip_pad_move_boxes_and_masks_with_the_image() {
     assert_eq!(target_size((480, 640), [1333.0, 800.0], true), (800, 1067));
     assert_eq!(target_size((640, 480), [320.0, 320.0], false), (320, 320));
     let ds = mini_coco("val", &CocoOptions::default());
-    let i = (0..ds.len()).find(|&i| ds.sample(i).instances.len() >= 2).unwrap();
+    let i = (0..ds.len()).find(|&i| ds.sample(i).ann_instances.len() >= 2).unwrap();
     let p = pipeline(
         r#"
 [[pipeline]]
@@ -133,7 +133,8 @@ type = "PackDetInputs"
     assert!(s.flip);
     let (fx, fy) = s.scale_factor;
     let masks = s.masks.as_ref().unwrap();
-    for ((a, b), m) in src.instances.iter().zip(&s.instances).zip(masks) {
+    assert_eq!(s.instances.len(), src.ann_instances.len());
+    for ((a, b), m) in src.ann_instances.iter().zip(&s.instances).zip(masks) {
         // Flipped and scaled: x1' = W − x2·fx.
         assert!((b.bbox[0] - (w as f32 - a.bbox[2] * fx as f32)).abs() < 1e-3);
         assert!((b.bbox[3] - a.bbox[3] * fy as f32).abs() < 1e-3);
@@ -289,7 +290,7 @@ fn bad_annotations_are_named_errors() {
     let f = write(dir.path(), "ann.json", &coco_json(&[cases[0].0, cases[1].0, r#"{"id": 20, "image_id": 1, "category_id": 3, "bbox": [1, 1, 5, 5], "area": 25}"#].join(",")));
     let ds = CocoDataset::load(&f, dir.path(), &CocoOptions { skip_invalid: true, ..Default::default() }).unwrap();
     assert_eq!(ds.skipped, 2);
-    assert_eq!(ds.sample(0).instances.len(), 1);
+    assert_eq!(ds.sample(0).ann_instances.len(), 1);
     // Malformed JSON and a missing file.
     let f = write(dir.path(), "broken.json", "{\"images\": [");
     assert!(CocoDataset::load(&f, dir.path(), &CocoOptions::default()).unwrap_err().to_string().contains("broken.json"));
@@ -338,4 +339,19 @@ fn bad_files_are_named_errors() {
     }
     let e = toml::from_str::<P>("[[pipeline]]\ntype = \"Resize\"\nscal = [1, 2]\n").unwrap_err().to_string();
     assert!(e.contains("scal"), "{e}");
+}
+
+/// mmdet / mmseg test pipelines load annotations after `Resize`: they stay at the file's scale.
+#[test]
+fn annotations_loaded_after_resize_stay_at_original_scale() {
+    let ds = mini_coco("val", &CocoOptions::default());
+    let p = pipeline("[[pipeline]]\ntype = \"LoadImageFromFile\"\n[[pipeline]]\ntype = \"Resize\"\nscale = [160, 160]\nkeep_ratio = true\n[[pipeline]]\ntype = \"LoadAnnotations\"\n");
+    let src = ds.sample(0);
+    let s = p.apply(src.clone(), &mut rand::rngs::StdRng::seed_from_u64(0)).unwrap();
+    assert!(s.img_shape.0.max(s.img_shape.1) == 160 && s.scale_factor.0 < 1.0);
+    assert_eq!(s.instances, src.ann_instances);
+    let root = assets().join("mini_ade");
+    let ade = Ade20kDataset::load(&root, &root.join("images/validation"), &root.join("annotations/validation"), None, true).unwrap();
+    let s = p.apply(ade.sample(0), &mut rand::rngs::StdRng::seed_from_u64(0)).unwrap();
+    assert_eq!(s.gt_seg_map.unwrap().dim(), s.ori_shape);
 }

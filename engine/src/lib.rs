@@ -1,1 +1,4 @@
-//! densepred-engine (see ../shared/DESIGN.md).
+//! densepred-engine: the whole-file configuration (`_base_` inheritance, `--set` overrides) and,
+//! later, the trainer and tester built on it.
+
+pub mod config;

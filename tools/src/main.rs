@@ -2,6 +2,7 @@
 
 mod backbone_config;
 mod commands;
+mod visualize;
 
 use clap::{Parser, Subcommand};
 
@@ -42,6 +43,8 @@ enum Command {
     /// Measure speed and peak memory.
     #[command(subcommand)]
     Benchmark(commands::benchmark::Benchmark),
+    /// Draw a split's pipeline output with its ground truth (mmdet's browse_dataset).
+    BrowseDataset(commands::browse::Args),
     /// Evaluate saved results (COCO bbox/segm, semantic segmentation).
     #[command(subcommand)]
     Eval(commands::eval::Eval),
@@ -73,6 +76,7 @@ fn main() {
         Command::Benchmark(b) => commands::benchmark::run(b),
         Command::Analyze(a) => commands::analyze::run(a),
         Command::Eval(e) => commands::eval::run(e),
+        Command::BrowseDataset(a) => commands::browse::run(a),
     };
     if let Err(e) = res {
         eprintln!("error: {e:#}");

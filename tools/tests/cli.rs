@@ -192,3 +192,26 @@ fn eval_seg_on_png_folders() {
     let (ok, _, err) = densepred(&["eval", "seg", "--gt-dir", gt_dir.to_str().unwrap(), "--pred-dir", pred.to_str().unwrap(), "--num-classes", "150", "--reduce-zero-label"]);
     assert!(!ok && err.contains(first.file_name().unwrap().to_str().unwrap()) && err.contains("differs"), "{err}");
 }
+
+#[test]
+fn browse_dataset_writes_pngs_and_names_config_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("vis");
+    let (ok, stdout, stderr) = densepred(&[
+        "browse-dataset", "configs/_base_/datasets/mini_coco_detection.toml", "--out-dir", out.to_str().unwrap(), "--limit", "2",
+        "--set", "train_dataloader.dataset.pipeline.1.with_mask=true",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("wrote 2 images"));
+    let pngs: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(pngs.len(), 2);
+    let img = image::open(&pngs[0]).unwrap();
+    assert_eq!(img.width().max(img.height()), 320, "the pipeline's Resize was applied");
+    // A misspelled key in an override is reported with the table and key.
+    let (ok, _, err) = densepred(&[
+        "browse-dataset", "configs/_base_/datasets/mini_coco_detection.toml", "--out-dir", out.to_str().unwrap(), "--set", "train_dataloader.dataset.ann_fil=x.json",
+    ]);
+    assert!(!ok && err.contains("train_dataloader") && err.contains("ann_fil"), "{err}");
+    let (ok, _, err) = densepred(&["browse-dataset", "configs/backbones/smt-t.toml", "--out-dir", out.to_str().unwrap()]);
+    assert!(!ok && err.contains("train_dataloader"), "{err}");
+}

@@ -1,0 +1,112 @@
+//! Drawing ground truth and predictions on images: boxes with class names (8x8 bitmap font),
+//! alpha-blended instance masks, and label maps in a palette.
+
+use font8x8::UnicodeFonts;
+use image::{Rgb, RgbImage};
+use ndarray::{Array2, Array3};
+
+/// A deterministic, well-spread colour for class `i` (golden-ratio hue steps).
+pub fn palette(i: usize) -> [u8; 3] {
+    let h = (i as f64 * 0.618_033_988_75).fract() * 6.0;
+    let (s, v) = (0.75, 0.95);
+    let c = v * s;
+    let x = c * (1.0 - ((h % 2.0) - 1.0).abs());
+    let (r, g, b) = match h as u32 {
+        0 => (c, x, 0.0),
+        1 => (x, c, 0.0),
+        2 => (0.0, c, x),
+        3 => (0.0, x, c),
+        4 => (x, 0.0, c),
+        _ => (c, 0.0, x),
+    };
+    let m = v - c;
+    [((r + m) * 255.0) as u8, ((g + m) * 255.0) as u8, ((b + m) * 255.0) as u8]
+}
+
+/// `(H, W, 3)` f32 image → RGB8. Values in 0–255 are kept; anything else (a normalised image) is
+/// min–max stretched for display.
+pub fn to_rgb8(img: &Array3<f32>) -> RgbImage {
+    let (h, w, _) = img.dim();
+    let (lo, hi) = img.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+    let (off, scale) = if lo >= 0.0 && hi <= 255.0 { (0.0, 1.0) } else { (lo, 255.0 / (hi - lo).max(1e-6)) };
+    RgbImage::from_fn(w as u32, h as u32, |x, y| {
+        let p = |c| ((img[(y as usize, x as usize, c)] - off) * scale).clamp(0.0, 255.0) as u8;
+        Rgb([p(0), p(1), p(2)])
+    })
+}
+
+/// Outline of a box `[x1, y1, x2, y2]`, 2 px wide.
+pub fn draw_box(img: &mut RgbImage, b: [f32; 4], color: [u8; 3]) {
+    let (w, h) = (img.width() as i64, img.height() as i64);
+    let (x1, y1, x2, y2) = (b[0] as i64, b[1] as i64, (b[2] as i64).min(w - 1), (b[3] as i64).min(h - 1));
+    let mut put = |x: i64, y: i64| {
+        if x >= 0 && y >= 0 && x < w && y < h {
+            img.put_pixel(x as u32, y as u32, Rgb(color));
+        }
+    };
+    for t in 0..2 {
+        for x in x1..=x2 {
+            put(x, y1 + t);
+            put(x, y2 - t);
+        }
+        for y in y1..=y2 {
+            put(x1 + t, y);
+            put(x2 - t, y);
+        }
+    }
+}
+
+/// Text with its top-left at `(x, y)` on a filled background of `bg`.
+pub fn draw_text(img: &mut RgbImage, x: i64, y: i64, text: &str, bg: [u8; 3]) {
+    let (w, h) = (img.width() as i64, img.height() as i64);
+    let luminance = 0.299 * bg[0] as f32 + 0.587 * bg[1] as f32 + 0.114 * bg[2] as f32;
+    let fg = if luminance > 140.0 { [0, 0, 0] } else { [255, 255, 255] };
+    for (i, ch) in text.chars().enumerate() {
+        let glyph = font8x8::BASIC_FONTS.get(ch).or_else(|| font8x8::BASIC_FONTS.get('?')).unwrap_or([0; 8]);
+        for (gy, row) in glyph.iter().enumerate() {
+            for gx in 0..8 {
+                let (px, py) = (x + i as i64 * 8 + gx, y + gy as i64);
+                if px >= 0 && py >= 0 && px < w && py < h {
+                    let on = row & (1 << gx) != 0;
+                    img.put_pixel(px as u32, py as u32, Rgb(if on { fg } else { bg }));
+                }
+            }
+        }
+    }
+}
+
+/// Blends `color` over the pixels where `mask` is set (`alpha` opacity).
+pub fn blend_mask(img: &mut RgbImage, mask: &Array2<u8>, color: [u8; 3], alpha: f32) {
+    let (mh, mw) = mask.dim();
+    for (x, y, p) in img.enumerate_pixels_mut() {
+        let (xu, yu) = (x as usize, y as usize);
+        if yu < mh && xu < mw && mask[(yu, xu)] > 0 {
+            for c in 0..3 {
+                p[c] = (p[c] as f32 * (1.0 - alpha) + color[c] as f32 * alpha) as u8;
+            }
+        }
+    }
+}
+
+/// Blends a label map in the palette (`ignore` pixels untouched).
+pub fn blend_label_map(img: &mut RgbImage, map: &Array2<u8>, ignore: u8, alpha: f32) {
+    let (mh, mw) = map.dim();
+    for (x, y, p) in img.enumerate_pixels_mut() {
+        let (xu, yu) = (x as usize, y as usize);
+        if yu < mh && xu < mw && map[(yu, xu)] != ignore {
+            let c = palette(map[(yu, xu)] as usize);
+            for k in 0..3 {
+                p[k] = (p[k] as f32 * (1.0 - alpha) + c[k] as f32 * alpha) as u8;
+            }
+        }
+    }
+}
+
+/// Saves a PNG atomically (temporary file, then rename).
+pub fn save_png(img: &RgbImage, path: &std::path::Path) -> anyhow::Result<()> {
+    let name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| anyhow::anyhow!("{}: not a file path", path.display()))?;
+    let tmp = path.with_file_name(format!(".{name}.tmp{}.png", std::process::id()));
+    img.save(&tmp).map_err(|e| anyhow::anyhow!("writing {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| anyhow::anyhow!("renaming to {}: {e}", path.display()))?;
+    Ok(())
+}
