@@ -33,6 +33,8 @@ pub struct CocoDataset {
     meta: MetaInfo,
     /// Annotations skipped because invalid (with `skip_invalid`).
     pub skipped: usize,
+    /// Annotations under 1 px or of zero area, dropped as mmdetection does (logged).
+    pub dropped_tiny: usize,
     /// The annotation file.
     pub ann_file: PathBuf,
 }
@@ -87,6 +89,7 @@ impl CocoDataset {
             by_img.entry(a.image_id).or_default().push(a);
         }
         let mut skipped = 0;
+        let mut dropped_tiny = 0;
         let mut entries = Vec::new();
         for img in &ds.images {
             if img.width == 0 || img.height == 0 {
@@ -96,7 +99,10 @@ impl CocoDataset {
             for a in by_img.get(&img.id).map(|v| v.as_slice()).unwrap_or(&[]) {
                 let Some(&label) = label_of.get(&a.category_id) else { continue };
                 match check_annotation(a, img.width, img.height) {
-                    Ok(None) => continue,
+                    Ok(None) => {
+                        dropped_tiny += 1;
+                        continue;
+                    }
                     Ok(Some(bbox)) => {
                         e.instances.push(Instance { bbox, label, ignore: a.iscrowd, ann_id: a.id });
                         e.segmentations.push(a.segmentation.clone());
@@ -120,10 +126,13 @@ impl CocoDataset {
             }
             entries.push(e);
         }
+        if dropped_tiny > 0 {
+            tracing::info!("{}: dropped {dropped_tiny} annotations under 1 px or of zero area (as mmdetection does)", ann_file.display());
+        }
         if skipped > 0 {
             tracing::warn!("{}: skipped {skipped} invalid annotations", ann_file.display());
         }
-        Ok(Self { entries, meta: MetaInfo { classes, cat_ids }, skipped, ann_file: ann_file.to_path_buf() })
+        Ok(Self { entries, meta: MetaInfo { classes, cat_ids }, skipped, dropped_tiny, ann_file: ann_file.to_path_buf() })
     }
 
     /// Label of a COCO category id.
@@ -139,11 +148,12 @@ fn check_annotation(a: &Annotation, w: u32, h: u32) -> Result<Option<[f32; 4]>, 
     if ![x, y, bw, bh].iter().all(|v| v.is_finite()) {
         return Err(("bbox", format!("non-finite value in {:?}", [x, y, bw, bh])));
     }
-    if bw < 0.0 || bh < 0.0 {
-        return Err(("bbox", format!("negative size {bw}x{bh}")));
+    if bw <= 0.0 || bh <= 0.0 {
+        return Err(("bbox", format!("non-positive size {bw}x{bh}")));
     }
     if a.area == Some(0.0) || bw < 1.0 || bh < 1.0 {
-        // mmdet's parse_data_info drops these without complaint.
+        // mmdet's parse_data_info drops boxes under 1 px and zero-area objects; counted and
+        // reported by the caller.
         return Ok(None);
     }
     let x1 = x.max(0.0);

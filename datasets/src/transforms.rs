@@ -299,7 +299,7 @@ fn apply_one(t: &TransformConfig, mut s: Sample, rng: &mut dyn RngCore) -> Resul
                 (None, Some(f)) => ((w as f64 * f + 0.5) as usize, (h as f64 * f + 0.5) as usize),
                 (None, None) => return Err(DataError::Config("Resize needs `scale` or `scale_factor`".into())),
             };
-            resize(&mut s, nh.max(1), nw.max(1), *clip_object_border);
+            resize(&mut s, nh.max(1), nw.max(1), *clip_object_border)?;
         }
         T::RandomResize { scale, ratio_range, keep_ratio } => {
             let sc = match (scale, ratio_range) {
@@ -316,7 +316,7 @@ fn apply_one(t: &TransformConfig, mut s: Sample, rng: &mut dyn RngCore) -> Resul
             };
             let (h, w) = s.img_shape;
             let (nw, nh) = target_size((w, h), sc, *keep_ratio);
-            resize(&mut s, nh.max(1), nw.max(1), true);
+            resize(&mut s, nh.max(1), nw.max(1), true)?;
         }
         T::RandomChoiceResize { scales, keep_ratio } => {
             if scales.is_empty() {
@@ -325,7 +325,7 @@ fn apply_one(t: &TransformConfig, mut s: Sample, rng: &mut dyn RngCore) -> Resul
             let sc = scales[rng.random_range(0..scales.len())];
             let (h, w) = s.img_shape;
             let (nw, nh) = target_size((w, h), sc, *keep_ratio);
-            resize(&mut s, nh.max(1), nw.max(1), true);
+            resize(&mut s, nh.max(1), nw.max(1), true)?;
         }
         T::RandomFlip { prob, direction } => {
             if direction != "horizontal" {
@@ -425,38 +425,24 @@ pub fn load_label(path: &std::path::Path) -> Result<Array2<u8>, DataError> {
     Array2::from_shape_vec((h, w), g.into_raw()).map_err(|e| DataError::File { path: path.into(), reason: e.to_string() })
 }
 
-/// Bilinear resize of an `(H, W, C)` f32 image with half-pixel centres (OpenCV `INTER_LINEAR` /
-/// `align_corners=False` sampling).
-pub fn resize_bilinear(img: &Array3<f32>, nh: usize, nw: usize) -> Array3<f32> {
+/// Bilinear resize of an `(H, W, 3)` f32 image by `fast_image_resize`'s fixed-kernel bilinear
+/// interpolation (half-pixel centres, no antialiasing: OpenCV's `INTER_LINEAR`, which mmcv's
+/// `imresize` uses).
+///
+/// Errors: an image that is not 3-channel or has a zero side.
+pub fn resize_bilinear(img: &Array3<f32>, nh: usize, nw: usize) -> Result<Array3<f32>, String> {
+    use fast_image_resize::{images::Image, FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
     let (h, w, c) = img.dim();
-    let sy = h as f32 / nh as f32;
-    let sx = w as f32 / nw as f32;
-    let xs: Vec<(usize, usize, f32)> = (0..nw)
-        .map(|x| {
-            let fx = ((x as f32 + 0.5) * sx - 0.5).max(0.0);
-            let x0 = (fx as usize).min(w - 1);
-            ((x0), (x0 + 1).min(w - 1), fx - x0 as f32)
-        })
-        .collect();
-    let src = img.as_standard_layout();
-    let src = src.as_slice().expect("standard layout");
-    let mut out = vec![0f32; nh * nw * c];
-    use rayon::prelude::*;
-    out.par_chunks_mut(nw * c).enumerate().for_each(|(y, row)| {
-        let fy = ((y as f32 + 0.5) * sy - 0.5).max(0.0);
-        let y0 = (fy as usize).min(h - 1);
-        let y1 = (y0 + 1).min(h - 1);
-        let ty = fy - y0 as f32;
-        for (x, &(x0, x1, tx)) in xs.iter().enumerate() {
-            for ch in 0..c {
-                let p = |yy: usize, xx: usize| src[(yy * w + xx) * c + ch];
-                let top = p(y0, x0) * (1.0 - tx) + p(y0, x1) * tx;
-                let bot = p(y1, x0) * (1.0 - tx) + p(y1, x1) * tx;
-                row[x * c + ch] = top * (1.0 - ty) + bot * ty;
-            }
-        }
-    });
-    Array3::from_shape_vec((nh, nw, c), out).expect("shape")
+    if c != 3 || h == 0 || w == 0 || nh == 0 || nw == 0 {
+        return Err(format!("cannot resize a {h}x{w}x{c} image to {nh}x{nw}"));
+    }
+    let mut src: Vec<f32> = img.as_standard_layout().iter().copied().collect();
+    let mut dst = vec![0f32; nh * nw * 3];
+    let src_img = Image::from_slice_u8(w as u32, h as u32, bytemuck::cast_slice_mut(&mut src), PixelType::F32x3).map_err(|e| e.to_string())?;
+    let mut dst_img = Image::from_slice_u8(nw as u32, nh as u32, bytemuck::cast_slice_mut(&mut dst), PixelType::F32x3).map_err(|e| e.to_string())?;
+    let opts = ResizeOptions::new().resize_alg(ResizeAlg::Interpolation(FilterType::Bilinear));
+    Resizer::new().resize(&src_img, &mut dst_img, &opts).map_err(|e| e.to_string())?;
+    Array3::from_shape_vec((nh, nw, 3), dst).map_err(|e| e.to_string())
 }
 
 /// Nearest-neighbour resize of an `(H, W)` map (label maps and masks; mmcv `nearest`).
@@ -469,10 +455,10 @@ pub fn resize_nearest(m: &Array2<u8>, nh: usize, nw: usize) -> Array2<u8> {
     })
 }
 
-fn resize(s: &mut Sample, nh: usize, nw: usize, clip: bool) {
+fn resize(s: &mut Sample, nh: usize, nw: usize, clip: bool) -> Result<(), DataError> {
     let (h, w) = s.img_shape;
     if let Some(img) = s.img.as_ref() {
-        s.img = Some(resize_bilinear(img, nh, nw));
+        s.img = Some(resize_bilinear(img, nh, nw).map_err(|reason| DataError::File { path: s.img_path.clone(), reason })?);
     }
     let (fx, fy) = (nw as f64 / w as f64, nh as f64 / h as f64);
     for inst in &mut s.instances {
@@ -496,6 +482,7 @@ fn resize(s: &mut Sample, nh: usize, nw: usize, clip: bool) {
     s.scale_factor = (s.scale_factor.0 * fx, s.scale_factor.1 * fy);
     s.img_shape = (nh, nw);
     s.pad_shape = (nh, nw);
+    Ok(())
 }
 
 fn flip_horizontal(s: &mut Sample) {

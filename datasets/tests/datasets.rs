@@ -274,7 +274,8 @@ fn bad_annotations_are_named_errors() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
         (r#"{"id": 11, "image_id": 1, "category_id": 3, "bbox": [60, 45, 5, 5], "area": 25}"#, "annotation id 11", "bbox", "outside"),
-        (r#"{"id": 12, "image_id": 1, "category_id": 3, "bbox": [1, 1, -5, 5], "area": 25}"#, "annotation id 12", "bbox", "negative"),
+        (r#"{"id": 12, "image_id": 1, "category_id": 3, "bbox": [1, 1, -5, 5], "area": 25}"#, "annotation id 12", "bbox", "non-positive"),
+        (r#"{"id": 16, "image_id": 1, "category_id": 3, "bbox": [1, 1, 0, 5], "area": 25}"#, "annotation id 16", "bbox", "non-positive"),
         (r#"{"id": 13, "image_id": 1, "category_id": 3, "bbox": [1, 1, 5, 5], "area": 25, "segmentation": [[1, 1, 2, 2]]}"#, "annotation id 13", "segmentation", "polygon"),
         (r#"{"id": 14, "image_id": 9, "category_id": 3, "bbox": [1, 1, 5, 5], "area": 25}"#, "annotation id 14", "image_id", "no image"),
         (r#"{"id": 15, "image_id": 1, "category_id": 77, "bbox": [1, 1, 5, 5], "area": 25}"#, "annotation id 15", "category_id", "no category"),
@@ -290,6 +291,7 @@ fn bad_annotations_are_named_errors() {
     let f = write(dir.path(), "ann.json", &coco_json(&[cases[0].0, cases[1].0, r#"{"id": 20, "image_id": 1, "category_id": 3, "bbox": [1, 1, 5, 5], "area": 25}"#].join(",")));
     let ds = CocoDataset::load(&f, dir.path(), &CocoOptions { skip_invalid: true, ..Default::default() }).unwrap();
     assert_eq!(ds.skipped, 2);
+    assert_eq!(ds.dropped_tiny, 0);
     assert_eq!(ds.sample(0).ann_instances.len(), 1);
     // Malformed JSON and a missing file.
     let f = write(dir.path(), "broken.json", "{\"images\": [");
@@ -354,4 +356,21 @@ fn annotations_loaded_after_resize_stay_at_original_scale() {
     let ade = Ade20kDataset::load(&root, &root.join("images/validation"), &root.join("annotations/validation"), None, true).unwrap();
     let s = p.apply(ade.sample(0), &mut rand::rngs::StdRng::seed_from_u64(0)).unwrap();
     assert_eq!(s.gt_seg_map.unwrap().dim(), s.ori_shape);
+}
+
+/// The resize keeps a constant image constant and maps a horizontal ramp to the ramp sampled at
+/// half-pixel centres (bilinear interpolation, OpenCV's convention).
+#[test]
+fn bilinear_resize_conventions() {
+    use densepred_datasets::transforms::resize_bilinear;
+    let flat = ndarray::Array3::from_elem((10, 12, 3), 77.0f32);
+    assert!(resize_bilinear(&flat, 5, 7).unwrap().iter().all(|&v| (v - 77.0).abs() < 1e-3));
+    let ramp = ndarray::Array3::from_shape_fn((4, 8, 3), |(_, x, _)| x as f32);
+    let up = resize_bilinear(&ramp, 4, 16).unwrap();
+    // Output pixel x samples input coordinate (x + 0.5) / 2 − 0.5, clamped at the borders.
+    for x in 0..16 {
+        let want = (((x as f32 + 0.5) / 2.0) - 0.5).clamp(0.0, 7.0);
+        assert!((up[(1, x, 0)] - want).abs() < 1e-3, "x {x}: {} vs {want}", up[(1, x, 0)]);
+    }
+    assert!(resize_bilinear(&ndarray::Array3::zeros((3, 3, 1)), 2, 2).is_err());
 }
