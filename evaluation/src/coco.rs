@@ -176,3 +176,88 @@ pub fn evaluate(gt: COCO, dt: COCO, iou_type: CocoIouType) -> Result<CocoSummary
         .collect();
     Ok(CocoSummary { iou_type, stats, per_category, summary_lines })
 }
+
+/// One image's predictions in original-image pixels (what a detector's `predict` returns).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageDetections {
+    /// COCO image id.
+    pub image_id: u64,
+    /// `[x1, y1, x2, y2]` per detection.
+    pub boxes: Vec<[f32; 4]>,
+    /// Confidence per detection.
+    pub scores: Vec<f32>,
+    /// Contiguous label per detection (index into the dataset's `cat_ids`).
+    pub labels: Vec<usize>,
+    /// Binary masks `(h, w)` row-major per detection (instance segmentation), with `(h, w)`.
+    pub masks: Option<(Vec<Vec<u8>>, (u32, u32))>,
+}
+
+/// COCO results records (`{image_id, category_id, bbox: [x, y, w, h], score}` and, with masks,
+/// `{..., segmentation: {size, counts}}` as compressed RLE) from detections, mapping labels to
+/// category ids with `cat_ids` (mmdetection's `CocoMetric.results2json`).
+///
+/// Errors: a label outside `cat_ids`, mismatched list lengths or mask sizes.
+pub fn to_coco_results(dets: &[ImageDetections], cat_ids: &[u64]) -> Result<(Vec<serde_json::Value>, Option<Vec<serde_json::Value>>), EvalError> {
+    let mut bbox = Vec::new();
+    let mut segm: Option<Vec<serde_json::Value>> = None;
+    for d in dets {
+        let n = d.boxes.len();
+        if d.scores.len() != n || d.labels.len() != n {
+            return Err(EvalError::Invalid(format!("image {}: {} boxes, {} scores, {} labels", d.image_id, n, d.scores.len(), d.labels.len())));
+        }
+        for i in 0..n {
+            let cat = *cat_ids.get(d.labels[i]).ok_or_else(|| EvalError::Invalid(format!("image {}: detection {i}: label {} has no category (of {})", d.image_id, d.labels[i], cat_ids.len())))?;
+            let b = d.boxes[i];
+            let xywh = [b[0] as f64, b[1] as f64, (b[2] - b[0]) as f64, (b[3] - b[1]) as f64];
+            bbox.push(serde_json::json!({"image_id": d.image_id, "category_id": cat, "bbox": xywh, "score": d.scores[i] as f64}));
+            if let Some((masks, (h, w))) = &d.masks {
+                let m = masks.get(i).ok_or_else(|| EvalError::Invalid(format!("image {}: {} masks for {n} detections", d.image_id, masks.len())))?;
+                if m.len() != (*h as usize) * (*w as usize) {
+                    return Err(EvalError::Invalid(format!("image {}: mask {i} has {} pixels, expected {h}x{w}", d.image_id, m.len())));
+                }
+                // pycocotools encodes column-major (Fortran-order) masks.
+                let mut col = vec![0u8; m.len()];
+                for y in 0..*h as usize {
+                    for x in 0..*w as usize {
+                        col[x * *h as usize + y] = m[y * *w as usize + x];
+                    }
+                }
+                let rle = hotcoco::mask::encode(&col, *h, *w).map_err(|e| EvalError::Invalid(e.to_string()))?;
+                let counts = hotcoco::mask::rle_to_string(&rle);
+                segm.get_or_insert_with(Vec::new).push(serde_json::json!({
+                    "image_id": d.image_id, "category_id": cat, "bbox": xywh, "score": d.scores[i] as f64,
+                    "segmentation": {"size": [h, w], "counts": counts},
+                }));
+            }
+        }
+    }
+    Ok((bbox, segm))
+}
+
+/// Evaluates in-memory results records (from [`to_coco_results`]) against `gt`.
+pub fn evaluate_records(gt: &COCO, records: &[serde_json::Value], iou_type: CocoIouType) -> Result<CocoSummary, EvalError> {
+    let anns: Vec<hotcoco::types::Annotation> =
+        serde_json::from_value(serde_json::Value::Array(records.to_vec())).map_err(|e| EvalError::Invalid(format!("results: {e}")))?;
+    let dt = gt.load_res_anns(anns).map_err(|e| EvalError::Invalid(e.to_string()))?;
+    check_ids(gt, &dt, Path::new("<detections>"))?;
+    evaluate(gt.clone(), dt, iou_type)
+}
+
+/// Writes `<prefix>.bbox.json` (and `<prefix>.segm.json` when given) atomically; returns the paths.
+pub fn dump_results(prefix: &Path, bbox: &[serde_json::Value], segm: Option<&[serde_json::Value]>) -> Result<Vec<std::path::PathBuf>, EvalError> {
+    let mut out = Vec::new();
+    let mut write = |suffix: &str, v: &[serde_json::Value]| -> Result<(), EvalError> {
+        let path = std::path::PathBuf::from(format!("{}.{suffix}.json", prefix.display()));
+        let tmp = std::path::PathBuf::from(format!("{}.{suffix}.json.tmp{}", prefix.display(), std::process::id()));
+        let text = serde_json::to_string(v).map_err(|e| EvalError::Invalid(e.to_string()))?;
+        std::fs::write(&tmp, text).map_err(|e| file_err(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| file_err(&path, e))?;
+        out.push(path);
+        Ok(())
+    };
+    write("bbox", bbox)?;
+    if let Some(s) = segm {
+        write("segm", s)?;
+    }
+    Ok(out)
+}

@@ -78,3 +78,61 @@ fn semseg_matches_mmseg_iou_metric() {
     assert!(close(r.m_acc, scalar("mAcc")), "mAcc {} vs {}", r.m_acc, scalar("mAcc"));
     assert_eq!(r.iou.iter().filter(|v| !v.is_nan()).count(), 51);
 }
+
+/// Detections built in memory (xyxy boxes, labels, row-major masks) convert to COCO results that
+/// evaluate to pycocotools' numbers, and dump to JSON files that evaluate the same.
+#[test]
+fn in_memory_detections_round_trip() {
+    use densepred_evaluation::coco::{dump_results, evaluate_records, to_coco_results, ImageDetections};
+    let d = dir().join("coco/segm");
+    let gt = load_gt(&d.join("gt.json")).unwrap();
+    let expected: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("expected.json")).unwrap()).unwrap();
+    let raw: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(d.join("dets.json")).unwrap()).unwrap();
+    let mut cat_ids: Vec<u64> = gt.dataset.categories.iter().map(|c| c.id).collect();
+    cat_ids.sort();
+    let mut per_image: std::collections::BTreeMap<u64, ImageDetections> = Default::default();
+    for r in &raw {
+        let img = r["image_id"].as_u64().unwrap();
+        let im = gt.get_img(img).unwrap();
+        let (h, w) = (im.height, im.width);
+        let e = per_image.entry(img).or_insert_with(|| ImageDetections { image_id: img, boxes: vec![], scores: vec![], labels: vec![], masks: Some((vec![], (h, w))) });
+        let b: Vec<f32> = r["bbox"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        e.boxes.push([b[0], b[1], b[0] + b[2], b[1] + b[3]]);
+        e.scores.push(r["score"].as_f64().unwrap() as f32);
+        e.labels.push(cat_ids.iter().position(|&c| c == r["category_id"].as_u64().unwrap()).unwrap());
+        let rle = hotcoco::mask::rle_from_string(r["segmentation"]["counts"].as_str().unwrap(), h, w).unwrap();
+        let col = hotcoco::mask::decode(&rle);
+        let mut row = vec![0u8; col.len()];
+        for x in 0..w as usize {
+            for y in 0..h as usize {
+                row[y * w as usize + x] = col[x * h as usize + y];
+            }
+        }
+        e.masks.as_mut().unwrap().0.push(row);
+    }
+    // Keep the file's detection order within each image (pycocotools' tie order).
+    let dets: Vec<ImageDetections> = per_image.into_values().collect();
+    let (bbox, segm) = to_coco_results(&dets, &cat_ids).unwrap();
+    let segm = segm.unwrap();
+    let s = evaluate_records(&gt, &segm, CocoIouType::Segm).unwrap();
+    let want: Vec<f64> = expected["segm"]["pycocotools"]["stats"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    for (g, w) in s.stats.iter().zip(&want) {
+        assert!(close(*g, *w), "segm {g} vs {w}");
+    }
+    let out = std::env::temp_dir().join(format!("dp_results_{}", std::process::id()));
+    let files = dump_results(&out, &bbox, Some(&segm)).unwrap();
+    assert_eq!(files.len(), 2);
+    let s2 = evaluate_results_file(&gt, &files[1], CocoIouType::Segm).unwrap();
+    assert_eq!(s2.stats, s.stats);
+    let sb = evaluate_results_file(&gt, &files[0], CocoIouType::Bbox).unwrap();
+    let want_b: Vec<f64> = expected["bbox"]["pycocotools"]["stats"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    for (g, w) in sb.stats.iter().zip(&want_b) {
+        assert!(close(*g, *w), "bbox {g} vs {w}");
+    }
+    for f in files {
+        std::fs::remove_file(f).unwrap();
+    }
+    // A label without a category is an error naming the image and detection.
+    let bad = vec![ImageDetections { image_id: 1, boxes: vec![[0.0, 0.0, 1.0, 1.0]], scores: vec![0.5], labels: vec![99], masks: None }];
+    assert!(to_coco_results(&bad, &cat_ids).unwrap_err().to_string().contains("label 99"));
+}
