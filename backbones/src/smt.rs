@@ -19,7 +19,7 @@ use crate::Backbone;
 use candle_core::{Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use densepred_core::nn::{gelu, BatchNorm2d, Conv2d, ConvCfg, DropPath, LayerNorm, Linear};
-use densepred_core::ops::{depthwise_conv2d, mul_scale_last, softmax_last_dim, transpose_last2, DwConvParams};
+use densepred_core::ops::{depthwise_conv2d, mul_scale_last, softmax_last_dim, token_dwconv, transpose_last2, DwConvParams, LocalMode};
 use densepred_core::ShapeSpec;
 use serde::{Deserialize, Serialize};
 
@@ -259,6 +259,12 @@ impl DwConv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         depthwise_conv2d(x, &self.weight, Some(&self.bias), DwConvParams::same(self.pad))
     }
+
+    /// The same convolution applied to tokens `(B, h·w, C)` directly (channels-last), followed by
+    /// `mode`.
+    fn forward_tokens(&self, x: &Tensor, h: usize, w: usize, mode: LocalMode) -> Result<Tensor> {
+        token_dwconv(x, &self.weight, &self.bias, (h, w), mode)
+    }
 }
 
 /// SAM: Multi-Head Mixed Convolution + Scale-Aware Aggregation + modulation (paper §3.1).
@@ -352,9 +358,9 @@ impl Msa {
         let attn = (q.matmul(&transpose_last2(&k)?)? * self.scale)?;
         let attn = softmax_last_dim(&attn)?;
         let o = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
-        // v (B, nh, N, d) -> (B, nh*d, h, w): channels head-major, as the official reshape.
-        let v_map = v.transpose(2, 3)?.reshape((b, c, h, w))?;
-        let local = to_tokens(&self.local_conv.forward(&v_map)?)?.0;
+        // v (B, nh, N, d) -> tokens (B, N, nh*d): channels head-major, as the official reshape.
+        let v_tokens = v.transpose(1, 2)?.reshape((b, n, c))?;
+        let local = self.local_conv.forward_tokens(&v_tokens, h, w, LocalMode::Plain)?;
         self.proj.forward(&(o + local)?)
     }
 }
@@ -382,8 +388,8 @@ impl Mlp {
 
     fn forward(&self, x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
         let x = self.fc1.forward(x)?;
-        let local = to_tokens(&self.dwconv.forward(&to_map(&x, h, w)?)?)?.0;
-        self.fc2.forward(&gelu(&(x + local)?)?)
+        // GELU(x + DW3x3(x)) fused, on tokens.
+        self.fc2.forward(&self.dwconv.forward_tokens(&x, h, w, LocalMode::ResidualGelu)?)
     }
 }
 

@@ -203,3 +203,32 @@ fn transpose_last2_matches_candle_and_backpropagates() {
     assert_eq!(max_abs(g.get(&x).unwrap(), &r.transpose(1, 2).unwrap().contiguous().unwrap()), 0.0);
     assert!(transpose_last2(&Tensor::new(&[1f32, 2.], &Device::Cpu).unwrap()).is_err());
 }
+
+/// The channels-last token convolution equals the NCHW route (transpose, depthwise conv, bias,
+/// transpose, residual, exact GELU), and its backward matches finite differences.
+#[test]
+fn token_dwconv_matches_nchw_route_and_finite_differences() {
+    use densepred_core::ops::{token_dwconv, LocalMode};
+    let (b, h, w, c) = (2, 5, 6, 4);
+    for k in [3usize, 5] {
+        let x = Var::from_tensor(&randn(&[b, h * w, c], 41, DType::F64)).unwrap();
+        let wt = Var::from_tensor(&randn(&[c, 1, k, k], 42, DType::F64)).unwrap();
+        let bias = Var::from_tensor(&randn(&[c], 43, DType::F64)).unwrap();
+        for mode in [LocalMode::Plain, LocalMode::ResidualGelu] {
+            let ours = token_dwconv(&x, &wt, &bias, (h, w), mode).unwrap();
+            let map = x.transpose(1, 2).unwrap().reshape((b, c, h, w)).unwrap();
+            let conv = depthwise_conv2d(&map, &wt, Some(&bias), DwConvParams::same(k / 2)).unwrap();
+            let mut reference = conv.reshape((b, c, h * w)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+            if mode == LocalMode::ResidualGelu {
+                reference = (reference + x.as_tensor()).unwrap().gelu_erf().unwrap();
+            }
+            assert!(max_abs(&ours, &reference) < 1e-12, "k{k} {mode:?}");
+            let r = randn(&[b, h * w, c], 44, DType::F64);
+            let loss = |x: &Tensor, wt: &Tensor, bias: &Tensor| (token_dwconv(x, wt, bias, (h, w), mode).unwrap() * &r).unwrap().sum_all().unwrap();
+            let g = loss(&x, &wt, &bias).backward().unwrap();
+            check_fd(&x, g.get(&x).unwrap(), &|xp| loss(xp, &wt, &bias).to_scalar::<f64>().unwrap());
+            check_fd(&wt, g.get(&wt).unwrap(), &|wp| loss(&x, wp, &bias).to_scalar::<f64>().unwrap());
+            check_fd(&bias, g.get(&bias).unwrap(), &|bp| loss(&x, &wt, bp).to_scalar::<f64>().unwrap());
+        }
+    }
+}

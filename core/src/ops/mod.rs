@@ -4,6 +4,7 @@
 pub mod activation;
 pub mod bias;
 pub mod dwconv;
+pub mod dwconv_nhwc;
 pub mod iou;
 pub mod layer_norm;
 pub mod nms;
@@ -22,3 +23,4 @@ pub use bias::{add_bias_channels, add_bias_last, mul_scale_channels, mul_scale_l
 pub use nms::{batched_nms, filter_nms, nms};
 pub use roi_align::{map_roi_levels, roi_align, RoiAlignParams};
 pub use paste_mask::paste_masks;
+pub use dwconv_nhwc::{token_dwconv, LocalMode};

@@ -1,0 +1,306 @@
+//! Channels-last depthwise convolution on vision-transformer tokens, optionally fused with the
+//! residual add and exact GELU of SMT's detail-specific FFN.
+//!
+//! Tokens `(B, H·W, C)` are an NHWC map, so a depthwise convolution can run on them directly:
+//! no `(B, N, C) ↔ (B, C, H, W)` transposes, and the inner loop runs over contiguous channels.
+//! Modes:
+//! * [`LocalMode::Plain`]: `y = DW(x) + b` (MSA's local branch on `v`);
+//! * [`LocalMode::ResidualGelu`]: `y = GELU(x + DW(x) + b)` (the FFN: `act(h + dwconv(h))`).
+//!
+//! Stride 1, odd kernel `k`, zero padding `k / 2` ("same"). The backward pass recomputes the
+//! pre-activation; gradients for input, weight and bias.
+
+use super::activation::{erf_f32, exp_f32};
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use num_traits::Float;
+use rayon::prelude::*;
+
+/// What follows the convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalMode {
+    /// `DW(x) + b`.
+    Plain,
+    /// `GELU(x + DW(x) + b)`.
+    ResidualGelu,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Geo {
+    b: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+    k: usize,
+}
+
+trait Act: Float + Send + Sync {
+    fn gelu(self) -> Self;
+    fn gelu_grad(self) -> Self;
+}
+
+impl Act for f32 {
+    #[inline(always)]
+    fn gelu(self) -> f32 {
+        0.5 * self * (1.0 + erf_f32(self * std::f32::consts::FRAC_1_SQRT_2))
+    }
+    #[inline(always)]
+    fn gelu_grad(self) -> f32 {
+        let cdf = 0.5 * (1.0 + erf_f32(self * std::f32::consts::FRAC_1_SQRT_2));
+        cdf + self * exp_f32(-0.5 * self * self) * 0.398_942_3
+    }
+}
+
+impl Act for f64 {
+    #[inline(always)]
+    fn gelu(self) -> f64 {
+        0.5 * self * (1.0 + libm::erf(self * std::f64::consts::FRAC_1_SQRT_2))
+    }
+    #[inline(always)]
+    fn gelu_grad(self) -> f64 {
+        let cdf = 0.5 * (1.0 + libm::erf(self * std::f64::consts::FRAC_1_SQRT_2));
+        cdf + self * (-0.5 * self * self).exp() / (2.0 * std::f64::consts::PI).sqrt()
+    }
+}
+
+/// `z = [x +] DW(x) + b` for one output row `(b, y)`: `out` has `W·C` values.
+#[inline]
+fn conv_row<T: Float>(g: &Geo, x: &[T], wt: &[T], bias: &[T], bi: usize, y: usize, residual: bool, out: &mut [T]) {
+    let (h, w, c, k) = (g.h, g.w, g.c, g.k);
+    let p = k / 2;
+    let plane = &x[bi * h * w * c..(bi + 1) * h * w * c];
+    for xo in 0..w {
+        let o = &mut out[xo * c..(xo + 1) * c];
+        o.copy_from_slice(bias);
+        if residual {
+            let src = &plane[(y * w + xo) * c..(y * w + xo + 1) * c];
+            for (a, &v) in o.iter_mut().zip(src) {
+                *a = *a + v;
+            }
+        }
+        for ky in 0..k {
+            let yi = y as isize + ky as isize - p as isize;
+            if yi < 0 || yi >= h as isize {
+                continue;
+            }
+            for kx in 0..k {
+                let xi = xo as isize + kx as isize - p as isize;
+                if xi < 0 || xi >= w as isize {
+                    continue;
+                }
+                let src = &plane[(yi as usize * w + xi as usize) * c..(yi as usize * w + xi as usize + 1) * c];
+                let wk = &wt[(ky * k + kx) * c..(ky * k + kx + 1) * c];
+                for ((a, &v), &ww) in o.iter_mut().zip(src).zip(wk) {
+                    *a = *a + ww * v;
+                }
+            }
+        }
+    }
+}
+
+/// Weight `(C, 1, k, k)` → tap-major `(k·k, C)`.
+fn taps_major<T: Float>(w: &[T], c: usize, k: usize) -> Vec<T> {
+    let mut t = vec![T::zero(); c * k * k];
+    for ch in 0..c {
+        for i in 0..k * k {
+            t[i * c + ch] = w[ch * k * k + i];
+        }
+    }
+    t
+}
+
+fn forward<T: Act>(g: &Geo, x: &[T], w: &[T], b: &[T], mode: LocalMode) -> Vec<T> {
+    let wt = taps_major(w, g.c, g.k);
+    let row = g.w * g.c;
+    let mut out = vec![T::zero(); g.b * g.h * row];
+    out.par_chunks_mut(row).enumerate().for_each(|(r, o)| {
+        conv_row(g, x, &wt, b, r / g.h, r % g.h, mode == LocalMode::ResidualGelu, o);
+        if mode == LocalMode::ResidualGelu {
+            for v in o.iter_mut() {
+                *v = v.gelu();
+            }
+        }
+    });
+    out
+}
+
+/// Returns `(dx, dw (C,1,k,k), db (C))`.
+fn backward<T: Act>(g: &Geo, x: &[T], w: &[T], b: &[T], dy: &[T], mode: LocalMode) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let (c, k) = (g.c, g.k);
+    let p = k / 2;
+    let row = g.w * c;
+    let wt = taps_major(w, c, k);
+    // dz = dy · GELU'(z) (or dy).
+    let mut dz = dy.to_vec();
+    if mode == LocalMode::ResidualGelu {
+        dz.par_chunks_mut(row).enumerate().for_each(|(r, d)| {
+            let mut z = vec![T::zero(); row];
+            conv_row(g, x, &wt, b, r / g.h, r % g.h, true, &mut z);
+            for (dv, zv) in d.iter_mut().zip(&z) {
+                *dv = *dv * zv.gelu_grad();
+            }
+        });
+    }
+    // dx[y', x'] = [dz[y', x'] +] Σ_taps w · dz[y' − ky + p, x' − kx + p]: a gather per row.
+    let mut dx = vec![T::zero(); dz.len()];
+    let residual = mode == LocalMode::ResidualGelu;
+    dx.par_chunks_mut(row).enumerate().for_each(|(r, o)| {
+        let (bi, y) = (r / g.h, r % g.h);
+        let plane = &dz[bi * g.h * row..(bi + 1) * g.h * row];
+        for xo in 0..g.w {
+            let out = &mut o[xo * c..(xo + 1) * c];
+            if residual {
+                out.copy_from_slice(&plane[y * row + xo * c..y * row + (xo + 1) * c]);
+            }
+            for ky in 0..k {
+                let yo = y as isize - ky as isize + p as isize;
+                if yo < 0 || yo >= g.h as isize {
+                    continue;
+                }
+                for kx in 0..k {
+                    let xs = xo as isize - kx as isize + p as isize;
+                    if xs < 0 || xs >= g.w as isize {
+                        continue;
+                    }
+                    let src = &plane[yo as usize * row + xs as usize * c..yo as usize * row + (xs as usize + 1) * c];
+                    let wk = &wt[(ky * k + kx) * c..(ky * k + kx + 1) * c];
+                    for ((a, &v), &ww) in out.iter_mut().zip(src).zip(wk) {
+                        *a = *a + ww * v;
+                    }
+                }
+            }
+        }
+    });
+    // dw (tap-major accumulators per row chunk, reduced) and db.
+    let rows = g.b * g.h;
+    let (gwt, gb) = (0..rows)
+        .into_par_iter()
+        .fold(
+            || (vec![T::zero(); k * k * c], vec![T::zero(); c]),
+            |(mut gw, mut gb), r| {
+                let (bi, y) = (r / g.h, r % g.h);
+                let plane = &x[bi * g.h * row..(bi + 1) * g.h * row];
+                let d = &dz[r * row..(r + 1) * row];
+                for xo in 0..g.w {
+                    let dv = &d[xo * c..(xo + 1) * c];
+                    for (a, &v) in gb.iter_mut().zip(dv) {
+                        *a = *a + v;
+                    }
+                    for ky in 0..k {
+                        let yi = y as isize + ky as isize - p as isize;
+                        if yi < 0 || yi >= g.h as isize {
+                            continue;
+                        }
+                        for kx in 0..k {
+                            let xi = xo as isize + kx as isize - p as isize;
+                            if xi < 0 || xi >= g.w as isize {
+                                continue;
+                            }
+                            let src = &plane[yi as usize * row + xi as usize * c..yi as usize * row + (xi as usize + 1) * c];
+                            let acc = &mut gw[(ky * k + kx) * c..(ky * k + kx + 1) * c];
+                            for ((a, &s), &dd) in acc.iter_mut().zip(src).zip(dv) {
+                                *a = *a + s * dd;
+                            }
+                        }
+                    }
+                }
+                (gw, gb)
+            },
+        )
+        .reduce(
+            || (vec![T::zero(); k * k * c], vec![T::zero(); c]),
+            |(mut a, mut b), (c2, d2)| {
+                a.iter_mut().zip(c2).for_each(|(x, y)| *x = *x + y);
+                b.iter_mut().zip(d2).for_each(|(x, y)| *x = *x + y);
+                (a, b)
+            },
+        );
+    let mut gw = vec![T::zero(); c * k * k];
+    for ch in 0..c {
+        for i in 0..k * k {
+            gw[ch * k * k + i] = gwt[i * c + ch];
+        }
+    }
+    (dx, gw, gb)
+}
+
+struct LocalConv {
+    hw: (usize, usize),
+    mode: LocalMode,
+}
+
+fn sl<'a, T>(v: &'a [T], l: &Layout) -> Result<&'a [T]> {
+    let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::msg("token dwconv: inputs must be contiguous"))?;
+    Ok(&v[a..b])
+}
+
+impl LocalConv {
+    fn geo(&self, x: &Shape, w: &Shape) -> Result<Geo> {
+        let (b, n, c) = x.dims3()?;
+        let (wc, one, k, k2) = w.dims4()?;
+        let (h, wd) = self.hw;
+        if n != h * wd || wc != c || one != 1 || k != k2 || k % 2 == 0 {
+            candle_core::bail!("token dwconv: tokens {:?} for {h}x{wd}, weight {:?} (needs (C, 1, k, k), odd k)", x.dims(), w.dims());
+        }
+        Ok(Geo { b, h, w: wd, c, k })
+    }
+}
+
+impl CustomOp3 for LocalConv {
+    fn name(&self) -> &'static str {
+        "token-dwconv"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.geo(l1.shape(), l2.shape())?;
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => CpuStorage::F32(forward(&g, sl(x, l1)?, sl(w, l2)?, sl(b, l3)?, self.mode)),
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => CpuStorage::F64(forward(&g, sl(x, l1)?, sl(w, l2)?, sl(b, l3)?, self.mode)),
+            _ => candle_core::bail!("token dwconv: expected f32/f64, got {:?}", s1.dtype()),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = self.geo(x.shape(), w.shape())?;
+        let dy = dy.contiguous()?;
+        let dev = x.device();
+        macro_rules! run {
+            ($t:ty) => {{
+                let xv: Vec<$t> = x.flatten_all()?.to_vec1()?;
+                let wv: Vec<$t> = w.flatten_all()?.to_vec1()?;
+                let bv: Vec<$t> = b.flatten_all()?.to_vec1()?;
+                let dv: Vec<$t> = dy.flatten_all()?.to_vec1()?;
+                let (dx, dw, db) = backward(&g, &xv, &wv, &bv, &dv, self.mode);
+                (Tensor::from_vec(dx, x.shape(), dev)?, Tensor::from_vec(dw, w.shape(), dev)?, Tensor::from_vec(db, b.shape(), dev)?)
+            }};
+        }
+        let (dx, dw, db) = match x.dtype() {
+            DType::F32 => run!(f32),
+            DType::F64 => run!(f64),
+            d => candle_core::bail!("token dwconv backward: unsupported dtype {d:?}"),
+        };
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// Depthwise "same" convolution of tokens `x` `(B, H·W, C)` (row-major over `(H, W)`) with
+/// `weight` `(C, 1, k, k)` (odd `k`) and `bias` `(C,)`, followed by `mode`; returns `(B, H·W, C)`.
+/// Same values as `to_tokens(conv2d(to_map(x), groups = C))` (+ residual + GELU).
+///
+/// On devices other than the CPU it is composed of candle ops.
+///
+/// Errors: shapes that do not fit `hw`, an even kernel.
+pub fn token_dwconv(x: &Tensor, weight: &Tensor, bias: &Tensor, hw: (usize, usize), mode: LocalMode) -> Result<Tensor> {
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        return x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, LocalConv { hw, mode });
+    }
+    let (b, n, c) = x.dims3()?;
+    let k = weight.dim(2)?;
+    let map = x.transpose(1, 2)?.reshape((b, c, hw.0, hw.1))?;
+    let y = super::dwconv::depthwise_conv2d(&map, weight, Some(bias), super::dwconv::DwConvParams::same(k / 2))?;
+    let y = y.reshape((b, c, n))?.transpose(1, 2)?.contiguous()?;
+    match mode {
+        LocalMode::Plain => Ok(y),
+        LocalMode::ResidualGelu => (y + x)?.gelu_erf(),
+    }
+}
