@@ -584,7 +584,8 @@ fn rgb_to_hsv(r: f32, g: f32, b: f32) -> (f32, f32, f32) {
     (if h < 0.0 { h + 360.0 } else { h }, s, max)
 }
 
-fn hsv_to_rgb(h: f32, s: f32, v: f32) -> (f32, f32, f32) {
+/// HSV (hue in degrees, saturation and value in the units of the result) → RGB.
+pub fn hsv_to_rgb(h: f32, s: f32, v: f32) -> (f32, f32, f32) {
     let c = v * s;
     let hp = (h / 60.0).rem_euclid(6.0);
     let x = c * (1.0 - ((hp % 2.0) - 1.0).abs());

@@ -7,20 +7,9 @@ use ndarray::{Array2, Array3};
 
 /// A deterministic, well-spread colour for class `i` (golden-ratio hue steps).
 pub fn palette(i: usize) -> [u8; 3] {
-    let h = (i as f64 * 0.618_033_988_75).fract() * 6.0;
-    let (s, v) = (0.75, 0.95);
-    let c = v * s;
-    let x = c * (1.0 - ((h % 2.0) - 1.0).abs());
-    let (r, g, b) = match h as u32 {
-        0 => (c, x, 0.0),
-        1 => (x, c, 0.0),
-        2 => (0.0, c, x),
-        3 => (0.0, x, c),
-        4 => (x, 0.0, c),
-        _ => (c, 0.0, x),
-    };
-    let m = v - c;
-    [((r + m) * 255.0) as u8, ((g + m) * 255.0) as u8, ((b + m) * 255.0) as u8]
+    let hue = (i as f32 * 0.618_034).fract() * 360.0;
+    let (r, g, b) = densepred_datasets::transforms::hsv_to_rgb(hue, 0.75, 242.0);
+    [r as u8, g as u8, b as u8]
 }
 
 /// `(H, W, 3)` f32 image → RGB8. Values in 0–255 are kept; anything else (a normalised image) is

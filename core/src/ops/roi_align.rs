@@ -69,28 +69,23 @@ fn bilinear_taps(y: f32, x: f32, h: usize, w: usize) -> Option<Taps> {
     if y < -1.0 || y > h as f32 || x < -1.0 || x > w as f32 {
         return None;
     }
-    let (mut y, mut x) = (y.max(0.0), x.max(0.0));
-    let mut y_lo = y as usize;
-    let mut x_lo = x as usize;
-    let y_hi;
-    let x_hi;
-    if y_lo >= h - 1 {
-        y_lo = h - 1;
-        y_hi = h - 1;
-        y = y_lo as f32;
-    } else {
-        y_hi = y_lo + 1;
-    }
-    if x_lo >= w - 1 {
-        x_lo = w - 1;
-        x_hi = w - 1;
-        x = x_lo as f32;
-    } else {
-        x_hi = x_lo + 1;
-    }
+    let (y_lo, y_hi, y) = axis_taps(y, h);
+    let (x_lo, x_hi, x) = axis_taps(x, w);
     let (ly, lx) = (y - y_lo as f32, x - x_lo as f32);
     let (hy, hx) = (1.0 - ly, 1.0 - lx);
     Some([(y_lo * w + x_lo, hy * hx), (y_lo * w + x_hi, hy * lx), (y_hi * w + x_lo, ly * hx), (y_hi * w + x_hi, ly * lx)])
+}
+
+/// One axis of torchvision's bilinear sample: a coordinate in `[−1, size]` clamped at 0, its
+/// lower and upper neighbours, and the coordinate snapped to the last pixel past the edge.
+fn axis_taps(v: f32, size: usize) -> (usize, usize, f32) {
+    let v = v.max(0.0);
+    let lo = v as usize;
+    if lo >= size - 1 {
+        (size - 1, size - 1, (size - 1) as f32)
+    } else {
+        (lo, lo + 1, v)
+    }
 }
 
 fn dims(feat: &Shape, rois: &Shape) -> Result<(usize, usize, usize, usize, usize)> {
