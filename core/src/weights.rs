@@ -19,6 +19,14 @@ pub enum WeightsError {
         /// What went wrong.
         reason: String,
     },
+    /// A file could not be written.
+    #[error("{path}: cannot write: {reason}")]
+    Write {
+        /// The output file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
     /// Strict loading found keys that do not correspond one-to-one with the model.
     #[error("{path}: checkpoint does not match the model\n{report}")]
     Mismatch {
@@ -171,12 +179,16 @@ pub fn load_into(
 }
 
 /// Writes named tensors to a safetensors file atomically (a temporary file in the same folder,
-/// then a rename), so an interrupted write never leaves a truncated file under `path`.
+/// then a rename), so an interrupted write never leaves a truncated file under `path`. Missing
+/// parent folders are created.
 ///
 /// Errors: I/O or serialisation failures, naming `path`.
 pub fn save_safetensors_atomic(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Result<(), WeightsError> {
-    let err = |reason: String| WeightsError::Read { path: path.to_path_buf(), reason };
+    let err = |reason: String| WeightsError::Write { path: path.to_path_buf(), reason };
     let file_name = path.file_name().and_then(|s| s.to_str()).ok_or_else(|| err("not a file path".into()))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| err(format!("creating folder {}: {e}", dir.display())))?;
+    }
     let tmp = path.with_file_name(format!(".{file_name}.tmp{}", std::process::id()));
     let cpu: Result<Vec<(String, Tensor)>, _> = tensors
         .iter()

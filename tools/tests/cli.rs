@@ -49,6 +49,19 @@ fn features_match_official_outputs_from_safetensors_and_pth() {
     }
 }
 
+/// README's first command writes into a folder that a fresh checkout does not have yet.
+#[test]
+fn features_on_an_image_creates_the_output_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("work_dirs/sub/features.safetensors");
+    let (ok, stdout, stderr) = densepred(&["features", "--backbone", "tests/data/smt_small.toml", "--image", "assets/mini_coco/images/000000000009.jpg", "--out", out.to_str().unwrap()]);
+    assert!(ok, "{stdout}{stderr}");
+    let t = load(&out);
+    // 640x480 image: stage 1 is (1, 16, 120, 160) for this config.
+    assert_eq!(t["__stage1__"].dims(), &[1, 16, 120, 160]);
+    assert_eq!(t["__logits__"].dims(), &[1, 10]);
+}
+
 #[test]
 fn convert_pth_to_safetensors_keeps_every_tensor() {
     let dir = tempfile::tempdir().unwrap();
