@@ -232,3 +232,17 @@ fn token_dwconv_matches_nchw_route_and_finite_differences() {
         }
     }
 }
+
+#[test]
+fn resize_nearest_matches_candle_and_backpropagates_for_any_factor() {
+    use densepred_core::ops::resize_nearest;
+    let x = Var::from_tensor(&randn(&[2, 3, 7, 9], 51, DType::F64)).unwrap();
+    for (oh, ow) in [(13, 17), (14, 18), (7, 9), (25, 34)] {
+        let ours = resize_nearest(&x, oh, ow).unwrap();
+        assert_eq!(max_abs(&ours, &x.upsample_nearest2d(oh, ow).unwrap()), 0.0, "{oh}x{ow}");
+        let r = randn(&[2, 3, oh, ow], 52, DType::F64);
+        let loss = |x: &Tensor| (resize_nearest(x, oh, ow).unwrap() * &r).unwrap().sum_all().unwrap();
+        let g = loss(&x).backward().unwrap();
+        check_fd(&x, g.get(&x).unwrap(), &|xp| loss(xp).to_scalar::<f64>().unwrap());
+    }
+}

@@ -1,1 +1,3 @@
-//! densepred-necks (see ../shared/DESIGN.md).
+//! densepred-necks: feature-pyramid necks between backbones and heads.
+
+pub mod fpn;

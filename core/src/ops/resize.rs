@@ -1,0 +1,92 @@
+//! Nearest-neighbour resizing of NCHW maps to an explicit size, with a backward pass.
+//!
+//! Semantics of `F.interpolate(x, size=(oh, ow), mode="nearest")`: output pixel `d` reads input
+//! `min(floor(d · s), in − 1)` with the float32 scale `s = in / out`. candle's
+//! `upsample_nearest2d` computes the same forward but its backward only supports integer factors;
+//! FPN top-down paths on un-padded images need e.g. 7x9 → 13x17.
+
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+fn src_index(d: usize, inp: usize, out: usize) -> usize {
+    let s = inp as f32 / out as f32;
+    ((d as f32 * s).floor() as usize).min(inp - 1)
+}
+
+struct Nearest {
+    oh: usize,
+    ow: usize,
+}
+
+fn fwd<T: Copy + Send + Sync + Default>(x: &[T], planes: usize, h: usize, w: usize, oh: usize, ow: usize) -> Vec<T> {
+    let ys: Vec<usize> = (0..oh).map(|d| src_index(d, h, oh)).collect();
+    let xs: Vec<usize> = (0..ow).map(|d| src_index(d, w, ow)).collect();
+    let mut out = vec![T::default(); planes * oh * ow];
+    out.par_chunks_mut(oh * ow).enumerate().for_each(|(p, o)| {
+        let src = &x[p * h * w..(p + 1) * h * w];
+        for (y, &sy) in ys.iter().enumerate() {
+            for (xo, &sx) in xs.iter().enumerate() {
+                o[y * ow + xo] = src[sy * w + sx];
+            }
+        }
+    });
+    out
+}
+
+fn bwd<T: Copy + Send + Sync + Default + std::ops::AddAssign>(g: &[T], planes: usize, h: usize, w: usize, oh: usize, ow: usize) -> Vec<T> {
+    let ys: Vec<usize> = (0..oh).map(|d| src_index(d, h, oh)).collect();
+    let xs: Vec<usize> = (0..ow).map(|d| src_index(d, w, ow)).collect();
+    let mut out = vec![T::default(); planes * h * w];
+    out.par_chunks_mut(h * w).enumerate().for_each(|(p, o)| {
+        let src = &g[p * oh * ow..(p + 1) * oh * ow];
+        for (y, &sy) in ys.iter().enumerate() {
+            for (xo, &sx) in xs.iter().enumerate() {
+                o[sy * w + sx] += src[y * ow + xo];
+            }
+        }
+    });
+    out
+}
+
+impl CustomOp1 for Nearest {
+    fn name(&self) -> &'static str {
+        "resize-nearest"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, c, h, w) = l.shape().dims4()?;
+        let (a, e) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::msg("resize_nearest: input must be contiguous"))?;
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(fwd(&v[a..e], b * c, h, w, self.oh, self.ow)),
+            CpuStorage::F64(v) => CpuStorage::F64(fwd(&v[a..e], b * c, h, w, self.oh, self.ow)),
+            _ => candle_core::bail!("resize_nearest: expected f32/f64, got {:?}", s.dtype()),
+        };
+        Ok((out, Shape::from((b, c, self.oh, self.ow))))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let (b, c, h, w) = x.dims4()?;
+        let g = g.contiguous()?;
+        let out = match g.dtype() {
+            DType::F32 => Tensor::from_vec(bwd(&g.flatten_all()?.to_vec1::<f32>()?, b * c, h, w, self.oh, self.ow), (b, c, h, w), x.device())?,
+            DType::F64 => Tensor::from_vec(bwd(&g.flatten_all()?.to_vec1::<f64>()?, b * c, h, w, self.oh, self.ow), (b, c, h, w), x.device())?,
+            d => candle_core::bail!("resize_nearest backward: unsupported dtype {d:?}"),
+        };
+        Ok(Some(out))
+    }
+}
+
+/// Nearest resize of `x` `(B, C, H, W)` to `(B, C, oh, ow)`, PyTorch `mode="nearest"` indexing;
+/// differentiable for any sizes. Other devices use candle's `upsample_nearest2d`.
+///
+/// Errors: a non-4-D input or a zero output size.
+pub fn resize_nearest(x: &Tensor, oh: usize, ow: usize) -> Result<Tensor> {
+    if oh == 0 || ow == 0 {
+        candle_core::bail!("resize_nearest: empty output size {oh}x{ow}");
+    }
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        x.contiguous()?.apply_op1(Nearest { oh, ow })
+    } else {
+        x.upsample_nearest2d(oh, ow)
+    }
+}
