@@ -62,8 +62,7 @@ impl Focal {
 }
 
 fn slice<'a, T>(v: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::msg("focal loss: inputs must be contiguous"))?;
-    Ok(&v[a..b])
+    crate::ops::contiguous(v, l, "focal loss: inputs")
 }
 
 impl CustomOp2 for Focal {

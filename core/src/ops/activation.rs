@@ -85,9 +85,8 @@ impl CustomOp1 for GeluErf {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::msg("gelu: input must be contiguous"))?;
         match s {
-            CpuStorage::F32(v) => Ok((CpuStorage::F32(gelu_f32(&v[a..b])), l.shape().clone())),
+            CpuStorage::F32(v) => Ok((CpuStorage::F32(gelu_f32(super::contiguous(v, l, "gelu: input")?)), l.shape().clone())),
             _ => candle_core::bail!("gelu: fast kernel is f32 only, got {:?}", s.dtype()),
         }
     }
@@ -105,10 +104,11 @@ impl candle_core::CustomOp2 for GeluErfGrad {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (a, b) = l1.contiguous_offsets().ok_or_else(|| candle_core::Error::msg("gelu grad: x must be contiguous"))?;
-        let (c, d) = l2.contiguous_offsets().ok_or_else(|| candle_core::Error::msg("gelu grad: dy must be contiguous"))?;
         match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => Ok((CpuStorage::F32(gelu_grad_f32(&x[a..b], &g[c..d])), l1.shape().clone())),
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => Ok((
+                CpuStorage::F32(gelu_grad_f32(super::contiguous(x, l1, "gelu grad: x")?, super::contiguous(g, l2, "gelu grad: dy")?)),
+                l1.shape().clone(),
+            )),
             _ => candle_core::bail!("gelu grad: expected f32, got {:?}", s1.dtype()),
         }
     }

@@ -73,6 +73,15 @@ fn kernel_last<T: num_traits::Float + Send + Sync>(x: &[T], p: &[T], c: usize, k
     out
 }
 
+impl ChannelOp {
+    fn run<T: num_traits::Float + Send + Sync>(&self, x: &[T], p: &[T], c: usize, inner: usize) -> Vec<T> {
+        match self.axis {
+            Axis::Last => kernel_last(x, p, c, self.kind),
+            Axis::Second => kernel(x, p, c, inner, self.kind),
+        }
+    }
+}
+
 impl CustomOp2 for ChannelOp {
     fn name(&self) -> &'static str {
         "channel-bias-scale"
@@ -83,19 +92,9 @@ impl CustomOp2 for ChannelOp {
         if l2.shape().elem_count() != c {
             candle_core::bail!("channel op: parameter {:?} does not match {c} channels of {:?}", l2.shape(), l1.shape());
         }
-        let (a, b) = l1.contiguous_offsets().ok_or_else(|| candle_core::Error::msg("channel op: x must be contiguous"))?;
-        let (pa, pb) = l2.contiguous_offsets().ok_or_else(|| candle_core::Error::msg("channel op: parameter must be contiguous"))?;
         let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(p)) => CpuStorage::F32(if self.axis == Axis::Last {
-                kernel_last(&x[a..b], &p[pa..pb], c, self.kind)
-            } else {
-                kernel(&x[a..b], &p[pa..pb], c, inner, self.kind)
-            }),
-            (CpuStorage::F64(x), CpuStorage::F64(p)) => CpuStorage::F64(if self.axis == Axis::Last {
-                kernel_last(&x[a..b], &p[pa..pb], c, self.kind)
-            } else {
-                kernel(&x[a..b], &p[pa..pb], c, inner, self.kind)
-            }),
+            (CpuStorage::F32(x), CpuStorage::F32(p)) => CpuStorage::F32(self.run(super::contiguous(x, l1, "channel op: x")?, super::contiguous(p, l2, "channel op: parameter")?, c, inner)),
+            (CpuStorage::F64(x), CpuStorage::F64(p)) => CpuStorage::F64(self.run(super::contiguous(x, l1, "channel op: x")?, super::contiguous(p, l2, "channel op: parameter")?, c, inner)),
             _ => candle_core::bail!("channel op: expected matching f32/f64 tensors, got {:?}", s1.dtype()),
         };
         Ok((out, l1.shape().clone()))

@@ -234,13 +234,6 @@ fn grad_weight_kernel<T: Float + Send + Sync>(g: &Geom, x: &[T], gy: &[T]) -> Ve
     gw
 }
 
-fn contiguous_slice<'a, T>(data: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("depthwise_conv2d: {what} must be contiguous"),
-    }
-}
-
 /// Runs `f` on the contiguous data of two CPU storages of the same float dtype.
 fn with_pair<F32F, F64F>(
     op: &str,
@@ -257,12 +250,12 @@ where
 {
     match (s1, s2) {
         (CpuStorage::F32(a), CpuStorage::F32(b)) => Ok(CpuStorage::F32(f32f(
-            contiguous_slice(a, l1, "lhs")?,
-            contiguous_slice(b, l2, "rhs")?,
+            super::contiguous(a, l1, "depthwise_conv2d: lhs")?,
+            super::contiguous(b, l2, "depthwise_conv2d: rhs")?,
         ))),
         (CpuStorage::F64(a), CpuStorage::F64(b)) => Ok(CpuStorage::F64(f64f(
-            contiguous_slice(a, l1, "lhs")?,
-            contiguous_slice(b, l2, "rhs")?,
+            super::contiguous(a, l1, "depthwise_conv2d: lhs")?,
+            super::contiguous(b, l2, "depthwise_conv2d: rhs")?,
         ))),
         _ => candle_core::bail!(
             "{op}: expected two f32 or two f64 tensors, got {:?} and {:?}",

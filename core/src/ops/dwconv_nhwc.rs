@@ -229,8 +229,7 @@ struct LocalConv {
 }
 
 fn sl<'a, T>(v: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::msg("token dwconv: inputs must be contiguous"))?;
-    Ok(&v[a..b])
+    super::contiguous(v, l, "token dwconv: inputs")
 }
 
 impl LocalConv {

@@ -17,10 +17,7 @@ struct LayerNormLastDim {
 }
 
 fn slice<'a, T>(d: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&d[a..b]),
-        None => candle_core::bail!("layer_norm: inputs must be contiguous"),
-    }
+    super::contiguous(d, l, "layer_norm: inputs")
 }
 
 fn ln_kernel<T: Float + Send + Sync>(x: &[T], g: &[T], b: &[T], dim: usize, eps: f64) -> Vec<T> {

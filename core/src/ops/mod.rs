@@ -18,6 +18,17 @@ pub mod transpose;
 pub use dwconv::{depthwise_conv2d, depthwise_conv2d_reference, DwConvParams};
 pub use layer_norm::{layer_norm, layer_norm_channels};
 pub use softmax::softmax_last_dim;
+/// The elements of a CPU buffer that a contiguous `layout` covers: what every CPU kernel of our
+/// custom ops reads its operands through.
+///
+/// Errors: a non-contiguous layout, with `what` (op and operand) in the message.
+pub(crate) fn contiguous<'a, T>(data: &'a [T], layout: &candle_core::Layout, what: &str) -> candle_core::Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{what} must be contiguous"),
+    }
+}
+
 pub use activation::gelu_erf;
 pub use transpose::transpose_last2;
 pub use bias::{add_bias_channels, add_bias_last, mul_scale_channels, mul_scale_last};

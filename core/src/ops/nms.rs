@@ -62,9 +62,9 @@ fn kernel(boxes: &[f32], scores: &[f32], classes: Option<&[i64]>, thr: f32) -> V
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("nms: {what} must be contiguous f32"),
+    match s {
+        CpuStorage::F32(v) => super::contiguous(v, l, &format!("nms: {what}")),
+        _ => candle_core::bail!("nms: {what} must be f32, got {:?}", s.dtype()),
     }
 }
 
@@ -102,9 +102,9 @@ impl CustomOp3 for BatchedNms {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let classes = match (s3, l3.contiguous_offsets()) {
-            (CpuStorage::I64(v), Some((a, b))) => &v[a..b],
-            _ => candle_core::bail!("batched_nms: idxs must be contiguous i64, got {:?}", s3.dtype()),
+        let classes = match s3 {
+            CpuStorage::I64(v) => super::contiguous(v, l3, "batched_nms: idxs")?,
+            _ => candle_core::bail!("batched_nms: idxs must be i64, got {:?}", s3.dtype()),
         };
         let keep = kernel(f32_slice(s1, l1, "boxes")?, f32_slice(s2, l2, "scores")?, Some(classes), self.thr);
         let k = keep.len();

@@ -55,10 +55,10 @@ impl CustomOp1 for Nearest {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, c, h, w) = l.shape().dims4()?;
-        let (a, e) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::msg("resize_nearest: input must be contiguous"))?;
+        let what = "resize_nearest: input";
         let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(fwd(&v[a..e], b * c, h, w, self.oh, self.ow)),
-            CpuStorage::F64(v) => CpuStorage::F64(fwd(&v[a..e], b * c, h, w, self.oh, self.ow)),
+            CpuStorage::F32(v) => CpuStorage::F32(fwd(super::contiguous(v, l, what)?, b * c, h, w, self.oh, self.ow)),
+            CpuStorage::F64(v) => CpuStorage::F64(fwd(super::contiguous(v, l, what)?, b * c, h, w, self.oh, self.ow)),
             _ => candle_core::bail!("resize_nearest: expected f32/f64, got {:?}", s.dtype()),
         };
         Ok((out, Shape::from((b, c, self.oh, self.ow))))

@@ -98,9 +98,9 @@ fn dims(feat: &Shape, rois: &Shape) -> Result<(usize, usize, usize, usize, usize
 }
 
 fn cslice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("roi_align: {what} must be contiguous f32"),
+    match s {
+        CpuStorage::F32(v) => super::contiguous(v, l, &format!("roi_align: {what}")),
+        _ => candle_core::bail!("roi_align: {what} must be f32"),
     }
 }
 

@@ -51,10 +51,10 @@ impl CustomOp1 for SoftmaxLastDim {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let dim = l.shape().dims().last().copied().unwrap_or(1).max(1);
-        let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::msg("softmax: input must be contiguous"))?;
+        let what = "softmax: input";
         let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(kernel(&v[a..b], dim)),
-            CpuStorage::F64(v) => CpuStorage::F64(kernel(&v[a..b], dim)),
+            CpuStorage::F32(v) => CpuStorage::F32(kernel(super::contiguous(v, l, what)?, dim)),
+            CpuStorage::F64(v) => CpuStorage::F64(kernel(super::contiguous(v, l, what)?, dim)),
             _ => candle_core::bail!("softmax: expected f32 or f64, got {:?}", s.dtype()),
         };
         Ok((out, l.shape().clone()))

@@ -50,10 +50,10 @@ impl CustomOp1 for TransposeLast2 {
         let n = dims.len();
         let (r, c) = (dims[n - 2], dims[n - 1]);
         let batch = l.shape().elem_count() / (r * c).max(1);
-        let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::msg("transpose: input must be contiguous"))?;
+        let what = "transpose: input";
         let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(kernel(&v[a..b], batch, r, c)),
-            CpuStorage::F64(v) => CpuStorage::F64(kernel(&v[a..b], batch, r, c)),
+            CpuStorage::F32(v) => CpuStorage::F32(kernel(super::contiguous(v, l, what)?, batch, r, c)),
+            CpuStorage::F64(v) => CpuStorage::F64(kernel(super::contiguous(v, l, what)?, batch, r, c)),
             _ => candle_core::bail!("transpose: expected f32 or f64, got {:?}", s.dtype()),
         };
         let mut od = dims.to_vec();
