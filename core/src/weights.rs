@@ -185,18 +185,10 @@ pub fn load_into(
 /// Errors: I/O or serialisation failures, naming `path`.
 pub fn save_safetensors_atomic(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Result<(), WeightsError> {
     let err = |reason: String| WeightsError::Write { path: path.to_path_buf(), reason };
-    let file_name = path.file_name().and_then(|s| s.to_str()).ok_or_else(|| err("not a file path".into()))?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| err(format!("creating folder {}: {e}", dir.display())))?;
-    }
-    let tmp = path.with_file_name(format!(".{file_name}.tmp{}", std::process::id()));
-    let cpu: Result<Vec<(String, Tensor)>, _> = tensors
+    let cpu: HashMap<String, Tensor> = tensors
         .iter()
         .map(|(k, t)| t.to_device(&Device::Cpu).map(|t| (k.clone(), t)))
-        .collect();
-    let cpu = cpu.map_err(|e| err(e.to_string()))?;
-    candle_core::safetensors::save(&cpu.into_iter().collect::<HashMap<_, _>>(), &tmp)
-        .map_err(|e| err(format!("writing {}: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, path).map_err(|e| err(format!("renaming {}: {e}", tmp.display())))?;
-    Ok(())
+        .collect::<Result<_, _>>()
+        .map_err(|e| err(e.to_string()))?;
+    crate::io::write_atomic(path, |tmp| candle_core::safetensors::save(&cpu, tmp).map_err(|e| e.to_string())).map_err(err)
 }

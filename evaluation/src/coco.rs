@@ -248,10 +248,8 @@ pub fn dump_results(prefix: &Path, bbox: &[serde_json::Value], segm: Option<&[se
     let mut out = Vec::new();
     let mut write = |suffix: &str, v: &[serde_json::Value]| -> Result<(), EvalError> {
         let path = std::path::PathBuf::from(format!("{}.{suffix}.json", prefix.display()));
-        let tmp = std::path::PathBuf::from(format!("{}.{suffix}.json.tmp{}", prefix.display(), std::process::id()));
         let text = serde_json::to_string(v).map_err(|e| EvalError::Invalid(e.to_string()))?;
-        std::fs::write(&tmp, text).map_err(|e| file_err(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| file_err(&path, e))?;
+        densepred_core::io::write_atomic(&path, |tmp| std::fs::write(tmp, &text).map_err(|e| e.to_string())).map_err(|e| file_err(&path, e))?;
         out.push(path);
         Ok(())
     };

@@ -91,11 +91,7 @@ pub fn blend_label_map(img: &mut RgbImage, map: &Array2<u8>, ignore: u8, alpha: 
     }
 }
 
-/// Saves a PNG atomically (temporary file, then rename).
+/// Saves a PNG atomically (see `densepred_core::io::write_atomic`).
 pub fn save_png(img: &RgbImage, path: &std::path::Path) -> anyhow::Result<()> {
-    let name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| anyhow::anyhow!("{}: not a file path", path.display()))?;
-    let tmp = path.with_file_name(format!(".{name}.tmp{}.png", std::process::id()));
-    img.save(&tmp).map_err(|e| anyhow::anyhow!("writing {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| anyhow::anyhow!("renaming to {}: {e}", path.display()))?;
-    Ok(())
+    densepred_core::io::write_atomic(path, |tmp| img.save(tmp).map_err(|e| e.to_string())).map_err(anyhow::Error::msg)
 }

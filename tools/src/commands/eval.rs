@@ -1,6 +1,6 @@
 //! `densepred eval`: offline evaluation of saved results.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use densepred_evaluation::{coco, semseg};
 use std::path::PathBuf;
 
@@ -41,16 +41,9 @@ pub enum Eval {
     },
 }
 
-/// Writes `text` to `path` through a temporary file and a rename.
-pub fn write_atomic(path: &std::path::Path, text: &str) -> Result<()> {
-    let name = path.file_name().and_then(|n| n.to_str()).context("output path has no file name")?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating folder {}", dir.display()))?;
-    }
-    let tmp = path.with_file_name(format!(".{name}.tmp{}", std::process::id()));
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    Ok(())
+/// Writes `text` to `path` atomically (see `densepred_core::io::write_atomic`).
+fn write_atomic(path: &std::path::Path, text: &str) -> Result<()> {
+    densepred_core::io::write_atomic(path, |tmp| std::fs::write(tmp, text).map_err(|e| e.to_string())).map_err(anyhow::Error::msg)
 }
 
 pub fn run(e: Eval) -> Result<()> {
