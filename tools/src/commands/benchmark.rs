@@ -63,17 +63,23 @@ pub struct OpArgs {
     train: bool,
 }
 
-fn median_ms(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+/// Runs `f` 3 times to warm up, then `iters` (≥ 1) timed times: the times in ms, sorted.
+fn timed_ms(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
     for _ in 0..3 {
         f()?;
     }
-    let mut times = Vec::with_capacity(iters);
+    let mut times = Vec::with_capacity(iters.max(1));
     for _ in 0..iters.max(1) {
         let t = Instant::now();
         f()?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
     times.sort_by(|x, y| x.total_cmp(y));
+    Ok(times)
+}
+
+fn median_ms(iters: usize, f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let times = timed_ms(iters, f)?;
     Ok(times[times.len() / 2])
 }
 
@@ -241,16 +247,7 @@ fn backbone(a: BackboneArgs) -> Result<()> {
         }
         Ok(())
     };
-    for _ in 0..3 {
-        step()?;
-    }
-    let mut times = Vec::with_capacity(a.iters);
-    for _ in 0..a.iters.max(1) {
-        let t = Instant::now();
-        step()?;
-        times.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    times.sort_by(|x, y| x.total_cmp(y));
+    let times = timed_ms(a.iters, step)?;
     let median = times[times.len() / 2];
     let peak = peak_rss_mb();
     println!(
