@@ -284,10 +284,8 @@ fn apply_one(t: &TransformConfig, mut s: Sample, rng: &mut dyn RngCore) -> Resul
                     return Err(DataError::File { path: p, reason: format!("label map is {}x{} but image {} is {}x{}", m.dim().1, m.dim().0, s.img_path.display(), w, h) });
                 }
                 if reduce_zero_label.unwrap_or(s.reduce_zero_label) {
-                    m.mapv_inplace(|v| match v {
-                        0 | 255 => 255,
-                        x => x - 1,
-                    });
+                    let pixels = m.as_slice_mut().expect("freshly decoded maps are in standard layout");
+                    densepred_core::structures::label_map::reduce_zero_label(pixels);
                 }
                 s.gt_seg_map = Some(m);
             }
@@ -413,16 +411,9 @@ fn check_not_truncated(path: &std::path::Path) -> Result<(), DataError> {
 
 /// Reads an 8-bit label map PNG (grayscale or palette index) to `(H, W)`.
 pub fn load_label(path: &std::path::Path) -> Result<Array2<u8>, DataError> {
-    let img = image::ImageReader::open(path)
-        .map_err(|e| DataError::File { path: path.into(), reason: format!("cannot open label map: {e}") })?
-        .decode()
-        .map_err(|e| DataError::File { path: path.into(), reason: format!("cannot decode label map: {e}") })?;
-    let g = match img {
-        image::DynamicImage::ImageLuma8(g) => g,
-        other => return Err(DataError::File { path: path.into(), reason: format!("label map must be 8-bit single-channel, got {:?}", other.color()) }),
-    };
-    let (w, h) = (g.width() as usize, g.height() as usize);
-    Array2::from_shape_vec((h, w), g.into_raw()).map_err(|e| DataError::File { path: path.into(), reason: e.to_string() })
+    let file_err = |reason: String| DataError::File { path: path.into(), reason };
+    let (pixels, dims) = densepred_core::structures::label_map::read_label_png(path).map_err(file_err)?;
+    Array2::from_shape_vec(dims, pixels).map_err(|e| file_err(e.to_string()))
 }
 
 /// Bilinear resize of an `(H, W, 3)` f32 image by `fast_image_resize`'s fixed-kernel bilinear

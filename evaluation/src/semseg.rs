@@ -93,31 +93,14 @@ impl IoUMetric {
     }
 }
 
-/// mmseg's `reduce_zero_label`: 0 → 255 (ignored), v → v − 1, 255 stays 255.
-pub fn reduce_zero_label(map: &mut [u8]) {
-    for v in map.iter_mut() {
-        *v = match *v {
-            0 | 255 => 255,
-            x => x - 1,
-        };
-    }
-}
+pub use densepred_core::structures::label_map::reduce_zero_label;
 
 /// Reads an 8-bit single-channel PNG label map: `(pixels, (height, width))`.
 ///
-/// Errors: unreadable file, or an image that is not 8-bit grayscale / palette-indexed.
-pub fn read_label_png(path: &Path) -> Result<(Vec<u8>, (u32, u32)), EvalError> {
-    let img = image::ImageReader::open(path)
-        .map_err(|e| EvalError::File { path: path.into(), reason: e.to_string() })?
-        .decode()
-        .map_err(|e| EvalError::File { path: path.into(), reason: format!("cannot decode PNG: {e}") })?;
-    match img {
-        image::DynamicImage::ImageLuma8(g) => {
-            let dims = (g.height(), g.width());
-            Ok((g.into_raw(), dims))
-        }
-        other => Err(EvalError::File { path: path.into(), reason: format!("label map must be 8-bit single-channel, got {:?}", other.color()) }),
-    }
+/// Errors: [`EvalError::File`] for an unreadable file or an image that is not 8-bit grayscale /
+/// palette-indexed.
+pub fn read_label_png(path: &Path) -> Result<(Vec<u8>, (usize, usize)), EvalError> {
+    densepred_core::structures::label_map::read_label_png(path).map_err(|reason| EvalError::File { path: path.into(), reason })
 }
 
 /// Pairs `*.png` files of `gt_dir` and `pred_dir` by file stem and evaluates them. With
@@ -153,7 +136,7 @@ pub fn evaluate_folders(gt_dir: &Path, pred_dir: &Path, num_classes: usize, redu
             if let Some(i) = pm.iter().position(|&v| v == 0) {
                 return Err(EvalError::File {
                     path: p,
-                    reason: format!("pixel {i} (row {}, col {}): value 0 is no class under --reduce-zero-label (classes are 1..={num_classes})", i / ps.1 as usize, i % ps.1 as usize),
+                    reason: format!("pixel {i} (row {}, col {}): value 0 is no class under --reduce-zero-label (classes are 1..={num_classes})", i / ps.1, i % ps.1),
                 });
             }
             reduce_zero_label(&mut gm);
