@@ -3,6 +3,9 @@
 use crate::backbone_config;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use densepred_datasets::loader::{collate, Normalization};
+use densepred_datasets::transforms::load_rgb;
+use densepred_datasets::Sample;
 use densepred_backbones::Backbone;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -28,25 +31,15 @@ pub struct Args {
     out: PathBuf,
 }
 
-/// mmdetection's default `data_preprocessor` mean / std (RGB, 0–255 pixels).
-const MEAN: [f32; 3] = [123.675, 116.28, 103.53];
-const STD: [f32; 3] = [58.395, 57.12, 57.375];
+/// mmdetection's default `data_preprocessor` normalisation (RGB mean / std, 0–255 pixels).
+const IMAGENET: Normalization = Normalization { mean: [123.675, 116.28, 103.53], std: [58.395, 57.12, 57.375] };
 
+/// `(1, 3, H, W)` normalised tensor of an image file, decoded and normalised exactly as the data
+/// pipeline does (`LoadImageFromFile`, then the data preprocessor).
 fn image_tensor(path: &std::path::Path) -> Result<Tensor> {
-    let img = image::ImageReader::open(path)
-        .with_context(|| format!("{}: cannot open image", path.display()))?
-        .with_guessed_format()?
-        .decode()
-        .with_context(|| format!("{}: cannot decode image", path.display()))?
-        .to_rgb8();
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    let mut data = vec![0f32; 3 * h * w];
-    for (x, y, p) in img.enumerate_pixels() {
-        for c in 0..3 {
-            data[c * h * w + y as usize * w + x as usize] = (p[c] as f32 - MEAN[c]) / STD[c];
-        }
-    }
-    Ok(Tensor::from_vec(data, (1, 3, h, w), &Device::Cpu)?)
+    let mut sample = Sample::new(path.to_path_buf(), 0);
+    sample.img = Some(load_rgb(path)?);
+    Ok(collate(vec![sample], Some(&IMAGENET), 1, &Device::Cpu)?.images)
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -79,7 +72,6 @@ pub fn run(a: Args) -> Result<()> {
     }
     densepred_core::weights::save_safetensors_atomic(&out, &a.out)?;
     println!("wrote {}", a.out.display());
-    // Keep only the shape spec used, for the user's information.
     let shapes = loaded.inference.out_shapes();
     println!("out_shapes (channels, stride): {:?}", shapes.iter().map(|s| (s.channels, s.stride)).collect::<Vec<_>>());
     Ok(())
