@@ -19,7 +19,10 @@ use crate::Backbone;
 use candle_core::{Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use densepred_core::nn::{gelu, BatchNorm2d, Conv2d, ConvCfg, DropPath, LayerNorm, Linear};
-use densepred_core::ops::{depthwise_conv2d, mul_scale_last, softmax_last_dim, token_dwconv, transpose_last2, DwConvParams, LocalMode};
+use densepred_core::ops::{
+    depthwise_conv2d, mul_scale_last, softmax_last_dim, token_dwconv, transpose_last2,
+    DwConvParams, LocalMode,
+};
 use densepred_core::ShapeSpec;
 use serde::{Deserialize, Serialize};
 
@@ -101,7 +104,8 @@ pub struct SmtParams {
 }
 
 fn arr4<T: Copy + std::fmt::Debug>(v: &[T], field: &str) -> std::result::Result<[T; 4], String> {
-    v.try_into().map_err(|_| format!("SMT: `{field}` needs 4 values (one per stage), got {v:?}"))
+    v.try_into()
+        .map_err(|_| format!("SMT: `{field}` needs 4 values (one per stage), got {v:?}"))
 }
 
 impl SmtConfig {
@@ -111,8 +115,13 @@ impl SmtConfig {
     /// `head_conv` other than 3 or 7, out-of-range `out_indices`.
     pub fn resolve(&self) -> std::result::Result<SmtParams, String> {
         // Official constructor defaults.
-        let (mut dims, mut depths, mut mlp, mut head_conv, mut qkv_bias) =
-            (vec![64, 128, 256, 512], vec![2, 2, 8, 1], vec![8.0, 6.0, 4.0, 2.0], 3, false);
+        let (mut dims, mut depths, mut mlp, mut head_conv, mut qkv_bias) = (
+            vec![64, 128, 256, 512],
+            vec![2, 2, 8, 1],
+            vec![8.0, 6.0, 4.0, 2.0],
+            3,
+            false,
+        );
         match self.variant {
             Some(SmtVariant::T) => {
                 (depths, mlp, qkv_bias) = (vec![2, 2, 8, 1], vec![4.0, 4.0, 4.0, 2.0], true);
@@ -121,23 +130,34 @@ impl SmtConfig {
                 (depths, mlp, qkv_bias) = (vec![3, 4, 18, 2], vec![4.0, 4.0, 4.0, 2.0], true);
             }
             Some(SmtVariant::B) => {
-                (depths, mlp, head_conv, qkv_bias) = (vec![4, 6, 28, 2], vec![8.0, 6.0, 4.0, 2.0], 7, true);
+                (depths, mlp, head_conv, qkv_bias) =
+                    (vec![4, 6, 28, 2], vec![8.0, 6.0, 4.0, 2.0], 7, true);
             }
             Some(SmtVariant::L) => {
                 dims = vec![96, 192, 384, 768];
-                (depths, mlp, head_conv, qkv_bias) = (vec![4, 6, 28, 4], vec![8.0, 6.0, 4.0, 2.0], 7, true);
+                (depths, mlp, head_conv, qkv_bias) =
+                    (vec![4, 6, 28, 4], vec![8.0, 6.0, 4.0, 2.0], 7, true);
             }
             None => {}
         }
         let p = SmtParams {
             embed_dims: arr4(self.embed_dims.as_deref().unwrap_or(&dims), "embed_dims")?,
-            ca_num_heads: arr4(self.ca_num_heads.as_deref().unwrap_or(&[4, 4, 4, -1]), "ca_num_heads")?,
-            sa_num_heads: arr4(self.sa_num_heads.as_deref().unwrap_or(&[-1, -1, 8, 16]), "sa_num_heads")?,
+            ca_num_heads: arr4(
+                self.ca_num_heads.as_deref().unwrap_or(&[4, 4, 4, -1]),
+                "ca_num_heads",
+            )?,
+            sa_num_heads: arr4(
+                self.sa_num_heads.as_deref().unwrap_or(&[-1, -1, 8, 16]),
+                "sa_num_heads",
+            )?,
             mlp_ratios: arr4(self.mlp_ratios.as_deref().unwrap_or(&mlp), "mlp_ratios")?,
             qkv_bias: self.qkv_bias.unwrap_or(qkv_bias),
             qk_scale: self.qk_scale,
             depths: arr4(self.depths.as_deref().unwrap_or(&depths), "depths")?,
-            ca_attentions: arr4(self.ca_attentions.as_deref().unwrap_or(&[1, 1, 1, 0]), "ca_attentions")?,
+            ca_attentions: arr4(
+                self.ca_attentions.as_deref().unwrap_or(&[1, 1, 1, 0]),
+                "ca_attentions",
+            )?,
             head_conv: self.head_conv.unwrap_or(head_conv),
             expand_ratio: self.expand_ratio.unwrap_or(2),
             use_layerscale: self.use_layerscale.unwrap_or(false),
@@ -148,16 +168,30 @@ impl SmtConfig {
             frozen_stages: self.frozen_stages.unwrap_or(-1),
         };
         if p.head_conv != 3 && p.head_conv != 7 {
-            return Err(format!("SMT: `head_conv` must be 3 or 7, got {}", p.head_conv));
+            return Err(format!(
+                "SMT: `head_conv` must be 3 or 7, got {}",
+                p.head_conv
+            ));
         }
         if p.out_indices.is_empty() || p.out_indices.iter().any(|&i| i > 3) {
-            return Err(format!("SMT: `out_indices` must be non-empty stage indices in 0..=3, got {:?}", p.out_indices));
+            return Err(format!(
+                "SMT: `out_indices` must be non-empty stage indices in 0..=3, got {:?}",
+                p.out_indices
+            ));
         }
         for i in 0..4 {
             for j in 0..p.depths[i] {
                 let c = p.embed_dims[i] as i64;
-                let heads = if block_is_sam(&p, i, j) { p.ca_num_heads[i] } else { p.sa_num_heads[i] };
-                let field = if block_is_sam(&p, i, j) { "ca_num_heads" } else { "sa_num_heads" };
+                let heads = if block_is_sam(&p, i, j) {
+                    p.ca_num_heads[i]
+                } else {
+                    p.sa_num_heads[i]
+                };
+                let field = if block_is_sam(&p, i, j) {
+                    "ca_num_heads"
+                } else {
+                    "sa_num_heads"
+                };
                 if heads <= 0 || c % heads != 0 {
                     return Err(format!(
                         "SMT: stage {} block {j} needs `{field}[{i}]` > 0 dividing embed_dims[{i}] = {c}, got {heads}",
@@ -193,9 +227,30 @@ impl Stem {
         let pad = if k == 7 { 3 } else { 1 };
         let c = vb.pp("conv");
         Ok(Self {
-            conv0: Conv2d::new(c.pp("0"), 3, dim, k, ConvCfg { stride: 2, padding: pad, ..Default::default() }, false)?,
+            conv0: Conv2d::new(
+                c.pp("0"),
+                3,
+                dim,
+                k,
+                ConvCfg {
+                    stride: 2,
+                    padding: pad,
+                    ..Default::default()
+                },
+                false,
+            )?,
             bn: BatchNorm2d::new(c.pp("1"), dim, 1e-5)?,
-            conv3: Conv2d::new(c.pp("3"), dim, dim, 2, ConvCfg { stride: 2, ..Default::default() }, true)?,
+            conv3: Conv2d::new(
+                c.pp("3"),
+                dim,
+                dim,
+                2,
+                ConvCfg {
+                    stride: 2,
+                    ..Default::default()
+                },
+                true,
+            )?,
             norm: LayerNorm::new(vb.pp("norm"), dim, 1e-5)?,
         })
     }
@@ -217,7 +272,18 @@ struct PatchEmbed {
 impl PatchEmbed {
     fn new(vb: VarBuilder, in_c: usize, dim: usize) -> Result<Self> {
         Ok(Self {
-            proj: Conv2d::new(vb.pp("proj"), in_c, dim, 3, ConvCfg { stride: 2, padding: 1, ..Default::default() }, true)?,
+            proj: Conv2d::new(
+                vb.pp("proj"),
+                in_c,
+                dim,
+                3,
+                ConvCfg {
+                    stride: 2,
+                    padding: 1,
+                    ..Default::default()
+                },
+                true,
+            )?,
             norm: LayerNorm::new(vb.pp("norm"), dim, 1e-5)?,
         })
     }
@@ -251,13 +317,29 @@ struct DwConv {
 impl DwConv {
     fn new(vb: VarBuilder, c: usize, k: usize) -> Result<Self> {
         // Official init: normal(0, sqrt(2 / fan_out)), fan_out = k*k*out/groups = k*k.
-        let weight = vb.get_with_hints((c, 1, k, k), "weight", Init::Randn { mean: 0.0, stdev: (2.0 / (k * k) as f64).sqrt() })?;
+        let weight = vb.get_with_hints(
+            (c, 1, k, k),
+            "weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: (2.0 / (k * k) as f64).sqrt(),
+            },
+        )?;
         let bias = vb.get_with_hints(c, "bias", Init::Const(0.0))?;
-        Ok(Self { weight, bias, pad: k / 2 })
+        Ok(Self {
+            weight,
+            bias,
+            pad: k / 2,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        depthwise_conv2d(x, &self.weight, Some(&self.bias), DwConvParams::same(self.pad))
+        depthwise_conv2d(
+            x,
+            &self.weight,
+            Some(&self.bias),
+            DwConvParams::same(self.pad),
+        )
     }
 
     /// The same convolution applied to tokens `(B, h·w, C)` directly (channels-last), followed by
@@ -289,7 +371,17 @@ impl Sam {
             v: Linear::new(vb.pp("v"), dim, dim, qkv_bias)?,
             s: Linear::new(vb.pp("s"), dim, dim, qkv_bias)?,
             local_convs,
-            proj0: Conv2d::new(vb.pp("proj0"), dim, dim * er, 1, ConvCfg { groups: cg, ..Default::default() }, true)?,
+            proj0: Conv2d::new(
+                vb.pp("proj0"),
+                dim,
+                dim * er,
+                1,
+                ConvCfg {
+                    groups: cg,
+                    ..Default::default()
+                },
+                true,
+            )?,
             bn: BatchNorm2d::new(vb.pp("bn"), dim * er, 1e-5)?,
             proj1: Conv2d::new(vb.pp("proj1"), dim * er, dim, 1, ConvCfg::default(), true)?,
             proj: Linear::new(vb.pp("proj"), dim, dim, true)?,
@@ -335,7 +427,13 @@ struct Msa {
 }
 
 impl Msa {
-    fn new(vb: VarBuilder, dim: usize, heads: usize, qkv_bias: bool, qk_scale: Option<f64>) -> Result<Self> {
+    fn new(
+        vb: VarBuilder,
+        dim: usize,
+        heads: usize,
+        qkv_bias: bool,
+        qk_scale: Option<f64>,
+    ) -> Result<Self> {
         let head_dim = dim / heads;
         Ok(Self {
             q: Linear::new(vb.pp("q"), dim, dim, qkv_bias)?,
@@ -350,8 +448,17 @@ impl Msa {
     fn forward(&self, x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
         let (b, n, c) = x.dims3()?;
         let (nh, d) = (self.heads, c / self.heads);
-        let q = self.q.forward(x)?.reshape((b, n, nh, d))?.transpose(1, 2)?.contiguous()?;
-        let kv = self.kv.forward(x)?.reshape((b, n, 2, nh, d))?.permute((2, 0, 3, 1, 4))?;
+        let q = self
+            .q
+            .forward(x)?
+            .reshape((b, n, nh, d))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let kv = self
+            .kv
+            .forward(x)?
+            .reshape((b, n, 2, nh, d))?
+            .permute((2, 0, 3, 1, 4))?;
         let k = kv.get(0)?.contiguous()?;
         let v = kv.get(1)?.contiguous()?;
         // q·kᵀ with kᵀ made contiguous: gemm on a transposed view is ~5x slower here.
@@ -360,7 +467,9 @@ impl Msa {
         let o = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
         // v (B, nh, N, d) -> tokens (B, N, nh*d): channels head-major, as the official reshape.
         let v_tokens = v.transpose(1, 2)?.reshape((b, n, c))?;
-        let local = self.local_conv.forward_tokens(&v_tokens, h, w, LocalMode::Plain)?;
+        let local = self
+            .local_conv
+            .forward_tokens(&v_tokens, h, w, LocalMode::Plain)?;
         self.proj.forward(&(o + local)?)
     }
 }
@@ -389,7 +498,11 @@ impl Mlp {
     fn forward(&self, x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
         let x = self.fc1.forward(x)?;
         // GELU(x + DW3x3(x)) fused, on tokens.
-        self.fc2.forward(&self.dwconv.forward_tokens(&x, h, w, LocalMode::ResidualGelu)?)
+        self.fc2.forward(
+            &self
+                .dwconv
+                .forward_tokens(&x, h, w, LocalMode::ResidualGelu)?,
+        )
     }
 }
 
@@ -407,13 +520,28 @@ impl Block {
         let dim = p.embed_dims[stage];
         let attn_vb = vb.pp("attn");
         let attn = if block_is_sam(p, stage, j) {
-            Attention::Sam(Sam::new(attn_vb, dim, p.ca_num_heads[stage] as usize, p.qkv_bias, p.expand_ratio)?)
+            Attention::Sam(Sam::new(
+                attn_vb,
+                dim,
+                p.ca_num_heads[stage] as usize,
+                p.qkv_bias,
+                p.expand_ratio,
+            )?)
         } else {
-            Attention::Msa(Msa::new(attn_vb, dim, p.sa_num_heads[stage] as usize, p.qkv_bias, p.qk_scale)?)
+            Attention::Msa(Msa::new(
+                attn_vb,
+                dim,
+                p.sa_num_heads[stage] as usize,
+                p.qkv_bias,
+                p.qk_scale,
+            )?)
         };
         let gammas = if p.use_layerscale {
             let init = Init::Const(p.layerscale_value);
-            Some((vb.get_with_hints(dim, "gamma_1", init)?, vb.get_with_hints(dim, "gamma_2", init)?))
+            Some((
+                vb.get_with_hints(dim, "gamma_1", init)?,
+                vb.get_with_hints(dim, "gamma_2", init)?,
+            ))
         } else {
             None
         };
@@ -421,7 +549,11 @@ impl Block {
             norm1: LayerNorm::new(vb.pp("norm1"), dim, 1e-6)?,
             attn,
             norm2: LayerNorm::new(vb.pp("norm2"), dim, 1e-6)?,
-            mlp: Mlp::new(vb.pp("mlp"), dim, (dim as f64 * p.mlp_ratios[stage]) as usize)?,
+            mlp: Mlp::new(
+                vb.pp("mlp"),
+                dim,
+                (dim as f64 * p.mlp_ratios[stage]) as usize,
+            )?,
             gammas,
             drop_path: DropPath { p: drop_path },
         })
@@ -476,28 +608,63 @@ impl Smt {
     pub fn new(vb: VarBuilder, cfg: &SmtConfig) -> Result<Self> {
         let p = cfg.resolve().map_err(candle_core::Error::msg)?;
         let total: usize = p.depths.iter().sum();
-        let dpr = |i: usize| if total > 1 { p.drop_path_rate * i as f64 / (total - 1) as f64 } else { 0.0 };
+        let dpr = |i: usize| {
+            if total > 1 {
+                p.drop_path_rate * i as f64 / (total - 1) as f64
+            } else {
+                0.0
+            }
+        };
         let mut cur = 0;
         let mut stages = Vec::with_capacity(4);
         for i in 0..4 {
             let embed = if i == 0 {
-                Embed::Stem(Stem::new(vb.pp("patch_embed1"), p.head_conv, p.embed_dims[0])?)
+                Embed::Stem(Stem::new(
+                    vb.pp("patch_embed1"),
+                    p.head_conv,
+                    p.embed_dims[0],
+                )?)
             } else {
-                Embed::Patch(PatchEmbed::new(vb.pp(format!("patch_embed{}", i + 1)), p.embed_dims[i - 1], p.embed_dims[i])?)
+                Embed::Patch(PatchEmbed::new(
+                    vb.pp(format!("patch_embed{}", i + 1)),
+                    p.embed_dims[i - 1],
+                    p.embed_dims[i],
+                )?)
             };
             let blocks = (0..p.depths[i])
-                .map(|j| Block::new(vb.pp(format!("block{}", i + 1)).pp(j), &p, i, j, dpr(cur + j)))
+                .map(|j| {
+                    Block::new(
+                        vb.pp(format!("block{}", i + 1)).pp(j),
+                        &p,
+                        i,
+                        j,
+                        dpr(cur + j),
+                    )
+                })
                 .collect::<Result<Vec<_>>>()?;
             cur += p.depths[i];
             let norm = LayerNorm::new(vb.pp(format!("norm{}", i + 1)), p.embed_dims[i], 1e-6)?;
-            stages.push(Stage { embed, blocks, norm });
+            stages.push(Stage {
+                embed,
+                blocks,
+                norm,
+            });
         }
         let head = if p.num_classes > 0 {
-            Some(Linear::new(vb.pp("head"), p.embed_dims[3], p.num_classes, true)?)
+            Some(Linear::new(
+                vb.pp("head"),
+                p.embed_dims[3],
+                p.num_classes,
+                true,
+            )?)
         } else {
             None
         };
-        Ok(Self { stages, head, params: p })
+        Ok(Self {
+            stages,
+            head,
+            params: p,
+        })
     }
 
     /// The resolved hyper-parameters.
@@ -508,7 +675,12 @@ impl Smt {
     /// Runs all four stages on `x` `(B, 3, H, W)` and returns the four stage maps
     /// `(B, C_i, H_i, W_i)` (after `norm{i}`, strides 4, 8, 16, 32 with ceil rounding), plus the
     /// debug tensors when `debug` is set.
-    pub fn forward_all(&self, x: &Tensor, train: bool, debug: bool) -> Result<(Vec<Tensor>, DebugTensors)> {
+    pub fn forward_all(
+        &self,
+        x: &Tensor,
+        train: bool,
+        debug: bool,
+    ) -> Result<(Vec<Tensor>, DebugTensors)> {
         let mut outs = Vec::with_capacity(4);
         let mut dbg = Vec::new();
         let mut x = x.clone();
@@ -547,7 +719,9 @@ impl Smt {
     /// ImageNet logits `(B, num_classes)`: mean over the tokens of stage 4 after `norm4`, then the
     /// linear head. Errors when the model was built with `num_classes = 0`.
     pub fn classify(&self, stage4: &Tensor) -> Result<Tensor> {
-        let head = self.head.as_ref().ok_or_else(|| candle_core::Error::msg("SMT: built without a classification head (num_classes = 0)"))?;
+        let head = self.head.as_ref().ok_or_else(|| {
+            candle_core::Error::msg("SMT: built without a classification head (num_classes = 0)")
+        })?;
         head.forward(&stage4.flatten_from(2)?.mean(D::Minus1)?)
     }
 
@@ -560,14 +734,22 @@ impl Smt {
 impl Backbone for Smt {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
         let (all, _) = self.forward_all(x, train, false)?;
-        Ok(self.params.out_indices.iter().map(|&i| all[i].clone()).collect())
+        Ok(self
+            .params
+            .out_indices
+            .iter()
+            .map(|&i| all[i].clone())
+            .collect())
     }
 
     fn out_shapes(&self) -> Vec<ShapeSpec> {
         self.params
             .out_indices
             .iter()
-            .map(|&i| ShapeSpec { channels: self.params.embed_dims[i], stride: 4 << i })
+            .map(|&i| ShapeSpec {
+                channels: self.params.embed_dims[i],
+                stride: 4 << i,
+            })
             .collect()
     }
 }

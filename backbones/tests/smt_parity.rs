@@ -17,18 +17,34 @@ const TOL: f32 = 2.5e-5;
 
 fn fixture_dir() -> PathBuf {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/backbones");
-    assert!(p.is_dir(), "fixtures not found at {} (../shared must sit beside the checkout)", p.display());
+    assert!(
+        p.is_dir(),
+        "fixtures not found at {} (../shared must sit beside the checkout)",
+        p.display()
+    );
     p
 }
 
 fn config_from_fixture(name: &str) -> SmtConfig {
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture_dir().join(format!("{name}.json"))).unwrap()).unwrap();
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture_dir().join(format!("{name}.json"))).unwrap(),
+    )
+    .unwrap();
     let kw = &meta["constructor_kwargs"];
     let mut obj = serde_json::Map::new();
     for key in [
-        "embed_dims", "ca_num_heads", "sa_num_heads", "mlp_ratios", "qkv_bias", "depths", "ca_attentions",
-        "head_conv", "expand_ratio", "use_layerscale", "num_classes", "drop_path_rate",
+        "embed_dims",
+        "ca_num_heads",
+        "sa_num_heads",
+        "mlp_ratios",
+        "qkv_bias",
+        "depths",
+        "ca_attentions",
+        "head_conv",
+        "expand_ratio",
+        "use_layerscale",
+        "num_classes",
+        "drop_path_rate",
     ] {
         if let Some(v) = kw.get(key) {
             obj.insert(key.into(), v.clone());
@@ -39,20 +55,44 @@ fn config_from_fixture(name: &str) -> SmtConfig {
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn run_fixture(name: &str) {
     let path = fixture_dir().join(format!("{name}.safetensors"));
     let tensors = read_checkpoint(&path).unwrap();
     let vars = SeededVarMap::new(0);
-    let model = Smt::new(vars.var_builder(DType::F32, &Device::Cpu), &config_from_fixture(name)).unwrap();
-    let report = load_into(&vars, &tensors, &|k| Some(map_checkpoint_key(k)), true, &path).unwrap();
+    let model = Smt::new(
+        vars.var_builder(DType::F32, &Device::Cpu),
+        &config_from_fixture(name),
+    )
+    .unwrap();
+    let report = load_into(
+        &vars,
+        &tensors,
+        &|k| Some(map_checkpoint_key(k)),
+        true,
+        &path,
+    )
+    .unwrap();
     assert!(report.is_exact(), "{report}");
-    let (stages, debug) = model.forward_all(&tensors["__input__"], false, true).unwrap();
+    let (stages, debug) = model
+        .forward_all(&tensors["__input__"], false, true)
+        .unwrap();
     // Localise first: every intermediate the fixture stores.
     for (k, t) in &debug {
-        let want = tensors.get(k).unwrap_or_else(|| panic!("{name}: fixture lacks {k}"));
+        let want = tensors
+            .get(k)
+            .unwrap_or_else(|| panic!("{name}: fixture lacks {k}"));
         let err = max_abs(t, want);
         assert!(err <= TOL, "{name}: {k} differs by {err}");
     }

@@ -9,10 +9,17 @@ use std::path::Path;
 ///
 /// Errors: a path without a file name, a folder that cannot be created, `write`'s own error, or a
 /// failed rename; each message names the file.
-pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<(), String>) -> Result<(), String> {
-    let name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| format!("{}: not a file path", path.display()))?;
+pub fn write_atomic(
+    path: &Path,
+    write: impl FnOnce(&Path) -> Result<(), String>,
+) -> Result<(), String> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| format!("{}: not a file path", path.display()))?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| format!("creating folder {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("creating folder {}: {e}", dir.display()))?;
     }
     let tmp = path.with_file_name(format!(".tmp{}.{name}", std::process::id()));
     if let Err(e) = write(&tmp) {

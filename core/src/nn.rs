@@ -3,7 +3,10 @@
 //! (`_init_weights`: Linear `trunc_normal(std=.02)`, Conv2d `normal(0, sqrt(2 / fan_out))`,
 //! norms weight 1 / bias 0); checkpoints overwrite them.
 
-use crate::ops::{add_bias_channels, add_bias_last, depthwise_conv2d, layer_norm, mul_scale_channels, DwConvParams};
+use crate::ops::{
+    add_bias_channels, add_bias_last, depthwise_conv2d, layer_norm, mul_scale_channels,
+    DwConvParams,
+};
 use candle_core::{Result, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder};
 
@@ -22,7 +25,12 @@ pub struct ConvCfg {
 
 impl Default for ConvCfg {
     fn default() -> Self {
-        Self { stride: 1, padding: 0, dilation: 1, groups: 1 }
+        Self {
+            stride: 1,
+            padding: 0,
+            dilation: 1,
+            groups: 1,
+        }
     }
 }
 
@@ -46,17 +54,35 @@ impl Conv2d {
     /// Creates (or fetches from `vb`) `weight` and, if `bias`, `bias`.
     ///
     /// Errors: `in_c` or `out_c` not divisible by `cfg.groups`; a stored parameter of another shape.
-    pub fn new(vb: VarBuilder, in_c: usize, out_c: usize, k: usize, cfg: ConvCfg, bias: bool) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        in_c: usize,
+        out_c: usize,
+        k: usize,
+        cfg: ConvCfg,
+        bias: bool,
+    ) -> Result<Self> {
         if cfg.groups == 0 || in_c % cfg.groups != 0 || out_c % cfg.groups != 0 {
-            candle_core::bail!("Conv2d {}: channels {in_c}->{out_c} not divisible by groups {}", vb.prefix(), cfg.groups);
+            candle_core::bail!(
+                "Conv2d {}: channels {in_c}->{out_c} not divisible by groups {}",
+                vb.prefix(),
+                cfg.groups
+            );
         }
         let fan_out = (k * k * out_c / cfg.groups) as f64;
         let weight = vb.get_with_hints(
             (out_c, in_c / cfg.groups, k, k),
             "weight",
-            Init::Randn { mean: 0.0, stdev: (2.0 / fan_out).sqrt() },
+            Init::Randn {
+                mean: 0.0,
+                stdev: (2.0 / fan_out).sqrt(),
+            },
         )?;
-        let bias = if bias { Some(vb.get_with_hints(out_c, "bias", Init::Const(0.0))?) } else { None };
+        let bias = if bias {
+            Some(vb.get_with_hints(out_c, "bias", Init::Const(0.0))?)
+        } else {
+            None
+        };
         Ok(Self { weight, bias, cfg })
     }
 
@@ -66,7 +92,10 @@ impl Conv2d {
         let c = self.cfg;
         let in_c = x.dim(1)?;
         if in_c != in_per_g * c.groups {
-            candle_core::bail!("Conv2d: input has {in_c} channels, weight expects {}", in_per_g * c.groups);
+            candle_core::bail!(
+                "Conv2d: input has {in_c} channels, weight expects {}",
+                in_per_g * c.groups
+            );
         }
         if c.groups == in_c && in_per_g == 1 && out_c == in_c {
             let p = DwConvParams {
@@ -97,13 +126,23 @@ fn strided_conv2d(x: &Tensor, w: &Tensor, c: ConvCfg) -> Result<Tensor> {
     let (_, _, h, wd) = x.dims4()?;
     let k = w.dim(2)?;
     let span = c.dilation * (k - 1) + 1;
-    let unread = |len: usize| if len + 2 * c.padding >= span { (len + 2 * c.padding - span) % c.stride } else { 0 };
+    let unread = |len: usize| {
+        if len + 2 * c.padding >= span {
+            (len + 2 * c.padding - span) % c.stride
+        } else {
+            0
+        }
+    };
     let (rh, rw) = (unread(h), unread(wd));
     if rh == 0 && rw == 0 {
         return x.conv2d(w, c.padding, c.stride, c.dilation, c.groups);
     }
-    let xp = x.pad_with_zeros(2, c.padding, c.padding)?.pad_with_zeros(3, c.padding, c.padding)?;
-    let xp = xp.narrow(2, 0, h + 2 * c.padding - rh)?.narrow(3, 0, wd + 2 * c.padding - rw)?;
+    let xp = x
+        .pad_with_zeros(2, c.padding, c.padding)?
+        .pad_with_zeros(3, c.padding, c.padding)?;
+    let xp = xp
+        .narrow(2, 0, h + 2 * c.padding - rh)?
+        .narrow(3, 0, wd + 2 * c.padding - rw)?;
     xp.conv2d(w, 0, c.stride, c.dilation, c.groups)
 }
 
@@ -118,7 +157,10 @@ pub fn pointwise_conv(x: &Tensor, w: &Tensor, groups: usize) -> Result<Tensor> {
     // leading-dimension reduction in candle.
     let wg = w.reshape((groups, og, ig))?;
     let per_image = (0..b)
-        .map(|i| wg.matmul(&x.get(i)?.reshape((groups, ig, h * wd))?)?.reshape((out_c, h, wd)))
+        .map(|i| {
+            wg.matmul(&x.get(i)?.reshape((groups, ig, h * wd))?)?
+                .reshape((out_c, h, wd))
+        })
         .collect::<Result<Vec<_>>>()?;
     Tensor::stack(&per_image, 0)
 }
@@ -137,8 +179,19 @@ impl Linear {
     /// Creates (or fetches) `weight` (init N(0, 0.02²), the official `trunc_normal_(std=.02)` up to
     /// the ±2 truncation, which never triggers at that std) and `bias` (zeros).
     pub fn new(vb: VarBuilder, in_f: usize, out_f: usize, bias: bool) -> Result<Self> {
-        let w = vb.get_with_hints((out_f, in_f), "weight", Init::Randn { mean: 0.0, stdev: 0.02 })?;
-        let b = if bias { Some(vb.get_with_hints(out_f, "bias", Init::Const(0.0))?) } else { None };
+        let w = vb.get_with_hints(
+            (out_f, in_f),
+            "weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
+        )?;
+        let b = if bias {
+            Some(vb.get_with_hints(out_f, "bias", Init::Const(0.0))?)
+        } else {
+            None
+        };
         Ok(Self { weight: w, bias: b })
     }
 
@@ -146,7 +199,9 @@ impl Linear {
     /// over the batch, whose gradient candle would reduce slowly).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims();
-        let in_f = *dims.last().ok_or_else(|| candle_core::Error::msg("Linear: scalar input"))?;
+        let in_f = *dims
+            .last()
+            .ok_or_else(|| candle_core::Error::msg("Linear: scalar input"))?;
         let rows = x.elem_count() / in_f.max(1);
         let y = x.reshape((rows, in_f))?.matmul(&self.weight.t()?)?;
         let y = match &self.bias {
@@ -231,14 +286,19 @@ impl BatchNorm2d {
         }
         let n = x.elem_count() / c;
         if n < 2 {
-            candle_core::bail!("BatchNorm2d: training needs more than one value per channel, got input {:?}", x.dims());
+            candle_core::bail!(
+                "BatchNorm2d: training needs more than one value per channel, got input {:?}",
+                x.dims()
+            );
         }
         let xt = x.transpose(0, 1)?.contiguous()?.reshape((c, n))?;
         let mean = xt.mean_keepdim(D::Minus1)?;
         let xc = xt.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
         let y = xc.broadcast_div(&(&var + self.eps)?.sqrt()?)?;
-        let y = y.broadcast_mul(&self.weight.reshape((c, 1))?)?.broadcast_add(&self.bias.reshape((c, 1))?)?;
+        let y = y
+            .broadcast_mul(&self.weight.reshape((c, 1))?)?
+            .broadcast_add(&self.bias.reshape((c, 1))?)?;
         let (b, _, h, w) = x.dims4()?;
         let y = y.reshape((c, b, h, w))?.transpose(0, 1)?.contiguous()?;
         if self.running_mean.is_variable() {
@@ -272,7 +332,15 @@ impl DropPath {
         let keep = 1.0 - self.p;
         let b = x.dim(0)?;
         let mask: Vec<f32> = crate::rng::with_rng(|r| {
-            (0..b).map(|_| if rand::Rng::random::<f64>(r) < keep { (1.0 / keep) as f32 } else { 0.0 }).collect()
+            (0..b)
+                .map(|_| {
+                    if rand::Rng::random::<f64>(r) < keep {
+                        (1.0 / keep) as f32
+                    } else {
+                        0.0
+                    }
+                })
+                .collect()
         });
         let mut shape = vec![1usize; x.rank()];
         shape[0] = b;

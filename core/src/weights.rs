@@ -54,13 +54,19 @@ pub enum WeightsError {
 ///
 /// Errors: [`WeightsError::Read`] naming the file and the parser's message.
 pub fn read_checkpoint(path: &Path) -> Result<BTreeMap<String, Tensor>, WeightsError> {
-    let err = |reason: String| WeightsError::Read { path: path.to_path_buf(), reason };
+    let err = |reason: String| WeightsError::Read {
+        path: path.to_path_buf(),
+        reason,
+    };
     if !path.exists() {
         return Err(err("no such file".into()));
     }
     let is_st = path.extension().and_then(|e| e.to_str()) == Some("safetensors");
     let list: Vec<(String, Tensor)> = if is_st {
-        candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| err(e.to_string()))?.into_iter().collect()
+        candle_core::safetensors::load(path, &Device::Cpu)
+            .map_err(|e| err(e.to_string()))?
+            .into_iter()
+            .collect()
     } else {
         let mut last = String::new();
         let mut found = None;
@@ -74,7 +80,11 @@ pub fn read_checkpoint(path: &Path) -> Result<BTreeMap<String, Tensor>, WeightsE
                 Err(e) => last = e.to_string(),
             }
         }
-        found.ok_or_else(|| err(format!("not a PyTorch checkpoint with a state dict ({last})")))?
+        found.ok_or_else(|| {
+            err(format!(
+                "not a PyTorch checkpoint with a state dict ({last})"
+            ))
+        })?
     };
     Ok(list.into_iter().collect())
 }
@@ -103,7 +113,12 @@ impl LoadReport {
 
 impl fmt::Display for LoadReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "loaded {} tensors, ignored {}", self.loaded.len(), self.ignored.len())?;
+        writeln!(
+            f,
+            "loaded {} tensors, ignored {}",
+            self.loaded.len(),
+            self.ignored.len()
+        )?;
         let list = |f: &mut fmt::Formatter<'_>, what: &str, v: &[String]| -> fmt::Result {
             if !v.is_empty() {
                 writeln!(f, "{what} ({}): {}", v.len(), v.join(", "))?;
@@ -156,24 +171,36 @@ pub fn load_into(
         }
         let var = &model[&name];
         if var.dims() != t.dims() {
-            report.shape_mismatch.push((name, var.dims().to_vec(), t.dims().to_vec()));
+            report
+                .shape_mismatch
+                .push((name, var.dims().to_vec(), t.dims().to_vec()));
             continue;
         }
         report.loaded.push(name);
         to_set.push((var.clone(), t));
     }
-    let mut missing: Vec<String> = model.keys().filter(|k| !seen.contains_key(*k)).cloned().collect();
+    let mut missing: Vec<String> = model
+        .keys()
+        .filter(|k| !seen.contains_key(*k))
+        .cloned()
+        .collect();
     missing.sort();
     report.missing = missing;
     report.loaded.sort();
     if strict && !report.is_exact() {
-        return Err(WeightsError::Mismatch { path: path.to_path_buf(), report: Box::new(report) });
+        return Err(WeightsError::Mismatch {
+            path: path.to_path_buf(),
+            report: Box::new(report),
+        });
     }
     for (var, t) in to_set {
         t.to_dtype(var.dtype())
             .and_then(|v| v.to_device(var.device()))
             .and_then(|v| var.set(&v))
-            .map_err(|source| WeightsError::Candle { path: path.to_path_buf(), source })?;
+            .map_err(|source| WeightsError::Candle {
+                path: path.to_path_buf(),
+                source,
+            })?;
     }
     Ok(report)
 }
@@ -183,12 +210,21 @@ pub fn load_into(
 /// parent folders are created.
 ///
 /// Errors: I/O or serialisation failures, naming `path`.
-pub fn save_safetensors_atomic(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Result<(), WeightsError> {
-    let err = |reason: String| WeightsError::Write { path: path.to_path_buf(), reason };
+pub fn save_safetensors_atomic(
+    tensors: &BTreeMap<String, Tensor>,
+    path: &Path,
+) -> Result<(), WeightsError> {
+    let err = |reason: String| WeightsError::Write {
+        path: path.to_path_buf(),
+        reason,
+    };
     let cpu: HashMap<String, Tensor> = tensors
         .iter()
         .map(|(k, t)| t.to_device(&Device::Cpu).map(|t| (k.clone(), t)))
         .collect::<Result<_, _>>()
         .map_err(|e| err(e.to_string()))?;
-    crate::io::write_atomic(path, |tmp| candle_core::safetensors::save(&cpu, tmp).map_err(|e| e.to_string())).map_err(err)
+    crate::io::write_atomic(path, |tmp| {
+        candle_core::safetensors::save(&cpu, tmp).map_err(|e| e.to_string())
+    })
+    .map_err(err)
 }

@@ -2,24 +2,44 @@
 //! central finite differences in f64.
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use densepred_core::ops::{depthwise_conv2d, depthwise_conv2d_reference, layer_norm, softmax_last_dim, DwConvParams};
+use densepred_core::ops::{
+    depthwise_conv2d, depthwise_conv2d_reference, layer_norm, softmax_last_dim, DwConvParams,
+};
 
 fn randn(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
     // Deterministic pseudo-random values without depending on candle's unseeded RNG.
     let n: usize = shape.iter().product();
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let v: Vec<f64> = (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
         })
         .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+    Tensor::from_vec(v, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims());
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
 }
 
 /// Central-difference gradient of `f` (a scalar function) with respect to every element of `x`
@@ -37,7 +57,11 @@ fn check_fd(x: &Tensor, analytic: &Tensor, f: &dyn Fn(&Tensor) -> f64) {
         p[i] -= 2.0 * h;
         let fm = f(&Tensor::from_vec(p, x.shape(), x.device()).unwrap());
         let num = (fp - fm) / (2.0 * h);
-        assert!((num - grad[i]).abs() <= 1e-7 * scale.max(1.0) + 1e-8, "element {i}: numeric {num}, analytic {}", grad[i]);
+        assert!(
+            (num - grad[i]).abs() <= 1e-7 * scale.max(1.0) + 1e-8,
+            "element {i}: numeric {num}, analytic {}",
+            grad[i]
+        );
     }
 }
 
@@ -45,10 +69,23 @@ fn check_fd(x: &Tensor, analytic: &Tensor, f: &dyn Fn(&Tensor) -> f64) {
 fn dwconv_forward_matches_candle_conv2d() {
     // (kernel, stride, padding, dilation) including even kernels, stride 2, dilation 2 and a
     // padding larger than the kernel's half.
-    for &(k, s, p, d) in &[(3, 1, 1, 1), (7, 1, 3, 1), (5, 2, 2, 1), (3, 2, 0, 1), (3, 1, 2, 2), (2, 2, 0, 1), (9, 1, 4, 1), (3, 3, 4, 1)] {
+    for &(k, s, p, d) in &[
+        (3, 1, 1, 1),
+        (7, 1, 3, 1),
+        (5, 2, 2, 1),
+        (3, 2, 0, 1),
+        (3, 1, 2, 2),
+        (2, 2, 0, 1),
+        (9, 1, 4, 1),
+        (3, 3, 4, 1),
+    ] {
         let x = randn(&[2, 5, 13, 11], 1, DType::F32);
         let w = randn(&[5, 1, k, k], 2, DType::F32);
-        let prm = DwConvParams { stride: (s, s), padding: (p, p), dilation: (d, d) };
+        let prm = DwConvParams {
+            stride: (s, s),
+            padding: (p, p),
+            dilation: (d, d),
+        };
         let ours = depthwise_conv2d(&x, &w, None, prm).unwrap();
         let reference = depthwise_conv2d_reference(&x, &w, prm).unwrap();
         let err = max_abs(&ours, &reference);
@@ -77,24 +114,42 @@ fn dwconv_bias_and_shapes() {
 #[test]
 fn dwconv_backward_matches_finite_differences() {
     for &(k, s, p, d) in &[(3, 1, 1, 1), (5, 2, 1, 1), (3, 1, 2, 2), (4, 1, 2, 1)] {
-        let prm = DwConvParams { stride: (s, s), padding: (p, p), dilation: (d, d) };
+        let prm = DwConvParams {
+            stride: (s, s),
+            padding: (p, p),
+            dilation: (d, d),
+        };
         let x = Var::from_tensor(&randn(&[2, 3, 7, 6], 4, DType::F64)).unwrap();
         let w = Var::from_tensor(&randn(&[3, 1, k, k], 5, DType::F64)).unwrap();
         // A random linear functional of the output makes every output position matter.
         let out_shape = depthwise_conv2d(&x, &w, None, prm).unwrap().dims().to_vec();
         let r = randn(&out_shape, 6, DType::F64);
-        let loss = |x: &Tensor, w: &Tensor| -> Tensor { (depthwise_conv2d(x, w, None, prm).unwrap() * &r).unwrap().sum_all().unwrap() };
+        let loss = |x: &Tensor, w: &Tensor| -> Tensor {
+            (depthwise_conv2d(x, w, None, prm).unwrap() * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        };
         let grads = loss(x.as_tensor(), w.as_tensor()).backward().unwrap();
         let gx = grads.get(x.as_tensor()).unwrap();
         let gw = grads.get(w.as_tensor()).unwrap();
-        check_fd(x.as_tensor(), gx, &|xp| loss(xp, w.as_tensor()).to_scalar::<f64>().unwrap());
-        check_fd(w.as_tensor(), gw, &|wp| loss(x.as_tensor(), wp).to_scalar::<f64>().unwrap());
+        check_fd(x.as_tensor(), gx, &|xp| {
+            loss(xp, w.as_tensor()).to_scalar::<f64>().unwrap()
+        });
+        check_fd(w.as_tensor(), gw, &|wp| {
+            loss(x.as_tensor(), wp).to_scalar::<f64>().unwrap()
+        });
         // And the same gradients as candle's differentiable grouped conv2d (stride 1 only: candle
         // 0.11's conv2d backward fails with a shape error when a stride leaves input rows unread).
         if s != 1 {
             continue;
         }
-        let lr = |x: &Tensor, w: &Tensor| (depthwise_conv2d_reference(x, w, prm).unwrap() * &r).unwrap().sum_all().unwrap();
+        let lr = |x: &Tensor, w: &Tensor| {
+            (depthwise_conv2d_reference(x, w, prm).unwrap() * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        };
         let g2 = lr(x.as_tensor(), w.as_tensor()).backward().unwrap();
         assert!(max_abs(gx, g2.get(x.as_tensor()).unwrap()) < 1e-12);
         assert!(max_abs(gw, g2.get(w.as_tensor()).unwrap()) < 1e-12);
@@ -105,7 +160,12 @@ fn layer_norm_reference(x: &Tensor, g: &Tensor, b: &Tensor, eps: f64) -> Tensor 
     let mean = x.mean_keepdim(D::Minus1).unwrap();
     let xc = x.broadcast_sub(&mean).unwrap();
     let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-    xc.broadcast_div(&(var + eps).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(g).unwrap().broadcast_add(b).unwrap()
+    xc.broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
+        .unwrap()
+        .broadcast_mul(g)
+        .unwrap()
+        .broadcast_add(b)
+        .unwrap()
 }
 
 #[test]
@@ -117,13 +177,30 @@ fn layer_norm_forward_and_backward() {
     let ours = layer_norm(&x, &g, &b, eps).unwrap();
     assert!(max_abs(&ours, &layer_norm_reference(&x, &g, &b, eps)) < 1e-12);
     let r = randn(&[3, 4, 9], 10, DType::F64);
-    let loss = |x: &Tensor, g: &Tensor, b: &Tensor| (layer_norm(x, g, b, eps).unwrap() * &r).unwrap().sum_all().unwrap();
+    let loss = |x: &Tensor, g: &Tensor, b: &Tensor| {
+        (layer_norm(x, g, b, eps).unwrap() * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    };
     let grads = loss(&x, &g, &b).backward().unwrap();
-    check_fd(&x, grads.get(&x).unwrap(), &|xp| loss(xp, &g, &b).to_scalar::<f64>().unwrap());
-    check_fd(&g, grads.get(&g).unwrap(), &|gp| loss(&x, gp, &b).to_scalar::<f64>().unwrap());
-    check_fd(&b, grads.get(&b).unwrap(), &|bp| loss(&x, &g, bp).to_scalar::<f64>().unwrap());
+    check_fd(&x, grads.get(&x).unwrap(), &|xp| {
+        loss(xp, &g, &b).to_scalar::<f64>().unwrap()
+    });
+    check_fd(&g, grads.get(&g).unwrap(), &|gp| {
+        loss(&x, gp, &b).to_scalar::<f64>().unwrap()
+    });
+    check_fd(&b, grads.get(&b).unwrap(), &|bp| {
+        loss(&x, &g, bp).to_scalar::<f64>().unwrap()
+    });
     // f32 path agrees with the f64 one.
-    let y32 = layer_norm(&x.to_dtype(DType::F32).unwrap(), &g.to_dtype(DType::F32).unwrap(), &b.to_dtype(DType::F32).unwrap(), eps).unwrap();
+    let y32 = layer_norm(
+        &x.to_dtype(DType::F32).unwrap(),
+        &g.to_dtype(DType::F32).unwrap(),
+        &b.to_dtype(DType::F32).unwrap(),
+        eps,
+    )
+    .unwrap();
     assert!(max_abs(&y32.to_dtype(DType::F64).unwrap(), &ours) < 1e-5);
 }
 
@@ -134,23 +211,54 @@ fn softmax_forward_and_backward() {
     let reference = candle_nn::ops::softmax(&x, D::Minus1).unwrap();
     assert!(max_abs(&y, &reference) < 1e-14);
     let r = randn(&[2, 3, 7], 12, DType::F64);
-    let loss = |x: &Tensor| (softmax_last_dim(x).unwrap() * &r).unwrap().sum_all().unwrap();
+    let loss = |x: &Tensor| {
+        (softmax_last_dim(x).unwrap() * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    };
     let grads = loss(&x).backward().unwrap();
-    check_fd(&x, grads.get(&x).unwrap(), &|xp| loss(xp).to_scalar::<f64>().unwrap());
+    check_fd(&x, grads.get(&x).unwrap(), &|xp| {
+        loss(xp).to_scalar::<f64>().unwrap()
+    });
 }
 
 #[test]
 fn channel_bias_and_scale_ops_match_broadcasts_and_finite_differences() {
-    use densepred_core::ops::{add_bias_channels, add_bias_last, mul_scale_channels, mul_scale_last};
+    use densepred_core::ops::{
+        add_bias_channels, add_bias_last, mul_scale_channels, mul_scale_last,
+    };
     let x4 = Var::from_tensor(&randn(&[2, 3, 4, 5], 21, DType::F64)).unwrap();
     let x3 = Var::from_tensor(&randn(&[2, 6, 3], 22, DType::F64)).unwrap();
     let p3 = Var::from_tensor(&randn(&[3], 23, DType::F64)).unwrap();
     type Op = fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>;
     let cases: Vec<(&str, Op, &Var, Tensor)> = vec![
-        ("add_bias_channels", add_bias_channels, &x4, x4.broadcast_add(&p3.reshape((1, 3, 1, 1)).unwrap()).unwrap()),
-        ("mul_scale_channels", mul_scale_channels, &x4, x4.broadcast_mul(&p3.reshape((1, 3, 1, 1)).unwrap()).unwrap()),
-        ("add_bias_last", add_bias_last, &x3, x3.broadcast_add(p3.as_tensor()).unwrap()),
-        ("mul_scale_last", mul_scale_last, &x3, x3.broadcast_mul(p3.as_tensor()).unwrap()),
+        (
+            "add_bias_channels",
+            add_bias_channels,
+            &x4,
+            x4.broadcast_add(&p3.reshape((1, 3, 1, 1)).unwrap())
+                .unwrap(),
+        ),
+        (
+            "mul_scale_channels",
+            mul_scale_channels,
+            &x4,
+            x4.broadcast_mul(&p3.reshape((1, 3, 1, 1)).unwrap())
+                .unwrap(),
+        ),
+        (
+            "add_bias_last",
+            add_bias_last,
+            &x3,
+            x3.broadcast_add(p3.as_tensor()).unwrap(),
+        ),
+        (
+            "mul_scale_last",
+            mul_scale_last,
+            &x3,
+            x3.broadcast_mul(p3.as_tensor()).unwrap(),
+        ),
     ];
     for (name, op, x, reference) in cases {
         let y = op(x, &p3).unwrap();
@@ -158,8 +266,12 @@ fn channel_bias_and_scale_ops_match_broadcasts_and_finite_differences() {
         let r = randn(y.dims(), 24, DType::F64);
         let loss = |x: &Tensor, p: &Tensor| (op(x, p).unwrap() * &r).unwrap().sum_all().unwrap();
         let grads = loss(x, &p3).backward().unwrap();
-        check_fd(x, grads.get(x).unwrap(), &|xp| loss(xp, &p3).to_scalar::<f64>().unwrap());
-        check_fd(&p3, grads.get(&p3).unwrap(), &|pp| loss(x, pp).to_scalar::<f64>().unwrap());
+        check_fd(x, grads.get(x).unwrap(), &|xp| {
+            loss(xp, &p3).to_scalar::<f64>().unwrap()
+        });
+        check_fd(&p3, grads.get(&p3).unwrap(), &|pp| {
+            loss(x, pp).to_scalar::<f64>().unwrap()
+        });
     }
 }
 
@@ -175,8 +287,17 @@ fn fast_gelu_matches_exact_gelu() {
     assert!(max_abs(&ours.to_dtype(DType::F64).unwrap(), &exact) < 2e-6);
     let g_ours = ours.sum_all().unwrap().backward().unwrap();
     let x64 = Var::from_tensor(&x.to_dtype(DType::F64).unwrap()).unwrap();
-    let g_exact = x64.gelu_erf().unwrap().sum_all().unwrap().backward().unwrap();
-    let d = max_abs(&g_ours.get(&x).unwrap().to_dtype(DType::F64).unwrap(), g_exact.get(&x64).unwrap());
+    let g_exact = x64
+        .gelu_erf()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let d = max_abs(
+        &g_ours.get(&x).unwrap().to_dtype(DType::F64).unwrap(),
+        g_exact.get(&x64).unwrap(),
+    );
     assert!(d < 2e-6, "gelu gradient differs by {d}");
 }
 
@@ -197,10 +318,19 @@ fn transpose_last2_matches_candle_and_backpropagates() {
     let x = Var::from_tensor(&randn(&[2, 37, 70], 31, DType::F64)).unwrap();
     let y = transpose_last2(&x).unwrap();
     assert_eq!(y.dims(), &[2, 70, 37]);
-    assert_eq!(max_abs(&y, &x.transpose(1, 2).unwrap().contiguous().unwrap()), 0.0);
+    assert_eq!(
+        max_abs(&y, &x.transpose(1, 2).unwrap().contiguous().unwrap()),
+        0.0
+    );
     let r = randn(&[2, 70, 37], 32, DType::F64);
     let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    assert_eq!(max_abs(g.get(&x).unwrap(), &r.transpose(1, 2).unwrap().contiguous().unwrap()), 0.0);
+    assert_eq!(
+        max_abs(
+            g.get(&x).unwrap(),
+            &r.transpose(1, 2).unwrap().contiguous().unwrap()
+        ),
+        0.0
+    );
     assert!(transpose_last2(&Tensor::new(&[1f32, 2.], &Device::Cpu).unwrap()).is_err());
 }
 
@@ -218,17 +348,34 @@ fn token_dwconv_matches_nchw_route_and_finite_differences() {
             let ours = token_dwconv(&x, &wt, &bias, (h, w), mode).unwrap();
             let map = x.transpose(1, 2).unwrap().reshape((b, c, h, w)).unwrap();
             let conv = depthwise_conv2d(&map, &wt, Some(&bias), DwConvParams::same(k / 2)).unwrap();
-            let mut reference = conv.reshape((b, c, h * w)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+            let mut reference = conv
+                .reshape((b, c, h * w))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap();
             if mode == LocalMode::ResidualGelu {
                 reference = (reference + x.as_tensor()).unwrap().gelu_erf().unwrap();
             }
             assert!(max_abs(&ours, &reference) < 1e-12, "k{k} {mode:?}");
             let r = randn(&[b, h * w, c], 44, DType::F64);
-            let loss = |x: &Tensor, wt: &Tensor, bias: &Tensor| (token_dwconv(x, wt, bias, (h, w), mode).unwrap() * &r).unwrap().sum_all().unwrap();
+            let loss = |x: &Tensor, wt: &Tensor, bias: &Tensor| {
+                (token_dwconv(x, wt, bias, (h, w), mode).unwrap() * &r)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+            };
             let g = loss(&x, &wt, &bias).backward().unwrap();
-            check_fd(&x, g.get(&x).unwrap(), &|xp| loss(xp, &wt, &bias).to_scalar::<f64>().unwrap());
-            check_fd(&wt, g.get(&wt).unwrap(), &|wp| loss(&x, wp, &bias).to_scalar::<f64>().unwrap());
-            check_fd(&bias, g.get(&bias).unwrap(), &|bp| loss(&x, &wt, bp).to_scalar::<f64>().unwrap());
+            check_fd(&x, g.get(&x).unwrap(), &|xp| {
+                loss(xp, &wt, &bias).to_scalar::<f64>().unwrap()
+            });
+            check_fd(&wt, g.get(&wt).unwrap(), &|wp| {
+                loss(&x, wp, &bias).to_scalar::<f64>().unwrap()
+            });
+            check_fd(&bias, g.get(&bias).unwrap(), &|bp| {
+                loss(&x, &wt, bp).to_scalar::<f64>().unwrap()
+            });
         }
     }
 }
@@ -239,10 +386,21 @@ fn resize_nearest_matches_candle_and_backpropagates_for_any_factor() {
     let x = Var::from_tensor(&randn(&[2, 3, 7, 9], 51, DType::F64)).unwrap();
     for (oh, ow) in [(13, 17), (14, 18), (7, 9), (25, 34)] {
         let ours = resize_nearest(&x, oh, ow).unwrap();
-        assert_eq!(max_abs(&ours, &x.upsample_nearest2d(oh, ow).unwrap()), 0.0, "{oh}x{ow}");
+        assert_eq!(
+            max_abs(&ours, &x.upsample_nearest2d(oh, ow).unwrap()),
+            0.0,
+            "{oh}x{ow}"
+        );
         let r = randn(&[2, 3, oh, ow], 52, DType::F64);
-        let loss = |x: &Tensor| (resize_nearest(x, oh, ow).unwrap() * &r).unwrap().sum_all().unwrap();
+        let loss = |x: &Tensor| {
+            (resize_nearest(x, oh, ow).unwrap() * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        };
         let g = loss(&x).backward().unwrap();
-        check_fd(&x, g.get(&x).unwrap(), &|xp| loss(xp).to_scalar::<f64>().unwrap());
+        check_fd(&x, g.get(&x).unwrap(), &|xp| {
+            loss(xp).to_scalar::<f64>().unwrap()
+        });
     }
 }

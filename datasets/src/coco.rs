@@ -58,33 +58,56 @@ impl CocoDataset {
     /// Errors: unreadable / malformed JSON, an annotation naming an unknown image or category, an
     /// invalid box or polygon (unless `skip_invalid`), an unknown class in `classes`.
     pub fn load(ann_file: &Path, img_prefix: &Path, opts: &CocoOptions) -> Result<Self, DataError> {
-        let file_err = |reason: String| DataError::File { path: ann_file.to_path_buf(), reason };
+        let file_err = |reason: String| DataError::File {
+            path: ann_file.to_path_buf(),
+            reason,
+        };
         let text = std::fs::read_to_string(ann_file).map_err(|e| file_err(e.to_string()))?;
-        let ds: hotcoco::types::Dataset = serde_json::from_str(&text).map_err(|e| file_err(format!("invalid COCO JSON: {e}")))?;
+        let ds: hotcoco::types::Dataset =
+            serde_json::from_str(&text).map_err(|e| file_err(format!("invalid COCO JSON: {e}")))?;
         let mut cats = ds.categories.clone();
         cats.sort_by_key(|c| c.id);
         let (classes, cat_ids): (Vec<String>, Vec<u64>) = match &opts.classes {
             Some(names) => {
                 let mut ids = Vec::new();
                 for n in names {
-                    let c = cats.iter().find(|c| &c.name == n).ok_or_else(|| DataError::Config(format!("class {n:?} is not a category of {}", ann_file.display())))?;
+                    let c = cats.iter().find(|c| &c.name == n).ok_or_else(|| {
+                        DataError::Config(format!(
+                            "class {n:?} is not a category of {}",
+                            ann_file.display()
+                        ))
+                    })?;
                     ids.push(c.id);
                 }
                 (names.clone(), ids)
             }
-            None => (cats.iter().map(|c| c.name.clone()).collect(), cats.iter().map(|c| c.id).collect()),
+            None => (
+                cats.iter().map(|c| c.name.clone()).collect(),
+                cats.iter().map(|c| c.id).collect(),
+            ),
         };
-        let label_of: HashMap<u64, usize> = cat_ids.iter().enumerate().map(|(l, &id)| (id, l)).collect();
+        let label_of: HashMap<u64, usize> =
+            cat_ids.iter().enumerate().map(|(l, &id)| (id, l)).collect();
         let known_cats: std::collections::HashSet<u64> = cats.iter().map(|c| c.id).collect();
         let mut by_img: HashMap<u64, Vec<&Annotation>> = HashMap::new();
         let img_ids: std::collections::HashSet<u64> = ds.images.iter().map(|i| i.id).collect();
         for a in &ds.annotations {
             let rec = || format!("annotation id {} (image id {})", a.id, a.image_id);
             if !img_ids.contains(&a.image_id) {
-                return Err(DataError::Record { path: ann_file.into(), record: rec(), field: "image_id".into(), reason: "no image with this id".into() });
+                return Err(DataError::Record {
+                    path: ann_file.into(),
+                    record: rec(),
+                    field: "image_id".into(),
+                    reason: "no image with this id".into(),
+                });
             }
             if !known_cats.contains(&a.category_id) {
-                return Err(DataError::Record { path: ann_file.into(), record: rec(), field: "category_id".into(), reason: "no category with this id".into() });
+                return Err(DataError::Record {
+                    path: ann_file.into(),
+                    record: rec(),
+                    field: "category_id".into(),
+                    reason: "no category with this id".into(),
+                });
             }
             by_img.entry(a.image_id).or_default().push(a);
         }
@@ -93,22 +116,46 @@ impl CocoDataset {
         let mut entries = Vec::new();
         for img in &ds.images {
             if img.width == 0 || img.height == 0 {
-                return Err(DataError::Record { path: ann_file.into(), record: format!("image id {}", img.id), field: "width/height".into(), reason: "missing or zero".into() });
+                return Err(DataError::Record {
+                    path: ann_file.into(),
+                    record: format!("image id {}", img.id),
+                    field: "width/height".into(),
+                    reason: "missing or zero".into(),
+                });
             }
-            let mut e = Entry { img_id: img.id, path: img_prefix.join(&img.file_name), height: img.height, width: img.width, instances: vec![], segmentations: vec![] };
+            let mut e = Entry {
+                img_id: img.id,
+                path: img_prefix.join(&img.file_name),
+                height: img.height,
+                width: img.width,
+                instances: vec![],
+                segmentations: vec![],
+            };
             for a in by_img.get(&img.id).map(|v| v.as_slice()).unwrap_or(&[]) {
-                let Some(&label) = label_of.get(&a.category_id) else { continue };
+                let Some(&label) = label_of.get(&a.category_id) else {
+                    continue;
+                };
                 match check_annotation(a, img.width, img.height) {
                     Ok(None) => {
                         dropped_tiny += 1;
                         continue;
                     }
                     Ok(Some(bbox)) => {
-                        e.instances.push(Instance { bbox, label, ignore: a.iscrowd, ann_id: a.id });
+                        e.instances.push(Instance {
+                            bbox,
+                            label,
+                            ignore: a.iscrowd,
+                            ann_id: a.id,
+                        });
                         e.segmentations.push(a.segmentation.clone());
                     }
                     Err((field, reason)) => {
-                        let err = DataError::Record { path: ann_file.into(), record: format!("annotation id {} (image id {})", a.id, a.image_id), field: field.into(), reason };
+                        let err = DataError::Record {
+                            path: ann_file.into(),
+                            record: format!("annotation id {} (image id {})", a.id, a.image_id),
+                            field: field.into(),
+                            reason,
+                        };
                         if opts.skip_invalid {
                             tracing::warn!("skipping: {err}");
                             skipped += 1;
@@ -130,9 +177,18 @@ impl CocoDataset {
             tracing::info!("{}: dropped {dropped_tiny} annotations under 1 px or of zero area (as mmdetection does)", ann_file.display());
         }
         if skipped > 0 {
-            tracing::warn!("{}: skipped {skipped} invalid annotations", ann_file.display());
+            tracing::warn!(
+                "{}: skipped {skipped} invalid annotations",
+                ann_file.display()
+            );
         }
-        Ok(Self { entries, meta: MetaInfo { classes, cat_ids }, skipped, dropped_tiny, ann_file: ann_file.to_path_buf() })
+        Ok(Self {
+            entries,
+            meta: MetaInfo { classes, cat_ids },
+            skipped,
+            dropped_tiny,
+            ann_file: ann_file.to_path_buf(),
+        })
     }
 
     /// Label of a COCO category id.
@@ -143,8 +199,14 @@ impl CocoDataset {
 
 /// `Ok(Some(xyxy))` for a usable object, `Ok(None)` for one mmdet silently drops (zero area or an
 /// empty box), `Err((field, reason))` for a malformed one.
-fn check_annotation(a: &Annotation, w: u32, h: u32) -> Result<Option<[f32; 4]>, (&'static str, String)> {
-    let Some([x, y, bw, bh]) = a.bbox else { return Err(("bbox", "missing".into())) };
+fn check_annotation(
+    a: &Annotation,
+    w: u32,
+    h: u32,
+) -> Result<Option<[f32; 4]>, (&'static str, String)> {
+    let Some([x, y, bw, bh]) = a.bbox else {
+        return Err(("bbox", "missing".into()));
+    };
     if ![x, y, bw, bh].iter().all(|v| v.is_finite()) {
         return Err(("bbox", format!("non-finite value in {:?}", [x, y, bw, bh])));
     }
@@ -161,13 +223,22 @@ fn check_annotation(a: &Annotation, w: u32, h: u32) -> Result<Option<[f32; 4]>, 
     let x2 = (x + bw).min(w as f64);
     let y2 = (y + bh).min(h as f64);
     if x2 <= x1 || y2 <= y1 {
-        return Err(("bbox", format!("{:?} lies outside the {w}x{h} image", [x, y, bw, bh])));
+        return Err((
+            "bbox",
+            format!("{:?} lies outside the {w}x{h} image", [x, y, bw, bh]),
+        ));
     }
     if let Some(Segmentation::Polygon(polys)) = &a.segmentation {
         if !a.iscrowd {
             for (i, p) in polys.iter().enumerate() {
                 if p.len() < 6 || p.len() % 2 != 0 {
-                    return Err(("segmentation", format!("polygon {i} has {} coordinates (needs an even number ≥ 6)", p.len())));
+                    return Err((
+                        "segmentation",
+                        format!(
+                            "polygon {i} has {} coordinates (needs an even number ≥ 6)",
+                            p.len()
+                        ),
+                    ));
                 }
             }
         }
@@ -199,27 +270,40 @@ impl Dataset for CocoDataset {
 /// exactly as pycocotools (`frPyObjects` + `decode`) does.
 ///
 /// Errors: an RLE whose counts do not sum to `h · w` or whose size differs from the image.
-pub fn segmentation_to_mask(seg: &Segmentation, h: u32, w: u32) -> Result<ndarray::Array2<u8>, String> {
+pub fn segmentation_to_mask(
+    seg: &Segmentation,
+    h: u32,
+    w: u32,
+) -> Result<ndarray::Array2<u8>, String> {
     let rle = match seg {
         Segmentation::Polygon(p) => hotcoco::mask::fr_polys(p, h, w).map_err(|e| e.to_string())?,
         Segmentation::Rect(b) => hotcoco::mask::fr_bbox(b, h, w).map_err(|e| e.to_string())?,
         Segmentation::CompressedRle { size, counts } => {
             if size != &[h, w] {
-                return Err(format!("RLE size {size:?} differs from the image ({h}, {w})"));
+                return Err(format!(
+                    "RLE size {size:?} differs from the image ({h}, {w})"
+                ));
             }
             hotcoco::mask::rle_from_string(counts, h, w).map_err(|e| e.to_string())?
         }
         Segmentation::UncompressedRle { size, counts } => {
             if size != &[h, w] {
-                return Err(format!("RLE size {size:?} differs from the image ({h}, {w})"));
+                return Err(format!(
+                    "RLE size {size:?} differs from the image ({h}, {w})"
+                ));
             }
             hotcoco::mask::check_counts(counts, h, w).map_err(|e| e.to_string())?;
-            hotcoco::types::Rle { h, w, counts: counts.clone() }
+            hotcoco::types::Rle {
+                h,
+                w,
+                counts: counts.clone(),
+            }
         }
         other => return Err(format!("unsupported segmentation form {other:?}")),
     };
     let col_major = hotcoco::mask::decode(&rle);
     // pycocotools' masks are column-major (Fortran order): transpose to (h, w) row-major.
-    let a = ndarray::Array2::from_shape_vec((w as usize, h as usize), col_major).map_err(|e| e.to_string())?;
+    let a = ndarray::Array2::from_shape_vec((w as usize, h as usize), col_major)
+        .map_err(|e| e.to_string())?;
     Ok(a.reversed_axes().as_standard_layout().to_owned())
 }

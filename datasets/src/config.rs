@@ -120,7 +120,17 @@ impl DatasetConfig {
     /// Errors: as [`CocoDataset::load`] / [`Ade20kDataset::load`].
     pub fn build(&self) -> Result<(Arc<dyn Dataset>, Pipeline, bool), DataError> {
         match self {
-            DatasetConfig::CocoDataset { data_root, ann_file, data_prefix, filter_cfg, metainfo, pipeline, test_mode, skip_invalid, .. } => {
+            DatasetConfig::CocoDataset {
+                data_root,
+                ann_file,
+                data_prefix,
+                filter_cfg,
+                metainfo,
+                pipeline,
+                test_mode,
+                skip_invalid,
+                ..
+            } => {
                 let f = filter_cfg.clone().unwrap_or_default();
                 let opts = CocoOptions {
                     classes: metainfo.as_ref().map(|m| m.classes.clone()),
@@ -128,10 +138,22 @@ impl DatasetConfig {
                     min_size: if *test_mode { 0 } else { f.min_size },
                     skip_invalid: *skip_invalid,
                 };
-                let ds = CocoDataset::load(&data_root.join(ann_file), &data_root.join(&data_prefix.img), &opts)?;
+                let ds = CocoDataset::load(
+                    &data_root.join(ann_file),
+                    &data_root.join(&data_prefix.img),
+                    &opts,
+                )?;
                 Ok((Arc::new(ds), Pipeline(pipeline.clone()), *skip_invalid))
             }
-            DatasetConfig::Ade20kDataset { data_root, data_prefix, reduce_zero_label, metainfo, pipeline, skip_invalid, .. } => {
+            DatasetConfig::Ade20kDataset {
+                data_root,
+                data_prefix,
+                reduce_zero_label,
+                metainfo,
+                pipeline,
+                skip_invalid,
+                ..
+            } => {
                 let ds = Ade20kDataset::load(
                     data_root,
                     &data_root.join(&data_prefix.img_path),

@@ -78,7 +78,9 @@ impl DataLoader {
         let this = self.clone();
         std::thread::spawn(move || {
             let order = this.order(epoch);
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(this.num_workers.max(1)).build();
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(this.num_workers.max(1))
+                .build();
             let bs = this.batch_size.max(1);
             for chunk in order.chunks(bs) {
                 if this.drop_last && chunk.len() < bs {
@@ -145,12 +147,22 @@ pub struct Batch {
 /// common size that is a multiple of `pad_size_divisor`).
 ///
 /// Errors: a sample without an image.
-pub fn collate(mut samples: Vec<Sample>, norm: Option<&Normalization>, pad_size_divisor: usize, device: &Device) -> Result<Batch, DataError> {
+pub fn collate(
+    mut samples: Vec<Sample>,
+    norm: Option<&Normalization>,
+    pad_size_divisor: usize,
+    device: &Device,
+) -> Result<Batch, DataError> {
     let d = pad_size_divisor.max(1);
     let mut hmax = 0;
     let mut wmax = 0;
     for s in &samples {
-        let img = s.img.as_ref().ok_or_else(|| DataError::Config(format!("{}: no image loaded (pipeline lacks LoadImageFromFile)", s.img_path.display())))?;
+        let img = s.img.as_ref().ok_or_else(|| {
+            DataError::Config(format!(
+                "{}: no image loaded (pipeline lacks LoadImageFromFile)",
+                s.img_path.display()
+            ))
+        })?;
         hmax = hmax.max(img.dim().0);
         wmax = wmax.max(img.dim().1);
     }
@@ -158,7 +170,11 @@ pub fn collate(mut samples: Vec<Sample>, norm: Option<&Normalization>, pad_size_
     let b = samples.len();
     let mut data = vec![0f32; b * 3 * h * w];
     let has_seg = samples.iter().all(|s| s.gt_seg_map.is_some()) && b > 0;
-    let mut seg = if has_seg { vec![255u8; b * h * w] } else { vec![] };
+    let mut seg = if has_seg {
+        vec![255u8; b * h * w]
+    } else {
+        vec![]
+    };
     for (i, s) in samples.iter_mut().enumerate() {
         let img = s.img.take().expect("checked");
         let (ih, iw, _) = img.dim();
@@ -185,6 +201,14 @@ pub fn collate(mut samples: Vec<Sample>, norm: Option<&Normalization>, pad_size_
     }
     let err = |e: candle_core::Error| DataError::Config(format!("batching: {e}"));
     let images = Tensor::from_vec(data, (b, 3, h, w), device).map_err(err)?;
-    let seg_maps = if has_seg { Some(Tensor::from_vec(seg, (b, h, w), device).map_err(err)?) } else { None };
-    Ok(Batch { images, seg_maps, samples })
+    let seg_maps = if has_seg {
+        Some(Tensor::from_vec(seg, (b, h, w), device).map_err(err)?)
+    } else {
+        None
+    };
+    Ok(Batch {
+        images,
+        seg_maps,
+        samples,
+    })
 }

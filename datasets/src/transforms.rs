@@ -238,7 +238,11 @@ impl Pipeline {
     }
 }
 
-fn apply_one(t: &TransformConfig, mut s: Sample, rng: &mut dyn RngCore) -> Result<Sample, DataError> {
+fn apply_one(
+    t: &TransformConfig,
+    mut s: Sample,
+    rng: &mut dyn RngCore,
+) -> Result<Sample, DataError> {
     use TransformConfig as T;
     match t {
         T::LoadImageFromFile { .. } => {
@@ -246,7 +250,13 @@ fn apply_one(t: &TransformConfig, mut s: Sample, rng: &mut dyn RngCore) -> Resul
             if s.ori_shape != (0, 0) && s.ori_shape != (img.dim().0, img.dim().1) {
                 return Err(DataError::File {
                     path: s.img_path.clone(),
-                    reason: format!("image is {}x{} but its annotation says {}x{}", img.dim().1, img.dim().0, s.ori_shape.1, s.ori_shape.0),
+                    reason: format!(
+                        "image is {}x{} but its annotation says {}x{}",
+                        img.dim().1,
+                        img.dim().0,
+                        s.ori_shape.1,
+                        s.ori_shape.0
+                    ),
                 });
             }
             s.ori_shape = (img.dim().0, img.dim().1);
@@ -254,7 +264,13 @@ fn apply_one(t: &TransformConfig, mut s: Sample, rng: &mut dyn RngCore) -> Resul
             s.pad_shape = s.ori_shape;
             s.img = Some(img);
         }
-        T::LoadAnnotations { with_bbox, with_mask, with_seg, reduce_zero_label, .. } => {
+        T::LoadAnnotations {
+            with_bbox,
+            with_mask,
+            with_seg,
+            reduce_zero_label,
+            ..
+        } => {
             // Annotations come at the file's resolution (mmdet / mmseg): a LoadAnnotations placed
             // after Resize leaves them there, for evaluation against the original image.
             let (h, w) = s.ori_shape;
@@ -265,12 +281,16 @@ fn apply_one(t: &TransformConfig, mut s: Sample, rng: &mut dyn RngCore) -> Resul
                 let mut masks = Vec::with_capacity(s.instances.len());
                 for (inst, seg) in s.instances.iter().zip(&s.segmentations) {
                     let m = match seg {
-                        Some(seg) => segmentation_to_mask(seg, h as u32, w as u32).map_err(|reason| DataError::Record {
-                            path: s.img_path.clone(),
-                            record: format!("annotation id {}", inst.ann_id),
-                            field: "segmentation".into(),
-                            reason,
-                        })?,
+                        Some(seg) => {
+                            segmentation_to_mask(seg, h as u32, w as u32).map_err(|reason| {
+                                DataError::Record {
+                                    path: s.img_path.clone(),
+                                    record: format!("annotation id {}", inst.ann_id),
+                                    field: "segmentation".into(),
+                                    reason,
+                                }
+                            })?
+                        }
                         None => Array2::zeros((h, w)),
                     };
                     masks.push(m);
@@ -278,28 +298,58 @@ fn apply_one(t: &TransformConfig, mut s: Sample, rng: &mut dyn RngCore) -> Resul
                 s.masks = Some(masks);
             }
             if *with_seg || s.seg_map_path.is_some() {
-                let p = s.seg_map_path.clone().ok_or_else(|| DataError::Config(format!("{}: LoadAnnotations(with_seg) on a sample without a label map", s.img_path.display())))?;
+                let p = s.seg_map_path.clone().ok_or_else(|| {
+                    DataError::Config(format!(
+                        "{}: LoadAnnotations(with_seg) on a sample without a label map",
+                        s.img_path.display()
+                    ))
+                })?;
                 let mut m = load_label(&p)?;
                 if m.dim() != (h, w) {
-                    return Err(DataError::File { path: p, reason: format!("label map is {}x{} but image {} is {}x{}", m.dim().1, m.dim().0, s.img_path.display(), w, h) });
+                    return Err(DataError::File {
+                        path: p,
+                        reason: format!(
+                            "label map is {}x{} but image {} is {}x{}",
+                            m.dim().1,
+                            m.dim().0,
+                            s.img_path.display(),
+                            w,
+                            h
+                        ),
+                    });
                 }
                 if reduce_zero_label.unwrap_or(s.reduce_zero_label) {
-                    let pixels = m.as_slice_mut().expect("freshly decoded maps are in standard layout");
+                    let pixels = m
+                        .as_slice_mut()
+                        .expect("freshly decoded maps are in standard layout");
                     densepred_core::structures::label_map::reduce_zero_label(pixels);
                 }
                 s.gt_seg_map = Some(m);
             }
         }
-        T::Resize { scale, scale_factor, keep_ratio, clip_object_border } => {
+        T::Resize {
+            scale,
+            scale_factor,
+            keep_ratio,
+            clip_object_border,
+        } => {
             let (h, w) = s.img_shape;
             let (nw, nh) = match (scale, scale_factor) {
                 (Some(sc), _) => target_size((w, h), *sc, *keep_ratio),
                 (None, Some(f)) => ((w as f64 * f + 0.5) as usize, (h as f64 * f + 0.5) as usize),
-                (None, None) => return Err(DataError::Config("Resize needs `scale` or `scale_factor`".into())),
+                (None, None) => {
+                    return Err(DataError::Config(
+                        "Resize needs `scale` or `scale_factor`".into(),
+                    ))
+                }
             };
             resize(&mut s, nh.max(1), nw.max(1), *clip_object_border)?;
         }
-        T::RandomResize { scale, ratio_range, keep_ratio } => {
+        T::RandomResize {
+            scale,
+            ratio_range,
+            keep_ratio,
+        } => {
             let sc = match (scale, ratio_range) {
                 (ScaleSpec::One([sw, sh]), Some([lo, hi])) => {
                     let r = rng.random_range(*lo..=*hi);
@@ -318,7 +368,9 @@ fn apply_one(t: &TransformConfig, mut s: Sample, rng: &mut dyn RngCore) -> Resul
         }
         T::RandomChoiceResize { scales, keep_ratio } => {
             if scales.is_empty() {
-                return Err(DataError::Config("RandomChoiceResize: empty `scales`".into()));
+                return Err(DataError::Config(
+                    "RandomChoiceResize: empty `scales`".into(),
+                ));
             }
             let sc = scales[rng.random_range(0..scales.len())];
             let (h, w) = s.img_shape;
@@ -327,16 +379,34 @@ fn apply_one(t: &TransformConfig, mut s: Sample, rng: &mut dyn RngCore) -> Resul
         }
         T::RandomFlip { prob, direction } => {
             if direction != "horizontal" {
-                return Err(DataError::Config(format!("RandomFlip: direction {direction:?} is not supported (only \"horizontal\")")));
+                return Err(DataError::Config(format!(
+                    "RandomFlip: direction {direction:?} is not supported (only \"horizontal\")"
+                )));
             }
             if rng.random::<f64>() < *prob {
                 flip_horizontal(&mut s);
             }
         }
-        T::RandomCrop { crop_size, cat_max_ratio, ignore_index } => random_crop(&mut s, *crop_size, *cat_max_ratio, *ignore_index, rng),
-        T::PhotoMetricDistortion { brightness_delta, contrast_range, saturation_range, hue_delta } => {
+        T::RandomCrop {
+            crop_size,
+            cat_max_ratio,
+            ignore_index,
+        } => random_crop(&mut s, *crop_size, *cat_max_ratio, *ignore_index, rng),
+        T::PhotoMetricDistortion {
+            brightness_delta,
+            contrast_range,
+            saturation_range,
+            hue_delta,
+        } => {
             if let Some(img) = s.img.as_mut() {
-                photometric(img, *brightness_delta, *contrast_range, *saturation_range, *hue_delta, rng);
+                photometric(
+                    img,
+                    *brightness_delta,
+                    *contrast_range,
+                    *saturation_range,
+                    *hue_delta,
+                    rng,
+                );
             }
         }
         T::Normalize { mean, std, to_rgb } => {
@@ -344,14 +414,29 @@ fn apply_one(t: &TransformConfig, mut s: Sample, rng: &mut dyn RngCore) -> Resul
                 normalize(img, mean, std, *to_rgb);
             }
         }
-        T::Pad { size, size_divisor, pad_val, seg_pad_val } => {
+        T::Pad {
+            size,
+            size_divisor,
+            pad_val,
+            seg_pad_val,
+        } => {
             let (h, w) = s.img_shape;
             let (th, tw) = match (size, size_divisor) {
                 (Some([ph, pw]), _) => ((*ph).max(h), (*pw).max(w)),
                 (None, Some(d)) if *d > 0 => (h.div_ceil(*d) * d, w.div_ceil(*d) * d),
-                _ => return Err(DataError::Config("Pad needs `size` or a positive `size_divisor`".into())),
+                _ => {
+                    return Err(DataError::Config(
+                        "Pad needs `size` or a positive `size_divisor`".into(),
+                    ))
+                }
             };
-            pad(&mut s, th, tw, pad_val.img, seg_pad_val.unwrap_or(pad_val.seg));
+            pad(
+                &mut s,
+                th,
+                tw,
+                pad_val.img,
+                seg_pad_val.unwrap_or(pad_val.seg),
+            );
         }
         T::AutoAugment { policies } => {
             if policies.is_empty() {
@@ -383,36 +468,65 @@ pub fn target_size((w, h): (usize, usize), scale: [f64; 2], keep_ratio: bool) ->
 pub fn load_rgb(path: &std::path::Path) -> Result<Array3<f32>, DataError> {
     check_not_truncated(path)?;
     let img = image::ImageReader::open(path)
-        .map_err(|e| DataError::File { path: path.into(), reason: format!("cannot open image: {e}") })?
+        .map_err(|e| DataError::File {
+            path: path.into(),
+            reason: format!("cannot open image: {e}"),
+        })?
         .with_guessed_format()
-        .map_err(|e| DataError::File { path: path.into(), reason: e.to_string() })?
+        .map_err(|e| DataError::File {
+            path: path.into(),
+            reason: e.to_string(),
+        })?
         .decode()
-        .map_err(|e| DataError::File { path: path.into(), reason: format!("cannot decode image: {e}") })?
+        .map_err(|e| DataError::File {
+            path: path.into(),
+            reason: format!("cannot decode image: {e}"),
+        })?
         .to_rgb8();
     let (w, h) = (img.width() as usize, img.height() as usize);
     let data: Vec<f32> = img.into_raw().into_iter().map(f32::from).collect();
-    Array3::from_shape_vec((h, w, 3), data).map_err(|e| DataError::File { path: path.into(), reason: e.to_string() })
+    Array3::from_shape_vec((h, w, 3), data).map_err(|e| DataError::File {
+        path: path.into(),
+        reason: e.to_string(),
+    })
 }
 
 /// JPEG decoders fill a truncated file's missing rows silently; a JPEG must end with its
 /// end-of-image marker `FF D9` (trailing padding bytes allowed).
 fn check_not_truncated(path: &std::path::Path) -> Result<(), DataError> {
-    let is_jpeg = path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("jpg") || e.eq_ignore_ascii_case("jpeg"));
+    let is_jpeg = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("jpg") || e.eq_ignore_ascii_case("jpeg"));
     if !is_jpeg {
         return Ok(());
     }
-    let bytes = std::fs::read(path).map_err(|e| DataError::File { path: path.into(), reason: format!("cannot open image: {e}") })?;
-    let end = bytes.iter().rposition(|&b| b != 0 && !b.is_ascii_whitespace()).map(|i| i + 1).unwrap_or(0);
+    let bytes = std::fs::read(path).map_err(|e| DataError::File {
+        path: path.into(),
+        reason: format!("cannot open image: {e}"),
+    })?;
+    let end = bytes
+        .iter()
+        .rposition(|&b| b != 0 && !b.is_ascii_whitespace())
+        .map(|i| i + 1)
+        .unwrap_or(0);
     if end < 2 || bytes[end - 2..end] != [0xFF, 0xD9] {
-        return Err(DataError::File { path: path.into(), reason: "cannot decode image: truncated JPEG (no end-of-image marker)".into() });
+        return Err(DataError::File {
+            path: path.into(),
+            reason: "cannot decode image: truncated JPEG (no end-of-image marker)".into(),
+        });
     }
     Ok(())
 }
 
 /// Reads an 8-bit label map PNG (grayscale or palette index) to `(H, W)`.
 pub fn load_label(path: &std::path::Path) -> Result<Array2<u8>, DataError> {
-    let file_err = |reason: String| DataError::File { path: path.into(), reason };
-    let (pixels, dims) = densepred_core::structures::label_map::read_label_png(path).map_err(file_err)?;
+    let file_err = |reason: String| DataError::File {
+        path: path.into(),
+        reason,
+    };
+    let (pixels, dims) =
+        densepred_core::structures::label_map::read_label_png(path).map_err(file_err)?;
     Array2::from_shape_vec(dims, pixels).map_err(|e| file_err(e.to_string()))
 }
 
@@ -422,17 +536,33 @@ pub fn load_label(path: &std::path::Path) -> Result<Array2<u8>, DataError> {
 ///
 /// Errors: an image that is not 3-channel or has a zero side.
 pub fn resize_bilinear(img: &Array3<f32>, nh: usize, nw: usize) -> Result<Array3<f32>, String> {
-    use fast_image_resize::{images::Image, FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+    use fast_image_resize::{
+        images::Image, FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer,
+    };
     let (h, w, c) = img.dim();
     if c != 3 || h == 0 || w == 0 || nh == 0 || nw == 0 {
         return Err(format!("cannot resize a {h}x{w}x{c} image to {nh}x{nw}"));
     }
     let mut src: Vec<f32> = img.as_standard_layout().iter().copied().collect();
     let mut dst = vec![0f32; nh * nw * 3];
-    let src_img = Image::from_slice_u8(w as u32, h as u32, bytemuck::cast_slice_mut(&mut src), PixelType::F32x3).map_err(|e| e.to_string())?;
-    let mut dst_img = Image::from_slice_u8(nw as u32, nh as u32, bytemuck::cast_slice_mut(&mut dst), PixelType::F32x3).map_err(|e| e.to_string())?;
+    let src_img = Image::from_slice_u8(
+        w as u32,
+        h as u32,
+        bytemuck::cast_slice_mut(&mut src),
+        PixelType::F32x3,
+    )
+    .map_err(|e| e.to_string())?;
+    let mut dst_img = Image::from_slice_u8(
+        nw as u32,
+        nh as u32,
+        bytemuck::cast_slice_mut(&mut dst),
+        PixelType::F32x3,
+    )
+    .map_err(|e| e.to_string())?;
     let opts = ResizeOptions::new().resize_alg(ResizeAlg::Interpolation(FilterType::Bilinear));
-    Resizer::new().resize(&src_img, &mut dst_img, &opts).map_err(|e| e.to_string())?;
+    Resizer::new()
+        .resize(&src_img, &mut dst_img, &opts)
+        .map_err(|e| e.to_string())?;
     Array3::from_shape_vec((nh, nw, 3), dst).map_err(|e| e.to_string())
 }
 
@@ -449,12 +579,22 @@ pub fn resize_nearest(m: &Array2<u8>, nh: usize, nw: usize) -> Array2<u8> {
 fn resize(s: &mut Sample, nh: usize, nw: usize, clip: bool) -> Result<(), DataError> {
     let (h, w) = s.img_shape;
     if let Some(img) = s.img.as_ref() {
-        s.img = Some(resize_bilinear(img, nh, nw).map_err(|reason| DataError::File { path: s.img_path.clone(), reason })?);
+        s.img = Some(
+            resize_bilinear(img, nh, nw).map_err(|reason| DataError::File {
+                path: s.img_path.clone(),
+                reason,
+            })?,
+        );
     }
     let (fx, fy) = (nw as f64 / w as f64, nh as f64 / h as f64);
     for inst in &mut s.instances {
         let b = &mut inst.bbox;
-        *b = [(b[0] as f64 * fx) as f32, (b[1] as f64 * fy) as f32, (b[2] as f64 * fx) as f32, (b[3] as f64 * fy) as f32];
+        *b = [
+            (b[0] as f64 * fx) as f32,
+            (b[1] as f64 * fy) as f32,
+            (b[2] as f64 * fx) as f32,
+            (b[3] as f64 * fy) as f32,
+        ];
         if clip {
             b[0] = b[0].clamp(0.0, nw as f32);
             b[2] = b[2].clamp(0.0, nw as f32);
@@ -499,7 +639,13 @@ fn flip_horizontal(s: &mut Sample) {
     s.flip = !s.flip;
 }
 
-fn random_crop(s: &mut Sample, [ch, cw]: [usize; 2], cat_max_ratio: f64, ignore: u8, rng: &mut dyn RngCore) {
+fn random_crop(
+    s: &mut Sample,
+    [ch, cw]: [usize; 2],
+    cat_max_ratio: f64,
+    ignore: u8,
+    rng: &mut dyn RngCore,
+) {
     let (h, w) = s.img_shape;
     let pick = |rng: &mut dyn RngCore| -> (usize, usize) {
         let (mh, mw) = (h.saturating_sub(ch), w.saturating_sub(cw));
@@ -595,7 +741,14 @@ pub fn hsv_to_rgb(h: f32, s: f32, v: f32) -> (f32, f32, f32) {
 /// mmdet's `PhotoMetricDistortion` on a float image: each step applied with probability 1/2 —
 /// brightness `+U(±delta)`, contrast `×U(range)` (before or after the HSV steps, 50/50),
 /// saturation `×U(range)`, hue `+U(±delta)` degrees (wrapped) — then clamped to [0, 255].
-fn photometric(img: &mut Array3<f32>, bdelta: f64, contrast: [f64; 2], sat: [f64; 2], hue: f64, rng: &mut dyn RngCore) {
+fn photometric(
+    img: &mut Array3<f32>,
+    bdelta: f64,
+    contrast: [f64; 2],
+    sat: [f64; 2],
+    hue: f64,
+    rng: &mut dyn RngCore,
+) {
     if rng.random::<bool>() {
         let d = rng.random_range(-bdelta..=bdelta) as f32;
         img.mapv_inplace(|v| v + d);
@@ -610,8 +763,12 @@ fn photometric(img: &mut Array3<f32>, bdelta: f64, contrast: [f64; 2], sat: [f64
     if contrast_first {
         contrast_step(img, rng);
     }
-    let sat_f = rng.random::<bool>().then(|| rng.random_range(sat[0]..=sat[1]) as f32);
-    let hue_d = rng.random::<bool>().then(|| rng.random_range(-hue..=hue) as f32);
+    let sat_f = rng
+        .random::<bool>()
+        .then(|| rng.random_range(sat[0]..=sat[1]) as f32);
+    let hue_d = rng
+        .random::<bool>()
+        .then(|| rng.random_range(-hue..=hue) as f32);
     if sat_f.is_some() || hue_d.is_some() {
         for mut px in img.lanes_mut(Axis(2)) {
             let (mut h, mut s, v) = rgb_to_hsv(px[0], px[1], px[2]);

@@ -15,7 +15,12 @@ fn assets() -> PathBuf {
 
 fn mini_coco(split: &str, opts: &CocoOptions) -> CocoDataset {
     let root = assets().join("mini_coco");
-    CocoDataset::load(&root.join(format!("annotations/instances_{split}.json")), &root.join("images"), opts).unwrap()
+    CocoDataset::load(
+        &root.join(format!("annotations/instances_{split}.json")),
+        &root.join("images"),
+        opts,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -41,8 +46,16 @@ fn coco_reader_maps_categories_and_crowds() {
     assert_eq!(crowd, 6, "README: 6 crowd annotations in train");
     assert!(total > 500);
     // filter_empty_gt drops images without non-crowd objects, and nothing else.
-    let filtered = mini_coco("train", &CocoOptions { filter_empty_gt: true, ..Default::default() });
-    let empty = (0..ds.len()).filter(|&i| !ds.sample(i).ann_instances.iter().any(|x| !x.ignore)).count();
+    let filtered = mini_coco(
+        "train",
+        &CocoOptions {
+            filter_empty_gt: true,
+            ..Default::default()
+        },
+    );
+    let empty = (0..ds.len())
+        .filter(|&i| !ds.sample(i).ann_instances.iter().any(|x| !x.ignore))
+        .count();
     assert_eq!(filtered.len(), ds.len() - empty);
 }
 
@@ -53,36 +66,76 @@ fn coco_reader_maps_categories_and_crowds() {
 fn masks_match_pycocotools_areas() {
     let (mut checked, mut rle_crowds) = (0, 0);
     for case in ["bbox", "segm", "edge_segm"] {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/eval/coco").join(case).join("gt.json");
-        let raw: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/fixtures/eval/coco")
+            .join(case)
+            .join("gt.json");
+        let raw: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         let sizes: std::collections::HashMap<u64, (u32, u32)> = raw["images"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|i| (i["id"].as_u64().unwrap(), (i["height"].as_u64().unwrap() as u32, i["width"].as_u64().unwrap() as u32)))
+            .map(|i| {
+                (
+                    i["id"].as_u64().unwrap(),
+                    (
+                        i["height"].as_u64().unwrap() as u32,
+                        i["width"].as_u64().unwrap() as u32,
+                    ),
+                )
+            })
             .collect();
         for a in raw["annotations"].as_array().unwrap() {
-            let Some(segv) = a.get("segmentation") else { continue };
+            let Some(segv) = a.get("segmentation") else {
+                continue;
+            };
             let seg: hotcoco::types::Segmentation = serde_json::from_value(segv.clone()).unwrap();
             let (h, w) = sizes[&a["image_id"].as_u64().unwrap()];
             let m = segmentation_to_mask(&seg, h, w).unwrap();
             assert_eq!(m.dim(), (h as usize, w as usize));
             let px: u64 = m.iter().map(|&v| v as u64).sum();
-            assert_eq!(px as f64, a["area"].as_f64().unwrap(), "{case} annotation {}", a["id"]);
-            rle_crowds += matches!(seg, hotcoco::types::Segmentation::UncompressedRle { .. }) as usize;
+            assert_eq!(
+                px as f64,
+                a["area"].as_f64().unwrap(),
+                "{case} annotation {}",
+                a["id"]
+            );
+            rle_crowds +=
+                matches!(seg, hotcoco::types::Segmentation::UncompressedRle { .. }) as usize;
             if a["iscrowd"].as_u64() == Some(0) {
-                let bbox: Vec<f64> = a["bbox"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
-                let ys: Vec<usize> = (0..h as usize).filter(|&y| m.row(y).iter().any(|&v| v > 0)).collect();
-                let xs: Vec<usize> = (0..w as usize).filter(|&x| m.column(x).iter().any(|&v| v > 0)).collect();
+                let bbox: Vec<f64> = a["bbox"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap())
+                    .collect();
+                let ys: Vec<usize> = (0..h as usize)
+                    .filter(|&y| m.row(y).iter().any(|&v| v > 0))
+                    .collect();
+                let xs: Vec<usize> = (0..w as usize)
+                    .filter(|&x| m.column(x).iter().any(|&v| v > 0))
+                    .collect();
                 // Orientation only (a transposed mask is off by hundreds of pixels); a sharp polygon
                 // vertex may cover no pixel of its row, hence 2 px. Exactness is the area check above.
-                assert!((ys[0] as f64 - bbox[1]).abs() <= 2.0 && (xs[0] as f64 - bbox[0]).abs() <= 2.0, "{case} annotation {} orientation: rows {}..{} cols {}..{} bbox {bbox:?}", a["id"], ys[0], ys[ys.len()-1], xs[0], xs[xs.len()-1]);
+                assert!(
+                    (ys[0] as f64 - bbox[1]).abs() <= 2.0 && (xs[0] as f64 - bbox[0]).abs() <= 2.0,
+                    "{case} annotation {} orientation: rows {}..{} cols {}..{} bbox {bbox:?}",
+                    a["id"],
+                    ys[0],
+                    ys[ys.len() - 1],
+                    xs[0],
+                    xs[xs.len() - 1]
+                );
             }
             checked += 1;
         }
     }
     assert!(checked > 100);
-    assert!(rle_crowds >= 6, "uncompressed-RLE crowds covered: {rle_crowds}");
+    assert!(
+        rle_crowds >= 6,
+        "uncompressed-RLE crowds covered: {rle_crowds}"
+    );
 }
 
 fn pipeline(toml_src: &str) -> Pipeline {
@@ -100,7 +153,9 @@ fn resize_flip_pad_move_boxes_and_masks_with_the_image() {
     assert_eq!(target_size((480, 640), [1333.0, 800.0], true), (800, 1067));
     assert_eq!(target_size((640, 480), [320.0, 320.0], false), (320, 320));
     let ds = mini_coco("val", &CocoOptions::default());
-    let i = (0..ds.len()).find(|&i| ds.sample(i).ann_instances.len() >= 2).unwrap();
+    let i = (0..ds.len())
+        .find(|&i| ds.sample(i).ann_instances.len() >= 2)
+        .unwrap();
     let p = pipeline(
         r#"
 [[pipeline]]
@@ -129,7 +184,10 @@ type = "PackDetInputs"
     let (h, w) = s.img_shape;
     assert_eq!(h.max(w), 320);
     assert_eq!((s.pad_shape.0 % 32, s.pad_shape.1 % 32), (0, 0));
-    assert_eq!(s.img.as_ref().unwrap().dim(), (s.pad_shape.0, s.pad_shape.1, 3));
+    assert_eq!(
+        s.img.as_ref().unwrap().dim(),
+        (s.pad_shape.0, s.pad_shape.1, 3)
+    );
     assert!(s.flip);
     let (fx, fy) = s.scale_factor;
     let masks = s.masks.as_ref().unwrap();
@@ -143,13 +201,20 @@ type = "PackDetInputs"
             // The mask's pixels lie inside the transformed box (nearest resampling: ±2 px).
             for ((y, x), &v) in m.indexed_iter() {
                 if v > 0 {
-                    assert!(x as f32 >= b.bbox[0] - 2.0 && x as f32 <= b.bbox[2] + 2.0 && y as f32 >= b.bbox[1] - 2.0 && y as f32 <= b.bbox[3] + 2.0);
+                    assert!(
+                        x as f32 >= b.bbox[0] - 2.0
+                            && x as f32 <= b.bbox[2] + 2.0
+                            && y as f32 >= b.bbox[1] - 2.0
+                            && y as f32 <= b.bbox[3] + 2.0
+                    );
                 }
             }
         }
     }
     // Flipping back restores the pixels.
-    let again = pipeline("[[pipeline]]\ntype = \"RandomFlip\"\nprob = 1.0\n").apply(s.clone(), &mut rng).unwrap();
+    let again = pipeline("[[pipeline]]\ntype = \"RandomFlip\"\nprob = 1.0\n")
+        .apply(s.clone(), &mut rng)
+        .unwrap();
     let (ph, pw) = s.pad_shape;
     let a = again.img.unwrap();
     let o = s.img.unwrap();
@@ -160,7 +225,14 @@ type = "PackDetInputs"
 #[test]
 fn segmentation_pipeline_crop_photometric_normalize() {
     let root = assets().join("mini_ade");
-    let ds = Ade20kDataset::load(&root, &root.join("images/training"), &root.join("annotations/training"), None, true).unwrap();
+    let ds = Ade20kDataset::load(
+        &root,
+        &root.join("images/training"),
+        &root.join("annotations/training"),
+        None,
+        true,
+    )
+    .unwrap();
     assert_eq!(ds.len(), 50);
     assert_eq!(ds.metainfo().classes.len(), 133);
     let p = pipeline(
@@ -200,7 +272,10 @@ type = "PackSegInputs"
         let s = p.apply(ds.sample(i), &mut rng).unwrap();
         let seg = s.gt_seg_map.as_ref().unwrap();
         assert_eq!(seg.dim(), (96, 96));
-        assert!(seg.iter().all(|&v| v < 133 || v == 255), "labels reduced into 0..133 or ignored");
+        assert!(
+            seg.iter().all(|&v| v < 133 || v == 255),
+            "labels reduced into 0..133 or ignored"
+        );
         let img = s.img.as_ref().unwrap();
         assert_eq!(img.dim(), (96, 96, 3));
         let max = img.iter().cloned().fold(f32::MIN, f32::max);
@@ -237,9 +312,22 @@ type = "RandomFlip"
     ))
     .unwrap();
     let (ds, pipe, skip) = cfg.dataset.build().unwrap();
-    let mk = |workers: usize| DataLoader { dataset: ds.clone(), pipeline: pipe.clone(), batch_size: cfg.batch_size, num_workers: workers, shuffle: true, drop_last: false, seed: 7, prefetch: 2, skip_invalid: skip };
+    let mk = |workers: usize| DataLoader {
+        dataset: ds.clone(),
+        pipeline: pipe.clone(),
+        batch_size: cfg.batch_size,
+        num_workers: workers,
+        shuffle: true,
+        drop_last: false,
+        seed: 7,
+        prefetch: 2,
+        skip_invalid: skip,
+    };
     let summary = |l: &DataLoader, epoch: u64| -> Vec<(u64, (usize, usize), bool)> {
-        l.epoch(epoch).flat_map(|b| b.unwrap()).map(|s| (s.img_id, s.img_shape, s.flip)).collect()
+        l.epoch(epoch)
+            .flat_map(|b| b.unwrap())
+            .map(|s| (s.img_id, s.img_shape, s.flip))
+            .collect()
     };
     let a = summary(&mk(2), 0);
     assert_eq!(a.len(), 32);
@@ -248,7 +336,10 @@ type = "RandomFlip"
     let l = mk(2);
     assert_eq!(l.num_batches(), 11);
     let batch = l.epoch(0).next().unwrap().unwrap();
-    let norm = Normalization { mean: [123.675, 116.28, 103.53], std: [58.395, 57.12, 57.375] };
+    let norm = Normalization {
+        mean: [123.675, 116.28, 103.53],
+        std: [58.395, 57.12, 57.375],
+    };
     let b = collate(batch, Some(&norm), 32, &candle_core::Device::Cpu).unwrap();
     let d = b.images.dims().to_vec();
     assert_eq!((d[0], d[1], d[2] % 32, d[3] % 32), (3, 3, 0, 0));
@@ -273,30 +364,95 @@ fn coco_json(anns: &str) -> String {
 fn bad_annotations_are_named_errors() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
-        (r#"{"id": 11, "image_id": 1, "category_id": 3, "bbox": [60, 45, 5, 5], "area": 25}"#, "annotation id 11", "bbox", "outside"),
-        (r#"{"id": 12, "image_id": 1, "category_id": 3, "bbox": [1, 1, -5, 5], "area": 25}"#, "annotation id 12", "bbox", "non-positive"),
-        (r#"{"id": 16, "image_id": 1, "category_id": 3, "bbox": [1, 1, 0, 5], "area": 25}"#, "annotation id 16", "bbox", "non-positive"),
-        (r#"{"id": 13, "image_id": 1, "category_id": 3, "bbox": [1, 1, 5, 5], "area": 25, "segmentation": [[1, 1, 2, 2]]}"#, "annotation id 13", "segmentation", "polygon"),
-        (r#"{"id": 14, "image_id": 9, "category_id": 3, "bbox": [1, 1, 5, 5], "area": 25}"#, "annotation id 14", "image_id", "no image"),
-        (r#"{"id": 15, "image_id": 1, "category_id": 77, "bbox": [1, 1, 5, 5], "area": 25}"#, "annotation id 15", "category_id", "no category"),
+        (
+            r#"{"id": 11, "image_id": 1, "category_id": 3, "bbox": [60, 45, 5, 5], "area": 25}"#,
+            "annotation id 11",
+            "bbox",
+            "outside",
+        ),
+        (
+            r#"{"id": 12, "image_id": 1, "category_id": 3, "bbox": [1, 1, -5, 5], "area": 25}"#,
+            "annotation id 12",
+            "bbox",
+            "non-positive",
+        ),
+        (
+            r#"{"id": 16, "image_id": 1, "category_id": 3, "bbox": [1, 1, 0, 5], "area": 25}"#,
+            "annotation id 16",
+            "bbox",
+            "non-positive",
+        ),
+        (
+            r#"{"id": 13, "image_id": 1, "category_id": 3, "bbox": [1, 1, 5, 5], "area": 25, "segmentation": [[1, 1, 2, 2]]}"#,
+            "annotation id 13",
+            "segmentation",
+            "polygon",
+        ),
+        (
+            r#"{"id": 14, "image_id": 9, "category_id": 3, "bbox": [1, 1, 5, 5], "area": 25}"#,
+            "annotation id 14",
+            "image_id",
+            "no image",
+        ),
+        (
+            r#"{"id": 15, "image_id": 1, "category_id": 77, "bbox": [1, 1, 5, 5], "area": 25}"#,
+            "annotation id 15",
+            "category_id",
+            "no category",
+        ),
     ];
     for (ann, record, field, what) in cases {
         let f = write(dir.path(), "ann.json", &coco_json(ann));
         let err = CocoDataset::load(&f, dir.path(), &CocoOptions::default()).unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, DataError::Record { .. }), "{msg}");
-        assert!(msg.contains("ann.json") && msg.contains(record) && msg.contains(field) && msg.contains(what), "{msg}");
+        assert!(
+            msg.contains("ann.json")
+                && msg.contains(record)
+                && msg.contains(field)
+                && msg.contains(what),
+            "{msg}"
+        );
     }
     // skip_invalid: warning, skipped and counted (box/polygon problems).
-    let f = write(dir.path(), "ann.json", &coco_json(&[cases[0].0, cases[1].0, r#"{"id": 20, "image_id": 1, "category_id": 3, "bbox": [1, 1, 5, 5], "area": 25}"#].join(",")));
-    let ds = CocoDataset::load(&f, dir.path(), &CocoOptions { skip_invalid: true, ..Default::default() }).unwrap();
+    let f = write(
+        dir.path(),
+        "ann.json",
+        &coco_json(
+            &[
+                cases[0].0,
+                cases[1].0,
+                r#"{"id": 20, "image_id": 1, "category_id": 3, "bbox": [1, 1, 5, 5], "area": 25}"#,
+            ]
+            .join(","),
+        ),
+    );
+    let ds = CocoDataset::load(
+        &f,
+        dir.path(),
+        &CocoOptions {
+            skip_invalid: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(ds.skipped, 2);
     assert_eq!(ds.dropped_tiny, 0);
     assert_eq!(ds.sample(0).ann_instances.len(), 1);
     // Malformed JSON and a missing file.
     let f = write(dir.path(), "broken.json", "{\"images\": [");
-    assert!(CocoDataset::load(&f, dir.path(), &CocoOptions::default()).unwrap_err().to_string().contains("broken.json"));
-    assert!(CocoDataset::load(&dir.path().join("nope.json"), dir.path(), &CocoOptions::default()).unwrap_err().to_string().contains("nope.json"));
+    assert!(CocoDataset::load(&f, dir.path(), &CocoOptions::default())
+        .unwrap_err()
+        .to_string()
+        .contains("broken.json"));
+    assert!(CocoDataset::load(
+        &dir.path().join("nope.json"),
+        dir.path(),
+        &CocoOptions::default()
+    )
+    .unwrap_err()
+    .to_string()
+    .contains("nope.json"));
 }
 
 #[test]
@@ -305,7 +461,13 @@ fn bad_files_are_named_errors() {
     // A truncated JPEG.
     let bytes = std::fs::read(assets().join("mini_coco/images/000000000009.jpg")).unwrap();
     std::fs::write(dir.path().join("a.jpg"), &bytes[..bytes.len() / 3]).unwrap();
-    let f = write(dir.path(), "ann.json", &coco_json(r#"{"id": 20, "image_id": 1, "category_id": 3, "bbox": [1, 1, 5, 5], "area": 25}"#));
+    let f = write(
+        dir.path(),
+        "ann.json",
+        &coco_json(
+            r#"{"id": 20, "image_id": 1, "category_id": 3, "bbox": [1, 1, 5, 5], "area": 25}"#,
+        ),
+    );
     let ds = CocoDataset::load(&f, dir.path(), &CocoOptions::default()).unwrap();
     let p = pipeline("[[pipeline]]\ntype = \"LoadImageFromFile\"\n");
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
@@ -323,15 +485,38 @@ fn bad_files_are_named_errors() {
     let seg_root = dir.path().join("ade");
     std::fs::create_dir_all(seg_root.join("img")).unwrap();
     std::fs::create_dir_all(seg_root.join("ann")).unwrap();
-    std::fs::copy(assets().join("ade20k_samples/images/validation/ADE_val_00000001.jpg"), seg_root.join("img/x.jpg")).unwrap();
-    image::GrayImage::new(7, 5).save(seg_root.join("ann/x.png")).unwrap();
-    let ds = Ade20kDataset::load(&seg_root, &seg_root.join("img"), &seg_root.join("ann"), None, true).unwrap();
-    let p = pipeline("[[pipeline]]\ntype = \"LoadImageFromFile\"\n[[pipeline]]\ntype = \"LoadAnnotations\"\n");
+    std::fs::copy(
+        assets().join("ade20k_samples/images/validation/ADE_val_00000001.jpg"),
+        seg_root.join("img/x.jpg"),
+    )
+    .unwrap();
+    image::GrayImage::new(7, 5)
+        .save(seg_root.join("ann/x.png"))
+        .unwrap();
+    let ds = Ade20kDataset::load(
+        &seg_root,
+        &seg_root.join("img"),
+        &seg_root.join("ann"),
+        None,
+        true,
+    )
+    .unwrap();
+    let p = pipeline(
+        "[[pipeline]]\ntype = \"LoadImageFromFile\"\n[[pipeline]]\ntype = \"LoadAnnotations\"\n",
+    );
     let e = p.apply(ds.sample(0), &mut rng).unwrap_err().to_string();
     assert!(e.contains("x.png") && e.contains("7x5"), "{e}");
     // An image without a label map.
     std::fs::remove_file(seg_root.join("ann/x.png")).unwrap();
-    let e = Ade20kDataset::load(&seg_root, &seg_root.join("img"), &seg_root.join("ann"), None, true).unwrap_err().to_string();
+    let e = Ade20kDataset::load(
+        &seg_root,
+        &seg_root.join("img"),
+        &seg_root.join("ann"),
+        None,
+        true,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("x.png") && e.contains("no label map"), "{e}");
     // A typo in a transform is a config error naming the key.
     #[derive(serde::Deserialize, Debug)]
@@ -339,7 +524,9 @@ fn bad_files_are_named_errors() {
     struct P {
         pipeline: Vec<TransformConfig>,
     }
-    let e = toml::from_str::<P>("[[pipeline]]\ntype = \"Resize\"\nscal = [1, 2]\n").unwrap_err().to_string();
+    let e = toml::from_str::<P>("[[pipeline]]\ntype = \"Resize\"\nscal = [1, 2]\n")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("scal"), "{e}");
 }
 
@@ -349,12 +536,23 @@ fn annotations_loaded_after_resize_stay_at_original_scale() {
     let ds = mini_coco("val", &CocoOptions::default());
     let p = pipeline("[[pipeline]]\ntype = \"LoadImageFromFile\"\n[[pipeline]]\ntype = \"Resize\"\nscale = [160, 160]\nkeep_ratio = true\n[[pipeline]]\ntype = \"LoadAnnotations\"\n");
     let src = ds.sample(0);
-    let s = p.apply(src.clone(), &mut rand::rngs::StdRng::seed_from_u64(0)).unwrap();
+    let s = p
+        .apply(src.clone(), &mut rand::rngs::StdRng::seed_from_u64(0))
+        .unwrap();
     assert!(s.img_shape.0.max(s.img_shape.1) == 160 && s.scale_factor.0 < 1.0);
     assert_eq!(s.instances, src.ann_instances);
     let root = assets().join("mini_ade");
-    let ade = Ade20kDataset::load(&root, &root.join("images/validation"), &root.join("annotations/validation"), None, true).unwrap();
-    let s = p.apply(ade.sample(0), &mut rand::rngs::StdRng::seed_from_u64(0)).unwrap();
+    let ade = Ade20kDataset::load(
+        &root,
+        &root.join("images/validation"),
+        &root.join("annotations/validation"),
+        None,
+        true,
+    )
+    .unwrap();
+    let s = p
+        .apply(ade.sample(0), &mut rand::rngs::StdRng::seed_from_u64(0))
+        .unwrap();
     assert_eq!(s.gt_seg_map.unwrap().dim(), s.ori_shape);
 }
 
@@ -364,13 +562,20 @@ fn annotations_loaded_after_resize_stay_at_original_scale() {
 fn bilinear_resize_conventions() {
     use densepred_datasets::transforms::resize_bilinear;
     let flat = ndarray::Array3::from_elem((10, 12, 3), 77.0f32);
-    assert!(resize_bilinear(&flat, 5, 7).unwrap().iter().all(|&v| (v - 77.0).abs() < 1e-3));
+    assert!(resize_bilinear(&flat, 5, 7)
+        .unwrap()
+        .iter()
+        .all(|&v| (v - 77.0).abs() < 1e-3));
     let ramp = ndarray::Array3::from_shape_fn((4, 8, 3), |(_, x, _)| x as f32);
     let up = resize_bilinear(&ramp, 4, 16).unwrap();
     // Output pixel x samples input coordinate (x + 0.5) / 2 − 0.5, clamped at the borders.
     for x in 0..16 {
         let want = (((x as f32 + 0.5) / 2.0) - 0.5).clamp(0.0, 7.0);
-        assert!((up[(1, x, 0)] - want).abs() < 1e-3, "x {x}: {} vs {want}", up[(1, x, 0)]);
+        assert!(
+            (up[(1, x, 0)] - want).abs() < 1e-3,
+            "x {x}: {} vs {want}",
+            up[(1, x, 0)]
+        );
     }
     assert!(resize_bilinear(&ndarray::Array3::zeros((3, 3, 1)), 2, 2).is_err());
 }

@@ -42,21 +42,45 @@ pub fn load(path: &Path) -> Result<Table, ConfigError> {
 }
 
 fn load_inner(path: &Path, stack: &mut Vec<PathBuf>) -> Result<Table, ConfigError> {
-    let canon = path.canonicalize().map_err(|e| ConfigError::File { path: path.into(), reason: e.to_string() })?;
+    let canon = path.canonicalize().map_err(|e| ConfigError::File {
+        path: path.into(),
+        reason: e.to_string(),
+    })?;
     if stack.contains(&canon) {
-        return Err(ConfigError::File { path: path.into(), reason: "_base_ inheritance cycle".into() });
+        return Err(ConfigError::File {
+            path: path.into(),
+            reason: "_base_ inheritance cycle".into(),
+        });
     }
     stack.push(canon);
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File { path: path.into(), reason: e.to_string() })?;
-    let mut own: Table = toml::from_str(&text).map_err(|e| ConfigError::File { path: path.into(), reason: format!("invalid TOML: {e}") })?;
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        path: path.into(),
+        reason: e.to_string(),
+    })?;
+    let mut own: Table = toml::from_str(&text).map_err(|e| ConfigError::File {
+        path: path.into(),
+        reason: format!("invalid TOML: {e}"),
+    })?;
     let bases = match own.remove("_base_") {
         None => vec![],
         Some(Value::String(s)) => vec![s],
         Some(Value::Array(a)) => a
             .into_iter()
-            .map(|v| v.as_str().map(String::from).ok_or_else(|| ConfigError::File { path: path.into(), reason: "_base_ must list file paths".into() }))
+            .map(|v| {
+                v.as_str()
+                    .map(String::from)
+                    .ok_or_else(|| ConfigError::File {
+                        path: path.into(),
+                        reason: "_base_ must list file paths".into(),
+                    })
+            })
             .collect::<Result<_, _>>()?,
-        Some(_) => return Err(ConfigError::File { path: path.into(), reason: "_base_ must be a path or a list of paths".into() }),
+        Some(_) => {
+            return Err(ConfigError::File {
+                path: path.into(),
+                reason: "_base_ must be a path or a list of paths".into(),
+            })
+        }
     };
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut merged = Table::new();
@@ -74,7 +98,11 @@ pub fn merge(base: &mut Table, over: Table) {
     for (k, v) in over {
         match (base.get_mut(&k), v) {
             (Some(Value::Table(bt)), Value::Table(mut ot)) => {
-                if ot.remove("_delete_").and_then(|d| d.as_bool()).unwrap_or(false) {
+                if ot
+                    .remove("_delete_")
+                    .and_then(|d| d.as_bool())
+                    .unwrap_or(false)
+                {
                     strip_delete(&mut ot);
                     *bt = ot;
                 } else {
@@ -106,19 +134,26 @@ fn strip_delete(t: &mut Table) {
 pub fn parse_value(v: &str) -> Value {
     let wrapped = format!("v = {v}");
     match toml::from_str::<Table>(&wrapped) {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| Value::String(v.to_string())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| Value::String(v.to_string())),
         Err(_) => Value::String(v.to_string()),
     }
 }
 
 /// Applies one `key.path=value` override.
 pub fn set(cfg: &mut Table, assignment: &str) -> Result<(), ConfigError> {
-    let (key, value) = assignment.split_once('=').ok_or_else(|| ConfigError::Override(format!("{assignment:?}: expected key.path=value")))?;
+    let (key, value) = assignment
+        .split_once('=')
+        .ok_or_else(|| ConfigError::Override(format!("{assignment:?}: expected key.path=value")))?;
     let parts: Vec<&str> = key.trim().split('.').collect();
     if parts.iter().any(|p| p.is_empty()) {
-        return Err(ConfigError::Override(format!("{assignment:?}: empty key segment")));
+        return Err(ConfigError::Override(format!(
+            "{assignment:?}: empty key segment"
+        )));
     }
-    set_in_table(cfg, &parts, parse_value(value.trim())).map_err(|e| ConfigError::Override(format!("{assignment:?}: {e}")))
+    set_in_table(cfg, &parts, parse_value(value.trim()))
+        .map_err(|e| ConfigError::Override(format!("{assignment:?}: {e}")))
 }
 
 fn set_in_table(t: &mut Table, parts: &[&str], value: Value) -> Result<(), String> {
@@ -127,7 +162,9 @@ fn set_in_table(t: &mut Table, parts: &[&str], value: Value) -> Result<(), Strin
         t.insert(head.to_string(), value);
         return Ok(());
     }
-    let child = t.entry(head.to_string()).or_insert_with(|| Value::Table(Table::new()));
+    let child = t
+        .entry(head.to_string())
+        .or_insert_with(|| Value::Table(Table::new()));
     set_in_value(child, head, rest, value)
 }
 
@@ -135,9 +172,16 @@ fn set_in_value(v: &mut Value, name: &str, parts: &[&str], value: Value) -> Resu
     match v {
         Value::Table(t) => set_in_table(t, parts, value),
         Value::Array(a) => {
-            let idx: usize = parts[0].parse().map_err(|_| format!("{name} is an array; index it with a number, not {:?}", parts[0]))?;
+            let idx: usize = parts[0].parse().map_err(|_| {
+                format!(
+                    "{name} is an array; index it with a number, not {:?}",
+                    parts[0]
+                )
+            })?;
             let len = a.len();
-            let slot = a.get_mut(idx).ok_or_else(|| format!("index {idx} of {name} out of range (length {len})"))?;
+            let slot = a
+                .get_mut(idx)
+                .ok_or_else(|| format!("index {idx} of {name} out of range (length {len})"))?;
             if parts.len() == 1 {
                 *slot = value;
                 Ok(())
@@ -160,7 +204,17 @@ pub fn load_with_overrides(path: &Path, overrides: &[String]) -> Result<Table, C
 
 /// Deserialises the table at `key` (e.g. `train_dataloader`) into `T`, naming the file and key on
 /// error (unknown fields included, through `deny_unknown_fields`).
-pub fn section<T: serde::de::DeserializeOwned>(cfg: &Table, key: &str, path: &Path) -> Result<T, ConfigError> {
-    let v = cfg.get(key).ok_or_else(|| ConfigError::Invalid { path: path.into(), reason: format!("no [{key}] table") })?;
-    v.clone().try_into().map_err(|e| ConfigError::Invalid { path: path.into(), reason: format!("[{key}]: {e}") })
+pub fn section<T: serde::de::DeserializeOwned>(
+    cfg: &Table,
+    key: &str,
+    path: &Path,
+) -> Result<T, ConfigError> {
+    let v = cfg.get(key).ok_or_else(|| ConfigError::Invalid {
+        path: path.into(),
+        reason: format!("no [{key}] table"),
+    })?;
+    v.clone().try_into().map_err(|e| ConfigError::Invalid {
+        path: path.into(),
+        reason: format!("[{key}]: {e}"),
+    })
 }

@@ -1,3 +1,4 @@
 //! densepred-heads: detection / segmentation heads and mmdetection's task modules.
 
+pub mod dense;
 pub mod task;

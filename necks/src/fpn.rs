@@ -106,9 +106,24 @@ fn conv(vb: VarBuilder, cin: usize, cout: usize, k: usize, stride: usize) -> Res
     let fan_in = (cin * k * k) as f64;
     let fan_out = (cout * k * k) as f64;
     let bound = (6.0 / (fan_in + fan_out)).sqrt();
-    let weight = vb.get_with_hints((cout, cin, k, k), "weight", Init::Uniform { lo: -bound, up: bound })?;
+    let weight = vb.get_with_hints(
+        (cout, cin, k, k),
+        "weight",
+        Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+    )?;
     let bias = vb.get_with_hints(cout, "bias", Init::Const(0.0))?;
-    Ok(Conv2d { weight, bias: Some(bias), cfg: ConvCfg { stride, padding: k / 2, ..Default::default() } })
+    Ok(Conv2d {
+        weight,
+        bias: Some(bias),
+        cfg: ConvCfg {
+            stride,
+            padding: k / 2,
+            ..Default::default()
+        },
+    })
 }
 
 /// `F.max_pool2d(x, 1, stride=2)`, i.e. every other pixel: `(B, C, H, W)` →
@@ -118,7 +133,10 @@ fn subsample2(x: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let x = x.pad_with_zeros(2, 0, h % 2)?.pad_with_zeros(3, 0, w % 2)?;
     let (h2, w2) = (h.div_ceil(2), w.div_ceil(2));
-    x.reshape((b, c, h2, 2, w2, 2))?.narrow(3, 0, 1)?.narrow(5, 0, 1)?.reshape((b, c, h2, w2))
+    x.reshape((b, c, h2, 2, w2, 2))?
+        .narrow(3, 0, 1)?
+        .narrow(5, 0, 1)?
+        .reshape((b, c, h2, w2))
 }
 
 impl Fpn {
@@ -129,19 +147,34 @@ impl Fpn {
     /// upsampling mode.
     pub fn new(vb: VarBuilder, c: &FpnConfig) -> Result<Self> {
         let num_ins = c.in_channels.len();
-        let end = if c.end_level < 0 || c.end_level as usize == num_ins - 1 { num_ins } else { c.end_level as usize + 1 };
+        let end = if c.end_level < 0 || c.end_level as usize == num_ins - 1 {
+            num_ins
+        } else {
+            c.end_level as usize + 1
+        };
         if c.start_level >= end || end > num_ins {
-            candle_core::bail!("FPN: start_level {} / end_level {} do not fit {num_ins} inputs", c.start_level, c.end_level);
+            candle_core::bail!(
+                "FPN: start_level {} / end_level {} do not fit {num_ins} inputs",
+                c.start_level,
+                c.end_level
+            );
         }
         if c.end_level < 0 && c.num_outs < num_ins - c.start_level {
-            candle_core::bail!("FPN: num_outs {} < used inputs {}", c.num_outs, num_ins - c.start_level);
+            candle_core::bail!(
+                "FPN: num_outs {} < used inputs {}",
+                c.num_outs,
+                num_ins - c.start_level
+            );
         }
         if c.norm_cfg.is_some() {
             candle_core::bail!("FPN: norm_cfg is not supported yet");
         }
         if let Some(u) = &c.upsample_cfg {
             if u.mode != "nearest" {
-                candle_core::bail!("FPN: upsample_cfg.mode {:?} is not supported (only \"nearest\")", u.mode);
+                candle_core::bail!(
+                    "FPN: upsample_cfg.mode {:?} is not supported (only \"nearest\")",
+                    u.mode
+                );
             }
         }
         let extra = match &c.add_extra_convs {
@@ -151,21 +184,45 @@ impl Fpn {
                 "on_input" => ExtraSource::Input,
                 "on_lateral" => ExtraSource::Lateral,
                 "on_output" => ExtraSource::Output,
-                o => candle_core::bail!("FPN: add_extra_convs {o:?} must be on_input, on_lateral or on_output"),
+                o => candle_core::bail!(
+                    "FPN: add_extra_convs {o:?} must be on_input, on_lateral or on_output"
+                ),
             }),
         };
         let mut lateral_convs = Vec::new();
         let mut fpn_convs = Vec::new();
         for (j, i) in (c.start_level..end).enumerate() {
-            lateral_convs.push(conv(vb.pp("lateral_convs").pp(j).pp("conv"), c.in_channels[i], c.out_channels, 1, 1)?);
-            fpn_convs.push(conv(vb.pp("fpn_convs").pp(j).pp("conv"), c.out_channels, c.out_channels, 3, 1)?);
+            lateral_convs.push(conv(
+                vb.pp("lateral_convs").pp(j).pp("conv"),
+                c.in_channels[i],
+                c.out_channels,
+                1,
+                1,
+            )?);
+            fpn_convs.push(conv(
+                vb.pp("fpn_convs").pp(j).pp("conv"),
+                c.out_channels,
+                c.out_channels,
+                3,
+                1,
+            )?);
         }
         let extra_levels = (c.num_outs + c.start_level).saturating_sub(end);
         if let Some(src) = extra {
             for i in 0..extra_levels {
-                let cin = if i == 0 && src == ExtraSource::Input { c.in_channels[end - 1] } else { c.out_channels };
+                let cin = if i == 0 && src == ExtraSource::Input {
+                    c.in_channels[end - 1]
+                } else {
+                    c.out_channels
+                };
                 let j = fpn_convs.len();
-                fpn_convs.push(conv(vb.pp("fpn_convs").pp(j).pp("conv"), cin, c.out_channels, 3, 2)?);
+                fpn_convs.push(conv(
+                    vb.pp("fpn_convs").pp(j).pp("conv"),
+                    cin,
+                    c.out_channels,
+                    3,
+                    2,
+                )?);
             }
         }
         Ok(Self {
@@ -186,7 +243,11 @@ impl Fpn {
     pub fn forward(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
         let used = self.lateral_convs.len();
         if inputs.len() < self.backbone_end_level {
-            candle_core::bail!("FPN: {} inputs, expected {}", inputs.len(), self.backbone_end_level);
+            candle_core::bail!(
+                "FPN: {} inputs, expected {}",
+                inputs.len(),
+                self.backbone_end_level
+            );
         }
         let mut laterals = self
             .lateral_convs
@@ -199,7 +260,9 @@ impl Fpn {
             let up = resize_nearest(&laterals[i], h, w)?;
             laterals[i - 1] = (&laterals[i - 1] + up)?;
         }
-        let mut outs = (0..used).map(|i| self.fpn_convs[i].forward(&laterals[i])).collect::<Result<Vec<_>>>()?;
+        let mut outs = (0..used)
+            .map(|i| self.fpn_convs[i].forward(&laterals[i]))
+            .collect::<Result<Vec<_>>>()?;
         if self.num_outs > outs.len() {
             match self.extra {
                 None => {
@@ -217,7 +280,11 @@ impl Fpn {
                     outs.push(self.fpn_convs[used].forward(&source)?);
                     for i in used + 1..self.num_outs {
                         let prev = outs.last().expect("extra level");
-                        let x = if self.relu_before_extra_convs { prev.relu()? } else { prev.clone() };
+                        let x = if self.relu_before_extra_convs {
+                            prev.relu()?
+                        } else {
+                            prev.clone()
+                        };
                         outs.push(self.fpn_convs[i].forward(&x)?);
                     }
                 }
@@ -230,6 +297,11 @@ impl Fpn {
     /// doubles the stride).
     pub fn out_shapes(&self, inputs: &[ShapeSpec], out_channels: usize) -> Vec<ShapeSpec> {
         let first = inputs[self.start_level].stride;
-        (0..self.num_outs).map(|l| ShapeSpec { channels: out_channels, stride: first << l }).collect()
+        (0..self.num_outs)
+            .map(|l| ShapeSpec {
+                channels: out_channels,
+                stride: first << l,
+            })
+            .collect()
     }
 }

@@ -10,14 +10,24 @@ use std::path::Path;
 
 /// Parses the backbone table of `path`.
 pub fn read(path: &Path) -> Result<BackboneConfig> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read config", path.display()))?;
-    let value: toml::Table = toml::from_str(&text).with_context(|| format!("{}: invalid TOML", path.display()))?;
-    let table = match (value.get("backbone"), value.get("model").and_then(|m| m.get("backbone"))) {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read config", path.display()))?;
+    let value: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{}: invalid TOML", path.display()))?;
+    let table = match (
+        value.get("backbone"),
+        value.get("model").and_then(|m| m.get("backbone")),
+    ) {
         (Some(t), _) => t.clone(),
         (None, Some(t)) => t.clone(),
-        (None, None) => bail!("{}: no [backbone] or [model.backbone] table", path.display()),
+        (None, None) => bail!(
+            "{}: no [backbone] or [model.backbone] table",
+            path.display()
+        ),
     };
-    table.try_into().with_context(|| format!("{}: invalid [backbone] table", path.display()))
+    table
+        .try_into()
+        .with_context(|| format!("{}: invalid [backbone] table", path.display()))
 }
 
 /// A built backbone with its variables.
@@ -40,10 +50,21 @@ pub fn build(config: &Path, weights: Option<&Path>, device: &Device) -> Result<L
     let report = match weights {
         Some(w) => {
             let tensors = read_checkpoint(w)?;
-            Some(load_into(&vars, &tensors, &|k| Some(model.map_checkpoint_key(k)), true, w)?)
+            Some(load_into(
+                &vars,
+                &tensors,
+                &|k| Some(model.map_checkpoint_key(k)),
+                true,
+                w,
+            )?)
         }
         None => None,
     };
     let inference = AnyBackbone::new(vars.inference_var_builder(DType::F32, device), &cfg)?;
-    Ok(Loaded { model, inference, vars, report })
+    Ok(Loaded {
+        model,
+        inference,
+        vars,
+        report,
+    })
 }

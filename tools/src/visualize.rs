@@ -16,8 +16,14 @@ pub fn palette(i: usize) -> [u8; 3] {
 /// min–max stretched for display.
 pub fn to_rgb8(img: &Array3<f32>) -> RgbImage {
     let (h, w, _) = img.dim();
-    let (lo, hi) = img.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
-    let (off, scale) = if lo >= 0.0 && hi <= 255.0 { (0.0, 1.0) } else { (lo, 255.0 / (hi - lo).max(1e-6)) };
+    let (lo, hi) = img
+        .iter()
+        .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+    let (off, scale) = if lo >= 0.0 && hi <= 255.0 {
+        (0.0, 1.0)
+    } else {
+        (lo, 255.0 / (hi - lo).max(1e-6))
+    };
     RgbImage::from_fn(w as u32, h as u32, |x, y| {
         let p = |c| ((img[(y as usize, x as usize, c)] - off) * scale).clamp(0.0, 255.0) as u8;
         Rgb([p(0), p(1), p(2)])
@@ -27,7 +33,12 @@ pub fn to_rgb8(img: &Array3<f32>) -> RgbImage {
 /// Outline of a box `[x1, y1, x2, y2]`, 2 px wide.
 pub fn draw_box(img: &mut RgbImage, b: [f32; 4], color: [u8; 3]) {
     let (w, h) = (img.width() as i64, img.height() as i64);
-    let (x1, y1, x2, y2) = (b[0] as i64, b[1] as i64, (b[2] as i64).min(w - 1), (b[3] as i64).min(h - 1));
+    let (x1, y1, x2, y2) = (
+        b[0] as i64,
+        b[1] as i64,
+        (b[2] as i64).min(w - 1),
+        (b[3] as i64).min(h - 1),
+    );
     let mut put = |x: i64, y: i64| {
         if x >= 0 && y >= 0 && x < w && y < h {
             img.put_pixel(x as u32, y as u32, Rgb(color));
@@ -49,9 +60,16 @@ pub fn draw_box(img: &mut RgbImage, b: [f32; 4], color: [u8; 3]) {
 pub fn draw_text(img: &mut RgbImage, x: i64, y: i64, text: &str, bg: [u8; 3]) {
     let (w, h) = (img.width() as i64, img.height() as i64);
     let luminance = 0.299 * bg[0] as f32 + 0.587 * bg[1] as f32 + 0.114 * bg[2] as f32;
-    let fg = if luminance > 140.0 { [0, 0, 0] } else { [255, 255, 255] };
+    let fg = if luminance > 140.0 {
+        [0, 0, 0]
+    } else {
+        [255, 255, 255]
+    };
     for (i, ch) in text.chars().enumerate() {
-        let glyph = font8x8::BASIC_FONTS.get(ch).or_else(|| font8x8::BASIC_FONTS.get('?')).unwrap_or([0; 8]);
+        let glyph = font8x8::BASIC_FONTS
+            .get(ch)
+            .or_else(|| font8x8::BASIC_FONTS.get('?'))
+            .unwrap_or([0; 8]);
         for (gy, row) in glyph.iter().enumerate() {
             for gx in 0..8 {
                 let (px, py) = (x + i as i64 * 8 + gx, y + gy as i64);
@@ -93,5 +111,6 @@ pub fn blend_label_map(img: &mut RgbImage, map: &Array2<u8>, ignore: u8, alpha: 
 
 /// Saves a PNG atomically (see `densepred_core::io::write_atomic`).
 pub fn save_png(img: &RgbImage, path: &std::path::Path) -> anyhow::Result<()> {
-    densepred_core::io::write_atomic(path, |tmp| img.save(tmp).map_err(|e| e.to_string())).map_err(anyhow::Error::msg)
+    densepred_core::io::write_atomic(path, |tmp| img.save(tmp).map_err(|e| e.to_string()))
+        .map_err(anyhow::Error::msg)
 }

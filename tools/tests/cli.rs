@@ -10,13 +10,25 @@ fn root() -> PathBuf {
 
 fn fixture() -> PathBuf {
     let p = root().join("../shared/fixtures/backbones/smt_small.safetensors");
-    assert!(p.exists(), "missing {} (../shared must sit beside the checkout)", p.display());
+    assert!(
+        p.exists(),
+        "missing {} (../shared must sit beside the checkout)",
+        p.display()
+    );
     p
 }
 
 fn densepred(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_densepred")).args(args).current_dir(root()).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(env!("CARGO_BIN_EXE_densepred"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn load(p: &Path) -> std::collections::HashMap<String, Tensor> {
@@ -25,7 +37,16 @@ fn load(p: &Path) -> std::collections::HashMap<String, Tensor> {
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// `features` reproduces the official outputs (the ≤ 2.5e-5 gate of `smt_parity.rs`) from both a
@@ -37,12 +58,25 @@ fn features_match_official_outputs_from_safetensors_and_pth() {
     for weights in [fixture(), root().join("tests/data/smt_small_model.pth")] {
         let out = dir.path().join("out.safetensors");
         let (ok, stdout, stderr) = densepred(&[
-            "features", "--backbone", "tests/data/smt_small.toml", "--weights", weights.to_str().unwrap(),
-            "--input", fixture().to_str().unwrap(), "--out", out.to_str().unwrap(),
+            "features",
+            "--backbone",
+            "tests/data/smt_small.toml",
+            "--weights",
+            weights.to_str().unwrap(),
+            "--input",
+            fixture().to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
         ]);
         assert!(ok, "{stdout}{stderr}");
         let got = load(&out);
-        for k in ["__stage1__", "__stage2__", "__stage3__", "__stage4__", "__logits__"] {
+        for k in [
+            "__stage1__",
+            "__stage2__",
+            "__stage3__",
+            "__stage4__",
+            "__logits__",
+        ] {
             let err = max_abs(&got[k], &want[k]);
             assert!(err <= 2.5e-5, "{}: {k} differs by {err}", weights.display());
         }
@@ -54,7 +88,15 @@ fn features_match_official_outputs_from_safetensors_and_pth() {
 fn features_on_an_image_creates_the_output_folder() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("work_dirs/sub/features.safetensors");
-    let (ok, stdout, stderr) = densepred(&["features", "--backbone", "tests/data/smt_small.toml", "--image", "assets/mini_coco/images/000000000009.jpg", "--out", out.to_str().unwrap()]);
+    let (ok, stdout, stderr) = densepred(&[
+        "features",
+        "--backbone",
+        "tests/data/smt_small.toml",
+        "--image",
+        "assets/mini_coco/images/000000000009.jpg",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(ok, "{stdout}{stderr}");
     let t = load(&out);
     // 640x480 image: stage 1 is (1, 16, 120, 160) for this config.
@@ -66,7 +108,12 @@ fn features_on_an_image_creates_the_output_folder() {
 fn convert_pth_to_safetensors_keeps_every_tensor() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("w.safetensors");
-    let (ok, stdout, stderr) = densepred(&["convert", "pth2safetensors", "tests/data/smt_small_model.pth", out.to_str().unwrap()]);
+    let (ok, stdout, stderr) = densepred(&[
+        "convert",
+        "pth2safetensors",
+        "tests/data/smt_small_model.pth",
+        out.to_str().unwrap(),
+    ]);
     assert!(ok, "{stdout}{stderr}");
     let got = load(&out);
     let want = load(&fixture());
@@ -75,14 +122,28 @@ fn convert_pth_to_safetensors_keeps_every_tensor() {
     for k in params {
         let (a, b) = (&got[k], &want[k]);
         assert_eq!(a.dtype(), b.dtype(), "{k}");
-        let d = (a.to_dtype(candle_core::DType::F64).unwrap() - b.to_dtype(candle_core::DType::F64).unwrap()).unwrap();
-        assert_eq!(d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap(), 0.0, "{k}");
+        let d = (a.to_dtype(candle_core::DType::F64).unwrap()
+            - b.to_dtype(candle_core::DType::F64).unwrap())
+        .unwrap();
+        assert_eq!(
+            d.abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap(),
+            0.0,
+            "{k}"
+        );
     }
 }
 
 #[test]
 fn analyze_params_prints_official_total() {
-    let (ok, stdout, stderr) = densepred(&["analyze", "params", "configs/backbones/smt-t_in1k.toml"]);
+    let (ok, stdout, stderr) =
+        densepred(&["analyze", "params", "configs/backbones/smt-t_in1k.toml"]);
     assert!(ok, "{stderr}");
     assert_eq!(stdout.lines().last().unwrap(), "total 11506536");
     assert!(stdout.contains("patch_embed1") && stdout.contains("head"));
@@ -90,7 +151,17 @@ fn analyze_params_prints_official_total() {
 
 #[test]
 fn benchmark_json_is_the_last_line() {
-    let (ok, stdout, stderr) = densepred(&["benchmark", "backbone", "tests/data/smt_small.toml", "--shape", "64x64", "--iters", "2", "--train", "--json"]);
+    let (ok, stdout, stderr) = densepred(&[
+        "benchmark",
+        "backbone",
+        "tests/data/smt_small.toml",
+        "--shape",
+        "64x64",
+        "--iters",
+        "2",
+        "--train",
+        "--json",
+    ]);
     assert!(ok, "{stderr}");
     let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert!(v["median_ms"].as_f64().unwrap() > 0.0);
@@ -113,18 +184,59 @@ fn bad_input_gives_clear_errors() {
     let f = fixture();
     let fx = f.to_str().unwrap();
     // Missing weights file.
-    let (ok, _, err) = densepred(&["features", "--backbone", "tests/data/smt_small.toml", "--weights", "nope.pth", "--input", fx, "--out", o]);
-    assert!(!ok && err.contains("nope.pth") && err.contains("no such file"), "{err}");
+    let (ok, _, err) = densepred(&[
+        "features",
+        "--backbone",
+        "tests/data/smt_small.toml",
+        "--weights",
+        "nope.pth",
+        "--input",
+        fx,
+        "--out",
+        o,
+    ]);
+    assert!(
+        !ok && err.contains("nope.pth") && err.contains("no such file"),
+        "{err}"
+    );
     // Misspelled config key.
     let cfg = dir.path().join("bad.toml");
-    std::fs::write(&cfg, "[backbone]\ntype = \"SMT\"\nvariant = \"t\"\ndepth = [1, 1, 1, 1]\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "[backbone]\ntype = \"SMT\"\nvariant = \"t\"\ndepth = [1, 1, 1, 1]\n",
+    )
+    .unwrap();
     let (ok, _, err) = densepred(&["analyze", "params", cfg.to_str().unwrap()]);
-    assert!(!ok && err.contains("bad.toml") && err.contains("depth"), "{err}");
+    assert!(
+        !ok && err.contains("bad.toml") && err.contains("depth"),
+        "{err}"
+    );
     // Weights of another model: shape mismatches listed by name.
-    let (ok, _, err) = densepred(&["features", "--backbone", "configs/backbones/smt-t.toml", "--weights", fx, "--input", fx, "--out", o]);
-    assert!(!ok && err.contains("shape mismatch for patch_embed1.conv.0.weight"), "{err}");
+    let (ok, _, err) = densepred(&[
+        "features",
+        "--backbone",
+        "configs/backbones/smt-t.toml",
+        "--weights",
+        fx,
+        "--input",
+        fx,
+        "--out",
+        o,
+    ]);
+    assert!(
+        !ok && err.contains("shape mismatch for patch_embed1.conv.0.weight"),
+        "{err}"
+    );
     // An input file without __input__.
-    let (ok, _, err) = densepred(&["features", "--backbone", "tests/data/smt_small.toml", "--input", "tests/data/smt_small_model.pth", "--out", o]);
+    let (ok, _, err) = densepred(&[
+        "features",
+        "--backbone",
+        "tests/data/smt_small.toml",
+        "--input",
+        "tests/data/smt_small_model.pth",
+        "--out",
+        o,
+    ]);
     assert!(!ok && err.contains("smt_small_model.pth"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
@@ -140,17 +252,36 @@ fn eval_coco_json_out_matches_pycocotools() {
     let out = dir.path().join("s.json");
     let case = eval_dir().join("coco/segm");
     let (ok, stdout, stderr) = densepred(&[
-        "eval", "coco", "--gt", case.join("gt.json").to_str().unwrap(), "--results", case.join("dets.json").to_str().unwrap(),
-        "--iou-type", "segm", "--json-out", out.to_str().unwrap(),
+        "eval",
+        "coco",
+        "--gt",
+        case.join("gt.json").to_str().unwrap(),
+        "--results",
+        case.join("dets.json").to_str().unwrap(),
+        "--iou-type",
+        "segm",
+        "--json-out",
+        out.to_str().unwrap(),
     ]);
     assert!(ok, "{stderr}");
-    assert!(stdout.contains("Average Precision  (AP) @[ IoU=0.50:0.95") || stdout.contains("Average Precision (AP) @[ IoU=0.50:0.95"), "{stdout}");
-    let got: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
-    let expected: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(case.join("expected.json")).unwrap()).unwrap();
+    assert!(
+        stdout.contains("Average Precision  (AP) @[ IoU=0.50:0.95")
+            || stdout.contains("Average Precision (AP) @[ IoU=0.50:0.95"),
+        "{stdout}"
+    );
+    let got: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(case.join("expected.json")).unwrap())
+            .unwrap();
     let want = expected["segm"]["pycocotools"]["stats"].as_array().unwrap();
-    let names = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"];
+    let names = [
+        "AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
+    ];
     for (name, w) in names.iter().zip(want) {
-        let g = got[*name].as_f64().unwrap_or_else(|| panic!("{name} missing"));
+        let g = got[*name]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{name} missing"));
         assert!((g - w.as_f64().unwrap()).abs() < 1e-6, "{name}: {g} vs {w}");
     }
     assert_eq!(got.as_object().unwrap().len(), 12);
@@ -162,12 +293,36 @@ fn eval_errors_name_file_record_and_field() {
     let case = eval_dir().join("coco/bbox");
     let bad = dir.path().join("bad.json");
     std::fs::write(&bad, r#"[{"image_id": 101, "category_id": 1, "bbox": [1, 2, 3, 4], "score": 0.5}, {"image_id": 999999, "category_id": 1, "bbox": [1, 2, 3, 4], "score": 0.5}]"#).unwrap();
-    let (ok, _, err) = densepred(&["eval", "coco", "--gt", case.join("gt.json").to_str().unwrap(), "--results", bad.to_str().unwrap()]);
-    assert!(!ok && err.contains("bad.json") && err.contains("image_id") && err.contains("999999"), "{err}");
-    let (ok, _, err) = densepred(&["eval", "coco", "--gt", "missing.json", "--results", bad.to_str().unwrap()]);
+    let (ok, _, err) = densepred(&[
+        "eval",
+        "coco",
+        "--gt",
+        case.join("gt.json").to_str().unwrap(),
+        "--results",
+        bad.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("bad.json") && err.contains("image_id") && err.contains("999999"),
+        "{err}"
+    );
+    let (ok, _, err) = densepred(&[
+        "eval",
+        "coco",
+        "--gt",
+        "missing.json",
+        "--results",
+        bad.to_str().unwrap(),
+    ]);
     assert!(!ok && err.contains("missing.json"), "{err}");
     std::fs::write(&bad, "{ not json").unwrap();
-    let (ok, _, err) = densepred(&["eval", "coco", "--gt", bad.to_str().unwrap(), "--results", bad.to_str().unwrap()]);
+    let (ok, _, err) = densepred(&[
+        "eval",
+        "coco",
+        "--gt",
+        bad.to_str().unwrap(),
+        "--results",
+        bad.to_str().unwrap(),
+    ]);
     assert!(!ok && err.contains("bad.json"), "{err}");
     assert!(!err.contains("panicked"));
 }
@@ -184,26 +339,60 @@ fn eval_seg_on_png_folders() {
         let p = e.unwrap().path();
         // A perfect prediction: the ground truth with "other" (0) replaced by class 1 (value 1).
         let img = image::open(&p).unwrap().to_luma8();
-        let fixed = image::ImageBuffer::from_fn(img.width(), img.height(), |x, y| image::Luma([img.get_pixel(x, y)[0].max(1)]));
+        let fixed = image::ImageBuffer::from_fn(img.width(), img.height(), |x, y| {
+            image::Luma([img.get_pixel(x, y)[0].max(1)])
+        });
         fixed.save(pred.join(p.file_name().unwrap())).unwrap();
     }
     let out = dir.path().join("m.json");
     let (ok, stdout, stderr) = densepred(&[
-        "eval", "seg", "--gt-dir", gt_dir.to_str().unwrap(), "--pred-dir", pred.to_str().unwrap(), "--num-classes", "150",
-        "--reduce-zero-label", "--json-out", out.to_str().unwrap(),
+        "eval",
+        "seg",
+        "--gt-dir",
+        gt_dir.to_str().unwrap(),
+        "--pred-dir",
+        pred.to_str().unwrap(),
+        "--num-classes",
+        "150",
+        "--reduce-zero-label",
+        "--json-out",
+        out.to_str().unwrap(),
     ]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("mIoU"));
-    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     assert_eq!(m["mIoU"].as_f64().unwrap(), 1.0);
     assert_eq!(m["aAcc"].as_f64().unwrap(), 1.0);
     assert_eq!(m["IoU"].as_array().unwrap().len(), 150);
-    assert!(m["IoU"].as_array().unwrap().iter().any(|v| v.is_null()), "absent classes are null");
+    assert!(
+        m["IoU"].as_array().unwrap().iter().any(|v| v.is_null()),
+        "absent classes are null"
+    );
     // Size mismatch.
-    let first = std::fs::read_dir(&pred).unwrap().next().unwrap().unwrap().path();
+    let first = std::fs::read_dir(&pred)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     image::GrayImage::new(3, 3).save(&first).unwrap();
-    let (ok, _, err) = densepred(&["eval", "seg", "--gt-dir", gt_dir.to_str().unwrap(), "--pred-dir", pred.to_str().unwrap(), "--num-classes", "150", "--reduce-zero-label"]);
-    assert!(!ok && err.contains(first.file_name().unwrap().to_str().unwrap()) && err.contains("differs"), "{err}");
+    let (ok, _, err) = densepred(&[
+        "eval",
+        "seg",
+        "--gt-dir",
+        gt_dir.to_str().unwrap(),
+        "--pred-dir",
+        pred.to_str().unwrap(),
+        "--num-classes",
+        "150",
+        "--reduce-zero-label",
+    ]);
+    assert!(
+        !ok && err.contains(first.file_name().unwrap().to_str().unwrap())
+            && err.contains("differs"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -211,20 +400,46 @@ fn browse_dataset_writes_pngs_and_names_config_errors() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("vis");
     let (ok, stdout, stderr) = densepred(&[
-        "browse-dataset", "configs/_base_/datasets/mini_coco_detection.toml", "--out-dir", out.to_str().unwrap(), "--limit", "2",
-        "--set", "train_dataloader.dataset.pipeline.1.with_mask=true",
+        "browse-dataset",
+        "configs/_base_/datasets/mini_coco_detection.toml",
+        "--out-dir",
+        out.to_str().unwrap(),
+        "--limit",
+        "2",
+        "--set",
+        "train_dataloader.dataset.pipeline.1.with_mask=true",
     ]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("wrote 2 images"));
-    let pngs: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().path()).collect();
+    let pngs: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     assert_eq!(pngs.len(), 2);
     let img = image::open(&pngs[0]).unwrap();
-    assert_eq!(img.width().max(img.height()), 320, "the pipeline's Resize was applied");
+    assert_eq!(
+        img.width().max(img.height()),
+        320,
+        "the pipeline's Resize was applied"
+    );
     // A misspelled key in an override is reported with the table and key.
     let (ok, _, err) = densepred(&[
-        "browse-dataset", "configs/_base_/datasets/mini_coco_detection.toml", "--out-dir", out.to_str().unwrap(), "--set", "train_dataloader.dataset.ann_fil=x.json",
+        "browse-dataset",
+        "configs/_base_/datasets/mini_coco_detection.toml",
+        "--out-dir",
+        out.to_str().unwrap(),
+        "--set",
+        "train_dataloader.dataset.ann_fil=x.json",
     ]);
-    assert!(!ok && err.contains("train_dataloader") && err.contains("ann_fil"), "{err}");
-    let (ok, _, err) = densepred(&["browse-dataset", "configs/backbones/smt-t.toml", "--out-dir", out.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("train_dataloader") && err.contains("ann_fil"),
+        "{err}"
+    );
+    let (ok, _, err) = densepred(&[
+        "browse-dataset",
+        "configs/backbones/smt-t.toml",
+        "--out-dir",
+        out.to_str().unwrap(),
+    ]);
     assert!(!ok && err.contains("train_dataloader"), "{err}");
 }

@@ -9,7 +9,9 @@
 //! `dL/dx = α_t·[(p − t)(1 − p_t)^γ − γ·ce·(1 − p_t)^(γ−1)·(2t − 1)·p(1 − p)]`.
 
 use super::{weight_reduce_loss, Reduction};
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor,
+};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -27,7 +29,11 @@ impl Focal {
         let ce = x.max(T::zero()) - x * t + (one + (-x.abs()).exp()).ln();
         let pt = p * t + (one - p) * (one - t);
         let a = T::from(self.alpha).unwrap_or(one);
-        let at = if self.alpha >= 0.0 { a * t + (one - a) * (one - t) } else { one };
+        let at = if self.alpha >= 0.0 {
+            a * t + (one - a) * (one - t)
+        } else {
+            one
+        };
         (p, ce, pt, at)
     }
 
@@ -53,7 +59,13 @@ impl Focal {
                 let q = one - pt;
                 let mod_g = q.powf(g);
                 // (1 − p_t)^(γ − 1) · γ, taken as 0 where 1 − p_t = 0 and γ ≥ 1.
-                let dmod = if q > T::zero() { g * q.powf(g - one) } else if self.gamma == 1.0 { one } else { T::zero() };
+                let dmod = if q > T::zero() {
+                    g * q.powf(g - one)
+                } else if self.gamma == 1.0 {
+                    one
+                } else {
+                    T::zero()
+                };
                 let dpt = (t + t - one) * p * (one - p);
                 gy * at * ((p - t) * mod_g - ce * dmod * dpt)
             })
@@ -70,19 +82,42 @@ impl CustomOp2 for Focal {
         "sigmoid-focal-loss"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         if l1.shape() != l2.shape() {
-            candle_core::bail!("focal loss: logits {:?} and targets {:?} differ", l1.shape(), l2.shape());
+            candle_core::bail!(
+                "focal loss: logits {:?} and targets {:?} differ",
+                l1.shape(),
+                l2.shape()
+            );
         }
         let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(t)) => CpuStorage::F32(self.forward(slice(x, l1)?, slice(t, l2)?)),
-            (CpuStorage::F64(x), CpuStorage::F64(t)) => CpuStorage::F64(self.forward(slice(x, l1)?, slice(t, l2)?)),
-            _ => candle_core::bail!("focal loss: expected f32/f64 of one dtype, got {:?}", s1.dtype()),
+            (CpuStorage::F32(x), CpuStorage::F32(t)) => {
+                CpuStorage::F32(self.forward(slice(x, l1)?, slice(t, l2)?))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(t)) => {
+                CpuStorage::F64(self.forward(slice(x, l1)?, slice(t, l2)?))
+            }
+            _ => candle_core::bail!(
+                "focal loss: expected f32/f64 of one dtype, got {:?}",
+                s1.dtype()
+            ),
         };
         Ok((out, l1.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, t: &Tensor, _res: &Tensor, gy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        _res: &Tensor,
+        gy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let gy = gy.contiguous()?;
         let gx = x.apply_op3_no_bwd(t, &gy, &FocalGrad(*self))?;
         Ok((Some(gx), None))
@@ -96,10 +131,22 @@ impl candle_core::CustomOp3 for FocalGrad {
         "sigmoid-focal-loss-grad"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(t), CpuStorage::F32(g)) => CpuStorage::F32(self.0.backward(slice(x, l1)?, slice(t, l2)?, slice(g, l3)?)),
-            (CpuStorage::F64(x), CpuStorage::F64(t), CpuStorage::F64(g)) => CpuStorage::F64(self.0.backward(slice(x, l1)?, slice(t, l2)?, slice(g, l3)?)),
+            (CpuStorage::F32(x), CpuStorage::F32(t), CpuStorage::F32(g)) => {
+                CpuStorage::F32(self.0.backward(slice(x, l1)?, slice(t, l2)?, slice(g, l3)?))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(t), CpuStorage::F64(g)) => {
+                CpuStorage::F64(self.0.backward(slice(x, l1)?, slice(t, l2)?, slice(g, l3)?))
+            }
             _ => candle_core::bail!("focal loss grad: expected f32/f64"),
         };
         Ok((out, l1.shape().clone()))
@@ -108,17 +155,29 @@ impl candle_core::CustomOp3 for FocalGrad {
 
 /// Element-wise focal loss of `logits` and `targets` (same shape; targets in [0, 1], one-hot for
 /// detection), differentiable in `logits`. `alpha < 0` disables the α balancing (torchvision).
-pub fn sigmoid_focal_loss_elementwise(logits: &Tensor, targets: &Tensor, gamma: f64, alpha: f64) -> Result<Tensor> {
+pub fn sigmoid_focal_loss_elementwise(
+    logits: &Tensor,
+    targets: &Tensor,
+    gamma: f64,
+    alpha: f64,
+) -> Result<Tensor> {
     let f = Focal { gamma, alpha };
     if logits.device().is_cpu() && matches!(logits.dtype(), DType::F32 | DType::F64) {
-        logits.contiguous()?.apply_op2(&targets.to_dtype(logits.dtype())?.contiguous()?, f)
+        logits
+            .contiguous()?
+            .apply_op2(&targets.to_dtype(logits.dtype())?.contiguous()?, f)
     } else {
         let t = targets.to_dtype(logits.dtype())?;
         let p = candle_nn::ops::sigmoid(logits)?;
-        let ce = ((logits.relu()? - (logits * &t)?)? + (logits.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
+        let ce =
+            ((logits.relu()? - (logits * &t)?)? + (logits.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
         let pt = ((&p * &t)? + (p.affine(-1.0, 1.0)? * t.affine(-1.0, 1.0)?)?)?;
         let m = pt.affine(-1.0, 1.0)?.powf(gamma)?;
-        let at = if alpha >= 0.0 { t.affine(2.0 * alpha - 1.0, 1.0 - alpha)? } else { t.ones_like()? };
+        let at = if alpha >= 0.0 {
+            t.affine(2.0 * alpha - 1.0, 1.0 - alpha)?
+        } else {
+            t.ones_like()?
+        };
         (ce * m)? * at
     }
 }

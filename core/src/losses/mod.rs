@@ -29,7 +29,12 @@ pub const AVG_FACTOR_EPS: f64 = f32::EPSILON as f64;
 /// * no `avg_factor`: reduce per `reduction`;
 /// * with `avg_factor`: `Mean` → `sum / (avg_factor + eps)`, `None` → unchanged, `Sum` → error (as
 ///   mmdetection raises).
-pub fn weight_reduce_loss(loss: &Tensor, weight: Option<&Tensor>, reduction: Reduction, avg_factor: Option<f64>) -> Result<Tensor> {
+pub fn weight_reduce_loss(
+    loss: &Tensor,
+    weight: Option<&Tensor>,
+    reduction: Reduction,
+    avg_factor: Option<f64>,
+) -> Result<Tensor> {
     let loss = match weight {
         Some(w) => loss.broadcast_mul(w)?,
         None => loss.clone(),
@@ -40,18 +45,33 @@ pub fn weight_reduce_loss(loss: &Tensor, weight: Option<&Tensor>, reduction: Red
         (None, Reduction::Sum) => loss.sum_all(),
         (Some(a), Reduction::Mean) => loss.sum_all()? / (a + AVG_FACTOR_EPS),
         (Some(_), Reduction::None) => Ok(loss),
-        (Some(_), Reduction::Sum) => candle_core::bail!("avg_factor can not be used with reduction=\"sum\""),
+        (Some(_), Reduction::Sum) => {
+            candle_core::bail!("avg_factor can not be used with reduction=\"sum\"")
+        }
     }
 }
 
 /// `|pred − target|` element-wise (mmdetection `l1_loss`), then [`weight_reduce_loss`].
-pub fn l1_loss(pred: &Tensor, target: &Tensor, weight: Option<&Tensor>, reduction: Reduction, avg_factor: Option<f64>) -> Result<Tensor> {
+pub fn l1_loss(
+    pred: &Tensor,
+    target: &Tensor,
+    weight: Option<&Tensor>,
+    reduction: Reduction,
+    avg_factor: Option<f64>,
+) -> Result<Tensor> {
     weight_reduce_loss(&(pred - target)?.abs()?, weight, reduction, avg_factor)
 }
 
 /// Smooth L1 (Girshick 2015): `0.5·d²/β` for `|d| < β`, else `|d| − 0.5·β` (mmdetection
 /// `smooth_l1_loss`; `beta = 0` is L1).
-pub fn smooth_l1_loss(pred: &Tensor, target: &Tensor, beta: f64, weight: Option<&Tensor>, reduction: Reduction, avg_factor: Option<f64>) -> Result<Tensor> {
+pub fn smooth_l1_loss(
+    pred: &Tensor,
+    target: &Tensor,
+    beta: f64,
+    weight: Option<&Tensor>,
+    reduction: Reduction,
+    avg_factor: Option<f64>,
+) -> Result<Tensor> {
     let d = (pred - target)?.abs()?;
     let loss = if beta > 0.0 {
         let quad = (d.sqr()? * (0.5 / beta))?;
@@ -65,7 +85,13 @@ pub fn smooth_l1_loss(pred: &Tensor, target: &Tensor, beta: f64, weight: Option<
 
 /// GIoU loss `1 − GIoU(pred_i, target_i)` for aligned `(N, 4)` xyxy boxes (mmdetection
 /// `giou_loss`, eps 1e-6), then [`weight_reduce_loss`] (`weight` `(N,)`).
-pub fn giou_loss(pred: &Tensor, target: &Tensor, weight: Option<&Tensor>, reduction: Reduction, avg_factor: Option<f64>) -> Result<Tensor> {
+pub fn giou_loss(
+    pred: &Tensor,
+    target: &Tensor,
+    weight: Option<&Tensor>,
+    reduction: Reduction,
+    avg_factor: Option<f64>,
+) -> Result<Tensor> {
     let g = bbox_overlaps(pred, target, OverlapMode::Giou, true, 1e-6)?;
     weight_reduce_loss(&g.affine(-1.0, 1.0)?, weight, reduction, avg_factor)
 }
@@ -73,8 +99,15 @@ pub fn giou_loss(pred: &Tensor, target: &Tensor, weight: Option<&Tensor>, reduct
 /// Binary cross-entropy with logits, element-wise and numerically stable:
 /// `max(x, 0) − x·t + log(1 + exp(−|x|))` (`F.binary_cross_entropy_with_logits`), then
 /// [`weight_reduce_loss`].
-pub fn binary_cross_entropy_with_logits(logits: &Tensor, target: &Tensor, weight: Option<&Tensor>, reduction: Reduction, avg_factor: Option<f64>) -> Result<Tensor> {
-    let loss = ((logits.relu()? - (logits * target)?)? + (logits.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
+pub fn binary_cross_entropy_with_logits(
+    logits: &Tensor,
+    target: &Tensor,
+    weight: Option<&Tensor>,
+    reduction: Reduction,
+    avg_factor: Option<f64>,
+) -> Result<Tensor> {
+    let loss =
+        ((logits.relu()? - (logits * target)?)? + (logits.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
     weight_reduce_loss(&loss, weight, reduction, avg_factor)
 }
 
@@ -100,10 +133,18 @@ pub fn cross_entropy(
 ) -> Result<Tensor> {
     let c = pred.dim(1)?;
     // Move classes last: (M, C).
-    let logits = if pred.rank() == 2 { pred.clone() } else { pred.flatten_from(2)?.transpose(1, 2)?.flatten_to(1)? };
+    let logits = if pred.rank() == 2 {
+        pred.clone()
+    } else {
+        pred.flatten_from(2)?.transpose(1, 2)?.flatten_to(1)?
+    };
     let labels: Vec<i64> = label.flatten_all()?.to_dtype(DType::I64)?.to_vec1()?;
     if logits.dim(0)? != labels.len() {
-        candle_core::bail!("cross_entropy: {} predictions for {} labels", logits.dim(0)?, labels.len());
+        candle_core::bail!(
+            "cross_entropy: {} predictions for {} labels",
+            logits.dim(0)?,
+            labels.len()
+        );
     }
     let ignore = ignore_index.unwrap_or(i64::MIN);
     let mut valid = Vec::with_capacity(labels.len());
@@ -143,9 +184,24 @@ pub fn cross_entropy(
 /// mmdetection's `mask_cross_entropy`: `pred` `(N, C, H, W)` mask logits, `target` `(N, H, W)`
 /// binary masks, `labels` `(N,)`: BCE-with-logits on the channel of each RoI's class, averaged over
 /// all pixels (`avg_factor` divides the sum instead).
-pub fn mask_cross_entropy(pred: &Tensor, target: &Tensor, labels: &Tensor, avg_factor: Option<f64>) -> Result<Tensor> {
+pub fn mask_cross_entropy(
+    pred: &Tensor,
+    target: &Tensor,
+    labels: &Tensor,
+    avg_factor: Option<f64>,
+) -> Result<Tensor> {
     let (n, _, h, w) = pred.dims4()?;
-    let idx = labels.to_dtype(DType::U32)?.reshape((n, 1, 1, 1))?.broadcast_as((n, 1, h, w))?.contiguous()?;
+    let idx = labels
+        .to_dtype(DType::U32)?
+        .reshape((n, 1, 1, 1))?
+        .broadcast_as((n, 1, h, w))?
+        .contiguous()?;
     let sel = pred.gather(&idx, 1)?.squeeze(1)?;
-    binary_cross_entropy_with_logits(&sel, &target.to_dtype(pred.dtype())?, None, Reduction::Mean, avg_factor)
+    binary_cross_entropy_with_logits(
+        &sel,
+        &target.to_dtype(pred.dtype())?,
+        None,
+        Reduction::Mean,
+        avg_factor,
+    )
 }

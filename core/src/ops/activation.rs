@@ -7,7 +7,9 @@
 //! below f32's rounding of the GELU output for |x| ≤ 4 and far below the 2.5e-5 parity gate —
 //! and in straight-line code the compiler vectorises. f64 inputs use the scalar libm `erf`.
 
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor,
+};
 use rayon::prelude::*;
 
 /// `erf(x)` for f32, rational approximation (Eigen's `generic_fast_erf_float` coefficients),
@@ -57,11 +59,13 @@ struct GeluErf;
 
 fn gelu_f32(v: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; v.len()];
-    out.par_chunks_mut(4096).zip(v.par_chunks(4096)).for_each(|(o, x)| {
-        for (o, &x) in o.iter_mut().zip(x) {
-            *o = 0.5 * x * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2));
-        }
-    });
+    out.par_chunks_mut(4096)
+        .zip(v.par_chunks(4096))
+        .for_each(|(o, x)| {
+            for (o, &x) in o.iter_mut().zip(x) {
+                *o = 0.5 * x * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2));
+            }
+        });
     out
 }
 
@@ -69,13 +73,15 @@ fn gelu_grad_f32(v: &[f32], g: &[f32]) -> Vec<f32> {
     // d/dx [x Φ(x)] = Φ(x) + x φ(x)
     let mut out = vec![0f32; v.len()];
     let c = 1.0 / (2.0 * std::f32::consts::PI).sqrt();
-    out.par_chunks_mut(4096).zip(v.par_chunks(4096).zip(g.par_chunks(4096))).for_each(|(o, (x, g))| {
-        for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
-            let cdf = 0.5 * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2));
-            let pdf = c * exp_f32(-0.5 * x * x);
-            *o = g * (cdf + x * pdf);
-        }
-    });
+    out.par_chunks_mut(4096)
+        .zip(v.par_chunks(4096).zip(g.par_chunks(4096)))
+        .for_each(|(o, (x, g))| {
+            for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
+                let cdf = 0.5 * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2));
+                let pdf = c * exp_f32(-0.5 * x * x);
+                *o = g * (cdf + x * pdf);
+            }
+        });
     out
 }
 
@@ -86,7 +92,10 @@ impl CustomOp1 for GeluErf {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         match s {
-            CpuStorage::F32(v) => Ok((CpuStorage::F32(gelu_f32(super::contiguous(v, l, "gelu: input")?)), l.shape().clone())),
+            CpuStorage::F32(v) => Ok((
+                CpuStorage::F32(gelu_f32(super::contiguous(v, l, "gelu: input")?)),
+                l.shape().clone(),
+            )),
             _ => candle_core::bail!("gelu: fast kernel is f32 only, got {:?}", s.dtype()),
         }
     }
@@ -103,10 +112,19 @@ impl candle_core::CustomOp2 for GeluErfGrad {
         "gelu-erf-fast-grad"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(g)) => Ok((
-                CpuStorage::F32(gelu_grad_f32(super::contiguous(x, l1, "gelu grad: x")?, super::contiguous(g, l2, "gelu grad: dy")?)),
+                CpuStorage::F32(gelu_grad_f32(
+                    super::contiguous(x, l1, "gelu grad: x")?,
+                    super::contiguous(g, l2, "gelu grad: dy")?,
+                )),
                 l1.shape().clone(),
             )),
             _ => candle_core::bail!("gelu grad: expected f32, got {:?}", s1.dtype()),

@@ -6,7 +6,9 @@
 //! same values, and reduce their gradients over trailing dimensions (candle's fast path) or with a
 //! gemm against a ones vector.
 
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor,
+};
 use rayon::prelude::*;
 
 /// Where the channel axis is.
@@ -44,37 +46,73 @@ impl ChannelOp {
     }
 }
 
-fn kernel<T: num_traits::Float + Send + Sync>(x: &[T], p: &[T], c: usize, inner: usize, kind: Kind) -> Vec<T> {
+fn kernel<T: num_traits::Float + Send + Sync>(
+    x: &[T],
+    p: &[T],
+    c: usize,
+    inner: usize,
+    kind: Kind,
+) -> Vec<T> {
     let mut out = vec![T::zero(); x.len()];
     let block = c * inner;
-    out.par_chunks_mut(block).zip(x.par_chunks(block)).for_each(|(o, x)| {
-        for ch in 0..c {
-            let v = p[ch];
-            let (os, xs) = if inner == 1 { (&mut o[ch..ch + 1], &x[ch..ch + 1]) } else { (&mut o[ch * inner..(ch + 1) * inner], &x[ch * inner..(ch + 1) * inner]) };
-            match kind {
-                Kind::Add => os.iter_mut().zip(xs).for_each(|(o, &x)| *o = x + v),
-                Kind::Mul => os.iter_mut().zip(xs).for_each(|(o, &x)| *o = x * v),
+    out.par_chunks_mut(block)
+        .zip(x.par_chunks(block))
+        .for_each(|(o, x)| {
+            for ch in 0..c {
+                let v = p[ch];
+                let (os, xs) = if inner == 1 {
+                    (&mut o[ch..ch + 1], &x[ch..ch + 1])
+                } else {
+                    (
+                        &mut o[ch * inner..(ch + 1) * inner],
+                        &x[ch * inner..(ch + 1) * inner],
+                    )
+                };
+                match kind {
+                    Kind::Add => os.iter_mut().zip(xs).for_each(|(o, &x)| *o = x + v),
+                    Kind::Mul => os.iter_mut().zip(xs).for_each(|(o, &x)| *o = x * v),
+                }
             }
-        }
-    });
+        });
     out
 }
 
-fn kernel_last<T: num_traits::Float + Send + Sync>(x: &[T], p: &[T], c: usize, kind: Kind) -> Vec<T> {
+fn kernel_last<T: num_traits::Float + Send + Sync>(
+    x: &[T],
+    p: &[T],
+    c: usize,
+    kind: Kind,
+) -> Vec<T> {
     let mut out = vec![T::zero(); x.len()];
-    out.par_chunks_mut(c * 64).zip(x.par_chunks(c * 64)).for_each(|(o, x)| {
-        for (orow, xrow) in o.chunks_mut(c).zip(x.chunks(c)) {
-            match kind {
-                Kind::Add => orow.iter_mut().zip(xrow).zip(p).for_each(|((o, &x), &v)| *o = x + v),
-                Kind::Mul => orow.iter_mut().zip(xrow).zip(p).for_each(|((o, &x), &v)| *o = x * v),
+    out.par_chunks_mut(c * 64)
+        .zip(x.par_chunks(c * 64))
+        .for_each(|(o, x)| {
+            for (orow, xrow) in o.chunks_mut(c).zip(x.chunks(c)) {
+                match kind {
+                    Kind::Add => orow
+                        .iter_mut()
+                        .zip(xrow)
+                        .zip(p)
+                        .for_each(|((o, &x), &v)| *o = x + v),
+                    Kind::Mul => orow
+                        .iter_mut()
+                        .zip(xrow)
+                        .zip(p)
+                        .for_each(|((o, &x), &v)| *o = x * v),
+                }
             }
-        }
-    });
+        });
     out
 }
 
 impl ChannelOp {
-    fn run<T: num_traits::Float + Send + Sync>(&self, x: &[T], p: &[T], c: usize, inner: usize) -> Vec<T> {
+    fn run<T: num_traits::Float + Send + Sync>(
+        &self,
+        x: &[T],
+        p: &[T],
+        c: usize,
+        inner: usize,
+    ) -> Vec<T> {
         match self.axis {
             Axis::Last => kernel_last(x, p, c, self.kind),
             Axis::Second => kernel(x, p, c, inner, self.kind),
@@ -87,20 +125,49 @@ impl CustomOp2 for ChannelOp {
         "channel-bias-scale"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (_, c, inner) = self.split(l1.shape())?;
         if l2.shape().elem_count() != c {
-            candle_core::bail!("channel op: parameter {:?} does not match {c} channels of {:?}", l2.shape(), l1.shape());
+            candle_core::bail!(
+                "channel op: parameter {:?} does not match {c} channels of {:?}",
+                l2.shape(),
+                l1.shape()
+            );
         }
         let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(p)) => CpuStorage::F32(self.run(super::contiguous(x, l1, "channel op: x")?, super::contiguous(p, l2, "channel op: parameter")?, c, inner)),
-            (CpuStorage::F64(x), CpuStorage::F64(p)) => CpuStorage::F64(self.run(super::contiguous(x, l1, "channel op: x")?, super::contiguous(p, l2, "channel op: parameter")?, c, inner)),
-            _ => candle_core::bail!("channel op: expected matching f32/f64 tensors, got {:?}", s1.dtype()),
+            (CpuStorage::F32(x), CpuStorage::F32(p)) => CpuStorage::F32(self.run(
+                super::contiguous(x, l1, "channel op: x")?,
+                super::contiguous(p, l2, "channel op: parameter")?,
+                c,
+                inner,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(p)) => CpuStorage::F64(self.run(
+                super::contiguous(x, l1, "channel op: x")?,
+                super::contiguous(p, l2, "channel op: parameter")?,
+                c,
+                inner,
+            )),
+            _ => candle_core::bail!(
+                "channel op: expected matching f32/f64 tensors, got {:?}",
+                s1.dtype()
+            ),
         };
         Ok((out, l1.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, p: &Tensor, _res: &Tensor, gy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        p: &Tensor,
+        _res: &Tensor,
+        gy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (outer, c, inner) = self.split(x.shape())?;
         let gy = gy.contiguous()?;
         let (gx, to_reduce) = match self.kind {
@@ -122,7 +189,9 @@ impl CustomOp2 for ChannelOp {
 
 fn apply(x: &Tensor, p: &Tensor, axis: Axis, kind: Kind) -> Result<Tensor> {
     if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
-        return x.contiguous()?.apply_op2(&p.contiguous()?, ChannelOp { axis, kind });
+        return x
+            .contiguous()?
+            .apply_op2(&p.contiguous()?, ChannelOp { axis, kind });
     }
     let c = p.elem_count();
     let shape: Vec<usize> = match axis {

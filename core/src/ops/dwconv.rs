@@ -16,7 +16,9 @@
 //! Planes are spread over threads with rayon (batch x channel for the forward pass and the input
 //! gradient, channels for the weight gradient, which sums over the batch).
 
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor,
+};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -36,7 +38,11 @@ impl DwConvParams {
     /// Stride 1, the given symmetric padding, dilation 1: the "same" convolution of an odd
     /// `k x k` kernel when `padding = k / 2`.
     pub fn same(padding: usize) -> Self {
-        Self { stride: (1, 1), padding: (padding, padding), dilation: (1, 1) }
+        Self {
+            stride: (1, 1),
+            padding: (padding, padding),
+            dilation: (1, 1),
+        }
     }
 }
 
@@ -83,13 +89,24 @@ impl Geom {
         }
         let oh = out_len(h, kh, p.stride.0, p.padding.0, p.dilation.0, "height")?;
         let ow = out_len(wd, kw, p.stride.1, p.padding.1, p.dilation.1, "width")?;
-        Ok(Self { b, c, h, w: wd, kh, kw, oh, ow, p })
+        Ok(Self {
+            b,
+            c,
+            h,
+            w: wd,
+            kh,
+            kw,
+            oh,
+            ow,
+            p,
+        })
     }
 
     /// Input row read by output row `oy` at kernel row `ky`, if inside the image.
     #[inline]
     fn in_row(&self, oy: usize, ky: usize) -> Option<usize> {
-        let iy = (oy * self.p.stride.0 + ky * self.p.dilation.0) as isize - self.p.padding.0 as isize;
+        let iy =
+            (oy * self.p.stride.0 + ky * self.p.dilation.0) as isize - self.p.padding.0 as isize;
         (iy >= 0 && (iy as usize) < self.h).then_some(iy as usize)
     }
 
@@ -101,14 +118,26 @@ impl Geom {
         let off = (kx * self.p.dilation.1) as isize - self.p.padding.1 as isize;
         let ox0 = if off >= 0 { 0 } else { (-off + sw - 1) / sw };
         let last = self.w as isize - 1 - off;
-        let ox1 = if last < 0 { 0 } else { (last / sw + 1).min(self.ow as isize) };
+        let ox1 = if last < 0 {
+            0
+        } else {
+            (last / sw + 1).min(self.ow as isize)
+        };
         (ox0 as usize, (ox1.max(ox0)) as usize, off)
     }
 }
 
 /// `out_row[ox0..ox1] (+)= wv * in_row[ox*sw + off]` for the valid columns.
 #[inline]
-fn axpy_row<T: Float>(out: &mut [T], inp: &[T], wv: T, ox0: usize, ox1: usize, off: isize, sw: usize) {
+fn axpy_row<T: Float>(
+    out: &mut [T],
+    inp: &[T],
+    wv: T,
+    ox0: usize,
+    ox1: usize,
+    off: isize,
+    sw: usize,
+) {
     if ox0 >= ox1 {
         return;
     }
@@ -128,7 +157,15 @@ fn axpy_row<T: Float>(out: &mut [T], inp: &[T], wv: T, ox0: usize, ox1: usize, o
 
 /// The adjoint of `axpy_row`: `in_row[ox*sw + off] += wv * out_row[ox]`.
 #[inline]
-fn axpy_row_adjoint<T: Float>(inp: &mut [T], out: &[T], wv: T, ox0: usize, ox1: usize, off: isize, sw: usize) {
+fn axpy_row_adjoint<T: Float>(
+    inp: &mut [T],
+    out: &[T],
+    wv: T,
+    ox0: usize,
+    ox1: usize,
+    off: isize,
+    sw: usize,
+) {
     if ox0 >= ox1 {
         return;
     }
@@ -169,21 +206,23 @@ fn forward_kernel<T: Float + Send + Sync>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> 
     let (plane_in, plane_out, kk) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
     let mut out = vec![T::zero(); g.b * g.c * plane_out];
     let cols: Vec<_> = (0..g.kw).map(|kx| g.col_range(kx)).collect();
-    out.par_chunks_mut(plane_out).enumerate().for_each(|(bc, o)| {
-        let c = bc % g.c;
-        let xin = &x[bc * plane_in..(bc + 1) * plane_in];
-        let wk = &w[c * kk..(c + 1) * kk];
-        for oy in 0..g.oh {
-            let orow = &mut o[oy * g.ow..(oy + 1) * g.ow];
-            for ky in 0..g.kh {
-                let Some(iy) = g.in_row(oy, ky) else { continue };
-                let irow = &xin[iy * g.w..(iy + 1) * g.w];
-                for (kx, &(ox0, ox1, off)) in cols.iter().enumerate() {
-                    axpy_row(orow, irow, wk[ky * g.kw + kx], ox0, ox1, off, g.p.stride.1);
+    out.par_chunks_mut(plane_out)
+        .enumerate()
+        .for_each(|(bc, o)| {
+            let c = bc % g.c;
+            let xin = &x[bc * plane_in..(bc + 1) * plane_in];
+            let wk = &w[c * kk..(c + 1) * kk];
+            for oy in 0..g.oh {
+                let orow = &mut o[oy * g.ow..(oy + 1) * g.ow];
+                for ky in 0..g.kh {
+                    let Some(iy) = g.in_row(oy, ky) else { continue };
+                    let irow = &xin[iy * g.w..(iy + 1) * g.w];
+                    for (kx, &(ox0, ox1, off)) in cols.iter().enumerate() {
+                        axpy_row(orow, irow, wk[ky * g.kw + kx], ox0, ox1, off, g.p.stride.1);
+                    }
                 }
             }
-        }
-    });
+        });
     out
 }
 
@@ -191,21 +230,31 @@ fn grad_input_kernel<T: Float + Send + Sync>(g: &Geom, gy: &[T], w: &[T]) -> Vec
     let (plane_in, plane_out, kk) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
     let mut gx = vec![T::zero(); g.b * g.c * plane_in];
     let cols: Vec<_> = (0..g.kw).map(|kx| g.col_range(kx)).collect();
-    gx.par_chunks_mut(plane_in).enumerate().for_each(|(bc, gi)| {
-        let c = bc % g.c;
-        let go = &gy[bc * plane_out..(bc + 1) * plane_out];
-        let wk = &w[c * kk..(c + 1) * kk];
-        for oy in 0..g.oh {
-            let orow = &go[oy * g.ow..(oy + 1) * g.ow];
-            for ky in 0..g.kh {
-                let Some(iy) = g.in_row(oy, ky) else { continue };
-                let irow = &mut gi[iy * g.w..(iy + 1) * g.w];
-                for (kx, &(ox0, ox1, off)) in cols.iter().enumerate() {
-                    axpy_row_adjoint(irow, orow, wk[ky * g.kw + kx], ox0, ox1, off, g.p.stride.1);
+    gx.par_chunks_mut(plane_in)
+        .enumerate()
+        .for_each(|(bc, gi)| {
+            let c = bc % g.c;
+            let go = &gy[bc * plane_out..(bc + 1) * plane_out];
+            let wk = &w[c * kk..(c + 1) * kk];
+            for oy in 0..g.oh {
+                let orow = &go[oy * g.ow..(oy + 1) * g.ow];
+                for ky in 0..g.kh {
+                    let Some(iy) = g.in_row(oy, ky) else { continue };
+                    let irow = &mut gi[iy * g.w..(iy + 1) * g.w];
+                    for (kx, &(ox0, ox1, off)) in cols.iter().enumerate() {
+                        axpy_row_adjoint(
+                            irow,
+                            orow,
+                            wk[ky * g.kw + kx],
+                            ox0,
+                            ox1,
+                            off,
+                            g.p.stride.1,
+                        );
+                    }
                 }
             }
-        }
-    });
+        });
     gx
 }
 
@@ -275,7 +324,13 @@ impl CustomOp2 for DwConv2d {
         "depthwise-conv2d"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let g = Geom::new(l1.shape(), l2.shape(), self.p)?;
         let out = with_pair(
             self.name(),
@@ -289,10 +344,28 @@ impl CustomOp2 for DwConv2d {
         Ok((out, Shape::from((g.b, g.c, g.oh, g.ow))))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let gx = grad.apply_op2_no_bwd(w, &DwConv2dGradInput { p: self.p, x_shape: x.shape().clone() })?;
-        let gw = x.apply_op2_no_bwd(&grad, &DwConv2dGradWeight { p: self.p, w_shape: w.shape().clone() })?;
+        let gx = grad.apply_op2_no_bwd(
+            w,
+            &DwConv2dGradInput {
+                p: self.p,
+                x_shape: x.shape().clone(),
+            },
+        )?;
+        let gw = x.apply_op2_no_bwd(
+            &grad,
+            &DwConv2dGradWeight {
+                p: self.p,
+                w_shape: w.shape().clone(),
+            },
+        )?;
         Ok((Some(gx), Some(gw)))
     }
 }
@@ -308,10 +381,20 @@ impl CustomOp2 for DwConv2dGradInput {
         "depthwise-conv2d-grad-input"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let g = Geom::new(&self.x_shape, l2.shape(), self.p)?;
         if l1.shape().dims() != [g.b, g.c, g.oh, g.ow] {
-            candle_core::bail!("{}: gradient shape {:?} does not match the output", self.name(), l1.shape());
+            candle_core::bail!(
+                "{}: gradient shape {:?} does not match the output",
+                self.name(),
+                l1.shape()
+            );
         }
         let out = with_pair(
             self.name(),
@@ -337,10 +420,20 @@ impl CustomOp2 for DwConv2dGradWeight {
         "depthwise-conv2d-grad-weight"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let g = Geom::new(l1.shape(), &self.w_shape, self.p)?;
         if l2.shape().dims() != [g.b, g.c, g.oh, g.ow] {
-            candle_core::bail!("{}: gradient shape {:?} does not match the output", self.name(), l2.shape());
+            candle_core::bail!(
+                "{}: gradient shape {:?} does not match the output",
+                self.name(),
+                l2.shape()
+            );
         }
         let out = with_pair(
             self.name(),
@@ -367,9 +460,15 @@ impl CustomOp2 for DwConv2dGradWeight {
 /// Errors: shapes that are not 4-D, a weight that is not `(C, 1, KH, KW)`, a kernel span larger
 /// than the padded input, mixed or non-float dtypes, or a device without a kernel (only CPU has one
 /// so far; other devices fall back to candle's grouped `conv2d`).
-pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, p: DwConvParams) -> Result<Tensor> {
+pub fn depthwise_conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    p: DwConvParams,
+) -> Result<Tensor> {
     let y = if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
-        x.contiguous()?.apply_op2(&weight.contiguous()?, DwConv2d { p })?
+        x.contiguous()?
+            .apply_op2(&weight.contiguous()?, DwConv2d { p })?
     } else {
         depthwise_conv2d_reference(x, weight, p)?
     };
@@ -386,7 +485,9 @@ pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, p: D
 /// supported by candle and give an error.
 pub fn depthwise_conv2d_reference(x: &Tensor, weight: &Tensor, p: DwConvParams) -> Result<Tensor> {
     if p.stride.0 != p.stride.1 || p.padding.0 != p.padding.1 || p.dilation.0 != p.dilation.1 {
-        candle_core::bail!("depthwise_conv2d_reference: candle's conv2d needs equal (h, w) parameters, got {p:?}");
+        candle_core::bail!(
+            "depthwise_conv2d_reference: candle's conv2d needs equal (h, w) parameters, got {p:?}"
+        );
     }
     let c = x.dim(1)?;
     x.conv2d(weight, p.padding.0, p.stride.0, p.dilation.0, c)

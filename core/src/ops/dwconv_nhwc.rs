@@ -11,7 +11,9 @@
 //! pre-activation; gradients for input, weight and bias.
 
 use super::activation::{erf_f32, exp_f32};
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -64,7 +66,16 @@ impl Act for f64 {
 
 /// `z = [x +] DW(x) + b` for one output row `(b, y)`: `out` has `W·C` values.
 #[inline]
-fn conv_row<T: Float>(g: &Geo, x: &[T], wt: &[T], bias: &[T], bi: usize, y: usize, residual: bool, out: &mut [T]) {
+fn conv_row<T: Float>(
+    g: &Geo,
+    x: &[T],
+    wt: &[T],
+    bias: &[T],
+    bi: usize,
+    y: usize,
+    residual: bool,
+    out: &mut [T],
+) {
     let (h, w, c, k) = (g.h, g.w, g.c, g.k);
     let p = k / 2;
     let plane = &x[bi * h * w * c..(bi + 1) * h * w * c];
@@ -87,7 +98,8 @@ fn conv_row<T: Float>(g: &Geo, x: &[T], wt: &[T], bias: &[T], bi: usize, y: usiz
                 if xi < 0 || xi >= w as isize {
                     continue;
                 }
-                let src = &plane[(yi as usize * w + xi as usize) * c..(yi as usize * w + xi as usize + 1) * c];
+                let src = &plane
+                    [(yi as usize * w + xi as usize) * c..(yi as usize * w + xi as usize + 1) * c];
                 let wk = &wt[(ky * k + kx) * c..(ky * k + kx + 1) * c];
                 for ((a, &v), &ww) in o.iter_mut().zip(src).zip(wk) {
                     *a = *a + ww * v;
@@ -113,7 +125,16 @@ fn forward<T: Act>(g: &Geo, x: &[T], w: &[T], b: &[T], mode: LocalMode) -> Vec<T
     let row = g.w * g.c;
     let mut out = vec![T::zero(); g.b * g.h * row];
     out.par_chunks_mut(row).enumerate().for_each(|(r, o)| {
-        conv_row(g, x, &wt, b, r / g.h, r % g.h, mode == LocalMode::ResidualGelu, o);
+        conv_row(
+            g,
+            x,
+            &wt,
+            b,
+            r / g.h,
+            r % g.h,
+            mode == LocalMode::ResidualGelu,
+            o,
+        );
         if mode == LocalMode::ResidualGelu {
             for v in o.iter_mut() {
                 *v = v.gelu();
@@ -124,7 +145,14 @@ fn forward<T: Act>(g: &Geo, x: &[T], w: &[T], b: &[T], mode: LocalMode) -> Vec<T
 }
 
 /// Returns `(dx, dw (C,1,k,k), db (C))`.
-fn backward<T: Act>(g: &Geo, x: &[T], w: &[T], b: &[T], dy: &[T], mode: LocalMode) -> (Vec<T>, Vec<T>, Vec<T>) {
+fn backward<T: Act>(
+    g: &Geo,
+    x: &[T],
+    w: &[T],
+    b: &[T],
+    dy: &[T],
+    mode: LocalMode,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
     let (c, k) = (g.c, g.k);
     let p = k / 2;
     let row = g.w * c;
@@ -161,7 +189,8 @@ fn backward<T: Act>(g: &Geo, x: &[T], w: &[T], b: &[T], dy: &[T], mode: LocalMod
                     if xs < 0 || xs >= g.w as isize {
                         continue;
                     }
-                    let src = &plane[yo as usize * row + xs as usize * c..yo as usize * row + (xs as usize + 1) * c];
+                    let src = &plane[yo as usize * row + xs as usize * c
+                        ..yo as usize * row + (xs as usize + 1) * c];
                     let wk = &wt[(ky * k + kx) * c..(ky * k + kx + 1) * c];
                     for ((a, &v), &ww) in out.iter_mut().zip(src).zip(wk) {
                         *a = *a + ww * v;
@@ -195,7 +224,8 @@ fn backward<T: Act>(g: &Geo, x: &[T], w: &[T], b: &[T], dy: &[T], mode: LocalMod
                             if xi < 0 || xi >= g.w as isize {
                                 continue;
                             }
-                            let src = &plane[yi as usize * row + xi as usize * c..yi as usize * row + (xi as usize + 1) * c];
+                            let src = &plane[yi as usize * row + xi as usize * c
+                                ..yi as usize * row + (xi as usize + 1) * c];
                             let acc = &mut gw[(ky * k + kx) * c..(ky * k + kx + 1) * c];
                             for ((a, &s), &dd) in acc.iter_mut().zip(src).zip(dv) {
                                 *a = *a + s * dd;
@@ -238,7 +268,11 @@ impl LocalConv {
         let (wc, one, k, k2) = w.dims4()?;
         let (h, wd) = self.hw;
         if n != h * wd || wc != c || one != 1 || k != k2 || k % 2 == 0 {
-            candle_core::bail!("token dwconv: tokens {:?} for {h}x{wd}, weight {:?} (needs (C, 1, k, k), odd k)", x.dims(), w.dims());
+            candle_core::bail!(
+                "token dwconv: tokens {:?} for {h}x{wd}, weight {:?} (needs (C, 1, k, k), odd k)",
+                x.dims(),
+                w.dims()
+            );
         }
         Ok(Geo { b, h, w: wd, c, k })
     }
@@ -249,17 +283,36 @@ impl CustomOp3 for LocalConv {
         "token-dwconv"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let g = self.geo(l1.shape(), l2.shape())?;
         let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => CpuStorage::F32(forward(&g, sl(x, l1)?, sl(w, l2)?, sl(b, l3)?, self.mode)),
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => CpuStorage::F64(forward(&g, sl(x, l1)?, sl(w, l2)?, sl(b, l3)?, self.mode)),
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
+                CpuStorage::F32(forward(&g, sl(x, l1)?, sl(w, l2)?, sl(b, l3)?, self.mode))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
+                CpuStorage::F64(forward(&g, sl(x, l1)?, sl(w, l2)?, sl(b, l3)?, self.mode))
+            }
             _ => candle_core::bail!("token dwconv: expected f32/f64, got {:?}", s1.dtype()),
         };
         Ok((out, l1.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = self.geo(x.shape(), w.shape())?;
         let dy = dy.contiguous()?;
         let dev = x.device();
@@ -270,7 +323,11 @@ impl CustomOp3 for LocalConv {
                 let bv: Vec<$t> = b.flatten_all()?.to_vec1()?;
                 let dv: Vec<$t> = dy.flatten_all()?.to_vec1()?;
                 let (dx, dw, db) = backward(&g, &xv, &wv, &bv, &dv, self.mode);
-                (Tensor::from_vec(dx, x.shape(), dev)?, Tensor::from_vec(dw, w.shape(), dev)?, Tensor::from_vec(db, b.shape(), dev)?)
+                (
+                    Tensor::from_vec(dx, x.shape(), dev)?,
+                    Tensor::from_vec(dw, w.shape(), dev)?,
+                    Tensor::from_vec(db, b.shape(), dev)?,
+                )
             }};
         }
         let (dx, dw, db) = match x.dtype() {
@@ -289,14 +346,29 @@ impl CustomOp3 for LocalConv {
 /// On devices other than the CPU it is composed of candle ops.
 ///
 /// Errors: shapes that do not fit `hw`, an even kernel.
-pub fn token_dwconv(x: &Tensor, weight: &Tensor, bias: &Tensor, hw: (usize, usize), mode: LocalMode) -> Result<Tensor> {
+pub fn token_dwconv(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    hw: (usize, usize),
+    mode: LocalMode,
+) -> Result<Tensor> {
     if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
-        return x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, LocalConv { hw, mode });
+        return x.contiguous()?.apply_op3(
+            &weight.contiguous()?,
+            &bias.contiguous()?,
+            LocalConv { hw, mode },
+        );
     }
     let (b, n, c) = x.dims3()?;
     let k = weight.dim(2)?;
     let map = x.transpose(1, 2)?.reshape((b, c, hw.0, hw.1))?;
-    let y = super::dwconv::depthwise_conv2d(&map, weight, Some(bias), super::dwconv::DwConvParams::same(k / 2))?;
+    let y = super::dwconv::depthwise_conv2d(
+        &map,
+        weight,
+        Some(bias),
+        super::dwconv::DwConvParams::same(k / 2),
+    )?;
     let y = y.reshape((b, c, n))?.transpose(1, 2)?.contiguous()?;
     match mode {
         LocalMode::Plain => Ok(y),

@@ -15,7 +15,12 @@ pub fn columns(b: &Tensor) -> Result<[Tensor; 4]> {
     if four != 4 {
         candle_core::bail!("boxes must be (N, 4), got {:?}", b.dims());
     }
-    Ok([b.narrow(1, 0, 1)?.squeeze(1)?, b.narrow(1, 1, 1)?.squeeze(1)?, b.narrow(1, 2, 1)?.squeeze(1)?, b.narrow(1, 3, 1)?.squeeze(1)?])
+    Ok([
+        b.narrow(1, 0, 1)?.squeeze(1)?,
+        b.narrow(1, 1, 1)?.squeeze(1)?,
+        b.narrow(1, 2, 1)?.squeeze(1)?,
+        b.narrow(1, 3, 1)?.squeeze(1)?,
+    ])
 }
 
 /// `(x2 − x1) · (y2 − y1)` per box: `(N, 4)` → `(N,)` (`torchvision.ops.box_area`; negative for
@@ -39,10 +44,18 @@ fn pairwise(a: &Tensor, b: &Tensor) -> Result<Pairwise> {
     let [bx1, by1, bx2, by2] = columns(b)?;
     let col = |t: &Tensor| t.unsqueeze(1);
     let row = |t: &Tensor| t.unsqueeze(0);
-    let iw = (col(&ax2)?.broadcast_minimum(&row(&bx2)?)? - col(&ax1)?.broadcast_maximum(&row(&bx1)?)?)?.relu()?;
-    let ih = (col(&ay2)?.broadcast_minimum(&row(&by2)?)? - col(&ay1)?.broadcast_maximum(&row(&by1)?)?)?.relu()?;
-    let ew = (col(&ax2)?.broadcast_maximum(&row(&bx2)?)? - col(&ax1)?.broadcast_minimum(&row(&bx1)?)?)?.relu()?;
-    let eh = (col(&ay2)?.broadcast_maximum(&row(&by2)?)? - col(&ay1)?.broadcast_minimum(&row(&by1)?)?)?.relu()?;
+    let iw = (col(&ax2)?.broadcast_minimum(&row(&bx2)?)?
+        - col(&ax1)?.broadcast_maximum(&row(&bx1)?)?)?
+    .relu()?;
+    let ih = (col(&ay2)?.broadcast_minimum(&row(&by2)?)?
+        - col(&ay1)?.broadcast_maximum(&row(&by1)?)?)?
+    .relu()?;
+    let ew = (col(&ax2)?.broadcast_maximum(&row(&bx2)?)?
+        - col(&ax1)?.broadcast_minimum(&row(&bx1)?)?)?
+    .relu()?;
+    let eh = (col(&ay2)?.broadcast_maximum(&row(&by2)?)?
+        - col(&ay1)?.broadcast_minimum(&row(&by1)?)?)?
+    .relu()?;
     Ok(Pairwise {
         inter: (iw * ih)?,
         area1: ((ax2 - ax1)? * (ay2 - ay1)?)?,
@@ -53,7 +66,10 @@ fn pairwise(a: &Tensor, b: &Tensor) -> Result<Pairwise> {
 }
 
 fn union(p: &Pairwise) -> Result<Tensor> {
-    p.area1.unsqueeze(1)?.broadcast_add(&p.area2.unsqueeze(0)?)? - &p.inter
+    p.area1
+        .unsqueeze(1)?
+        .broadcast_add(&p.area2.unsqueeze(0)?)?
+        - &p.inter
 }
 
 /// Pairwise IoU `(N, M)` of `a` `(N, 4)` and `b` `(M, 4)`: `inter / union`, no epsilon
@@ -106,7 +122,9 @@ pub fn complete_box_iou(a: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
         let v: Vec<f64> = w.iter().zip(&h).map(|(w, h)| (w / h).atan()).collect();
         Tensor::new(v, t.device())?.to_dtype(t.dtype())
     };
-    let d = aspect(a)?.unsqueeze(1)?.broadcast_sub(&aspect(b)?.unsqueeze(0)?)?;
+    let d = aspect(a)?
+        .unsqueeze(1)?
+        .broadcast_sub(&aspect(b)?.unsqueeze(0)?)?;
     let v = (d.sqr()? * (4.0 / (std::f64::consts::PI * std::f64::consts::PI)))?;
     let alpha = v.div(&((&v - &iou)? + (1.0 + eps))?)?.detach();
     diou - (alpha * v)?
@@ -132,18 +150,37 @@ pub enum OverlapMode {
 /// empty boxes give 0 rather than NaN (unlike [`box_iou`]).
 ///
 /// Errors: aligned inputs of different lengths.
-pub fn bbox_overlaps(a: &Tensor, b: &Tensor, mode: OverlapMode, aligned: bool, eps: f64) -> Result<Tensor> {
+pub fn bbox_overlaps(
+    a: &Tensor,
+    b: &Tensor,
+    mode: OverlapMode,
+    aligned: bool,
+    eps: f64,
+) -> Result<Tensor> {
     let [ax1, ay1, ax2, ay2] = columns(a)?;
     let [bx1, by1, bx2, by2] = columns(b)?;
     let (ax1, ay1, ax2, ay2, bx1, by1, bx2, by2) = if aligned {
         if a.dim(0)? != b.dim(0)? {
-            candle_core::bail!("bbox_overlaps aligned: {} vs {} boxes", a.dim(0)?, b.dim(0)?);
+            candle_core::bail!(
+                "bbox_overlaps aligned: {} vs {} boxes",
+                a.dim(0)?,
+                b.dim(0)?
+            );
         }
         (ax1, ay1, ax2, ay2, bx1, by1, bx2, by2)
     } else {
         let c = |t: Tensor| t.unsqueeze(1);
         let r = |t: Tensor| t.unsqueeze(0);
-        (c(ax1)?, c(ay1)?, c(ax2)?, c(ay2)?, r(bx1)?, r(by1)?, r(bx2)?, r(by2)?)
+        (
+            c(ax1)?,
+            c(ay1)?,
+            c(ax2)?,
+            c(ay2)?,
+            r(bx1)?,
+            r(by1)?,
+            r(bx2)?,
+            r(by2)?,
+        )
     };
     let area1 = ((&ax2 - &ax1)? * (&ay2 - &ay1)?)?;
     let area2 = ((&bx2 - &bx1)? * (&by2 - &by1)?)?;
@@ -164,4 +201,3 @@ pub fn bbox_overlaps(a: &Tensor, b: &Tensor, mode: OverlapMode, aligned: bool, e
     let enclose = (ew * eh)?.maximum(eps)?;
     ious - ((&enclose - &denom)? / &enclose)?
 }
-

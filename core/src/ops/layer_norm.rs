@@ -8,7 +8,9 @@
 //! `dx = rstd * (g - mean(g) - xh * mean(g * xh))`, `dgamma = sum(dy * xh)`, `dbeta = sum(dy)`.
 //! Variance is the biased one, as in `torch.nn.LayerNorm`.
 
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
+};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -24,14 +26,16 @@ fn ln_kernel<T: Float + Send + Sync>(x: &[T], g: &[T], b: &[T], dim: usize, eps:
     let mut out = vec![T::zero(); x.len()];
     let n = T::from(dim).unwrap_or_else(T::one);
     let eps = T::from(eps).unwrap_or_else(T::zero);
-    out.par_chunks_mut(dim).zip(x.par_chunks(dim)).for_each(|(o, xr)| {
-        let mean = super::reduce::sum(xr) / n;
-        let var = super::reduce::sum_sq_dev(xr, mean) / n;
-        let rstd = (var + eps).sqrt().recip();
-        for i in 0..dim {
-            o[i] = (xr[i] - mean) * rstd * g[i] + b[i];
-        }
-    });
+    out.par_chunks_mut(dim)
+        .zip(x.par_chunks(dim))
+        .for_each(|(o, xr)| {
+            let mean = super::reduce::sum(xr) / n;
+            let var = super::reduce::sum_sq_dev(xr, mean) / n;
+            let rstd = (var + eps).sqrt().recip();
+            for i in 0..dim {
+                o[i] = (xr[i] - mean) * rstd * g[i] + b[i];
+            }
+        });
     out
 }
 
@@ -59,13 +63,16 @@ impl CustomOp3 for LayerNormLastDim {
             );
         }
         let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(b)) => {
-                CpuStorage::F32(ln_kernel(slice(x, l1)?, slice(g, l2)?, slice(b, l3)?, dim, self.eps))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(b)) => {
-                CpuStorage::F64(ln_kernel(slice(x, l1)?, slice(g, l2)?, slice(b, l3)?, dim, self.eps))
-            }
-            _ => candle_core::bail!("layer_norm: expected f32 or f64 inputs of one dtype, got {:?}", s1.dtype()),
+            (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(b)) => CpuStorage::F32(
+                ln_kernel(slice(x, l1)?, slice(g, l2)?, slice(b, l3)?, dim, self.eps),
+            ),
+            (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(b)) => CpuStorage::F64(
+                ln_kernel(slice(x, l1)?, slice(g, l2)?, slice(b, l3)?, dim, self.eps),
+            ),
+            _ => candle_core::bail!(
+                "layer_norm: expected f32 or f64 inputs of one dtype, got {:?}",
+                s1.dtype()
+            ),
         };
         Ok((out, l1.shape().clone()))
     }
@@ -84,11 +91,18 @@ impl CustomOp3 for LayerNormLastDim {
         let g = dy.broadcast_mul(gamma)?;
         let mean_g = g.mean_keepdim(D::Minus1)?;
         let mean_gx = (&g * &xh)?.mean_keepdim(D::Minus1)?;
-        let dx = g.broadcast_sub(&mean_g)?.sub(&xh.broadcast_mul(&mean_gx)?)?.broadcast_mul(&rstd)?;
+        let dx = g
+            .broadcast_sub(&mean_g)?
+            .sub(&xh.broadcast_mul(&mean_gx)?)?
+            .broadcast_mul(&rstd)?;
         // Column sums as a gemm with a ones row (candle's sum over leading dims is slow).
         let ones = Tensor::ones((1, rows), dy.dtype(), dy.device())?;
-        let dgamma = ones.matmul(&(dy * &xh)?.reshape((rows, dim))?)?.reshape(dim)?;
-        let dbeta = ones.matmul(&dy.contiguous()?.reshape((rows, dim))?)?.reshape(dim)?;
+        let dgamma = ones
+            .matmul(&(dy * &xh)?.reshape((rows, dim))?)?
+            .reshape(dim)?;
+        let dbeta = ones
+            .matmul(&dy.contiguous()?.reshape((rows, dim))?)?
+            .reshape(dim)?;
         Ok((Some(dx), Some(dgamma), Some(dbeta)))
     }
 }
@@ -113,7 +127,8 @@ fn normalize(x: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
 /// Errors: `weight`/`bias` whose length differs from `C`, mixed dtypes.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
-        x.contiguous()?.apply_op3(weight, bias, LayerNormLastDim { eps })
+        x.contiguous()?
+            .apply_op3(weight, bias, LayerNormLastDim { eps })
     } else {
         let (xh, _) = normalize(x, eps)?;
         xh.broadcast_mul(weight)?.broadcast_add(bias)

@@ -22,7 +22,11 @@ pub use softmax::softmax_last_dim;
 /// custom ops reads its operands through.
 ///
 /// Errors: a non-contiguous layout, with `what` (op and operand) in the message.
-pub(crate) fn contiguous<'a, T>(data: &'a [T], layout: &candle_core::Layout, what: &str) -> candle_core::Result<&'a [T]> {
+pub(crate) fn contiguous<'a, T>(
+    data: &'a [T],
+    layout: &candle_core::Layout,
+    what: &str,
+) -> candle_core::Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
         None => candle_core::bail!("{what} must be contiguous"),
@@ -30,10 +34,10 @@ pub(crate) fn contiguous<'a, T>(data: &'a [T], layout: &candle_core::Layout, wha
 }
 
 pub use activation::gelu_erf;
-pub use transpose::transpose_last2;
 pub use bias::{add_bias_channels, add_bias_last, mul_scale_channels, mul_scale_last};
-pub use nms::{batched_nms, filter_nms, nms};
-pub use roi_align::{map_roi_levels, roi_align, RoiAlignParams};
-pub use paste_mask::paste_masks;
 pub use dwconv_nhwc::{token_dwconv, LocalMode};
+pub use nms::{batched_nms, filter_nms, nms};
+pub use paste_mask::paste_masks;
 pub use resize::resize_nearest;
+pub use roi_align::{map_roi_levels, roi_align, RoiAlignParams};
+pub use transpose::transpose_last2;

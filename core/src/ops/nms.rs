@@ -9,7 +9,10 @@
 //! * `batched_nms` suppresses only within the same class index (the set and order torchvision's
 //!   coordinate-offset trick produces).
 
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result,
+    Shape, Tensor,
+};
 use rayon::prelude::*;
 
 /// Above this many candidates per kept box, the suppression sweep runs in parallel.
@@ -21,9 +24,13 @@ fn kernel(boxes: &[f32], scores: &[f32], classes: Option<&[i64]>, thr: f32) -> V
     // Descending score, ties by ascending index; NaN scores sort last.
     order.sort_by(|&a, &b| {
         let (sa, sb) = (scores[a], scores[b]);
-        sb.partial_cmp(&sa).unwrap_or_else(|| sa.is_nan().cmp(&sb.is_nan())).then(a.cmp(&b))
+        sb.partial_cmp(&sa)
+            .unwrap_or_else(|| sa.is_nan().cmp(&sb.is_nan()))
+            .then(a.cmp(&b))
     });
-    let area: Vec<f32> = (0..n).map(|i| (boxes[4 * i + 2] - boxes[4 * i]) * (boxes[4 * i + 3] - boxes[4 * i + 1])).collect();
+    let area: Vec<f32> = (0..n)
+        .map(|i| (boxes[4 * i + 2] - boxes[4 * i]) * (boxes[4 * i + 3] - boxes[4 * i + 1]))
+        .collect();
     let iou = |i: usize, j: usize| -> f32 {
         let xx1 = boxes[4 * i].max(boxes[4 * j]);
         let yy1 = boxes[4 * i + 1].max(boxes[4 * j + 1]);
@@ -77,8 +84,19 @@ impl CustomOp2 for Nms {
         "nms"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let keep = kernel(f32_slice(s1, l1, "boxes")?, f32_slice(s2, l2, "scores")?, None, self.thr);
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let keep = kernel(
+            f32_slice(s1, l1, "boxes")?,
+            f32_slice(s2, l2, "scores")?,
+            None,
+            self.thr,
+        );
         let k = keep.len();
         Ok((CpuStorage::I64(keep), Shape::from(k)))
     }
@@ -106,7 +124,12 @@ impl CustomOp3 for BatchedNms {
             CpuStorage::I64(v) => super::contiguous(v, l3, "batched_nms: idxs")?,
             _ => candle_core::bail!("batched_nms: idxs must be i64, got {:?}", s3.dtype()),
         };
-        let keep = kernel(f32_slice(s1, l1, "boxes")?, f32_slice(s2, l2, "scores")?, Some(classes), self.thr);
+        let keep = kernel(
+            f32_slice(s1, l1, "boxes")?,
+            f32_slice(s2, l2, "scores")?,
+            Some(classes),
+            self.thr,
+        );
         let k = keep.len();
         Ok((CpuStorage::I64(keep), Shape::from(k)))
     }
@@ -115,10 +138,19 @@ impl CustomOp3 for BatchedNms {
 fn check(boxes: &Tensor, scores: &Tensor) -> Result<(Tensor, Tensor)> {
     let n = scores.dims1()?;
     if boxes.dims() != [n, 4] {
-        candle_core::bail!("nms: boxes must be (N, 4) for {n} scores, got {:?}", boxes.dims());
+        candle_core::bail!(
+            "nms: boxes must be (N, 4) for {n} scores, got {:?}",
+            boxes.dims()
+        );
     }
-    let b = boxes.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?;
-    let s = scores.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?;
+    let b = boxes
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .contiguous()?;
+    let s = scores
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .contiguous()?;
     Ok((b, s))
 }
 
@@ -128,20 +160,34 @@ fn check(boxes: &Tensor, scores: &Tensor) -> Result<(Tensor, Tensor)> {
 /// Errors: shape mismatch between `boxes` and `scores`.
 pub fn nms(boxes: &Tensor, scores: &Tensor, iou_threshold: f32) -> Result<Tensor> {
     let (b, s) = check(boxes, scores)?;
-    b.apply_op2_no_bwd(&s, &Nms { thr: iou_threshold })?.to_device(boxes.device())
+    b.apply_op2_no_bwd(&s, &Nms { thr: iou_threshold })?
+        .to_device(boxes.device())
 }
 
 /// Per-class NMS: as [`nms`], but boxes only suppress boxes of the same `idxs` `(N,)` (any integer
 /// dtype) value.
 ///
 /// Errors: shape mismatches.
-pub fn batched_nms(boxes: &Tensor, scores: &Tensor, idxs: &Tensor, iou_threshold: f32) -> Result<Tensor> {
+pub fn batched_nms(
+    boxes: &Tensor,
+    scores: &Tensor,
+    idxs: &Tensor,
+    iou_threshold: f32,
+) -> Result<Tensor> {
     let (b, s) = check(boxes, scores)?;
     if idxs.dims() != scores.dims() {
-        candle_core::bail!("batched_nms: idxs {:?} must match scores {:?}", idxs.dims(), scores.dims());
+        candle_core::bail!(
+            "batched_nms: idxs {:?} must match scores {:?}",
+            idxs.dims(),
+            scores.dims()
+        );
     }
-    let c = idxs.to_device(&Device::Cpu)?.to_dtype(DType::I64)?.contiguous()?;
-    b.apply_op3_no_bwd(&s, &c, &BatchedNms { thr: iou_threshold })?.to_device(boxes.device())
+    let c = idxs
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::I64)?
+        .contiguous()?;
+    b.apply_op3_no_bwd(&s, &c, &BatchedNms { thr: iou_threshold })?
+        .to_device(boxes.device())
 }
 
 /// Post-processing of mmdetection's dense heads, after decoding: drop scores below
@@ -161,8 +207,13 @@ pub fn filter_nms(
     max_num: Option<usize>,
 ) -> Result<Tensor> {
     let dev = boxes.device().clone();
-    let s: Vec<f32> = scores.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.to_vec1()?;
-    let mut cand: Vec<u32> = (0..s.len() as u32).filter(|&i| s[i as usize] > score_thr).collect();
+    let s: Vec<f32> = scores
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .to_vec1()?;
+    let mut cand: Vec<u32> = (0..s.len() as u32)
+        .filter(|&i| s[i as usize] > score_thr)
+        .collect();
     if let Some(k) = pre_top_k {
         cand.sort_by(|&a, &b| s[b as usize].total_cmp(&s[a as usize]).then(a.cmp(&b)));
         cand.truncate(k);
@@ -183,5 +234,7 @@ pub fn filter_nms(
         Some(m) if keep.dim(0)? > m => keep.narrow(0, 0, m)?,
         _ => keep,
     };
-    idx.to_dtype(DType::I64)?.index_select(&keep, 0)?.to_device(&dev)
+    idx.to_dtype(DType::I64)?
+        .index_select(&keep, 0)?
+        .to_device(&dev)
 }

@@ -5,7 +5,9 @@
 //! `upsample_nearest2d` computes the same forward but its backward only supports integer factors;
 //! FPN top-down paths on un-padded images need e.g. 7x9 → 13x17.
 
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor,
+};
 use rayon::prelude::*;
 
 fn src_index(d: usize, inp: usize, out: usize) -> usize {
@@ -18,7 +20,14 @@ struct Nearest {
     ow: usize,
 }
 
-fn fwd<T: Copy + Send + Sync + Default>(x: &[T], planes: usize, h: usize, w: usize, oh: usize, ow: usize) -> Vec<T> {
+fn fwd<T: Copy + Send + Sync + Default>(
+    x: &[T],
+    planes: usize,
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+) -> Vec<T> {
     let ys: Vec<usize> = (0..oh).map(|d| src_index(d, h, oh)).collect();
     let xs: Vec<usize> = (0..ow).map(|d| src_index(d, w, ow)).collect();
     let mut out = vec![T::default(); planes * oh * ow];
@@ -33,7 +42,14 @@ fn fwd<T: Copy + Send + Sync + Default>(x: &[T], planes: usize, h: usize, w: usi
     out
 }
 
-fn bwd<T: Copy + Send + Sync + Default + std::ops::AddAssign>(g: &[T], planes: usize, h: usize, w: usize, oh: usize, ow: usize) -> Vec<T> {
+fn bwd<T: Copy + Send + Sync + Default + std::ops::AddAssign>(
+    g: &[T],
+    planes: usize,
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+) -> Vec<T> {
     let ys: Vec<usize> = (0..oh).map(|d| src_index(d, h, oh)).collect();
     let xs: Vec<usize> = (0..ow).map(|d| src_index(d, w, ow)).collect();
     let mut out = vec![T::default(); planes * h * w];
@@ -57,8 +73,22 @@ impl CustomOp1 for Nearest {
         let (b, c, h, w) = l.shape().dims4()?;
         let what = "resize_nearest: input";
         let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(fwd(super::contiguous(v, l, what)?, b * c, h, w, self.oh, self.ow)),
-            CpuStorage::F64(v) => CpuStorage::F64(fwd(super::contiguous(v, l, what)?, b * c, h, w, self.oh, self.ow)),
+            CpuStorage::F32(v) => CpuStorage::F32(fwd(
+                super::contiguous(v, l, what)?,
+                b * c,
+                h,
+                w,
+                self.oh,
+                self.ow,
+            )),
+            CpuStorage::F64(v) => CpuStorage::F64(fwd(
+                super::contiguous(v, l, what)?,
+                b * c,
+                h,
+                w,
+                self.oh,
+                self.ow,
+            )),
             _ => candle_core::bail!("resize_nearest: expected f32/f64, got {:?}", s.dtype()),
         };
         Ok((out, Shape::from((b, c, self.oh, self.ow))))
@@ -68,8 +98,30 @@ impl CustomOp1 for Nearest {
         let (b, c, h, w) = x.dims4()?;
         let g = g.contiguous()?;
         let out = match g.dtype() {
-            DType::F32 => Tensor::from_vec(bwd(&g.flatten_all()?.to_vec1::<f32>()?, b * c, h, w, self.oh, self.ow), (b, c, h, w), x.device())?,
-            DType::F64 => Tensor::from_vec(bwd(&g.flatten_all()?.to_vec1::<f64>()?, b * c, h, w, self.oh, self.ow), (b, c, h, w), x.device())?,
+            DType::F32 => Tensor::from_vec(
+                bwd(
+                    &g.flatten_all()?.to_vec1::<f32>()?,
+                    b * c,
+                    h,
+                    w,
+                    self.oh,
+                    self.ow,
+                ),
+                (b, c, h, w),
+                x.device(),
+            )?,
+            DType::F64 => Tensor::from_vec(
+                bwd(
+                    &g.flatten_all()?.to_vec1::<f64>()?,
+                    b * c,
+                    h,
+                    w,
+                    self.oh,
+                    self.ow,
+                ),
+                (b, c, h, w),
+                x.device(),
+            )?,
             d => candle_core::bail!("resize_nearest backward: unsupported dtype {d:?}"),
         };
         Ok(Some(out))

@@ -43,8 +43,16 @@ fn plan(roi: &[f32], p: &RoiAlignParams, h: usize, w: usize) -> (Vec<Vec<Taps>>,
     }
     let bh = rh / oh as f32;
     let bw = rw / ow as f32;
-    let gh = if p.sampling_ratio > 0 { p.sampling_ratio } else { (rh / oh as f32).ceil().max(0.0) as usize };
-    let gw = if p.sampling_ratio > 0 { p.sampling_ratio } else { (rw / ow as f32).ceil().max(0.0) as usize };
+    let gh = if p.sampling_ratio > 0 {
+        p.sampling_ratio
+    } else {
+        (rh / oh as f32).ceil().max(0.0) as usize
+    };
+    let gw = if p.sampling_ratio > 0 {
+        p.sampling_ratio
+    } else {
+        (rw / ow as f32).ceil().max(0.0) as usize
+    };
     let count = (gh * gw).max(1) as f32;
     let mut bins = Vec::with_capacity(oh * ow);
     for ph in 0..oh {
@@ -73,7 +81,12 @@ fn bilinear_taps(y: f32, x: f32, h: usize, w: usize) -> Option<Taps> {
     let (x_lo, x_hi, x) = axis_taps(x, w);
     let (ly, lx) = (y - y_lo as f32, x - x_lo as f32);
     let (hy, hx) = (1.0 - ly, 1.0 - lx);
-    Some([(y_lo * w + x_lo, hy * hx), (y_lo * w + x_hi, hy * lx), (y_hi * w + x_lo, ly * hx), (y_hi * w + x_hi, ly * lx)])
+    Some([
+        (y_lo * w + x_lo, hy * hx),
+        (y_lo * w + x_hi, hy * lx),
+        (y_hi * w + x_lo, ly * hx),
+        (y_hi * w + x_hi, ly * lx),
+    ])
 }
 
 /// One axis of torchvision's bilinear sample: a coordinate in `[−1, size]` clamped at 0, its
@@ -92,7 +105,10 @@ fn dims(feat: &Shape, rois: &Shape) -> Result<(usize, usize, usize, usize, usize
     let (b, c, h, w) = feat.dims4()?;
     let (k, five) = rois.dims2()?;
     if five != 5 {
-        candle_core::bail!("roi_align: rois must be (K, 5) = (batch, x1, y1, x2, y2), got {:?}", rois.dims());
+        candle_core::bail!(
+            "roi_align: rois must be (K, 5) = (batch, x1, y1, x2, y2), got {:?}",
+            rois.dims()
+        );
     }
     Ok((b, c, h, w, k))
 }
@@ -119,32 +135,57 @@ impl CustomOp2 for RoiAlign {
         "roi-align"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (b, c, h, w, k) = dims(l1.shape(), l2.shape())?;
         let feat = cslice(s1, l1, "features")?;
         let rois = cslice(s2, l2, "rois")?;
         let (oh, ow) = self.0.output_size;
         let plane = oh * ow;
         let mut out = vec![0f32; k * c * plane];
-        let bis = (0..k).map(|n| batch_index(&rois[5 * n..5 * n + 5], b, n)).collect::<Result<Vec<_>>>()?;
-        out.par_chunks_mut(c * plane).enumerate().for_each(|(n, o)| {
-            let (bins, inv) = plan(&rois[5 * n..5 * n + 5], &self.0, h, w);
-            for ch in 0..c {
-                let f = &feat[(bis[n] * c + ch) * h * w..(bis[n] * c + ch + 1) * h * w];
-                for (bin, taps) in bins.iter().enumerate() {
-                    let mut acc = 0f32;
-                    for t in taps {
-                        acc += t[0].1 * f[t[0].0] + t[1].1 * f[t[1].0] + t[2].1 * f[t[2].0] + t[3].1 * f[t[3].0];
+        let bis = (0..k)
+            .map(|n| batch_index(&rois[5 * n..5 * n + 5], b, n))
+            .collect::<Result<Vec<_>>>()?;
+        out.par_chunks_mut(c * plane)
+            .enumerate()
+            .for_each(|(n, o)| {
+                let (bins, inv) = plan(&rois[5 * n..5 * n + 5], &self.0, h, w);
+                for ch in 0..c {
+                    let f = &feat[(bis[n] * c + ch) * h * w..(bis[n] * c + ch + 1) * h * w];
+                    for (bin, taps) in bins.iter().enumerate() {
+                        let mut acc = 0f32;
+                        for t in taps {
+                            acc += t[0].1 * f[t[0].0]
+                                + t[1].1 * f[t[1].0]
+                                + t[2].1 * f[t[2].0]
+                                + t[3].1 * f[t[3].0];
+                        }
+                        o[ch * plane + bin] = acc * inv;
                     }
-                    o[ch * plane + bin] = acc * inv;
                 }
-            }
-        });
+            });
         Ok((CpuStorage::F32(out), Shape::from((k, c, oh, ow))))
     }
 
-    fn bwd(&self, feat: &Tensor, rois: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = grad.contiguous()?.apply_op2_no_bwd(rois, &RoiAlignGrad { p: self.0, feat_shape: feat.shape().clone() })?;
+    fn bwd(
+        &self,
+        feat: &Tensor,
+        rois: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad.contiguous()?.apply_op2_no_bwd(
+            rois,
+            &RoiAlignGrad {
+                p: self.0,
+                feat_shape: feat.shape().clone(),
+            },
+        )?;
         Ok((Some(g), None))
     }
 }
@@ -161,33 +202,46 @@ impl CustomOp2 for RoiAlignGrad {
         "roi-align-grad"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (b, c, h, w, k) = dims(&self.feat_shape, l2.shape())?;
         let gy = cslice(s1, l1, "gradient")?;
         let rois = cslice(s2, l2, "rois")?;
         let plane = self.p.output_size.0 * self.p.output_size.1;
-        let plans: Vec<_> = (0..k).map(|n| plan(&rois[5 * n..5 * n + 5], &self.p, h, w)).collect();
-        let bis = (0..k).map(|n| batch_index(&rois[5 * n..5 * n + 5], b, n)).collect::<Result<Vec<_>>>()?;
+        let plans: Vec<_> = (0..k)
+            .map(|n| plan(&rois[5 * n..5 * n + 5], &self.p, h, w))
+            .collect();
+        let bis = (0..k)
+            .map(|n| batch_index(&rois[5 * n..5 * n + 5], b, n))
+            .collect::<Result<Vec<_>>>()?;
         // Layout (C, B, H, W) while accumulating so each channel is one contiguous chunk.
         let mut acc = vec![0f32; c * b * h * w];
-        acc.par_chunks_mut(b * h * w).enumerate().for_each(|(ch, gc)| {
-            for (n, (bins, inv)) in plans.iter().enumerate() {
-                let g = &mut gc[bis[n] * h * w..(bis[n] + 1) * h * w];
-                let go = &gy[(n * c + ch) * plane..(n * c + ch + 1) * plane];
-                for (bin, taps) in bins.iter().enumerate() {
-                    let v = go[bin] * inv;
-                    for t in taps {
-                        for &(i, wt) in t {
-                            g[i] += wt * v;
+        acc.par_chunks_mut(b * h * w)
+            .enumerate()
+            .for_each(|(ch, gc)| {
+                for (n, (bins, inv)) in plans.iter().enumerate() {
+                    let g = &mut gc[bis[n] * h * w..(bis[n] + 1) * h * w];
+                    let go = &gy[(n * c + ch) * plane..(n * c + ch + 1) * plane];
+                    for (bin, taps) in bins.iter().enumerate() {
+                        let v = go[bin] * inv;
+                        for t in taps {
+                            for &(i, wt) in t {
+                                g[i] += wt * v;
+                            }
                         }
                     }
                 }
-            }
-        });
+            });
         let mut out = vec![0f32; b * c * h * w];
         for ch in 0..c {
             for bi in 0..b {
-                out[(bi * c + ch) * h * w..(bi * c + ch + 1) * h * w].copy_from_slice(&acc[(ch * b + bi) * h * w..(ch * b + bi + 1) * h * w]);
+                out[(bi * c + ch) * h * w..(bi * c + ch + 1) * h * w]
+                    .copy_from_slice(&acc[(ch * b + bi) * h * w..(ch * b + bi + 1) * h * w]);
             }
         }
         Ok((CpuStorage::F32(out), self.feat_shape.clone()))
@@ -201,8 +255,14 @@ impl CustomOp2 for RoiAlignGrad {
 /// Errors: malformed shapes, a batch index outside `[0, B)`.
 pub fn roi_align(features: &Tensor, rois: &Tensor, p: RoiAlignParams) -> Result<Tensor> {
     let dev = features.device().clone();
-    let f = features.to_device(&candle_core::Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?;
-    let r = rois.to_device(&candle_core::Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?;
+    let f = features
+        .to_device(&candle_core::Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .contiguous()?;
+    let r = rois
+        .to_device(&candle_core::Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .contiguous()?;
     f.apply_op2(&r, RoiAlign(p))?.to_device(&dev)
 }
 

@@ -5,7 +5,9 @@
 //! numerically stable CPU forward (max-subtracted) and adds the standard backward
 //! `dx = y * (dy - sum(dy * y))`.
 
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D,
+};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -30,17 +32,19 @@ impl FastExp for f64 {
 
 fn kernel<T: FastExp + Send + Sync>(x: &[T], dim: usize) -> Vec<T> {
     let mut out = vec![T::zero(); x.len()];
-    out.par_chunks_mut(dim).zip(x.par_chunks(dim)).for_each(|(o, xr)| {
-        let m = super::reduce::max(xr);
-        for (oi, &xi) in o.iter_mut().zip(xr) {
-            *oi = (xi - m).fast_exp();
-        }
-        let s = super::reduce::sum(o);
-        let inv = s.recip();
-        for oi in o.iter_mut() {
-            *oi = *oi * inv;
-        }
-    });
+    out.par_chunks_mut(dim)
+        .zip(x.par_chunks(dim))
+        .for_each(|(o, xr)| {
+            let m = super::reduce::max(xr);
+            for (oi, &xi) in o.iter_mut().zip(xr) {
+                *oi = (xi - m).fast_exp();
+            }
+            let s = super::reduce::sum(o);
+            let inv = s.recip();
+            for oi in o.iter_mut() {
+                *oi = *oi * inv;
+            }
+        });
     out
 }
 

@@ -4,7 +4,9 @@
 //! convolution of a vision transformer; candle 0.11's generic strided copy moves 4M floats in
 //! ~13 ms on this machine, a tiled copy in ~1 ms.
 
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor,
+};
 use rayon::prelude::*;
 
 const TILE: usize = 32;
@@ -20,23 +22,27 @@ fn kernel<T: Copy + Send + Sync + Default>(x: &[T], batch: usize, r: usize, c: u
     // Parallel over (batch, band of TILE output rows); each task writes a disjoint band of `out`
     // and walks the input in TILE x TILE blocks that stay in L1.
     debug_assert_eq!(x.len(), batch * plane);
-    out.par_chunks_mut(plane).zip(x.par_chunks(plane)).for_each(|(o, xi)| {
-        o.par_chunks_mut(TILE * r).enumerate().for_each(|(t, band)| {
-            // Output rows j in [t*TILE, ..) are input columns.
-            let j0 = t * TILE;
-            let j1 = (j0 + TILE).min(c);
-            for i0 in (0..r).step_by(TILE) {
-                let i1 = (i0 + TILE).min(r);
-                for j in j0..j1 {
-                    let orow = &mut band[(j - j0) * r + i0..(j - j0) * r + i1];
-                    for (k, o) in orow.iter_mut().enumerate() {
-                        // In bounds: (i0 + k) < r and j < c, so the index is < r * c = xi.len().
-                        *o = unsafe { *xi.get_unchecked((i0 + k) * c + j) };
+    out.par_chunks_mut(plane)
+        .zip(x.par_chunks(plane))
+        .for_each(|(o, xi)| {
+            o.par_chunks_mut(TILE * r)
+                .enumerate()
+                .for_each(|(t, band)| {
+                    // Output rows j in [t*TILE, ..) are input columns.
+                    let j0 = t * TILE;
+                    let j1 = (j0 + TILE).min(c);
+                    for i0 in (0..r).step_by(TILE) {
+                        let i1 = (i0 + TILE).min(r);
+                        for j in j0..j1 {
+                            let orow = &mut band[(j - j0) * r + i0..(j - j0) * r + i1];
+                            for (k, o) in orow.iter_mut().enumerate() {
+                                // In bounds: (i0 + k) < r and j < c, so the index is < r * c = xi.len().
+                                *o = unsafe { *xi.get_unchecked((i0 + k) * c + j) };
+                            }
+                        }
                     }
-                }
-            }
+                });
         });
-    });
     out
 }
 
@@ -52,8 +58,12 @@ impl CustomOp1 for TransposeLast2 {
         let batch = l.shape().elem_count() / (r * c).max(1);
         let what = "transpose: input";
         let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(kernel(super::contiguous(v, l, what)?, batch, r, c)),
-            CpuStorage::F64(v) => CpuStorage::F64(kernel(super::contiguous(v, l, what)?, batch, r, c)),
+            CpuStorage::F32(v) => {
+                CpuStorage::F32(kernel(super::contiguous(v, l, what)?, batch, r, c))
+            }
+            CpuStorage::F64(v) => {
+                CpuStorage::F64(kernel(super::contiguous(v, l, what)?, batch, r, c))
+            }
             _ => candle_core::bail!("transpose: expected f32 or f64, got {:?}", s.dtype()),
         };
         let mut od = dims.to_vec();

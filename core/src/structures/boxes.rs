@@ -29,7 +29,10 @@ impl Boxes {
     pub fn from_cxcywh(t: &Tensor) -> Result<Self> {
         let [cx, cy, w, h] = columns(t)?;
         let (hw, hh) = ((w / 2.0)?, (h / 2.0)?);
-        Self::new(Tensor::stack(&[(&cx - &hw)?, (&cy - &hh)?, (cx + hw)?, (cy + hh)?], 1)?)
+        Self::new(Tensor::stack(
+            &[(&cx - &hw)?, (&cy - &hh)?, (cx + hw)?, (cy + hh)?],
+            1,
+        )?)
     }
 
     /// The `(N, 4)` xyxy tensor.
@@ -61,7 +64,15 @@ impl Boxes {
     /// `(N, 4)` `(cx, cy, w, h)`.
     pub fn to_cxcywh(&self) -> Result<Tensor> {
         let [x1, y1, x2, y2] = columns(&self.0)?;
-        Tensor::stack(&[((&x1 + &x2)? / 2.0)?, ((&y1 + &y2)? / 2.0)?, (x2 - x1)?, (y2 - y1)?], 1)
+        Tensor::stack(
+            &[
+                ((&x1 + &x2)? / 2.0)?,
+                ((&y1 + &y2)? / 2.0)?,
+                (x2 - x1)?,
+                (y2 - y1)?,
+            ],
+            1,
+        )
     }
 
     /// Clamps x to `[0, width]` and y to `[0, height]` (mmdet's `clip_`, `(H, W)` in pixels).
@@ -82,12 +93,18 @@ impl Boxes {
     /// (mmdet's `flip_` with direction `horizontal`).
     pub fn flip_horizontal(&self, width: f64) -> Result<Self> {
         let [x1, y1, x2, y2] = columns(&self.0)?;
-        Self::new(Tensor::stack(&[x2.affine(-1.0, width)?, y1, x1.affine(-1.0, width)?, y2], 1)?)
+        Self::new(Tensor::stack(
+            &[x2.affine(-1.0, width)?, y1, x1.affine(-1.0, width)?, y2],
+            1,
+        )?)
     }
 
     /// Mirrors vertically in an image `height` pixels high.
     pub fn flip_vertical(&self, height: f64) -> Result<Self> {
         let [x1, y1, x2, y2] = columns(&self.0)?;
-        Self::new(Tensor::stack(&[x1, y2.affine(-1.0, height)?, x2, y1.affine(-1.0, height)?], 1)?)
+        Self::new(Tensor::stack(
+            &[x1, y2.affine(-1.0, height)?, x2, y1.affine(-1.0, height)?],
+            1,
+        )?)
     }
 }

@@ -29,6 +29,9 @@ pub fn read_label_png(path: &Path) -> Result<(Vec<u8>, (usize, usize)), String> 
             let dims = (g.height() as usize, g.width() as usize);
             Ok((g.into_raw(), dims))
         }
-        other => Err(format!("label map must be 8-bit single-channel, got {:?}", other.color())),
+        other => Err(format!(
+            "label map must be 8-bit single-channel, got {:?}",
+            other.color()
+        )),
     }
 }

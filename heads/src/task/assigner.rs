@@ -24,7 +24,17 @@ pub struct AssignResult {
 
 impl AssignResult {
     fn fill_labels(&mut self, gt_labels: &[i64]) {
-        self.labels = self.gt_inds.iter().map(|&g| if g > 0 { gt_labels[(g - 1) as usize] } else { -1 }).collect();
+        self.labels = self
+            .gt_inds
+            .iter()
+            .map(|&g| {
+                if g > 0 {
+                    gt_labels[(g - 1) as usize]
+                } else {
+                    -1
+                }
+            })
+            .collect();
     }
 }
 
@@ -33,7 +43,10 @@ fn cpu_vec2(t: &Tensor) -> Result<Vec<Vec<f32>>> {
 }
 
 fn cpu_boxes(t: &Tensor) -> Result<Vec<[f32; 4]>> {
-    Ok(cpu_vec2(t)?.into_iter().map(|r| [r[0], r[1], r[2], r[3]]).collect())
+    Ok(cpu_vec2(t)?
+        .into_iter()
+        .map(|r| [r[0], r[1], r[2], r[3]])
+        .collect())
 }
 
 /// Negative IoU range of [`MaxIoUAssigner`]: below a value, or inside `[lo, hi)`.
@@ -83,21 +96,42 @@ pub struct MaxIoUAssigner {
 impl MaxIoUAssigner {
     /// Assigns `priors` `(P, 4)` to `gt_boxes` `(G, 4)` with `gt_labels` (len G); `gt_ignore`
     /// `(I, 4)` are crowd boxes (used when `ignore_iof_thr > 0`).
-    pub fn assign(&self, priors: &Tensor, gt_boxes: &Tensor, gt_labels: &[i64], gt_ignore: Option<&Tensor>) -> Result<AssignResult> {
+    pub fn assign(
+        &self,
+        priors: &Tensor,
+        gt_boxes: &Tensor,
+        gt_labels: &[i64],
+        gt_ignore: Option<&Tensor>,
+    ) -> Result<AssignResult> {
         let num_priors = priors.dim(0)?;
         let num_gts = gt_boxes.dim(0)?;
         if num_gts == 0 || num_priors == 0 {
             let fill = if num_gts == 0 { 0 } else { -1 };
-            return Ok(AssignResult { num_gts, gt_inds: vec![fill; num_priors], max_overlaps: vec![0.0; num_priors], labels: vec![-1; num_priors] });
+            return Ok(AssignResult {
+                num_gts,
+                gt_inds: vec![fill; num_priors],
+                max_overlaps: vec![0.0; num_priors],
+                labels: vec![-1; num_priors],
+            });
         }
         // (G, P)
-        let mut overlaps = cpu_vec2(&bbox_overlaps(gt_boxes, priors, OverlapMode::Iou, false, 1e-6)?)?;
-        if let Some(ign) = gt_ignore.filter(|t| self.ignore_iof_thr > 0.0 && t.dim(0).unwrap_or(0) > 0) {
+        let mut overlaps = cpu_vec2(&bbox_overlaps(
+            gt_boxes,
+            priors,
+            OverlapMode::Iou,
+            false,
+            1e-6,
+        )?)?;
+        if let Some(ign) =
+            gt_ignore.filter(|t| self.ignore_iof_thr > 0.0 && t.dim(0).unwrap_or(0) > 0)
+        {
             let iof = if self.ignore_wrt_candidates {
                 cpu_vec2(&bbox_overlaps(priors, ign, OverlapMode::Iof, false, 1e-6)?)?
             } else {
                 let t = cpu_vec2(&bbox_overlaps(ign, priors, OverlapMode::Iof, false, 1e-6)?)?;
-                (0..num_priors).map(|p| t.iter().map(|r| r[p]).collect()).collect()
+                (0..num_priors)
+                    .map(|p| t.iter().map(|r| r[p]).collect())
+                    .collect()
             };
             for (p, row) in iof.iter().enumerate() {
                 if row.iter().cloned().fold(f32::MIN, f32::max) as f64 > self.ignore_iof_thr {
@@ -157,7 +191,12 @@ impl MaxIoUAssigner {
                 }
             }
         }
-        let mut r = AssignResult { num_gts, gt_inds, max_overlaps, labels: vec![] };
+        let mut r = AssignResult {
+            num_gts,
+            gt_inds,
+            max_overlaps,
+            labels: vec![],
+        };
         r.fill_labels(gt_labels);
         Ok(r)
     }
@@ -185,16 +224,36 @@ impl AtssAssigner {
     /// `gt_boxes` `(G, 4)` with `gt_labels` (len G).
     ///
     /// Errors: `num_level_priors` not summing to `P`.
-    pub fn assign(&self, priors: &Tensor, num_level_priors: &[usize], gt_boxes: &Tensor, gt_labels: &[i64]) -> Result<AssignResult> {
+    pub fn assign(
+        &self,
+        priors: &Tensor,
+        num_level_priors: &[usize],
+        gt_boxes: &Tensor,
+        gt_labels: &[i64],
+    ) -> Result<AssignResult> {
         let num_priors = priors.dim(0)?;
         let num_gts = gt_boxes.dim(0)?;
         if num_level_priors.iter().sum::<usize>() != num_priors {
-            candle_core::bail!("ATSSAssigner: num_level_priors {:?} do not sum to {num_priors}", num_level_priors);
+            candle_core::bail!(
+                "ATSSAssigner: num_level_priors {:?} do not sum to {num_priors}",
+                num_level_priors
+            );
         }
         if num_gts == 0 || num_priors == 0 {
-            return Ok(AssignResult { num_gts, gt_inds: vec![0; num_priors], max_overlaps: vec![0.0; num_priors], labels: vec![-1; num_priors] });
+            return Ok(AssignResult {
+                num_gts,
+                gt_inds: vec![0; num_priors],
+                max_overlaps: vec![0.0; num_priors],
+                labels: vec![-1; num_priors],
+            });
         }
-        let overlaps = cpu_vec2(&bbox_overlaps(priors, gt_boxes, OverlapMode::Iou, false, 1e-6)?)?; // (P, G)
+        let overlaps = cpu_vec2(&bbox_overlaps(
+            priors,
+            gt_boxes,
+            OverlapMode::Iou,
+            false,
+            1e-6,
+        )?)?; // (P, G)
         let pb = cpu_boxes(priors)?;
         let gb = cpu_boxes(gt_boxes)?;
         let centre = |b: &[f32; 4]| ((b[0] + b[2]) / 2.0, (b[1] + b[3]) / 2.0);
@@ -202,23 +261,34 @@ impl AtssAssigner {
         let mut best = vec![(-INF, 0usize); num_priors];
         for (g, gbox) in gb.iter().enumerate() {
             let (gx, gy) = centre(gbox);
-            let dist: Vec<f32> = pc.iter().map(|&(x, y)| ((x - gx).powi(2) + (y - gy).powi(2)).sqrt()).collect();
+            let dist: Vec<f32> = pc
+                .iter()
+                .map(|&(x, y)| ((x - gx).powi(2) + (y - gy).powi(2)).sqrt())
+                .collect();
             let mut cands = Vec::new();
             let mut start = 0;
             for &n in num_level_priors {
-                let mut idx: Vec<usize> = (start..start + n).collect();
-                idx.sort_by(|&a, &b| dist[a].total_cmp(&dist[b]).then(a.cmp(&b)));
-                cands.extend_from_slice(&idx[..self.topk.min(n)]);
+                // The tie-breaking of torch.topk decides between equidistant priors.
+                let local = super::topk::torch_topk_smallest(&dist[start..start + n], self.topk);
+                cands.extend(local.into_iter().map(|i| i + start));
                 start += n;
             }
             let ious: Vec<f64> = cands.iter().map(|&p| overlaps[p][g] as f64).collect();
             let k = ious.len() as f64;
             let mean = ious.iter().sum::<f64>() / k;
-            let std = if ious.len() > 1 { (ious.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (k - 1.0)).sqrt() } else { f64::NAN };
+            let std = if ious.len() > 1 {
+                (ious.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (k - 1.0)).sqrt()
+            } else {
+                f64::NAN
+            };
             let thr = (mean + std) as f32;
             for &p in &cands {
                 let (x, y) = pc[p];
-                let inside = [x - gbox[0], y - gbox[1], gbox[2] - x, gbox[3] - y].iter().cloned().fold(f32::INFINITY, f32::min) > 0.01;
+                let inside = [x - gbox[0], y - gbox[1], gbox[2] - x, gbox[3] - y]
+                    .iter()
+                    .cloned()
+                    .fold(f32::INFINITY, f32::min)
+                    > 0.01;
                 let iou = overlaps[p][g];
                 // Strictly greater: on equal IoU the earlier gt keeps the prior (torch.max order).
                 if iou >= thr && inside && iou > best[p].0 {
@@ -226,9 +296,17 @@ impl AtssAssigner {
                 }
             }
         }
-        let gt_inds = best.iter().map(|&(v, g)| if v != -INF { g as i64 + 1 } else { 0 }).collect();
+        let gt_inds = best
+            .iter()
+            .map(|&(v, g)| if v != -INF { g as i64 + 1 } else { 0 })
+            .collect();
         let max_overlaps = best.iter().map(|&(v, _)| v).collect();
-        let mut r = AssignResult { num_gts, gt_inds, max_overlaps, labels: vec![] };
+        let mut r = AssignResult {
+            num_gts,
+            gt_inds,
+            max_overlaps,
+            labels: vec![],
+        };
         r.fill_labels(gt_labels);
         Ok(r)
     }

@@ -41,7 +41,13 @@ pub struct DeltaXYWHBBoxCoder {
 
 impl Default for DeltaXYWHBBoxCoder {
     fn default() -> Self {
-        Self { target_means: default_means(), target_stds: default_stds(), clip_border: true, add_ctr_clamp: false, ctr_clamp: 32.0 }
+        Self {
+            target_means: default_means(),
+            target_stds: default_stds(),
+            clip_border: true,
+            add_ctr_clamp: false,
+            ctr_clamp: 32.0,
+        }
     }
 }
 
@@ -49,7 +55,9 @@ impl Default for DeltaXYWHBBoxCoder {
 pub const WH_RATIO_CLIP: f64 = 16.0 / 1000.0;
 
 fn vec4(v: [f64; 4], like: &Tensor) -> Result<Tensor> {
-    Tensor::new(&v, like.device())?.to_dtype(like.dtype())?.unsqueeze(0)
+    Tensor::new(&v, like.device())?
+        .to_dtype(like.dtype())?
+        .unsqueeze(0)
 }
 
 impl DeltaXYWHBBoxCoder {
@@ -64,8 +72,17 @@ impl DeltaXYWHBBoxCoder {
         let py = ((py1 + py2)? * 0.5)?;
         let gx = ((gx1 + gx2)? * 0.5)?;
         let gy = ((gy1 + gy2)? * 0.5)?;
-        let d = Tensor::stack(&[(gx - px)?.div(&pw)?, (gy - py)?.div(&ph)?, gw.div(&pw)?.log()?, gh.div(&ph)?.log()?], 1)?;
-        d.broadcast_sub(&vec4(self.target_means, &d)?)?.broadcast_div(&vec4(self.target_stds, &d)?)
+        let d = Tensor::stack(
+            &[
+                (gx - px)?.div(&pw)?,
+                (gy - py)?.div(&ph)?,
+                gw.div(&pw)?.log()?,
+                gh.div(&ph)?.log()?,
+            ],
+            1,
+        )?;
+        d.broadcast_sub(&vec4(self.target_means, &d)?)?
+            .broadcast_div(&vec4(self.target_stds, &d)?)
     }
 
     /// Boxes `(N, 4)` from `rois` `(N, 4)` and `deltas` `(N, 4)`: de-normalise, shift the centre by
@@ -73,8 +90,16 @@ impl DeltaXYWHBBoxCoder {
     /// ±|log(wh_ratio_clip)| (both sides, as mmdetection; torchvision clamps only from above),
     /// then clip x to `[0, W]` and y to `[0, H]` when `max_shape = Some((H, W))` and
     /// `clip_border`. Differentiable in `deltas`.
-    pub fn decode(&self, rois: &Tensor, deltas: &Tensor, max_shape: Option<(f64, f64)>, wh_ratio_clip: f64) -> Result<Tensor> {
-        let d = deltas.broadcast_mul(&vec4(self.target_stds, deltas)?)?.broadcast_add(&vec4(self.target_means, deltas)?)?;
+    pub fn decode(
+        &self,
+        rois: &Tensor,
+        deltas: &Tensor,
+        max_shape: Option<(f64, f64)>,
+        wh_ratio_clip: f64,
+    ) -> Result<Tensor> {
+        let d = deltas
+            .broadcast_mul(&vec4(self.target_stds, deltas)?)?
+            .broadcast_add(&vec4(self.target_means, deltas)?)?;
         let [dx, dy, dw, dh] = columns(&d)?;
         let [x1, y1, x2, y2] = columns(rois)?;
         let (pw, ph) = ((&x2 - &x1)?, (&y2 - &y1)?);
@@ -87,13 +112,17 @@ impl DeltaXYWHBBoxCoder {
             sy = sy.clamp(-self.ctr_clamp, self.ctr_clamp)?;
             (dw.minimum(max_ratio)?, dh.minimum(max_ratio)?)
         } else {
-            (dw.clamp(-max_ratio, max_ratio)?, dh.clamp(-max_ratio, max_ratio)?)
+            (
+                dw.clamp(-max_ratio, max_ratio)?,
+                dh.clamp(-max_ratio, max_ratio)?,
+            )
         };
         let gx = (px + sx)?;
         let gy = (py + sy)?;
         let hw = ((pw * dw.exp()?)? * 0.5)?;
         let hh = ((ph * dh.exp()?)? * 0.5)?;
-        let (mut bx1, mut by1, mut bx2, mut by2) = ((&gx - &hw)?, (&gy - &hh)?, (gx + hw)?, (gy + hh)?);
+        let (mut bx1, mut by1, mut bx2, mut by2) =
+            ((&gx - &hw)?, (&gy - &hh)?, (gx + hw)?, (gy + hh)?);
         if let (true, Some((h, w))) = (self.clip_border, max_shape) {
             bx1 = bx1.clamp(0.0, w)?;
             bx2 = bx2.clamp(0.0, w)?;

@@ -4,3 +4,4 @@ pub mod assigner;
 pub mod coder;
 pub mod prior_generator;
 pub mod sampler;
+pub mod topk;

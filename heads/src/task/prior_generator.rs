@@ -62,9 +62,16 @@ impl AnchorGenerator {
         let scales = self.scales().map_err(candle_core::Error::msg)?;
         let mut levels = Vec::with_capacity(self.strides.len());
         for (l, &stride) in self.strides.iter().enumerate() {
-            let base = self.base_sizes.as_ref().and_then(|b| b.get(l).copied()).unwrap_or(stride as f64);
+            let base = self
+                .base_sizes
+                .as_ref()
+                .and_then(|b| b.get(l).copied())
+                .unwrap_or(stride as f64);
             let (w, h) = (base as f32, base as f32);
-            let (xc, yc) = ((self.center_offset * base) as f32, (self.center_offset * base) as f32);
+            let (xc, yc) = (
+                (self.center_offset * base) as f32,
+                (self.center_offset * base) as f32,
+            );
             let h_ratios: Vec<f32> = self.ratios.iter().map(|&r| (r as f32).sqrt()).collect();
             let w_ratios: Vec<f32> = h_ratios.iter().map(|&r| 1.0 / r).collect();
             let mut sizes = Vec::new();
@@ -81,7 +88,12 @@ impl AnchorGenerator {
                     }
                 }
             }
-            levels.push(sizes.iter().map(|&(ws, hs)| [xc - 0.5 * ws, yc - 0.5 * hs, xc + 0.5 * ws, yc + 0.5 * hs]).collect());
+            levels.push(
+                sizes
+                    .iter()
+                    .map(|&(ws, hs)| [xc - 0.5 * ws, yc - 0.5 * hs, xc + 0.5 * ws, yc + 0.5 * hs])
+                    .collect(),
+            );
         }
         Ok(levels)
     }
@@ -90,9 +102,17 @@ impl AnchorGenerator {
     /// `(h·w·A, 4)` float32 tensor per level, xyxy in input-image pixels.
     ///
     /// Errors: a number of sizes different from the number of strides.
-    pub fn grid_priors(&self, featmap_sizes: &[(usize, usize)], device: &Device) -> Result<Vec<Tensor>> {
+    pub fn grid_priors(
+        &self,
+        featmap_sizes: &[(usize, usize)],
+        device: &Device,
+    ) -> Result<Vec<Tensor>> {
         if featmap_sizes.len() != self.strides.len() {
-            candle_core::bail!("AnchorGenerator: {} feature maps for {} strides", featmap_sizes.len(), self.strides.len());
+            candle_core::bail!(
+                "AnchorGenerator: {} feature maps for {} strides",
+                featmap_sizes.len(),
+                self.strides.len()
+            );
         }
         let base = self.base_anchors()?;
         featmap_sizes
@@ -118,7 +138,12 @@ impl AnchorGenerator {
     /// Per level, a `(h·w·A,)` u8 flag: 1 where the anchor's cell lies inside the un-padded image
     /// `valid_shape = (H, W)` (cells `x < ceil(W / stride)`, `y < ceil(H / stride)`), as
     /// mmdetection's `valid_flags(featmap_sizes, pad_shape)`.
-    pub fn valid_flags(&self, featmap_sizes: &[(usize, usize)], valid_shape: (usize, usize), device: &Device) -> Result<Vec<Tensor>> {
+    pub fn valid_flags(
+        &self,
+        featmap_sizes: &[(usize, usize)],
+        valid_shape: (usize, usize),
+        device: &Device,
+    ) -> Result<Vec<Tensor>> {
         let a = self.num_base_priors()?;
         featmap_sizes
             .iter()

@@ -22,9 +22,19 @@ pub struct SamplingResult {
 /// `type = "PseudoSampler"`: every positive (`gt_inds > 0`) and every negative (`gt_inds == 0`).
 pub fn pseudo_sample(a: &AssignResult) -> SamplingResult {
     let pos_inds: Vec<usize> = (0..a.gt_inds.len()).filter(|&i| a.gt_inds[i] > 0).collect();
-    let neg_inds = (0..a.gt_inds.len()).filter(|&i| a.gt_inds[i] == 0).collect();
-    let pos_assigned_gt_inds = pos_inds.iter().map(|&i| (a.gt_inds[i] - 1) as usize).collect();
-    SamplingResult { pos_inds, neg_inds, pos_assigned_gt_inds, num_gts_added: 0 }
+    let neg_inds = (0..a.gt_inds.len())
+        .filter(|&i| a.gt_inds[i] == 0)
+        .collect();
+    let pos_assigned_gt_inds = pos_inds
+        .iter()
+        .map(|&i| (a.gt_inds[i] - 1) as usize)
+        .collect();
+    SamplingResult {
+        pos_inds,
+        neg_inds,
+        pos_assigned_gt_inds,
+        num_gts_added: 0,
+    }
 }
 
 fn default_neg_pos_ub() -> f64 {
@@ -56,7 +66,12 @@ impl RandomSampler {
     /// Samples from `a`. With `add_gt_as_proposals` (and gts present) the returned indices refer to
     /// the priors with the `num_gts` gt boxes prepended (the caller prepends them as well), and
     /// `a` is extended accordingly (mmdetection's `add_gt_`).
-    pub fn sample(&self, a: &mut AssignResult, gt_labels: &[i64], rng: &mut impl Rng) -> SamplingResult {
+    pub fn sample(
+        &self,
+        a: &mut AssignResult,
+        gt_labels: &[i64],
+        rng: &mut impl Rng,
+    ) -> SamplingResult {
         let mut added = 0;
         if self.add_gt_as_proposals && a.num_gts > 0 {
             added = a.num_gts;
@@ -80,12 +95,19 @@ impl RandomSampler {
         if self.neg_pos_ub >= 0.0 {
             num_neg = num_neg.min((self.neg_pos_ub * pos.len().max(1) as f64) as usize);
         }
-        let mut neg: Vec<usize> = (0..a.gt_inds.len()).filter(|&i| a.gt_inds[i] == 0).collect();
+        let mut neg: Vec<usize> = (0..a.gt_inds.len())
+            .filter(|&i| a.gt_inds[i] == 0)
+            .collect();
         if neg.len() > num_neg {
             neg.shuffle(rng);
             neg.truncate(num_neg);
         }
         let pos_assigned_gt_inds = pos.iter().map(|&i| (a.gt_inds[i] - 1) as usize).collect();
-        SamplingResult { pos_inds: pos, neg_inds: neg, pos_assigned_gt_inds, num_gts_added: added }
+        SamplingResult {
+            pos_inds: pos,
+            neg_inds: neg,
+            pos_assigned_gt_inds,
+            num_gts_added: added,
+        }
     }
 }

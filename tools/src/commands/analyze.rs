@@ -34,8 +34,15 @@ pub fn run(a: Analyze) -> Result<()> {
             let mut rows: Vec<_> = per_module.into_iter().collect();
             rows.sort_by_key(|(k, _)| {
                 let digits: String = k.chars().filter(|c| c.is_ascii_digit()).collect();
-                let kind = ["patch_embed", "block", "norm"].iter().position(|p| k.starts_with(p)).unwrap_or(3);
-                (digits.parse::<usize>().unwrap_or(usize::MAX), kind, k.clone())
+                let kind = ["patch_embed", "block", "norm"]
+                    .iter()
+                    .position(|p| k.starts_with(p))
+                    .unwrap_or(3);
+                (
+                    digits.parse::<usize>().unwrap_or(usize::MAX),
+                    kind,
+                    k.clone(),
+                )
             });
             let mut total = 0;
             for (k, n) in rows {

@@ -31,16 +31,39 @@ pub enum OpName {
 }
 
 /// Random xyxy boxes inside `w x h`: `n` boxes around `clusters` centres (so NMS has work).
-fn random_boxes(n: usize, w: f32, h: f32, clusters: usize, rng: &mut impl rand::Rng) -> Vec<[f32; 4]> {
+fn random_boxes(
+    n: usize,
+    w: f32,
+    h: f32,
+    clusters: usize,
+    rng: &mut impl rand::Rng,
+) -> Vec<[f32; 4]> {
     let centres: Vec<(f32, f32, f32)> = (0..clusters.max(1))
-        .map(|_| (rng.random_range(0.0..w), rng.random_range(0.0..h), rng.random_range(16.0..256.0)))
+        .map(|_| {
+            (
+                rng.random_range(0.0..w),
+                rng.random_range(0.0..h),
+                rng.random_range(16.0..256.0),
+            )
+        })
         .collect();
     (0..n)
         .map(|i| {
             let (cx, cy, s) = centres[i % centres.len()];
-            let (x, y) = (cx + rng.random_range(-0.2..0.2) * s, cy + rng.random_range(-0.2..0.2) * s);
-            let (bw, bh) = (s * rng.random_range(0.6..1.4), s * rng.random_range(0.6..1.4));
-            [(x - bw / 2.0).clamp(0.0, w - 2.0), (y - bh / 2.0).clamp(0.0, h - 2.0), (x + bw / 2.0).clamp(2.0, w), (y + bh / 2.0).clamp(2.0, h)]
+            let (x, y) = (
+                cx + rng.random_range(-0.2..0.2) * s,
+                cy + rng.random_range(-0.2..0.2) * s,
+            );
+            let (bw, bh) = (
+                s * rng.random_range(0.6..1.4),
+                s * rng.random_range(0.6..1.4),
+            );
+            [
+                (x - bw / 2.0).clamp(0.0, w - 2.0),
+                (y - bh / 2.0).clamp(0.0, h - 2.0),
+                (x + bw / 2.0).clamp(2.0, w),
+                (y + bh / 2.0).clamp(2.0, h),
+            ]
         })
         .collect()
 }
@@ -90,21 +113,42 @@ fn op(a: OpArgs) -> Result<()> {
         .map(|v| v.trim().parse::<usize>())
         .collect::<std::result::Result<_, _>>()
         .with_context(|| format!("--shape must be BxCxHxW, got {:?}", a.shape))?;
-    let [b, c, h, w] = dims[..] else { bail!("--shape must be BxCxHxW, got {:?}", a.shape) };
+    let [b, c, h, w] = dims[..] else {
+        bail!("--shape must be BxCxHxW, got {:?}", a.shape)
+    };
     let dev = Device::Cpu;
     let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, c, h, w), &dev)?)?;
-    let k = candle_core::Var::from_tensor(&Tensor::randn(0f32, 0.1, (c, 1, a.kernel, a.kernel), &dev)?)?;
+    let k = candle_core::Var::from_tensor(&Tensor::randn(
+        0f32,
+        0.1,
+        (c, 1, a.kernel, a.kernel),
+        &dev,
+    )?)?;
     let p = densepred_core::ops::DwConvParams::same(a.kernel / 2);
     let threads = rayon::current_num_threads();
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
     let to_tensor = |b: &[[f32; 4]]| Tensor::from_vec(b.concat(), (b.len(), 4), &dev);
     match a.op {
         OpName::RoiAlign => {
-            let feat = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 256, 200, 336), &dev)?)?;
+            let feat = candle_core::Var::from_tensor(&Tensor::randn(
+                0f32,
+                1.0,
+                (2, 256, 200, 336),
+                &dev,
+            )?)?;
             let boxes = random_boxes(1000, 1344.0, 800.0, 1000, &mut rng);
-            let rois: Vec<f32> = boxes.iter().enumerate().flat_map(|(i, b)| [(i % 2) as f32, b[0], b[1], b[2], b[3]]).collect();
+            let rois: Vec<f32> = boxes
+                .iter()
+                .enumerate()
+                .flat_map(|(i, b)| [(i % 2) as f32, b[0], b[1], b[2], b[3]])
+                .collect();
             let rois = Tensor::from_vec(rois, (1000, 5), &dev)?;
-            let p = densepred_core::ops::RoiAlignParams { output_size: (7, 7), spatial_scale: 0.25, sampling_ratio: 2, aligned: true };
+            let p = densepred_core::ops::RoiAlignParams {
+                output_size: (7, 7),
+                spatial_scale: 0.25,
+                sampling_ratio: 2,
+                aligned: true,
+            };
             let fwd = median_ms(a.iters, || {
                 densepred_core::ops::roi_align(&feat, &rois, p)?;
                 Ok(())
@@ -142,7 +186,10 @@ fn op(a: OpArgs) -> Result<()> {
             };
             let gt = to_tensor(&random_boxes(50, 1333.0, 800.0, 50, &mut rng))?;
             let labels: Vec<i64> = (0..50).map(|i| i % 80).collect();
-            let sizes: Vec<(usize, usize)> = [8usize, 16, 32, 64, 128].iter().map(|s| (800usize.div_ceil(*s), 1344usize.div_ceil(*s))).collect();
+            let sizes: Vec<(usize, usize)> = [8usize, 16, 32, 64, 128]
+                .iter()
+                .map(|s| (800usize.div_ceil(*s), 1344usize.div_ceil(*s)))
+                .collect();
             let mut n = 0;
             let m = median_ms(a.iters, || {
                 let priors = Tensor::cat(&gen.grid_priors(&sizes, &dev)?, 0)?;
@@ -167,7 +214,11 @@ fn op(a: OpArgs) -> Result<()> {
                 }
                 Ok(())
             };
-            let what = if a.train { "forward+backward" } else { "forward" };
+            let what = if a.train {
+                "forward+backward"
+            } else {
+                "forward"
+            };
             let m1 = median_ms(a.iters, || ours(a.train))?;
             let m2 = median_ms(a.iters.min(5), || theirs(a.train))?;
             println!("depthwise conv {b}x{c}x{h}x{w} k{} {what}, {threads} threads: densepred {m1:.3} ms, candle conv2d(groups=C) {m2:.3} ms", a.kernel);
@@ -199,9 +250,17 @@ pub struct BackboneArgs {
 
 /// Parses `HxW`.
 pub fn parse_shape(s: &str) -> Result<(usize, usize)> {
-    let (h, w) = s.split_once(['x', 'X']).with_context(|| format!("--shape must be HxW, got {s:?}"))?;
-    let h: usize = h.trim().parse().with_context(|| format!("--shape: bad height in {s:?}"))?;
-    let w: usize = w.trim().parse().with_context(|| format!("--shape: bad width in {s:?}"))?;
+    let (h, w) = s
+        .split_once(['x', 'X'])
+        .with_context(|| format!("--shape must be HxW, got {s:?}"))?;
+    let h: usize = h
+        .trim()
+        .parse()
+        .with_context(|| format!("--shape: bad height in {s:?}"))?;
+    let w: usize = w
+        .trim()
+        .parse()
+        .with_context(|| format!("--shape: bad width in {s:?}"))?;
     if h == 0 || w == 0 {
         bail!("--shape must be positive, got {s:?}");
     }
@@ -214,9 +273,11 @@ pub fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
         })
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
@@ -236,7 +297,11 @@ fn backbone(a: BackboneArgs) -> Result<()> {
     let params = loaded.vars.num_parameters();
     let x = Tensor::randn(0f32, 1.0, (a.batch, 3, h, w), &device)?;
     let step = || -> Result<()> {
-        let model = if a.train { &loaded.model } else { &loaded.inference };
+        let model = if a.train {
+            &loaded.model
+        } else {
+            &loaded.inference
+        };
         let outs = model.forward(&x, a.train)?;
         if a.train {
             let mut loss = outs[0].mean_all()?;
@@ -266,7 +331,10 @@ fn backbone(a: BackboneArgs) -> Result<()> {
         params
     );
     if a.json {
-        println!("{}", serde_json::json!({"median_ms": median, "peak_mb": peak, "params": params}));
+        println!(
+            "{}",
+            serde_json::json!({"median_ms": median, "peak_mb": peak, "params": params})
+        );
     }
     Ok(())
 }

@@ -21,7 +21,11 @@ pub fn run(c: Convert) -> Result<()> {
             let tensors = densepred_core::weights::read_checkpoint(&input)?;
             let n: usize = tensors.values().map(|t| t.elem_count()).sum();
             densepred_core::weights::save_safetensors_atomic(&tensors, &output)?;
-            println!("wrote {} tensors ({n} values) to {}", tensors.len(), output.display());
+            println!(
+                "wrote {} tensors ({n} values) to {}",
+                tensors.len(),
+                output.display()
+            );
             Ok(())
         }
     }

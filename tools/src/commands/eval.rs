@@ -43,12 +43,20 @@ pub enum Eval {
 
 /// Writes `text` to `path` atomically (see `densepred_core::io::write_atomic`).
 fn write_atomic(path: &std::path::Path, text: &str) -> Result<()> {
-    densepred_core::io::write_atomic(path, |tmp| std::fs::write(tmp, text).map_err(|e| e.to_string())).map_err(anyhow::Error::msg)
+    densepred_core::io::write_atomic(path, |tmp| {
+        std::fs::write(tmp, text).map_err(|e| e.to_string())
+    })
+    .map_err(anyhow::Error::msg)
 }
 
 pub fn run(e: Eval) -> Result<()> {
     match e {
-        Eval::Coco { gt, results, iou_type, json_out } => {
+        Eval::Coco {
+            gt,
+            results,
+            iou_type,
+            json_out,
+        } => {
             let g = coco::load_gt(&gt)?;
             let s = coco::evaluate_results_file(&g, &results, iou_type)?;
             for l in &s.summary_lines {
@@ -59,7 +67,13 @@ pub fn run(e: Eval) -> Result<()> {
                 write_atomic(&p, &serde_json::to_string_pretty(&s.stats_json())?)?;
             }
         }
-        Eval::Seg { gt_dir, pred_dir, num_classes, reduce_zero_label, json_out } => {
+        Eval::Seg {
+            gt_dir,
+            pred_dir,
+            num_classes,
+            reduce_zero_label,
+            json_out,
+        } => {
             let m = semseg::evaluate_folders(&gt_dir, &pred_dir, num_classes, reduce_zero_label)?;
             print!("{}", m.table(None));
             if let Some(p) = json_out {

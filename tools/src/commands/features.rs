@@ -3,10 +3,10 @@
 use crate::backbone_config;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use densepred_backbones::Backbone;
 use densepred_datasets::loader::{collate, Normalization};
 use densepred_datasets::transforms::load_rgb;
 use densepred_datasets::Sample;
-use densepred_backbones::Backbone;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -32,7 +32,10 @@ pub struct Args {
 }
 
 /// mmdetection's default `data_preprocessor` normalisation (RGB mean / std, 0–255 pixels).
-const IMAGENET: Normalization = Normalization { mean: [123.675, 116.28, 103.53], std: [58.395, 57.12, 57.375] };
+const IMAGENET: Normalization = Normalization {
+    mean: [123.675, 116.28, 103.53],
+    std: [58.395, 57.12, 57.375],
+};
 
 /// `(1, 3, H, W)` normalised tensor of an image file, decoded and normalised exactly as the data
 /// pipeline does (`LoadImageFromFile`, then the data preprocessor).
@@ -50,10 +53,17 @@ pub fn run(a: Args) -> Result<()> {
     }
     let x = match (&a.input, &a.image) {
         (Some(p), None) => {
-            let t = candle_core::safetensors::load(p, &device).with_context(|| format!("{}: cannot read safetensors", p.display()))?;
-            let x = t.get("__input__").with_context(|| format!("{}: no tensor named __input__", p.display()))?;
+            let t = candle_core::safetensors::load(p, &device)
+                .with_context(|| format!("{}: cannot read safetensors", p.display()))?;
+            let x = t
+                .get("__input__")
+                .with_context(|| format!("{}: no tensor named __input__", p.display()))?;
             if x.rank() != 4 || x.dim(1)? != 3 {
-                bail!("{}: __input__ must be (B, 3, H, W), got {:?}", p.display(), x.dims());
+                bail!(
+                    "{}: __input__ must be (B, 3, H, W), got {:?}",
+                    p.display(),
+                    x.dims()
+                );
             }
             x.to_dtype(DType::F32)?
         }
@@ -63,16 +73,32 @@ pub fn run(a: Args) -> Result<()> {
     let stages = loaded.inference.forward_stages(&x, false)?;
     let mut out = BTreeMap::new();
     for (i, s) in stages.iter().enumerate() {
-        println!("__stage{}__ {:?} mean {:.6} std {:.6}", i + 1, s.dims(), s.mean_all()?.to_scalar::<f32>()?, s.flatten_all()?.var(0)?.sqrt()?.to_scalar::<f32>()?);
+        println!(
+            "__stage{}__ {:?} mean {:.6} std {:.6}",
+            i + 1,
+            s.dims(),
+            s.mean_all()?.to_scalar::<f32>()?,
+            s.flatten_all()?.var(0)?.sqrt()?.to_scalar::<f32>()?
+        );
         out.insert(format!("__stage{}__", i + 1), s.clone());
     }
     if let Some(l) = loaded.inference.classify(&stages[3])? {
-        println!("__logits__ {:?} argmax {:?}", l.dims(), l.argmax(1)?.to_vec1::<u32>()?);
+        println!(
+            "__logits__ {:?} argmax {:?}",
+            l.dims(),
+            l.argmax(1)?.to_vec1::<u32>()?
+        );
         out.insert("__logits__".to_string(), l);
     }
     densepred_core::weights::save_safetensors_atomic(&out, &a.out)?;
     println!("wrote {}", a.out.display());
     let shapes = loaded.inference.out_shapes();
-    println!("out_shapes (channels, stride): {:?}", shapes.iter().map(|s| (s.channels, s.stride)).collect::<Vec<_>>());
+    println!(
+        "out_shapes (channels, stride): {:?}",
+        shapes
+            .iter()
+            .map(|s| (s.channels, s.stride))
+            .collect::<Vec<_>>()
+    );
     Ok(())
 }

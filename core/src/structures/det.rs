@@ -1,0 +1,51 @@
+//! Per-image detection metadata, ground truth and results, shared by heads, models, the engine
+//! and the evaluators. Coordinates are xyxy in absolute pixels (no +1), as mmdetection 3.x.
+
+/// Geometry of one image through the pipeline (mmdetection's `img_metas`). Shapes are `(h, w)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ImageMeta {
+    /// Size of the file as decoded.
+    pub ori_shape: (usize, usize),
+    /// Size after the resize transforms (the image content inside the batch tensor).
+    pub img_shape: (usize, usize),
+    /// Size after per-image padding (anchors outside it are invalid).
+    pub pad_shape: (usize, usize),
+    /// `(w_scale, h_scale)` = resized / original.
+    pub scale_factor: (f64, f64),
+}
+
+/// Ground truth of one image in the `img_shape` frame: boxes `(N, 4)` xyxy pixels with 0-based
+/// labels, plus crowd / ignored boxes (used only by assigners with `ignore_iof_thr > 0`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GtInstances {
+    /// xyxy boxes in pixels of the resized image.
+    pub bboxes: Vec<[f32; 4]>,
+    /// 0-based class index per box.
+    pub labels: Vec<i64>,
+    /// Ignored (crowd) boxes, xyxy pixels.
+    pub ignored: Vec<[f32; 4]>,
+}
+
+/// Detections of one image: boxes xyxy in pixels of the **original** image (after rescale),
+/// scores in `[0, 1]`, 0-based labels; sorted by descending score.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Detections {
+    /// `(N, 4)` xyxy pixels.
+    pub bboxes: Vec<[f32; 4]>,
+    /// `(N,)` confidence.
+    pub scores: Vec<f32>,
+    /// `(N,)` 0-based class index.
+    pub labels: Vec<i64>,
+}
+
+impl Detections {
+    /// Number of detections.
+    pub fn len(&self) -> usize {
+        self.scores.len()
+    }
+
+    /// True without detections.
+    pub fn is_empty(&self) -> bool {
+        self.scores.is_empty()
+    }
+}
