@@ -74,6 +74,16 @@ impl DataLoader {
     /// The batches of `epoch` (processed samples), prepared by `num_workers` threads with up to
     /// `prefetch` batches queued ahead. Dropping the iterator stops the producer.
     pub fn epoch(&self, epoch: u64) -> impl Iterator<Item = Result<Vec<Sample>, DataError>> {
+        self.epoch_from(epoch, 0)
+    }
+
+    /// As [`DataLoader::epoch`], starting at batch `skip` (resuming mid-epoch): the batches are
+    /// the same as those an uninterrupted epoch yields from that point.
+    pub fn epoch_from(
+        &self,
+        epoch: u64,
+        skip: usize,
+    ) -> impl Iterator<Item = Result<Vec<Sample>, DataError>> {
         let (tx, rx) = crossbeam_channel::bounded(self.prefetch.max(1));
         let this = self.clone();
         std::thread::spawn(move || {
@@ -82,7 +92,7 @@ impl DataLoader {
                 .num_threads(this.num_workers.max(1))
                 .build();
             let bs = this.batch_size.max(1);
-            for chunk in order.chunks(bs) {
+            for chunk in order.chunks(bs).skip(skip) {
                 if this.drop_last && chunk.len() < bs {
                     break;
                 }

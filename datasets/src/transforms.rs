@@ -142,6 +142,15 @@ pub enum TransformConfig {
         /// Label ignored in that count.
         #[serde(default = "ignore255")]
         ignore_index: u8,
+        /// mmdet's `crop_type`: `"absolute"` (the default: `crop_size` as is) or
+        /// `"absolute_range"` (`crop_size = [lo, hi]`: height and width drawn uniformly from
+        /// `lo..=min(side, hi)`).
+        #[serde(default)]
+        crop_type: Option<String>,
+        /// mmdet: keep crops without any box (only `true` is supported; with `false` mmdet
+        /// re-samples another image, which a per-sample pipeline cannot do).
+        #[serde(default)]
+        allow_negative_crop: Option<bool>,
     },
     /// Random brightness, contrast, saturation and hue (SSD's photometric distortion, mmdet/mmseg).
     PhotoMetricDistortion {
@@ -391,7 +400,32 @@ fn apply_one(
             crop_size,
             cat_max_ratio,
             ignore_index,
-        } => random_crop(&mut s, *crop_size, *cat_max_ratio, *ignore_index, rng),
+            crop_type,
+            allow_negative_crop,
+        } => {
+            if *allow_negative_crop == Some(false) {
+                return Err(DataError::Config(
+                    "RandomCrop: allow_negative_crop = false is not supported (set it to true)"
+                        .into(),
+                ));
+            }
+            let size = match crop_type.as_deref() {
+                None | Some("absolute") => *crop_size,
+                Some("absolute_range") => {
+                    let (h, w) = s.img_shape;
+                    let [lo, hi] = *crop_size;
+                    let ch = rng.random_range(lo.min(h)..=hi.min(h).max(lo.min(h)));
+                    let cw = rng.random_range(lo.min(w)..=hi.min(w).max(lo.min(w)));
+                    [ch, cw]
+                }
+                Some(o) => {
+                    return Err(DataError::Config(format!(
+                        "RandomCrop: crop_type {o:?} is not supported (absolute, absolute_range)"
+                    )))
+                }
+            };
+            random_crop(&mut s, size, *cat_max_ratio, *ignore_index, rng)
+        }
         T::PhotoMetricDistortion {
             brightness_delta,
             contrast_range,

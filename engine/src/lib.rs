@@ -1,4 +1,10 @@
-//! densepred-engine: the whole-file configuration (`_base_` inheritance, `--set` overrides) and,
-//! later, the trainer and tester built on it.
+//! densepred-engine: the whole-file configuration (`_base_` inheritance, `--set` overrides), the
+//! trainer (optimizers, LR schedules, checkpoints, logging) and the tester.
 
 pub mod config;
+pub mod curves;
+pub mod optim;
+pub mod runner;
+pub mod schedule;
+pub mod tester;
+pub mod trainer;

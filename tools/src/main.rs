@@ -35,6 +35,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train a model from a config (mmdetection's tools/train.py).
+    Train(commands::train::Args),
+    /// Evaluate a checkpoint on the test split (mmdetection's tools/test.py).
+    Test(commands::test::Args),
+    /// Detect objects in images and draw them.
+    Infer(commands::infer::Args),
+    /// Print a config after `_base_` merging and `--set` overrides.
+    PrintConfig(commands::print_config::Args),
     /// Run a backbone on an input tensor or image and write its stage feature maps.
     Features(commands::features::Args),
     /// Convert checkpoints between formats.
@@ -72,6 +80,10 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let res = match cli.command {
+        Command::Train(a) => commands::train::run(a),
+        Command::Test(a) => commands::test::run(a),
+        Command::Infer(a) => commands::infer::run(a),
+        Command::PrintConfig(a) => commands::print_config::run(a),
         Command::Features(a) => commands::features::run(a),
         Command::Convert(c) => commands::convert::run(c),
         Command::Benchmark(b) => commands::benchmark::run(b),

@@ -114,3 +114,30 @@ pub fn save_png(img: &RgbImage, path: &std::path::Path) -> anyhow::Result<()> {
     densepred_core::io::write_atomic(path, |tmp| img.save(tmp).map_err(|e| e.to_string()))
         .map_err(anyhow::Error::msg)
 }
+
+/// Draws detections (xyxy in this image's pixels) with `class score` captions; detections scoring
+/// below `score_thr` are skipped.
+pub fn draw_detections(
+    img: &mut RgbImage,
+    dets: &densepred_core::structures::Detections,
+    classes: &[String],
+    score_thr: f32,
+) {
+    for i in (0..dets.len()).rev() {
+        if dets.scores[i] < score_thr {
+            continue;
+        }
+        let l = dets.labels[i].max(0) as usize;
+        let color = palette(l);
+        let b = dets.bboxes[i];
+        draw_box(img, b, color);
+        let name = classes.get(l).map(String::as_str).unwrap_or("?");
+        draw_text(
+            img,
+            b[0] as i64,
+            b[1] as i64 - 9,
+            &format!("{name} {:.2}", dets.scores[i]),
+            color,
+        );
+    }
+}

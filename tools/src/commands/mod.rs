@@ -4,3 +4,7 @@ pub mod browse;
 pub mod convert;
 pub mod eval;
 pub mod features;
+pub mod infer;
+pub mod print_config;
+pub mod test;
+pub mod train;

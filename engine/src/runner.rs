@@ -1,0 +1,484 @@
+//! The whole-file run config (mmengine's `Runner` fields) and the pieces every loop needs: model
+//! building, weight loading, data loaders, batches → model inputs.
+
+use crate::optim::OptimWrapperConfig;
+use crate::schedule::SchedulerConfig;
+use candle_core::{DType, Device, Tensor};
+use densepred_core::params::SeededVarMap;
+use densepred_core::structures::{GtInstances, ImageMeta};
+use densepred_core::weights::{load_into, read_checkpoint, LoadReport};
+use densepred_datasets::config::DataloaderConfig;
+use densepred_datasets::loader::{collate, Batch, DataLoader, Normalization};
+use densepred_datasets::{Dataset, Sample};
+use densepred_models::{Detector, ModelConfig};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Errors of the engine, naming the file or config key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A config value is missing or wrong.
+    #[error("config: {0}")]
+    Config(String),
+    /// Reading or writing a file failed.
+    #[error("{path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Data loading failed.
+    #[error(transparent)]
+    Data(#[from] densepred_datasets::DataError),
+    /// Evaluation failed.
+    #[error(transparent)]
+    Eval(#[from] densepred_evaluation::EvalError),
+    /// A tensor operation failed.
+    #[error("{context}: {source}")]
+    Candle {
+        /// What was being done.
+        context: String,
+        /// The candle error.
+        source: candle_core::Error,
+    },
+    /// Training was interrupted (Ctrl-C); the last checkpoint is intact.
+    #[error("interrupted")]
+    Interrupted,
+}
+
+/// Adds context to candle errors.
+pub trait CandleContext<T> {
+    /// Wraps the error with `context`.
+    fn ctx(self, context: &str) -> Result<T, EngineError>;
+}
+
+impl<T> CandleContext<T> for candle_core::Result<T> {
+    fn ctx(self, context: &str) -> Result<T, EngineError> {
+        self.map_err(|source| EngineError::Candle {
+            context: context.to_string(),
+            source,
+        })
+    }
+}
+
+fn t() -> bool {
+    true
+}
+
+/// `train_cfg` (mmengine's loops).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainLoopConfig {
+    /// `"EpochBasedTrainLoop"` or `"IterBasedTrainLoop"`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Epochs (epoch-based).
+    #[serde(default)]
+    pub max_epochs: Option<u64>,
+    /// Iterations (iteration-based).
+    #[serde(default)]
+    pub max_iters: Option<u64>,
+    /// Evaluate every this many epochs (epoch-based) or iterations (iteration-based); 0 = never.
+    #[serde(default = "one_u64")]
+    pub val_interval: u64,
+    /// First epoch / iteration at which validation may run.
+    #[serde(default)]
+    pub val_begin: u64,
+}
+
+fn one_u64() -> u64 {
+    1
+}
+
+/// `val_evaluator` / `test_evaluator` (`type = "CocoMetric"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluatorConfig {
+    /// `"CocoMetric"`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Ground-truth instances JSON.
+    pub ann_file: PathBuf,
+    /// `"bbox"`, `"segm"` or a list.
+    #[serde(default)]
+    pub metric: Option<toml::Value>,
+    /// Print the per-class AP table.
+    #[serde(default = "t")]
+    pub classwise: bool,
+    /// Only write results (no evaluation).
+    #[serde(default)]
+    pub format_only: bool,
+    /// Write `<prefix>.bbox.json`.
+    #[serde(default)]
+    pub outfile_prefix: Option<PathBuf>,
+    /// Accepted for compatibility.
+    #[serde(default)]
+    pub backend_args: Option<toml::Value>,
+}
+
+/// `default_hooks.checkpoint`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointHookConfig {
+    /// `"CheckpointHook"`.
+    #[serde(rename = "type", default)]
+    pub kind: Option<String>,
+    /// Save every this many epochs (`by_epoch`) or iterations.
+    #[serde(default = "one_u64")]
+    pub interval: u64,
+    /// Count epochs (default: as the train loop).
+    #[serde(default)]
+    pub by_epoch: Option<bool>,
+    /// Keep only the newest N checkpoints (−1: all).
+    #[serde(default)]
+    pub max_keep_ckpts: Option<i64>,
+    /// Accepted for compatibility.
+    #[serde(default)]
+    pub save_best: Option<toml::Value>,
+}
+
+/// `default_hooks.logger`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggerHookConfig {
+    /// `"LoggerHook"`.
+    #[serde(rename = "type", default)]
+    pub kind: Option<String>,
+    /// Log every this many iterations.
+    #[serde(default = "fifty")]
+    pub interval: u64,
+}
+
+fn fifty() -> u64 {
+    50
+}
+
+/// `default_hooks`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DefaultHooks {
+    /// Checkpoint saving.
+    #[serde(default)]
+    pub checkpoint: Option<CheckpointHookConfig>,
+    /// Logging.
+    #[serde(default)]
+    pub logger: Option<LoggerHookConfig>,
+    /// Accepted for compatibility.
+    #[serde(default)]
+    pub timer: Option<toml::Value>,
+    /// Accepted for compatibility.
+    #[serde(default)]
+    pub param_scheduler: Option<toml::Value>,
+    /// Accepted for compatibility.
+    #[serde(default)]
+    pub sampler_seed: Option<toml::Value>,
+    /// Accepted for compatibility.
+    #[serde(default)]
+    pub visualization: Option<toml::Value>,
+}
+
+/// `auto_scale_lr`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoScaleLr {
+    /// Scale the lr by `total batch / base_batch_size`.
+    #[serde(default)]
+    pub enable: bool,
+    /// The batch size the config's lr was tuned for.
+    pub base_batch_size: usize,
+}
+
+/// `randomness`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Randomness {
+    /// Seed of weights, data order, augmentations and stochastic layers.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Accepted (CPU runs are deterministic).
+    #[serde(default)]
+    pub deterministic: bool,
+    /// Accepted for compatibility.
+    #[serde(default)]
+    pub diff_rank_seed: bool,
+}
+
+/// A whole config file after `_base_` merging and overrides (mmdetection 3.x vocabulary).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// The model.
+    pub model: ModelConfig,
+    /// Training data.
+    #[serde(default)]
+    pub train_dataloader: Option<DataloaderConfig>,
+    /// Validation data.
+    #[serde(default)]
+    pub val_dataloader: Option<DataloaderConfig>,
+    /// Test data (default: the validation data).
+    #[serde(default)]
+    pub test_dataloader: Option<DataloaderConfig>,
+    /// Validation metric.
+    #[serde(default)]
+    pub val_evaluator: Option<EvaluatorConfig>,
+    /// Test metric (default: the validation metric).
+    #[serde(default)]
+    pub test_evaluator: Option<EvaluatorConfig>,
+    /// Training loop.
+    #[serde(default)]
+    pub train_cfg: Option<TrainLoopConfig>,
+    /// Accepted for compatibility (`ValLoop`).
+    #[serde(default)]
+    pub val_cfg: Option<toml::Value>,
+    /// Accepted for compatibility (`TestLoop`).
+    #[serde(default)]
+    pub test_cfg: Option<toml::Value>,
+    /// Optimizer.
+    #[serde(default)]
+    pub optim_wrapper: Option<OptimWrapperConfig>,
+    /// LR schedules.
+    #[serde(default)]
+    pub param_scheduler: Vec<SchedulerConfig>,
+    /// Hooks.
+    #[serde(default)]
+    pub default_hooks: DefaultHooks,
+    /// LR scaling by batch size.
+    #[serde(default)]
+    pub auto_scale_lr: Option<AutoScaleLr>,
+    /// Seeds.
+    #[serde(default)]
+    pub randomness: Randomness,
+    /// Output folder (default `work_dirs/<config name>`).
+    #[serde(default)]
+    pub work_dir: Option<PathBuf>,
+    /// Weights to start from.
+    #[serde(default)]
+    pub load_from: Option<PathBuf>,
+    /// Resume from the work dir's last checkpoint.
+    #[serde(default)]
+    pub resume: bool,
+    /// Accepted for compatibility.
+    #[serde(default)]
+    pub default_scope: Option<String>,
+    /// Accepted for compatibility.
+    #[serde(default)]
+    pub env_cfg: Option<toml::Value>,
+    /// Accepted for compatibility.
+    #[serde(default)]
+    pub log_level: Option<String>,
+    /// Accepted for compatibility.
+    #[serde(default)]
+    pub log_processor: Option<toml::Value>,
+    /// Accepted for compatibility.
+    #[serde(default)]
+    pub vis_backends: Option<toml::Value>,
+    /// Accepted for compatibility.
+    #[serde(default)]
+    pub visualizer: Option<toml::Value>,
+}
+
+impl RunConfig {
+    /// Reads `path` (with `_base_` files and `overrides` `key=value` applied) into the typed
+    /// config; returns it with the resolved table.
+    ///
+    /// Errors: unreadable files, unknown keys, wrong types (naming the file and key).
+    pub fn load(path: &Path, overrides: &[String]) -> Result<(Self, toml::Table), EngineError> {
+        let table = crate::config::load_with_overrides(path, overrides)
+            .map_err(|e| EngineError::Config(e.to_string()))?;
+        let cfg = Self::from_table(&table, path)?;
+        Ok((cfg, table))
+    }
+
+    /// The typed config of an already merged table (`path` names it in errors).
+    pub fn from_table(table: &toml::Table, path: &Path) -> Result<Self, EngineError> {
+        let text = toml::to_string(table)
+            .map_err(|e| EngineError::Config(format!("{}: {e}", path.display())))?;
+        toml::from_str(&text)
+            .map_err(|e| EngineError::Config(format!("{}: {}", path.display(), e.message())))
+    }
+
+    /// The seed (`randomness.seed`, default 0).
+    pub fn seed(&self) -> u64 {
+        self.randomness.seed.unwrap_or(0)
+    }
+}
+
+/// `work_dir` or `work_dirs/<config file stem>`.
+pub fn work_dir_for(cfg: &RunConfig, config_path: &Path, cli: Option<&Path>) -> PathBuf {
+    if let Some(d) = cli {
+        return d.to_path_buf();
+    }
+    if let Some(d) = &cfg.work_dir {
+        return d.clone();
+    }
+    let stem = config_path
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "run".into());
+    PathBuf::from("work_dirs").join(stem)
+}
+
+/// A built detector with its parameter store.
+pub struct BuiltModel {
+    /// All parameters and buffers by mmdetection state-dict name.
+    pub vars: SeededVarMap,
+    /// The detector.
+    pub detector: Detector,
+    /// Normalisation of the data preprocessor.
+    pub norm: Normalization,
+    /// Batch padding.
+    pub pad_size_divisor: usize,
+}
+
+/// Builds the model of `cfg` with weights drawn from `seed`.
+///
+/// Errors: inconsistent model configs.
+pub fn build_model(
+    cfg: &ModelConfig,
+    seed: u64,
+    device: &Device,
+) -> Result<BuiltModel, EngineError> {
+    let vars = SeededVarMap::new(seed);
+    let detector =
+        Detector::new(vars.var_builder(DType::F32, device), cfg).ctx("building model")?;
+    let dp = &cfg.detector().data_preprocessor;
+    Ok(BuiltModel {
+        vars,
+        norm: Normalization {
+            mean: dp.mean,
+            std: dp.std,
+        },
+        pad_size_divisor: dp.pad_size_divisor,
+        detector,
+    })
+}
+
+/// Loads weights into `model`: a densepred / mmdetection detector checkpoint (keys `backbone.*`,
+/// `neck.*`, `bbox_head.*`, strict = false) or, when no key has a detector prefix, a backbone-only
+/// checkpoint such as the official SMT ImageNet `.pth` (keys mapped by the backbone's rename table
+/// and put under `backbone.`; the classification head is reported as unexpected).
+///
+/// Errors: unreadable files; no parameter loaded at all.
+pub fn load_weights(
+    model: &BuiltModel,
+    path: &Path,
+    strict: bool,
+) -> Result<LoadReport, EngineError> {
+    let tensors = read_checkpoint(path).map_err(|e| EngineError::File {
+        path: path.into(),
+        reason: e.to_string(),
+    })?;
+    let prefixed = tensors.keys().any(|k| {
+        k.starts_with("backbone.") || k.starts_with("neck.") || k.starts_with("bbox_head.")
+    });
+    let bb = &model.detector.backbone;
+    let map = |k: &str| -> Option<String> {
+        if prefixed {
+            match k.strip_prefix("backbone.") {
+                Some(rest) => Some(format!("backbone.{}", bb.map_checkpoint_key(rest))),
+                None => Some(k.to_string()),
+            }
+        } else {
+            Some(format!("backbone.{}", bb.map_checkpoint_key(k)))
+        }
+    };
+    let report =
+        load_into(&model.vars, &tensors, &map, strict, path).map_err(|e| EngineError::File {
+            path: path.into(),
+            reason: e.to_string(),
+        })?;
+    if report.loaded.is_empty() {
+        return Err(EngineError::File {
+            path: path.into(),
+            reason: format!("no parameter of the model matches this checkpoint\n{report}"),
+        });
+    }
+    Ok(report)
+}
+
+/// A data loader and its dataset.
+pub struct Loader {
+    /// The loader.
+    pub loader: DataLoader,
+    /// The dataset (classes, category ids).
+    pub dataset: Arc<dyn Dataset>,
+}
+
+/// Builds the loader of a `*_dataloader` table (`train` shuffles per its sampler).
+///
+/// Errors: unreadable annotations, invalid pipeline.
+pub fn build_loader(dl: &DataloaderConfig, seed: u64, train: bool) -> Result<Loader, EngineError> {
+    let (dataset, pipeline, skip_invalid) = dl.dataset.build()?;
+    let shuffle = train && dl.sampler.as_ref().map(|s| s.shuffle).unwrap_or(true);
+    let loader = DataLoader {
+        dataset: dataset.clone(),
+        pipeline,
+        batch_size: dl.batch_size.max(1),
+        num_workers: dl.num_workers,
+        shuffle,
+        drop_last: dl.drop_last,
+        seed,
+        prefetch: 2,
+        skip_invalid,
+    };
+    Ok(Loader { loader, dataset })
+}
+
+/// Per-image geometry of a sample.
+pub fn image_meta(s: &Sample) -> ImageMeta {
+    ImageMeta {
+        ori_shape: s.ori_shape,
+        img_shape: s.img_shape,
+        pad_shape: s.pad_shape,
+        scale_factor: s.scale_factor,
+    }
+}
+
+/// The GT of a sample (boxes in the resized frame; `ignore` instances become ignored boxes).
+pub fn gt_instances(s: &Sample) -> GtInstances {
+    let mut g = GtInstances::default();
+    for i in &s.instances {
+        if i.ignore {
+            g.ignored.push(i.bbox);
+        } else {
+            g.bboxes.push(i.bbox);
+            g.labels.push(i.label as i64);
+        }
+    }
+    g
+}
+
+/// Batches samples for `model` (normalise, pad); fills `pad_shape` where the pipeline had no `Pad`.
+///
+/// Errors: samples without images.
+pub fn to_batch(
+    model: &BuiltModel,
+    mut samples: Vec<Sample>,
+    device: &Device,
+) -> Result<Batch, EngineError> {
+    // DetDataPreprocessor: each image's pad_shape is its own size rounded up to the divisor.
+    let d = model.pad_size_divisor.max(1);
+    for s in samples.iter_mut() {
+        if let Some(img) = &s.img {
+            let (h, w, _) = img.dim();
+            s.pad_shape = (h.div_ceil(d) * d, w.div_ceil(d) * d);
+        }
+    }
+    Ok(collate(
+        samples,
+        Some(&model.norm),
+        model.pad_size_divisor,
+        device,
+    )?)
+}
+
+/// `(B, 3, H, W)` images of a batch with metas and GT.
+pub fn model_inputs(batch: &Batch) -> (Tensor, Vec<ImageMeta>, Vec<GtInstances>) {
+    (
+        batch.images.clone(),
+        batch.samples.iter().map(image_meta).collect(),
+        batch.samples.iter().map(gt_instances).collect(),
+    )
+}

@@ -1,0 +1,107 @@
+//! `densepred test CONFIG --checkpoint CK`: mmdetection's `tools/test.py` (COCO bbox summary and
+//! per-class AP).
+
+use crate::visualize::{draw_detections, save_png};
+use anyhow::{Context, Result};
+use candle_core::Device;
+use clap::Parser;
+use densepred_engine::runner::{build_model, load_weights, RunConfig};
+use densepred_engine::tester::run_test;
+use std::path::PathBuf;
+
+/// Evaluate a checkpoint on the test split.
+#[derive(Parser)]
+pub struct Args {
+    /// Config file.
+    pub config: PathBuf,
+    /// Weights (`.safetensors` written by `densepred train`, or an mmdetection `.pth`).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Write the COCO results (original-image xywh, original category ids) here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Draw the detections on each image into this folder.
+    #[arg(long)]
+    pub show_dir: Option<PathBuf>,
+    /// Score threshold of the drawings.
+    #[arg(long, default_value_t = 0.3)]
+    pub show_score_thr: f32,
+    /// Write the 12 stats as JSON here.
+    #[arg(long)]
+    pub json_out: Option<PathBuf>,
+    /// Override a config key (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// No progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let (cfg, _) = RunConfig::load(&a.config, &a.overrides)?;
+    let dl = cfg
+        .test_dataloader
+        .as_ref()
+        .or(cfg.val_dataloader.as_ref())
+        .context("config has neither test_dataloader nor val_dataloader")?;
+    let ev = cfg
+        .test_evaluator
+        .as_ref()
+        .or(cfg.val_evaluator.as_ref())
+        .context("config has neither test_evaluator nor val_evaluator")?;
+    let dev = Device::Cpu;
+    let model = build_model(&cfg.model, cfg.seed(), &dev)?;
+    let report = load_weights(&model, &a.checkpoint, false)?;
+    if !report.missing.is_empty() || !report.shape_mismatch.is_empty() {
+        tracing::warn!(
+            "{}: not an exact match for the model\n{report}",
+            a.checkpoint.display()
+        );
+    }
+    let out = run_test(&model, dl, ev, cfg.seed(), &dev, !a.no_progress)?;
+    if let Some(p) = &a.out {
+        let text = serde_json::to_string(&out.records)?;
+        densepred_core::io::write_atomic(p, |t| {
+            std::fs::write(t, &text).map_err(|e| e.to_string())
+        })
+        .map_err(anyhow::Error::msg)?;
+        println!(
+            "results: {} ({} detections)",
+            p.display(),
+            out.records.len()
+        );
+    }
+    if let Some(dir) = &a.show_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for r in &out.images {
+            let mut img = image::open(&r.img_path)
+                .with_context(|| format!("reading {}", r.img_path.display()))?
+                .to_rgb8();
+            draw_detections(&mut img, &r.dets, &out.classes, a.show_score_thr);
+            let name = r
+                .img_path
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_else(|| r.img_id.to_string());
+            save_png(&img, &dir.join(format!("{name}.png")))?;
+        }
+        println!("drawings: {}", dir.display());
+    }
+    if let Some(s) = &out.summary {
+        println!("Evaluate annotation type *bbox*");
+        for l in &s.summary_lines {
+            println!("{l}");
+        }
+        println!("\n{}", s.per_category_table());
+        let keys = densepred_engine::tester::mmdet_keys(s);
+        println!("{}", serde_json::Value::Object(keys));
+        if let Some(p) = &a.json_out {
+            let text = serde_json::to_string_pretty(&s.stats_json())?;
+            densepred_core::io::write_atomic(p, |t| {
+                std::fs::write(t, &text).map_err(|e| e.to_string())
+            })
+            .map_err(anyhow::Error::msg)?;
+        }
+    }
+    Ok(())
+}

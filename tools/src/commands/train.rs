@@ -1,0 +1,63 @@
+//! `densepred train CONFIG`: mmdetection's `tools/train.py`.
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use clap::Parser;
+use densepred_engine::runner::{work_dir_for, RunConfig};
+use densepred_engine::trainer::{train, TrainOptions};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Train a model from a config.
+#[derive(Parser)]
+pub struct Args {
+    /// Config file (TOML, `_base_` inheritance).
+    pub config: PathBuf,
+    /// Output folder (default: the config's `work_dir`, else `work_dirs/<config name>`).
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// Continue from the work dir's last checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Start from these weights (a detector checkpoint, or a backbone checkpoint such as the
+    /// official SMT ImageNet `.pth`).
+    #[arg(long)]
+    pub load_from: Option<PathBuf>,
+    /// Override a config key: `--set train_cfg.max_iters=20` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// No progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let (cfg, table) = RunConfig::load(&a.config, &a.overrides)?;
+    let work_dir = work_dir_for(&cfg, &a.config, a.work_dir.as_deref());
+    let flag = Arc::new(AtomicBool::new(false));
+    let f2 = flag.clone();
+    ctrlc::set_handler(move || {
+        if f2.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: stopping after this iteration (Ctrl-C again to abort now)");
+    })
+    .context("installing the Ctrl-C handler")?;
+    let opts = TrainOptions {
+        work_dir: work_dir.clone(),
+        resume: a.resume || cfg.resume,
+        load_from: a.load_from,
+        device: Device::Cpu,
+        progress: !a.no_progress,
+        interrupt: Some(flag),
+    };
+    tracing::info!("work dir: {}", work_dir.display());
+    let s = train(&cfg, &table, &opts)?;
+    if let Some(c) = &s.last_checkpoint {
+        println!("checkpoint: {}", c.display());
+    }
+    println!("metrics: {}", work_dir.join("metrics.jsonl").display());
+    println!("curves: {}", work_dir.join("loss_curve.png").display());
+    Ok(())
+}
