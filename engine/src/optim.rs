@@ -276,14 +276,17 @@ impl Optimizer {
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
+            // Gradients computed from tracked tensors carry their graph: detach, or the optimizer
+            // state would keep every iteration's graph alive.
+            let g = g.detach();
             let g = if grad_scale != 1.0 {
                 (g * grad_scale)?
             } else {
-                g.clone()
+                g
             };
             let lr_p = lr * p.lr_mult;
             let wd_p = wd * p.decay_mult;
-            let w = p.var.as_tensor();
+            let w = &p.var.as_tensor().detach();
             match &self.cfg {
                 OptimizerConfig::AdamW { betas, eps, .. } => {
                     let (b1, b2) = (betas[0], betas[1]);

@@ -330,6 +330,8 @@ pub struct BuiltModel {
     pub norm: Normalization,
     /// Batch padding.
     pub pad_size_divisor: usize,
+    /// Device of the parameters.
+    pub device: Device,
 }
 
 /// Builds the model of `cfg` with weights drawn from `seed`.
@@ -352,7 +354,22 @@ pub fn build_model(
         },
         pad_size_divisor: dp.pad_size_divisor,
         detector,
+        device: device.clone(),
     })
+}
+
+impl BuiltModel {
+    /// A detector over detached copies of the current weights (sharing storage): inference
+    /// without recording an autograd graph.
+    ///
+    /// Errors: as [`Detector::new`].
+    pub fn inference_detector(&self, cfg: &ModelConfig) -> Result<Detector, EngineError> {
+        Detector::new(
+            self.vars.inference_var_builder(DType::F32, &self.device),
+            cfg,
+        )
+        .ctx("building the inference model")
+    }
 }
 
 /// Loads weights into `model`: a densepred / mmdetection detector checkpoint (keys `backbone.*`,

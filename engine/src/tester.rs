@@ -108,13 +108,14 @@ pub fn evaluate_loader(
         )));
     }
     let meta = dataset.metainfo();
+    let detector = model.inference_detector(model.detector.model_config())?;
     let pb = progress_bar(loader.num_batches() as u64, show_progress, "test");
     let mut images = Vec::new();
     let mut for_eval = Vec::new();
     for batch in loader.epoch(0) {
         let batch = to_batch(model, batch?, device)?;
         let (x, metas, _) = model_inputs(&batch);
-        let dets = model.detector.predict(&x, &metas).ctx("inference")?;
+        let dets = detector.predict(&x, &metas).ctx("inference")?;
         for (s, d) in batch.samples.iter().zip(dets) {
             for_eval.push(ImageDetections {
                 image_id: s.img_id,

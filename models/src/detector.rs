@@ -115,6 +115,7 @@ impl ModelConfig {
 /// A built one-stage detector. Parameters live under `backbone.*`, `neck.*` and `bbox_head.*`,
 /// mmdetection's state-dict keys.
 pub struct Detector {
+    model_cfg: ModelConfig,
     cfg: DetectorConfig,
     /// The backbone.
     pub backbone: AnyBackbone,
@@ -152,11 +153,17 @@ impl Detector {
             DenseHeadConfig::AtssHead(h) => Box::new(AtssHead::new(vb.pp("bbox_head"), h)?),
         };
         Ok(Self {
+            model_cfg: cfg.clone(),
             cfg: c.clone(),
             backbone,
             neck,
             head,
         })
+    }
+
+    /// The `[model]` config this detector was built from.
+    pub fn model_config(&self) -> &ModelConfig {
+        &self.model_cfg
     }
 
     /// The detector config.

@@ -13,6 +13,128 @@ pub enum Benchmark {
     Backbone(BackboneArgs),
     /// A single kernel against candle's own implementation of the same operation.
     Op(OpArgs),
+    /// One full training iteration of a detector config (data in memory; forward with losses,
+    /// backward, optimizer step).
+    Train(ModelArgs),
+    /// Detector inference (forward and post-processing) on one batch.
+    Infer(ModelArgs),
+}
+
+/// `benchmark train|infer` options.
+#[derive(clap::Args)]
+pub struct ModelArgs {
+    /// Detector config (its `model` and `optim_wrapper` are used).
+    config: PathBuf,
+    /// Input size `HxW`.
+    #[arg(long, default_value = "640x640")]
+    shape: String,
+    /// Images per batch (default: 2 for train, 1 for infer).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Timed iterations (after one warm-up iteration).
+    #[arg(long, default_value_t = 3)]
+    iters: usize,
+    /// Print one JSON object `{"median_ms", "peak_mb", "params"}` as the last line.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs the detector of `a.config` on a random batch: per iteration either a training step
+/// (AdamW/SGD from the config; 8 fixed GT boxes per image) or inference.
+fn model_bench(a: ModelArgs, train: bool) -> Result<()> {
+    use densepred_core::structures::{GtInstances, ImageMeta};
+    use densepred_engine::optim::{param_groups, Optimizer};
+    use densepred_engine::runner::{build_model, RunConfig};
+    let (h, w) = parse_shape(&a.shape)?;
+    let batch = a.batch.unwrap_or(if train { 2 } else { 1 });
+    let (cfg, _) = RunConfig::load(&a.config, &[])?;
+    let device = Device::Cpu;
+    let model = build_model(&cfg.model, cfg.seed(), &device)?;
+    let params = model.vars.num_parameters();
+    let x = Tensor::randn(0f32, 1.0, (batch, 3, h, w), &device)?;
+    let meta = ImageMeta {
+        ori_shape: (h, w),
+        img_shape: (h, w),
+        pad_shape: (h, w),
+        scale_factor: (1.0, 1.0),
+    };
+    let metas = vec![meta; batch];
+    let (fh, fw) = (h as f32, w as f32);
+    let gt = GtInstances {
+        bboxes: (0..8)
+            .map(|i| {
+                let f = i as f32 / 8.0;
+                [
+                    fw * f * 0.5,
+                    fh * f * 0.4,
+                    fw * (0.3 + f * 0.6),
+                    fh * (0.35 + f * 0.6),
+                ]
+            })
+            .collect(),
+        labels: (0..8).collect(),
+        ignored: vec![],
+    };
+    let gts = vec![gt; batch];
+    let mut opt = if train {
+        let ow = cfg
+            .optim_wrapper
+            .as_ref()
+            .context("the config has no optim_wrapper")?;
+        Some(Optimizer::new(
+            ow.optimizer.clone(),
+            param_groups(
+                model.vars.named_vars(),
+                ow.paramwise_cfg.as_ref(),
+                &|_| false,
+                &[],
+            ),
+        ))
+    } else {
+        None
+    };
+    let inference = if train {
+        None
+    } else {
+        Some(model.inference_detector(&cfg.model)?)
+    };
+    let mut step = || -> Result<()> {
+        if let Some(opt) = opt.as_mut() {
+            let losses = model.detector.loss(&x, &metas, &gts)?;
+            let total = losses
+                .iter()
+                .map(|(_, v)| v.clone())
+                .reduce(|p, q| (p + q).expect("scalar sum"))
+                .context("no loss")?;
+            let grads = total.backward()?;
+            let lr = opt.config().lr();
+            opt.step(&grads, lr, 1.0)?;
+        } else {
+            inference
+                .as_ref()
+                .expect("built for infer")
+                .predict(&x, &metas)?;
+        }
+        Ok(())
+    };
+    step()?;
+    let mut times = Vec::new();
+    for _ in 0..a.iters.max(1) {
+        let t = Instant::now();
+        step()?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(|p, q| p.total_cmp(q));
+    let median = times[times.len() / 2];
+    let peak = peak_rss_mb();
+    println!("{} {}x{} batch {batch}: median {median:.1} ms over {} iterations (min {:.1}), peak RSS {peak:.0} MiB, {params} parameters", if train { "train" } else { "infer" }, h, w, times.len(), times[0]);
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"median_ms": median, "peak_mb": peak, "params": params})
+        );
+    }
+    Ok(())
 }
 
 /// Operations that `benchmark op` knows.
@@ -287,6 +409,8 @@ pub fn run(b: Benchmark) -> Result<()> {
     match b {
         Benchmark::Backbone(a) => backbone(a),
         Benchmark::Op(a) => op(a),
+        Benchmark::Train(a) => model_bench(a, true),
+        Benchmark::Infer(a) => model_bench(a, false),
     }
 }
 

@@ -95,6 +95,7 @@ pub fn run(a: Args) -> Result<()> {
     let dev = Device::Cpu;
     let model = build_model(&cfg.model, cfg.seed(), &dev)?;
     load_weights(&model, &a.checkpoint, false)?;
+    let detector = model.inference_detector(&cfg.model)?;
     std::fs::create_dir_all(&a.out_dir)
         .with_context(|| format!("creating {}", a.out_dir.display()))?;
     let mut records = Vec::new();
@@ -105,7 +106,7 @@ pub fn run(a: Args) -> Result<()> {
         )?;
         let batch = to_batch(&model, vec![s], &dev)?;
         let (x, metas, _) = model_inputs(&batch);
-        let dets = model.detector.predict(&x, &metas)?.remove(0);
+        let dets = detector.predict(&x, &metas)?.remove(0);
         let mut img = image::open(path)
             .with_context(|| format!("reading {}", path.display()))?
             .to_rgb8();
