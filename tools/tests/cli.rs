@@ -443,3 +443,45 @@ fn browse_dataset_writes_pngs_and_names_config_errors() {
     ]);
     assert!(!ok && err.contains("train_dataloader"), "{err}");
 }
+
+/// `analyze params` on the paper's detector configs equals mmdetection's count of the official
+/// configs (`../shared/fixtures/models/head_param_counts.json`).
+#[test]
+fn analyze_params_matches_mmdet_for_paper_detectors() {
+    let fx: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("../shared/fixtures/models/head_param_counts.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    for (cfg, key) in [
+        (
+            "configs/retinanet/retinanet_smt-s_fpn_3x_coco.toml",
+            "retinanet_smt_s",
+        ),
+        ("configs/atss/atss_smt-s_fpn_3x_coco.toml", "atss_smt_s"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_densepred"))
+            .current_dir(root())
+            .args(["analyze", "params", cfg])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let total: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("total"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(
+            total,
+            fx["models"][key]["full_params"].as_u64().unwrap(),
+            "{cfg}\n{text}"
+        );
+    }
+}

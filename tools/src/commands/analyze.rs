@@ -20,6 +20,24 @@ pub enum Analyze {
 pub fn run(a: Analyze) -> Result<()> {
     match a {
         Analyze::Params { config } => {
+            let table = densepred_engine::config::load(&config)?;
+            if table.contains_key("model") {
+                // A whole detector config: parameters per component, as mmdetection counts them.
+                let (cfg, _) = densepred_engine::runner::RunConfig::load(&config, &[])?;
+                let m = densepred_engine::runner::build_model(&cfg.model, 0, &Device::Cpu)?;
+                let mut per: BTreeMap<String, usize> = BTreeMap::new();
+                for (name, var) in m.vars.named_vars() {
+                    if !is_buffer(&name) {
+                        *per.entry(name.split('.').next().unwrap_or(&name).to_string())
+                            .or_default() += var.elem_count();
+                    }
+                }
+                for (k, v) in &per {
+                    println!("{k:<10} {v:>12}");
+                }
+                println!("{:<10} {:>12}", "total", per.values().sum::<usize>());
+                return Ok(());
+            }
             let loaded = backbone_config::build(&config, None, &Device::Cpu)?;
             let mut per_module: BTreeMap<String, usize> = BTreeMap::new();
             for (name, var) in loaded.vars.named_vars() {
