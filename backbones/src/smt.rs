@@ -20,8 +20,8 @@ use candle_core::{Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use densepred_core::nn::{gelu, BatchNorm2d, Conv2d, ConvCfg, DropPath, LayerNorm, Linear};
 use densepred_core::ops::{
-    depthwise_conv2d, mul_scale_last, softmax_last_dim, token_dwconv, transpose_last2,
-    DwConvParams, LocalMode,
+    depthwise_conv2d, mul_scale_last, scaled_dot_product_attention, softmax_last_dim, token_dwconv,
+    transpose_last2, DwConvParams, LocalMode,
 };
 use densepred_core::ShapeSpec;
 use serde::{Deserialize, Serialize};
@@ -461,10 +461,13 @@ impl Msa {
             .permute((2, 0, 3, 1, 4))?;
         let k = kv.get(0)?.contiguous()?;
         let v = kv.get(1)?.contiguous()?;
-        // q·kᵀ with kᵀ made contiguous: gemm on a transposed view is ~5x slower here.
-        let attn = (q.matmul(&transpose_last2(&k)?)? * self.scale)?;
-        let attn = softmax_last_dim(&attn)?;
-        let o = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
+        // softmax(q kᵀ · scale) v without keeping the N × N probabilities for the backward.
+        let o = if q.device().is_cpu() {
+            scaled_dot_product_attention(&q, &k, &v, self.scale)?
+        } else {
+            softmax_last_dim(&(q.matmul(&transpose_last2(&k)?)? * self.scale)?)?.matmul(&v)?
+        };
+        let o = o.transpose(1, 2)?.reshape((b, n, c))?;
         // v (B, nh, N, d) -> tokens (B, N, nh*d): channels head-major, as the official reshape.
         let v_tokens = v.transpose(1, 2)?.reshape((b, n, c))?;
         let local = self

@@ -4,10 +4,9 @@
 //! norms weight 1 / bias 0); checkpoints overwrite them.
 
 use crate::ops::{
-    add_bias_channels, add_bias_last, depthwise_conv2d, layer_norm, mul_scale_channels,
-    DwConvParams,
+    add_bias_channels, depthwise_conv2d, layer_norm, mul_scale_channels, DwConvParams,
 };
-use candle_core::{Result, Tensor, Var, D};
+use candle_core::{DType, Result, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder};
 
 /// Conv2d hyper-parameters (square kernel; `(h, w)`-equal stride, padding and dilation).
@@ -38,8 +37,9 @@ impl Default for ConvCfg {
 ///
 /// Parameters: `weight` `(C_out, C_in / groups, K, K)`, optional `bias` `(C_out,)`.
 /// Dispatch: depthwise (`groups == C_in == C_out`) goes to [`depthwise_conv2d`]; 1x1 stride-1
-/// convolutions (dense or grouped) become one batched matmul; everything else is candle's
-/// `conv2d`.
+/// convolutions (dense or grouped) become one batched matmul; other dense convolutions are
+/// im2col + GEMM ([`crate::ops::conv2d_gemm`], whose gradients are GEMMs too); grouped ones are
+/// candle's `conv2d`.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     /// `(C_out, C_in / groups, K, K)`.
@@ -123,6 +123,9 @@ impl Conv2d {
 /// cropped off first (explicit zero padding, then a narrow); the output is unchanged and the
 /// gradient of the cropped rows is 0, as PyTorch computes it.
 fn strided_conv2d(x: &Tensor, w: &Tensor, c: ConvCfg) -> Result<Tensor> {
+    if c.groups == 1 && x.device().is_cpu() {
+        return crate::ops::conv2d_gemm(x, w, c.stride, c.padding, c.dilation);
+    }
     let (_, _, h, wd) = x.dims4()?;
     let k = w.dim(2)?;
     let span = c.dilation * (k - 1) + 1;
@@ -203,10 +206,10 @@ impl Linear {
             .last()
             .ok_or_else(|| candle_core::Error::msg("Linear: scalar input"))?;
         let rows = x.elem_count() / in_f.max(1);
-        let y = x.reshape((rows, in_f))?.matmul(&self.weight.t()?)?;
+        let x2 = x.reshape((rows, in_f))?;
         let y = match &self.bias {
-            Some(b) => add_bias_last(&y, b)?,
-            None => y,
+            Some(b) => crate::ops::bias::linear_bias(&x2, &self.weight, b)?,
+            None => x2.matmul(&self.weight.t()?)?,
         };
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("non-empty") = self.weight.dim(0)?;
@@ -290,6 +293,23 @@ impl BatchNorm2d {
                 "BatchNorm2d: training needs more than one value per channel, got input {:?}",
                 x.dims()
             );
+        }
+        let fused = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
+        if fused {
+            let (y, mean, var) =
+                crate::ops::batch_norm_train(x, &self.weight, &self.bias, self.eps)?;
+            if self.running_mean.is_variable() {
+                let m = self.momentum;
+                let dev = x.device();
+                let mean = Tensor::new(mean, dev)?.to_dtype(self.running_mean.dtype())?;
+                let var_unbiased = (Tensor::new(var, dev)? * (n as f64 / (n - 1) as f64))?
+                    .to_dtype(self.running_var.dtype())?;
+                let rm = ((&self.running_mean * (1.0 - m))? + (mean * m)?)?;
+                let rv = ((&self.running_var * (1.0 - m))? + (var_unbiased * m)?)?;
+                Var::from_tensor(&self.running_mean)?.set(&rm)?;
+                Var::from_tensor(&self.running_var)?.set(&rv)?;
+            }
+            return Ok(y);
         }
         let xt = x.transpose(0, 1)?.contiguous()?.reshape((c, n))?;
         let mean = xt.mean_keepdim(D::Minus1)?;

@@ -228,3 +228,141 @@ pub fn add_bias_channels(x: &Tensor, b: &Tensor) -> Result<Tensor> {
 pub fn mul_scale_channels(x: &Tensor, s: &Tensor) -> Result<Tensor> {
     apply(x, s, Axis::Second, Kind::Mul)
 }
+
+/// `y = x Wᵀ + b` as one op: `x` `(rows, in)`, `W` `(out, in)`, `b` `(out,)` → `(rows, out)`.
+/// A matmul followed by [`add_bias_last`] keeps the pre-bias product alive for the backward
+/// although neither gradient needs it; this op keeps only `x`, `W`, `b` and `y` (as PyTorch's
+/// `addmm`). Gradients: `dx = dy W`, `dW = dyᵀ x`, `db = 1ᵀ dy`.
+struct LinearBias;
+
+impl candle_core::CustomOp3 for LinearBias {
+    fn name(&self) -> &'static str {
+        "linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dev = candle_core::Device::Cpu;
+        let (rows, _) = l1.shape().dims2()?;
+        let (out_f, _) = l2.shape().dims2()?;
+        let what = "linear";
+        let res = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
+                let x = Tensor::from_slice(super::contiguous(x, l1, what)?, l1.shape(), &dev)?;
+                let w = Tensor::from_slice(super::contiguous(w, l2, what)?, l2.shape(), &dev)?;
+                let y = x.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+                CpuStorage::F32(kernel_last(
+                    &y,
+                    super::contiguous(b, l3, what)?,
+                    out_f,
+                    Kind::Add,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
+                let x = Tensor::from_slice(super::contiguous(x, l1, what)?, l1.shape(), &dev)?;
+                let w = Tensor::from_slice(super::contiguous(w, l2, what)?, l2.shape(), &dev)?;
+                let y = x.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f64>()?;
+                CpuStorage::F64(kernel_last(
+                    &y,
+                    super::contiguous(b, l3, what)?,
+                    out_f,
+                    Kind::Add,
+                ))
+            }
+            _ => candle_core::bail!("linear: expected matching f32/f64, got {:?}", s1.dtype()),
+        };
+        Ok((res, Shape::from((rows, out_f))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        gy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let gy = gy.contiguous()?;
+        let (x, w) = (x.detach(), w.detach());
+        let rows = x.dim(0)?;
+        let gx = gy.matmul(&w)?;
+        let gw = gy.t()?.matmul(&x)?;
+        let ones = Tensor::ones((1, rows), gy.dtype(), gy.device())?;
+        let gb = ones.matmul(&gy)?.flatten_all()?;
+        Ok((Some(gx), Some(gw), Some(gb)))
+    }
+}
+
+/// Fully connected layer with bias, `torch.nn.functional.linear`: `x` `(rows, in)`, `w`
+/// `(out, in)`, `b` `(out,)` → `(rows, out)`. On CPU (f32/f64) one op that stores no pre-bias
+/// intermediate; elsewhere `matmul` + [`add_bias_last`].
+///
+/// Errors: shape mismatches (`in` of `x` vs `w`, `out` vs `b`), unsupported dtypes.
+pub fn linear_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (_, in_f) = x.dims2()?;
+    let (out_f, in_w) = w.dims2()?;
+    if in_f != in_w || b.elem_count() != out_f {
+        candle_core::bail!(
+            "linear: input {:?}, weight {:?}, bias {:?} do not match",
+            x.dims(),
+            w.dims(),
+            b.dims()
+        );
+    }
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        return x
+            .contiguous()?
+            .apply_op3(&w.contiguous()?, &b.contiguous()?, LinearBias);
+    }
+    add_bias_last(&x.matmul(&w.t()?)?, b)
+}
+
+#[cfg(test)]
+mod linear_tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Values and the three gradients equal `matmul` + broadcast add in f64 (1e-10).
+    #[test]
+    fn linear_bias_matches_composed_ops() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (7, 5), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(0f64, 1.0, (3, 5), &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f64, 1.0, 3, &dev).unwrap()).unwrap();
+        let y = linear_bias(&x, &w, &b).unwrap();
+        let r = x
+            .matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        let err = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        assert!(err(&y, &r) < 1e-10);
+        let proj = Tensor::randn(0f64, 1.0, (7, 3), &dev).unwrap();
+        let gy = (&y * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+        let gr = (&r * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+        for t in [&x, &w, &b] {
+            assert!(
+                err(gy.get(t).unwrap(), gr.get(t).unwrap()) < 1e-10,
+                "{:?}",
+                t.dims()
+            );
+        }
+        assert!(linear_bias(&x, &w.t().unwrap(), &b).is_err());
+    }
+}

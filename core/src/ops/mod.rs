@@ -2,9 +2,12 @@
 //! "Kernels").
 
 pub mod activation;
+pub mod attention;
+pub mod batch_norm;
 pub mod bias;
 pub mod dwconv;
 pub mod dwconv_nhwc;
+pub mod im2col;
 pub mod iou;
 pub mod layer_norm;
 pub mod nms;
@@ -16,6 +19,7 @@ pub mod softmax;
 pub mod transpose;
 
 pub use dwconv::{depthwise_conv2d, depthwise_conv2d_reference, DwConvParams};
+pub use im2col::{conv2d_gemm, unfold, UnfoldParams};
 pub use layer_norm::{layer_norm, layer_norm_channels};
 pub use softmax::softmax_last_dim;
 /// The elements of a CPU buffer that a contiguous `layout` covers: what every CPU kernel of our
@@ -34,6 +38,8 @@ pub(crate) fn contiguous<'a, T>(
 }
 
 pub use activation::gelu_erf;
+pub use attention::scaled_dot_product_attention;
+pub use batch_norm::batch_norm_train;
 pub use bias::{add_bias_channels, add_bias_last, mul_scale_channels, mul_scale_last};
 pub use dwconv_nhwc::{token_dwconv, LocalMode};
 pub use nms::{batched_nms, filter_nms, nms};

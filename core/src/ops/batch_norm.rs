@@ -1,0 +1,401 @@
+//! Training-mode batch normalisation as one op.
+//!
+//! Composed of candle ops, a training BatchNorm keeps ~7 full-size intermediates alive for the
+//! backward (transposed copy, centred input, its square, the normalised map, scaled, shifted,
+//! transposed back); this op keeps only its input and output, and computes the gradients in one
+//! pass per channel. Formulas (Ioffe & Szegedy 2015, §3, PyTorch `native_batch_norm_backward`):
+//! `x̂ = (x − μ) / sqrt(σ² + eps)`, `y = γ x̂ + β`, `n` values per channel,
+//! `dβ = Σ dy`, `dγ = Σ dy·x̂`, `dx = γ/sqrt(σ² + eps) · (dy − dβ/n − x̂·dγ/n)`.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Per-channel batch statistics: `(mean, biased variance)`, accumulated in f64 (two passes).
+fn stats<T: num_traits::Float + Send + Sync>(
+    x: &[T],
+    b: usize,
+    c: usize,
+    hw: usize,
+) -> Vec<(f64, f64)> {
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let n = (b * hw) as f64;
+            let plane = |bi: usize| &x[(bi * c + ch) * hw..][..hw];
+            let mut s = 0f64;
+            for bi in 0..b {
+                s += plane(bi)
+                    .iter()
+                    .map(|v| v.to_f64().unwrap_or(0.0))
+                    .sum::<f64>();
+            }
+            let mean = s / n;
+            let mut q = 0f64;
+            for bi in 0..b {
+                q += plane(bi)
+                    .iter()
+                    .map(|v| {
+                        let d = v.to_f64().unwrap_or(0.0) - mean;
+                        d * d
+                    })
+                    .sum::<f64>();
+            }
+            (mean, q / n)
+        })
+        .collect()
+}
+
+/// Raw pointer for disjoint per-channel writes from rayon tasks.
+#[derive(Clone, Copy)]
+struct SyncPtr<T>(*mut T);
+unsafe impl<T> Send for SyncPtr<T> {}
+unsafe impl<T> Sync for SyncPtr<T> {}
+
+fn dims(shape: &Shape) -> Result<(usize, usize, usize)> {
+    let d = shape.dims();
+    if d.len() < 2 {
+        candle_core::bail!("batch_norm: expected (B, C, ...), got {d:?}");
+    }
+    Ok((d[0], d[1], d[2..].iter().product()))
+}
+
+/// Forward with precomputed statistics: `(x, γ, β) → y`.
+struct BnTrain {
+    /// `(mean, 1 / sqrt(var + eps))` per channel.
+    ms: Vec<(f64, f64)>,
+}
+
+fn fwd_kernel<T: num_traits::Float + Send + Sync>(
+    x: &[T],
+    w: &[T],
+    bias: &[T],
+    ms: &[(f64, f64)],
+    c: usize,
+    hw: usize,
+) -> Vec<T> {
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(hw).enumerate().for_each(|(i, o)| {
+        let ch = i % c;
+        let (m, r) = ms[ch];
+        let a = w[ch].to_f64().unwrap_or(0.0) * r;
+        let sh = bias[ch].to_f64().unwrap_or(0.0) - m * a;
+        let (a, sh) = (
+            T::from(a).unwrap_or(T::zero()),
+            T::from(sh).unwrap_or(T::zero()),
+        );
+        o.iter_mut()
+            .zip(&x[i * hw..][..hw])
+            .for_each(|(o, &v)| *o = v * a + sh);
+    });
+    out
+}
+
+impl CustomOp3 for BnTrain {
+    fn name(&self) -> &'static str {
+        "batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, c, hw) = dims(l1.shape())?;
+        let what = "batch_norm";
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
+                CpuStorage::F32(fwd_kernel(
+                    super::contiguous(x, l1, what)?,
+                    super::contiguous(w, l2, what)?,
+                    super::contiguous(b, l3, what)?,
+                    &self.ms,
+                    c,
+                    hw,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
+                CpuStorage::F64(fwd_kernel(
+                    super::contiguous(x, l1, what)?,
+                    super::contiguous(w, l2, what)?,
+                    super::contiguous(b, l3, what)?,
+                    &self.ms,
+                    c,
+                    hw,
+                ))
+            }
+            _ => candle_core::bail!(
+                "batch_norm: expected matching f32/f64, got {:?}",
+                s1.dtype()
+            ),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (bsz, c, hw) = dims(x.shape())?;
+        let n = bsz * c * hw;
+        let wv: Vec<f64> = w.to_dtype(candle_core::DType::F64)?.to_vec1()?;
+        let packed = x.contiguous()?.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &BnTrainBwd {
+                ms: self.ms.clone(),
+                w: wv,
+            },
+        )?;
+        let gx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let gw = packed.narrow(0, n, c)?;
+        let gb = packed.narrow(0, n + c, c)?;
+        Ok((Some(gx), Some(gw), Some(gb)))
+    }
+}
+
+/// `(x, dy) → [dx (flat), dγ (C), dβ (C)]`.
+struct BnTrainBwd {
+    ms: Vec<(f64, f64)>,
+    w: Vec<f64>,
+}
+
+fn bwd_kernel<T: num_traits::Float + Send + Sync>(
+    x: &[T],
+    dy: &[T],
+    ms: &[(f64, f64)],
+    w: &[f64],
+    b: usize,
+    c: usize,
+    hw: usize,
+) -> Vec<T> {
+    let n = b * c * hw;
+    let mut out = vec![T::zero(); n + 2 * c];
+    let ptr = SyncPtr(out.as_mut_ptr());
+    let per: Vec<(f64, f64)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let p = ptr;
+            let (m, r) = ms[ch];
+            let cnt = (b * hw) as f64;
+            let (mut sdy, mut sdyx) = (0f64, 0f64);
+            for bi in 0..b {
+                let off = (bi * c + ch) * hw;
+                for (&xv, &g) in x[off..off + hw].iter().zip(&dy[off..off + hw]) {
+                    let g = g.to_f64().unwrap_or(0.0);
+                    sdy += g;
+                    sdyx += g * (xv.to_f64().unwrap_or(0.0) - m) * r;
+                }
+            }
+            let k = w[ch] * r;
+            let (mdy, mdyx) = (sdy / cnt, sdyx / cnt);
+            for bi in 0..b {
+                let off = (bi * c + ch) * hw;
+                for j in off..off + hw {
+                    let xh = (x[j].to_f64().unwrap_or(0.0) - m) * r;
+                    let g = dy[j].to_f64().unwrap_or(0.0);
+                    let v = k * (g - mdy - xh * mdyx);
+                    // SAFETY: channel `ch` owns the indices (bi*c+ch)*hw.. of every image; no two
+                    // tasks write the same element and `out` outlives the parallel loop.
+                    unsafe { *p.0.add(j) = T::from(v).unwrap_or(T::zero()) };
+                }
+            }
+            (sdyx, sdy)
+        })
+        .collect();
+    for (ch, (gw, gb)) in per.into_iter().enumerate() {
+        out[n + ch] = T::from(gw).unwrap_or(T::zero());
+        out[n + c + ch] = T::from(gb).unwrap_or(T::zero());
+    }
+    out
+}
+
+impl candle_core::CustomOp2 for BnTrainBwd {
+    fn name(&self) -> &'static str {
+        "batch-norm-train-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, c, hw) = dims(l1.shape())?;
+        let what = "batch_norm backward";
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(bwd_kernel(
+                super::contiguous(x, l1, what)?,
+                super::contiguous(g, l2, what)?,
+                &self.ms,
+                &self.w,
+                b,
+                c,
+                hw,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(bwd_kernel(
+                super::contiguous(x, l1, what)?,
+                super::contiguous(g, l2, what)?,
+                &self.ms,
+                &self.w,
+                b,
+                c,
+                hw,
+            )),
+            _ => candle_core::bail!("{what}: expected matching f32/f64, got {:?}", s1.dtype()),
+        };
+        Ok((out, Shape::from(b * c * hw + 2 * c)))
+    }
+}
+
+/// Batch statistics of `(B, C, ...)` as a `(2, C)` f64 tensor would be; returned as a vector.
+struct Stats;
+
+impl CustomOp1 for Stats {
+    fn name(&self) -> &'static str {
+        "batch-norm-stats"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, c, hw) = dims(l.shape())?;
+        let st = match s {
+            CpuStorage::F32(x) => stats(super::contiguous(x, l, "batch_norm")?, b, c, hw),
+            CpuStorage::F64(x) => stats(super::contiguous(x, l, "batch_norm")?, b, c, hw),
+            _ => candle_core::bail!("batch_norm: expected f32/f64, got {:?}", s.dtype()),
+        };
+        let mut v: Vec<f64> = st.iter().map(|s| s.0).collect();
+        v.extend(st.iter().map(|s| s.1));
+        Ok((CpuStorage::F64(v), Shape::from((2, c))))
+    }
+}
+
+/// Training-mode BatchNorm of `x` `(B, C, ...)` (any trailing dims, NCHW for 2-D maps) with the
+/// batch statistics, `torch.nn.functional.batch_norm(training=True)`: returns
+/// `(y, mean, var)` with `y` the shape of `x`, and the per-channel `mean` and biased `var` as
+/// `(C,)` f64 vectors (for the running-statistics update). Differentiable in `x`, `weight` and
+/// `bias` (all `(C,)`).
+///
+/// Errors: rank < 2, non-float or mixed dtypes, parameters of another length than `C`, fewer
+/// than two values per channel.
+pub fn batch_norm_train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Vec<f64>, Vec<f64>)> {
+    let (b, c, hw) = dims(x.shape())?;
+    if weight.elem_count() != c || bias.elem_count() != c {
+        candle_core::bail!(
+            "batch_norm: weight {:?} / bias {:?} do not match {c} channels",
+            weight.dims(),
+            bias.dims()
+        );
+    }
+    if b * hw < 2 {
+        candle_core::bail!(
+            "batch_norm: training needs more than one value per channel, got input {:?}",
+            x.dims()
+        );
+    }
+    let x = x.contiguous()?;
+    let st = x.detach().apply_op1_no_bwd(&Stats)?.to_vec2::<f64>()?;
+    let (mean, var) = (st[0].clone(), st[1].clone());
+    let ms = mean
+        .iter()
+        .zip(&var)
+        .map(|(&m, &v)| (m, 1.0 / (v + eps).sqrt()))
+        .collect();
+    let y = x.apply_op3(&weight.contiguous()?, &bias.contiguous()?, BnTrain { ms })?;
+    Ok((y, mean, var))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(3);
+        let v: Vec<f64> = (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 11) as f64 / (1u64 << 53) as f64) * 4.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Values, statistics and gradients equal the textbook composition in f64 (1e-10).
+    #[test]
+    fn matches_composed_batch_norm() {
+        let x = Var::from_tensor(&randn(&[3, 4, 5, 2], 1)).unwrap();
+        let w = Var::from_tensor(&randn(&[4], 2)).unwrap();
+        let b = Var::from_tensor(&randn(&[4], 3)).unwrap();
+        let eps = 1e-5;
+        let (y, mean, var) = batch_norm_train(&x, &w, &b, eps).unwrap();
+        let xt = x
+            .transpose(0, 1)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((4, 30))
+            .unwrap();
+        let m = xt.mean_keepdim(D::Minus1).unwrap();
+        let xc = xt.broadcast_sub(&m).unwrap();
+        let v = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        let r = xc
+            .broadcast_div(&(&v + eps).unwrap().sqrt().unwrap())
+            .unwrap()
+            .broadcast_mul(&w.reshape((4, 1)).unwrap())
+            .unwrap()
+            .broadcast_add(&b.reshape((4, 1)).unwrap())
+            .unwrap()
+            .reshape((4, 3, 5, 2))
+            .unwrap()
+            .transpose(0, 1)
+            .unwrap();
+        let err = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        assert!(err(&y, &r) < 1e-10);
+        let mv: Vec<f64> = m.flatten_all().unwrap().to_vec1().unwrap();
+        let vv: Vec<f64> = v.flatten_all().unwrap().to_vec1().unwrap();
+        for i in 0..4 {
+            assert!((mean[i] - mv[i]).abs() < 1e-12 && (var[i] - vv[i]).abs() < 1e-12);
+        }
+        let proj = randn(y.dims(), 4);
+        let go = (&y * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+        let gr = (&r * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+        for t in [&x, &w, &b] {
+            assert!(
+                err(go.get(t).unwrap(), gr.get(t).unwrap()) < 1e-10,
+                "{:?}",
+                t.dims()
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_single_value_per_channel() {
+        let x = randn(&[1, 2, 1, 1], 1);
+        let w = randn(&[2], 2);
+        assert!(batch_norm_train(&x, &w, &w, 1e-5).is_err());
+    }
+}
