@@ -105,6 +105,16 @@ impl Conv2d {
             };
             return depthwise_conv2d(x, &self.weight, self.bias.as_ref(), p);
         }
+        let fused = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
+        if k == 1 && c.stride == 1 && c.padding == 0 && fused {
+            let (b, _, h, wd) = x.dims4()?;
+            let wg = self
+                .weight
+                .reshape((c.groups, out_c / c.groups, in_per_g))?;
+            let x3 = x.reshape((b, in_c, h * wd))?;
+            return crate::ops::bias::pointwise_conv_bias(&x3, &wg, self.bias.as_ref())?
+                .reshape((b, out_c, h, wd));
+        }
         let y = if k == 1 && c.stride == 1 && c.padding == 0 {
             pointwise_conv(x, &self.weight, c.groups)?
         } else {

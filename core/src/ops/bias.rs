@@ -168,6 +168,9 @@ impl CustomOp2 for ChannelOp {
         _res: &Tensor,
         gy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // Detached: gradients built from graph-tracked inputs would keep the forward graph
+        // (and these temporaries) alive in the GradStore until the whole backward ends.
+        let (x, p) = (&x.detach(), &p.detach());
         let (outer, c, inner) = self.split(x.shape())?;
         let gy = gy.contiguous()?;
         let (gx, to_reduce) = match self.kind {
@@ -365,4 +368,192 @@ mod linear_tests {
         }
         assert!(linear_bias(&x, &w.t().unwrap(), &b).is_err());
     }
+
+    /// Grouped 1x1 conv with and without bias equals candle's grouped `conv2d` (+ bias), values
+    /// and gradients, in f64 (1e-10).
+    #[test]
+    fn pointwise_conv_matches_candle_conv2d() {
+        let dev = Device::Cpu;
+        let (b, cin, cout, g, h, w) = (2, 6, 4, 2, 3, 5);
+        let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (b, cin, h, w), &dev).unwrap()).unwrap();
+        let wt = Var::from_tensor(&Tensor::randn(0f64, 1.0, (cout, cin / g, 1, 1), &dev).unwrap())
+            .unwrap();
+        let bias = Var::from_tensor(&Tensor::randn(0f64, 1.0, cout, &dev).unwrap()).unwrap();
+        let err = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        for with_bias in [true, false] {
+            let wg = wt.reshape((g, cout / g, cin / g)).unwrap();
+            let x3 = x.reshape((b, cin, h * w)).unwrap();
+            let y = pointwise_conv_bias(&x3, &wg, with_bias.then_some(&*bias))
+                .unwrap()
+                .reshape((b, cout, h, w))
+                .unwrap();
+            let mut r = x.conv2d(&wt, 0, 1, 1, g).unwrap();
+            if with_bias {
+                r = r
+                    .broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap())
+                    .unwrap();
+            }
+            assert!(err(&y, &r) < 1e-10);
+            let proj = Tensor::randn(0f64, 1.0, (b, cout, h, w), &dev).unwrap();
+            let gy = (&y * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+            let gr = (&r * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+            for t in [&x, &wt] {
+                assert!(
+                    err(gy.get(t).unwrap(), gr.get(t).unwrap()) < 1e-10,
+                    "{:?}",
+                    t.dims()
+                );
+            }
+            if with_bias {
+                assert!(err(gy.get(&bias).unwrap(), gr.get(&bias).unwrap()) < 1e-10);
+            }
+        }
+    }
+}
+
+/// 1x1 convolution with groups and bias as one op: `x` `(B, C_in, HW)`, `w`
+/// `(groups, C_out/groups, C_in/groups)`, `b` `(C_out,)` → `(B, C_out, HW)`. Keeps only its
+/// inputs and output for the backward (candle's matmul + bias keep the pre-bias product, and
+/// candle's matmul backward gives the weight a gradient that holds the output gradient's graph).
+struct PointwiseConv {
+    has_bias: bool,
+}
+
+impl PointwiseConv {
+    fn forward(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let (b, _, hw) = x.dims3()?;
+        let (g, og, ig) = w.dims3()?;
+        let per_image = (0..b)
+            .map(|i| {
+                w.matmul(&x.get(i)?.reshape((g, ig, hw))?)?
+                    .reshape((g * og, hw))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::stack(&per_image, 0)
+    }
+}
+
+impl candle_core::CustomOp3 for PointwiseConv {
+    fn name(&self) -> &'static str {
+        "pointwise-conv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dev = candle_core::Device::Cpu;
+        let (b, _, hw) = l1.shape().dims3()?;
+        let (g, og, _) = l2.shape().dims3()?;
+        let what = "pointwise conv";
+        macro_rules! run {
+            ($x:expr, $w:expr, $bias:expr, $t:ty) => {{
+                let x = Tensor::from_slice(super::contiguous($x, l1, what)?, l1.shape(), &dev)?;
+                let w = Tensor::from_slice(super::contiguous($w, l2, what)?, l2.shape(), &dev)?;
+                let y = Self::forward(&x, &w)?.flatten_all()?.to_vec1::<$t>()?;
+                if self.has_bias {
+                    kernel(
+                        &y,
+                        super::contiguous($bias, l3, what)?,
+                        g * og,
+                        hw,
+                        Kind::Add,
+                    )
+                } else {
+                    y
+                }
+            }};
+        }
+        let res = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(bb)) => {
+                CpuStorage::F32(run!(x, w, bb, f32))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(bb)) => {
+                CpuStorage::F64(run!(x, w, bb, f64))
+            }
+            _ => candle_core::bail!("{what}: expected matching f32/f64, got {:?}", s1.dtype()),
+        };
+        Ok((res, Shape::from((b, g * og, hw))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        gy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, w) = (x.detach(), w.detach());
+        let gy = gy.contiguous()?;
+        let (b, _, hw) = x.dims3()?;
+        let (g, og, ig) = w.dims3()?;
+        let wt = super::transpose_last2(&w)?; // (G, ig, og)
+        let mut gx = Vec::with_capacity(b);
+        let mut gw: Option<Tensor> = None;
+        for i in 0..b {
+            let gyi = gy.get(i)?.reshape((g, og, hw))?;
+            gx.push(wt.matmul(&gyi)?.reshape((g * ig, hw))?);
+            let xi = x.get(i)?.reshape((g, ig, hw))?;
+            let gwi = gyi.matmul(&xi.transpose(1, 2)?)?;
+            gw = Some(match gw {
+                None => gwi,
+                Some(a) => (a + gwi)?,
+            });
+        }
+        let gb = if self.has_bias {
+            Some(gy.sum(2)?.sum(0)?)
+        } else {
+            None
+        };
+        Ok((Some(Tensor::stack(&gx, 0)?), gw, gb))
+    }
+}
+
+/// 1x1 convolution (optionally grouped) with optional bias, `x` `(B, C_in, H·W)`, `w`
+/// `(groups, C_out/groups, C_in/groups)`, `b` `(C_out,)` → `(B, C_out, H·W)`; output channel
+/// `o` of group `o / (C_out/groups)` reads that group's input channels, as PyTorch's grouped
+/// conv. CPU f32/f64 only (callers fall back to matmul elsewhere).
+///
+/// Errors: shape or dtype mismatches.
+pub fn pointwise_conv_bias(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (_, c, _) = x.dims3()?;
+    let (g, og, ig) = w.dims3()?;
+    if g * ig != c || b.is_some_and(|b| b.elem_count() != g * og) {
+        candle_core::bail!(
+            "pointwise conv: input {:?}, weight {:?}, bias {:?} do not match",
+            x.dims(),
+            w.dims(),
+            b.map(|b| b.dims().to_vec())
+        );
+    }
+    let zeros;
+    let bias = match b {
+        Some(b) => b.contiguous()?,
+        None => {
+            zeros = Tensor::zeros(g * og, x.dtype(), x.device())?;
+            zeros.clone()
+        }
+    };
+    x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &bias,
+        PointwiseConv {
+            has_bias: b.is_some(),
+        },
+    )
 }

@@ -351,6 +351,9 @@ impl CustomOp2 for DwConv2d {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // Detached: gradients built from graph-tracked inputs would keep the forward graph
+        // (and these temporaries) alive in the GradStore until the whole backward ends.
+        let (x, w) = (&x.detach(), &w.detach());
         let grad = grad.contiguous()?;
         let gx = grad.apply_op2_no_bwd(
             w,

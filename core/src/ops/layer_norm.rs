@@ -85,6 +85,9 @@ impl CustomOp3 for LayerNormLastDim {
         _res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Detached: gradients built from graph-tracked inputs would keep the forward graph
+        // (and these temporaries) alive in the GradStore until the whole backward ends.
+        let (x, gamma) = (&x.detach(), &gamma.detach());
         let (xh, rstd) = normalize(x, self.eps)?;
         let dim = x.dim(D::Minus1)?;
         let rows = x.elem_count() / dim;

@@ -65,6 +65,7 @@ impl CustomOp1 for SoftmaxLastDim {
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let y = &y.detach();
         let s = (dy * y)?.sum_keepdim(D::Minus1)?;
         Ok(Some((y * dy.broadcast_sub(&s)?)?))
     }
