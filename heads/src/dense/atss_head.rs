@@ -7,7 +7,7 @@
 
 use super::common::*;
 use super::retina_head::{DenseOutputs, LevelLosses};
-use candle_core::{Device, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use densepred_core::losses::{
     binary_cross_entropy_with_logits, giou_loss, sigmoid_focal_loss, Reduction,
@@ -241,20 +241,14 @@ impl AtssHead {
         gts: &[GtInstances],
         train_cfg: &DenseTrainConfig,
     ) -> Result<Vec<ImageTargets>> {
-        metas
-            .iter()
-            .zip(gts)
-            .map(|(m, g)| {
-                anchor_targets(
-                    anchors,
-                    self.cfg.anchor_generator.generator(),
-                    m,
-                    g,
-                    train_cfg,
-                    self.cfg.num_classes,
-                )
-            })
-            .collect()
+        batch_anchor_targets(
+            anchors,
+            self.cfg.anchor_generator.generator(),
+            metas,
+            gts,
+            train_cfg,
+            self.cfg.num_classes,
+        )
     }
 
     /// mmdetection's `ATSSHead.loss_by_feat`: per level `loss_cls` (focal / max(#pos, 1)),
@@ -374,43 +368,15 @@ impl AtssHead {
             .centernesses
             .as_ref()
             .ok_or_else(|| candle_core::Error::msg("ATSSHead: outputs without centerness"))?;
-        let anchors = self.cfg.anchor_generator.generator().grid_priors(
-            &outs
-                .cls_scores
-                .iter()
-                .map(|f| Ok((f.dim(2)?, f.dim(3)?)))
-                .collect::<Result<Vec<_>>>()?,
-            &Device::Cpu,
-        )?;
-        let mut res = Vec::with_capacity(metas.len());
-        for (i, meta) in metas.iter().enumerate() {
-            let cls: Vec<Tensor> = outs
-                .cls_scores
-                .iter()
-                .map(|t| t.get(i))
-                .collect::<Result<_>>()?;
-            let reg: Vec<Tensor> = outs
-                .bbox_preds
-                .iter()
-                .map(|t| t.get(i))
-                .collect::<Result<_>>()?;
-            let ctr: Vec<Tensor> = ctrs.iter().map(|t| t.get(i)).collect::<Result<_>>()?;
-            let levels: Vec<LevelOutputs> = (0..cls.len())
-                .map(|l| LevelOutputs {
-                    cls: &cls[l],
-                    reg: &reg[l],
-                    score_factor: Some(&ctr[l]),
-                })
-                .collect();
-            res.push(predict_image(
-                &levels,
-                &anchors,
-                self.cfg.num_classes,
-                self.cfg.bbox_coder.coder(),
-                test_cfg,
-                meta,
-            )?);
-        }
-        Ok(res)
+        predict_batch(
+            &outs.cls_scores,
+            &outs.bbox_preds,
+            Some(ctrs),
+            self.cfg.anchor_generator.generator(),
+            self.cfg.bbox_coder.coder(),
+            self.cfg.num_classes,
+            test_cfg,
+            metas,
+        )
     }
 }

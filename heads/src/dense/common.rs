@@ -684,3 +684,65 @@ pub fn predict_image(
         labels: kept.iter().map(|&k| labels[k as usize]).collect(),
     })
 }
+
+/// Per-image training targets of a batch ([`anchor_targets`] for each `(meta, gt)` pair), the
+/// `get_targets` of mmdetection's anchor heads.
+///
+/// Errors: those of [`anchor_targets`].
+pub fn batch_anchor_targets(
+    anchors: &Anchors,
+    gen: &AnchorGenerator,
+    metas: &[ImageMeta],
+    gts: &[GtInstances],
+    cfg: &DenseTrainConfig,
+    num_classes: usize,
+) -> Result<Vec<ImageTargets>> {
+    metas
+        .iter()
+        .zip(gts)
+        .map(|(m, g)| anchor_targets(anchors, gen, m, g, cfg, num_classes))
+        .collect()
+}
+
+/// mmdetection's `predict_by_feat` for a batch: per image, the levels' `cls_scores` /
+/// `bbox_preds` (and `centernesses` when present, as ATSS's score factors) go through
+/// [`predict_image`] with anchors of `gen` on the maps' sizes. Detections are in
+/// original-image pixels (xyxy).
+///
+/// Errors: batch sizes that differ between levels; candle errors.
+pub fn predict_batch(
+    cls_scores: &[Tensor],
+    bbox_preds: &[Tensor],
+    centernesses: Option<&[Tensor]>,
+    gen: &AnchorGenerator,
+    coder: &DeltaXYWHBBoxCoder,
+    num_classes: usize,
+    test_cfg: &DenseTestConfig,
+    metas: &[ImageMeta],
+) -> Result<Vec<Detections>> {
+    let sizes = cls_scores
+        .iter()
+        .map(|f| Ok((f.dim(2)?, f.dim(3)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let anchors = gen.grid_priors(&sizes, &Device::Cpu)?;
+    let per_image = |maps: &[Tensor], i: usize| -> Result<Vec<Tensor>> {
+        maps.iter().map(|t| t.get(i)).collect()
+    };
+    metas
+        .iter()
+        .enumerate()
+        .map(|(i, meta)| {
+            let cls = per_image(cls_scores, i)?;
+            let reg = per_image(bbox_preds, i)?;
+            let ctr = centernesses.map(|c| per_image(c, i)).transpose()?;
+            let levels: Vec<LevelOutputs> = (0..cls.len())
+                .map(|l| LevelOutputs {
+                    cls: &cls[l],
+                    reg: &reg[l],
+                    score_factor: ctr.as_ref().map(|c| &c[l]),
+                })
+                .collect();
+            predict_image(&levels, &anchors, num_classes, coder, test_cfg, meta)
+        })
+        .collect()
+}

@@ -5,7 +5,7 @@
 //! number of positive anchors in the batch; `predict_by_feat` post-processing.
 
 use super::common::*;
-use candle_core::{Device, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use densepred_core::losses::{l1_loss, sigmoid_focal_loss, smooth_l1_loss, Reduction};
 use densepred_core::nn::Conv2d;
@@ -183,20 +183,14 @@ impl RetinaHead {
         gts: &[GtInstances],
         train_cfg: &DenseTrainConfig,
     ) -> Result<Vec<ImageTargets>> {
-        metas
-            .iter()
-            .zip(gts)
-            .map(|(m, g)| {
-                anchor_targets(
-                    anchors,
-                    self.cfg.anchor_generator.generator(),
-                    m,
-                    g,
-                    train_cfg,
-                    self.cfg.num_classes,
-                )
-            })
-            .collect()
+        batch_anchor_targets(
+            anchors,
+            self.cfg.anchor_generator.generator(),
+            metas,
+            gts,
+            train_cfg,
+            self.cfg.num_classes,
+        )
     }
 
     /// mmdetection's `loss_by_feat`: `loss_cls` and `loss_bbox` per level, each a sum divided by
@@ -298,44 +292,15 @@ impl RetinaHead {
         metas: &[ImageMeta],
         test_cfg: &DenseTestConfig,
     ) -> Result<Vec<Detections>> {
-        let anchors = self.cfg.anchor_generator.generator().grid_priors(
-            &outs
-                .cls_scores
-                .iter()
-                .map(|f| Ok((f.dim(2)?, f.dim(3)?)))
-                .collect::<Result<Vec<_>>>()?,
-            &Device::Cpu,
-        )?;
-        let mut res = Vec::with_capacity(metas.len());
-        for (i, meta) in metas.iter().enumerate() {
-            let cls: Vec<Tensor> = outs
-                .cls_scores
-                .iter()
-                .map(|t| t.get(i))
-                .collect::<Result<_>>()?;
-            let reg: Vec<Tensor> = outs
-                .bbox_preds
-                .iter()
-                .map(|t| t.get(i))
-                .collect::<Result<_>>()?;
-            let levels: Vec<LevelOutputs> = cls
-                .iter()
-                .zip(&reg)
-                .map(|(c, r)| LevelOutputs {
-                    cls: c,
-                    reg: r,
-                    score_factor: None,
-                })
-                .collect();
-            res.push(predict_image(
-                &levels,
-                &anchors,
-                self.cfg.num_classes,
-                self.cfg.bbox_coder.coder(),
-                test_cfg,
-                meta,
-            )?);
-        }
-        Ok(res)
+        predict_batch(
+            &outs.cls_scores,
+            &outs.bbox_preds,
+            None,
+            self.cfg.anchor_generator.generator(),
+            self.cfg.bbox_coder.coder(),
+            self.cfg.num_classes,
+            test_cfg,
+            metas,
+        )
     }
 }
