@@ -13,6 +13,7 @@ pub mod layer_norm;
 pub mod nms;
 pub mod paste_mask;
 mod reduce;
+pub mod resample;
 pub mod resize;
 pub mod roi_align;
 pub mod softmax;
@@ -44,6 +45,7 @@ pub use bias::{add_bias_channels, add_bias_last, mul_scale_channels, mul_scale_l
 pub use dwconv_nhwc::{token_dwconv, LocalMode};
 pub use nms::{batched_nms, filter_nms, nms};
 pub use paste_mask::paste_masks;
+pub use resample::{adaptive_avg_pool2d, resize_bilinear};
 pub use resize::resize_nearest;
 pub use roi_align::{map_roi_levels, roi_align, RoiAlignParams};
 pub use transpose::transpose_last2;
