@@ -1,5 +1,7 @@
-//! densepred-models: detectors (and later segmentors) assembled from the typed `model` config.
+//! densepred-models: detectors and segmentors assembled from the typed `model` config.
 
 pub mod detector;
+pub mod segmentor;
 
 pub use detector::{DataPreprocessorConfig, Detector, DetectorConfig, ModelConfig};
+pub use segmentor::{EncoderDecoderConfig, SegModelConfig, Segmentor};
