@@ -46,7 +46,7 @@ pub struct FilterCfg {
 pub struct MetaInfoCfg {
     /// Class subset / names.
     pub classes: Vec<String>,
-    /// Accepted for compatibility (drawing colours).
+    /// Class colours for drawings (RGB per class).
     #[serde(default)]
     pub palette: Option<Vec<[u8; 3]>>,
 }
@@ -115,6 +115,23 @@ pub enum DatasetConfig {
 }
 
 impl DatasetConfig {
+    /// The class colours of `metainfo.palette`, when the config gives them.
+    pub fn palette(&self) -> Option<&[[u8; 3]]> {
+        let m = match self {
+            DatasetConfig::CocoDataset { metainfo, .. } => metainfo,
+            DatasetConfig::Ade20kDataset { metainfo, .. } => metainfo,
+        };
+        m.as_ref().and_then(|m| m.palette.as_deref())
+    }
+
+    /// The transform list.
+    pub fn pipeline(&self) -> &[TransformConfig] {
+        match self {
+            DatasetConfig::CocoDataset { pipeline, .. } => pipeline,
+            DatasetConfig::Ade20kDataset { pipeline, .. } => pipeline,
+        }
+    }
+
     /// Reads the annotations and compiles the pipeline.
     ///
     /// Errors: as [`CocoDataset::load`] / [`Ade20kDataset::load`].

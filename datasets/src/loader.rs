@@ -158,9 +158,24 @@ pub struct Batch {
 ///
 /// Errors: a sample without an image.
 pub fn collate(
+    samples: Vec<Sample>,
+    norm: Option<&Normalization>,
+    pad_size_divisor: usize,
+    device: &Device,
+) -> Result<Batch, DataError> {
+    collate_to(samples, norm, pad_size_divisor, None, device)
+}
+
+/// [`collate`] padding to at least `min_size = (h, w)` as well (mmseg `SegDataPreProcessor.size`:
+/// training batches are padded to the crop size, images with 0 after normalisation and label maps
+/// with 255).
+///
+/// Errors: a sample without an image.
+pub fn collate_to(
     mut samples: Vec<Sample>,
     norm: Option<&Normalization>,
     pad_size_divisor: usize,
+    min_size: Option<(usize, usize)>,
     device: &Device,
 ) -> Result<Batch, DataError> {
     let d = pad_size_divisor.max(1);
@@ -175,6 +190,10 @@ pub fn collate(
         })?;
         hmax = hmax.max(img.dim().0);
         wmax = wmax.max(img.dim().1);
+    }
+    if let Some((mh, mw)) = min_size {
+        hmax = hmax.max(mh);
+        wmax = wmax.max(mw);
     }
     let (h, w) = (hmax.div_ceil(d) * d, wmax.div_ceil(d) * d);
     let b = samples.len();

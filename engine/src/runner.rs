@@ -4,13 +4,14 @@
 use crate::optim::OptimWrapperConfig;
 use crate::schedule::SchedulerConfig;
 use candle_core::{DType, Device, Tensor};
+use densepred_backbones::AnyBackbone;
 use densepred_core::params::SeededVarMap;
 use densepred_core::structures::{GtInstances, ImageMeta};
 use densepred_core::weights::{load_into, read_checkpoint, LoadReport};
 use densepred_datasets::config::DataloaderConfig;
-use densepred_datasets::loader::{collate, Batch, DataLoader, Normalization};
+use densepred_datasets::loader::{collate_to, Batch, DataLoader, Normalization};
 use densepred_datasets::{Dataset, Sample};
-use densepred_models::{Detector, ModelConfig};
+use densepred_models::{Detector, ModelConfig, Segmentor};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -92,15 +93,26 @@ fn one_u64() -> u64 {
     1
 }
 
-/// `val_evaluator` / `test_evaluator` (`type = "CocoMetric"`).
+/// `val_evaluator` / `test_evaluator`: mmdetection's `CocoMetric` (detectors) or mmsegmentation's
+/// `IoUMetric` (segmentors).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EvaluatorConfig {
-    /// `"CocoMetric"`.
+    /// `"CocoMetric"` or `"IoUMetric"`.
     #[serde(rename = "type")]
     pub kind: String,
-    /// Ground-truth instances JSON.
-    pub ann_file: PathBuf,
+    /// Ground-truth instances JSON (`CocoMetric`, required there).
+    #[serde(default)]
+    pub ann_file: Option<PathBuf>,
+    /// `IoUMetric`: `["mIoU"]` (`mDice` and `mFscore` are not implemented).
+    #[serde(default)]
+    pub iou_metrics: Option<Vec<String>>,
+    /// `IoUMetric`: label excluded from the counts (default 255).
+    #[serde(default)]
+    pub ignore_index: Option<u8>,
+    /// `IoUMetric`: accepted for compatibility (NaN classes stay NaN and are left out of means).
+    #[serde(default)]
+    pub nan_to_num: Option<f64>,
     /// `"bbox"`, `"segm"` or a list.
     #[serde(default)]
     pub metric: Option<toml::Value>,
@@ -320,16 +332,29 @@ pub fn work_dir_for(cfg: &RunConfig, config_path: &Path, cli: Option<&Path>) -> 
     PathBuf::from("work_dirs").join(stem)
 }
 
-/// A built detector with its parameter store.
+/// The network of a built model.
+pub enum Net {
+    /// A one-stage detector.
+    Detector(Detector),
+    /// An encoder-decoder segmentor.
+    Segmentor(Segmentor),
+}
+
+/// A built model (detector or segmentor) with its parameter store.
 pub struct BuiltModel {
-    /// All parameters and buffers by mmdetection state-dict name.
+    /// All parameters and buffers by mmdetection / mmsegmentation state-dict name.
     pub vars: SeededVarMap,
-    /// The detector.
-    pub detector: Detector,
+    /// The network.
+    pub net: Net,
+    /// The config it was built from.
+    pub cfg: ModelConfig,
     /// Normalisation of the data preprocessor.
     pub norm: Normalization,
-    /// Batch padding.
+    /// Batch padding: each side up to a multiple of this.
     pub pad_size_divisor: usize,
+    /// Segmentors in training: pad every batch to at least this `(h, w)` (mmseg
+    /// `SegDataPreProcessor.size`, the crop size).
+    pub pad_size: Option<(usize, usize)>,
     /// Device of the parameters.
     pub device: Device,
 }
@@ -343,37 +368,149 @@ pub fn build_model(
     device: &Device,
 ) -> Result<BuiltModel, EngineError> {
     let vars = SeededVarMap::new(seed);
-    let detector =
-        Detector::new(vars.var_builder(DType::F32, device), cfg).ctx("building model")?;
-    let dp = &cfg.detector().data_preprocessor;
+    let vb = vars.var_builder(DType::F32, device);
+    let (net, norm, pad_size_divisor, pad_size) = match cfg {
+        ModelConfig::EncoderDecoder(c) => {
+            let dp = &c.data_preprocessor;
+            let net = Net::Segmentor(Segmentor::new(vb, cfg).ctx("building model")?);
+            let norm = Normalization {
+                mean: dp.mean,
+                std: dp.std,
+            };
+            (
+                net,
+                norm,
+                dp.size_divisor.unwrap_or(1),
+                dp.size.map(|[h, w]| (h, w)),
+            )
+        }
+        _ => {
+            let dp = &cfg.detector().expect("a detector config").data_preprocessor;
+            let net = Net::Detector(Detector::new(vb, cfg).ctx("building model")?);
+            let norm = Normalization {
+                mean: dp.mean,
+                std: dp.std,
+            };
+            (net, norm, dp.pad_size_divisor, None)
+        }
+    };
     Ok(BuiltModel {
         vars,
-        norm: Normalization {
-            mean: dp.mean,
-            std: dp.std,
-        },
-        pad_size_divisor: dp.pad_size_divisor,
-        detector,
+        net,
+        cfg: cfg.clone(),
+        norm,
+        pad_size_divisor,
+        pad_size,
         device: device.clone(),
     })
 }
 
 impl BuiltModel {
+    /// The detector.
+    ///
+    /// Errors: the model is a segmentor.
+    pub fn detector(&self) -> Result<&Detector, EngineError> {
+        match &self.net {
+            Net::Detector(d) => Ok(d),
+            Net::Segmentor(_) => Err(EngineError::Config(
+                "this needs a detector config, and model.type is EncoderDecoder".into(),
+            )),
+        }
+    }
+
+    /// The segmentor.
+    ///
+    /// Errors: the model is a detector.
+    pub fn segmentor(&self) -> Result<&Segmentor, EngineError> {
+        match &self.net {
+            Net::Segmentor(s) => Ok(s),
+            Net::Detector(_) => Err(EngineError::Config(
+                "this needs a segmentor config (model.type = \"EncoderDecoder\")".into(),
+            )),
+        }
+    }
+
+    /// Whether the model is a segmentor.
+    pub fn is_segmentor(&self) -> bool {
+        matches!(self.net, Net::Segmentor(_))
+    }
+
+    /// The backbone.
+    pub fn backbone(&self) -> &AnyBackbone {
+        match &self.net {
+            Net::Detector(d) => &d.backbone,
+            Net::Segmentor(s) => &s.backbone,
+        }
+    }
+
+    /// Classes the model predicts (`bbox_head.num_classes` / `decode_head.num_classes`).
+    pub fn num_classes(&self) -> usize {
+        match &self.net {
+            Net::Detector(d) => d.num_classes(),
+            Net::Segmentor(s) => s.num_classes(),
+        }
+    }
+
+    /// The config key of [`BuiltModel::num_classes`], for messages.
+    pub fn num_classes_key(&self) -> &'static str {
+        if self.is_segmentor() {
+            "model.decode_head.num_classes"
+        } else {
+            "model.bbox_head.num_classes"
+        }
+    }
+
+    /// Named training losses of a batch (detector: boxes of the samples; segmentor: the batch's
+    /// label maps).
+    ///
+    /// Errors: a segmentation batch without label maps; candle errors.
+    pub fn loss(&self, batch: &Batch) -> Result<Vec<(String, Tensor)>, EngineError> {
+        match &self.net {
+            Net::Detector(d) => {
+                let (x, metas, gts) = model_inputs(batch);
+                d.loss(&x, &metas, &gts).ctx("forward")
+            }
+            Net::Segmentor(s) => {
+                let labels = batch.seg_maps.as_ref().ok_or_else(|| {
+                    EngineError::Config(
+                        "the training pipeline yields no label maps (add LoadAnnotations)".into(),
+                    )
+                })?;
+                s.loss(&batch.images, labels).ctx("forward")
+            }
+        }
+    }
+
     /// A detector over detached copies of the current weights (sharing storage): inference
     /// without recording an autograd graph.
     ///
-    /// Errors: as [`Detector::new`].
-    pub fn inference_detector(&self, cfg: &ModelConfig) -> Result<Detector, EngineError> {
+    /// Errors: the model is a segmentor; as [`Detector::new`].
+    pub fn inference_detector(&self) -> Result<Detector, EngineError> {
+        self.detector()?;
         Detector::new(
             self.vars.inference_var_builder(DType::F32, &self.device),
-            cfg,
+            &self.cfg,
+        )
+        .ctx("building the inference model")
+    }
+
+    /// A segmentor over detached copies of the current weights (see
+    /// [`BuiltModel::inference_detector`]).
+    ///
+    /// Errors: the model is a detector; as [`Segmentor::new`].
+    pub fn inference_segmentor(&self) -> Result<Segmentor, EngineError> {
+        self.segmentor()?;
+        Segmentor::new(
+            self.vars.inference_var_builder(DType::F32, &self.device),
+            &self.cfg,
         )
         .ctx("building the inference model")
     }
 }
 
-/// Loads weights into `model`: a densepred / mmdetection detector checkpoint (keys `backbone.*`,
-/// `neck.*`, `bbox_head.*`, strict = false) or, when no key has a detector prefix, a backbone-only
+/// Loads weights into `model`: a densepred / mmdetection / mmsegmentation checkpoint (keys
+/// `backbone.*`, `neck.*`, `bbox_head.*`, `decode_head.*`, `auxiliary_head.*`; strict = false)
+/// or, when no key has one of these prefixes, a backbone-only
 /// checkpoint such as the official SMT ImageNet `.pth` (keys mapped by the backbone's rename table
 /// and put under `backbone.`; the classification head is reported as unexpected).
 ///
@@ -388,9 +525,17 @@ pub fn load_weights(
         reason: e.to_string(),
     })?;
     let prefixed = tensors.keys().any(|k| {
-        k.starts_with("backbone.") || k.starts_with("neck.") || k.starts_with("bbox_head.")
+        [
+            "backbone.",
+            "neck.",
+            "bbox_head.",
+            "decode_head.",
+            "auxiliary_head.",
+        ]
+        .iter()
+        .any(|p| k.starts_with(p))
     });
-    let bb = &model.detector.backbone;
+    let bb = model.backbone();
     let map = |k: &str| -> Option<String> {
         if prefixed {
             match k.strip_prefix("backbone.") {
@@ -468,12 +613,15 @@ pub fn gt_instances(s: &Sample) -> GtInstances {
 }
 
 /// Batches samples for `model` (normalise, pad); fills `pad_shape` where the pipeline had no `Pad`.
+/// `train`: segmentors pad to their `data_preprocessor.size` (mmseg pads training batches to the
+/// crop size; test batches only to the largest image and `size_divisor`).
 ///
 /// Errors: samples without images.
 pub fn to_batch(
     model: &BuiltModel,
     mut samples: Vec<Sample>,
     device: &Device,
+    train: bool,
 ) -> Result<Batch, EngineError> {
     // DetDataPreprocessor: each image's pad_shape is its own size rounded up to the divisor.
     let d = model.pad_size_divisor.max(1);
@@ -483,10 +631,12 @@ pub fn to_batch(
             s.pad_shape = (h.div_ceil(d) * d, w.div_ceil(d) * d);
         }
     }
-    Ok(collate(
+    let min_size = if train { model.pad_size } else { None };
+    Ok(collate_to(
         samples,
         Some(&model.norm),
         model.pad_size_divisor,
+        min_size,
         device,
     )?)
 }

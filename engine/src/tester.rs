@@ -1,15 +1,18 @@
-//! Inference over a dataloader and COCO evaluation (mmengine's `ValLoop` / `TestLoop` with
-//! mmdetection's `CocoMetric`).
+//! Inference over a dataloader and its evaluation (mmengine's `ValLoop` / `TestLoop` with
+//! mmdetection's `CocoMetric` for detectors, mmsegmentation's `IoUMetric` for segmentors).
 
 use crate::runner::{
     build_loader, model_inputs, to_batch, BuiltModel, CandleContext, EngineError, EvaluatorConfig,
     Loader,
 };
 use candle_core::Device;
+use candle_core::Tensor;
 use densepred_datasets::config::DataloaderConfig;
+use densepred_datasets::transforms::{Pipeline, TransformConfig};
 use densepred_evaluation::coco::{
     evaluate_records, load_gt, to_coco_results, CocoIouType, CocoSummary, ImageDetections,
 };
+use densepred_evaluation::semseg::{IoUMetric, SegMetrics};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 
@@ -83,6 +86,7 @@ pub fn evaluate_loader(
     device: &Device,
     show_progress: bool,
 ) -> Result<TestOutput, EngineError> {
+    let detector = model.inference_detector()?;
     if evaluator.kind != "CocoMetric" {
         return Err(EngineError::Config(format!(
             "evaluator type {:?} is not supported for detectors (CocoMetric)",
@@ -108,12 +112,11 @@ pub fn evaluate_loader(
         )));
     }
     let meta = dataset.metainfo();
-    let detector = model.inference_detector(model.detector.model_config())?;
     let pb = progress_bar(loader.num_batches() as u64, show_progress, "test");
     let mut images = Vec::new();
     let mut for_eval = Vec::new();
     for batch in loader.epoch(0) {
-        let batch = to_batch(model, batch?, device)?;
+        let batch = to_batch(model, batch?, device, false)?;
         let (x, metas, _) = model_inputs(&batch);
         let dets = detector.predict(&x, &metas).ctx("inference")?;
         for (s, d) in batch.samples.iter().zip(dets) {
@@ -137,7 +140,12 @@ pub fn evaluate_loader(
     let summary = if evaluator.format_only {
         None
     } else {
-        let gt = load_gt(&evaluator.ann_file)?;
+        let ann = evaluator.ann_file.as_ref().ok_or_else(|| {
+            EngineError::Config(
+                "CocoMetric needs ann_file (the ground-truth instances JSON)".into(),
+            )
+        })?;
+        let gt = load_gt(ann)?;
         Some(evaluate_records(&gt, &records, CocoIouType::Bbox)?)
     };
     if let Some(prefix) = &evaluator.outfile_prefix {
@@ -171,4 +179,295 @@ pub fn mmdet_keys(s: &CocoSummary) -> serde_json::Map<String, serde_json::Value>
             )
         })
         .collect()
+}
+
+/// How [`evaluate_seg_loader`] runs.
+#[derive(Debug, Clone, Default)]
+pub struct SegTestOptions {
+    /// Multi-scale + flip test (mmseg `TestTimeAug`): every image at the test pipeline's resize
+    /// scale times each of `aug_ratios`, unflipped and flipped; the softmax probabilities at the
+    /// original size are averaged before the argmax.
+    pub aug_test: bool,
+    /// Scale ratios of the aug test (default 0.5, 0.75, 1.0, 1.25, 1.5, 1.75).
+    pub aug_ratios: Option<Vec<f64>>,
+    /// Keep every predicted label map in the output (for writing PNGs).
+    pub keep_predictions: bool,
+    /// Draw a progress bar.
+    pub show_progress: bool,
+}
+
+/// The predicted label map of one image.
+pub struct SegImageResult {
+    /// Image file.
+    pub img_path: PathBuf,
+    /// `(H_ori, W_ori)` class indices in `[0, K)` (row-major).
+    pub pred: ndarray::Array2<u8>,
+    /// Whether the dataset uses `reduce_zero_label` (PNG value = class + 1).
+    pub reduce_zero_label: bool,
+}
+
+/// The outcome of a segmentation test run.
+pub struct SegTestOutput {
+    /// Dataset-level metrics (absent when no image had a label map).
+    pub metrics: Option<SegMetrics>,
+    /// Predictions, in loader order (with `keep_predictions`).
+    pub images: Vec<SegImageResult>,
+    /// Class names of the dataset.
+    pub classes: Vec<String>,
+}
+
+/// The test-time-augmentation pipeline for `ratio`: every `Resize` with a `scale` gets that scale
+/// times `ratio` (mmseg 0.x `MultiScaleFlipAug` with `img_ratios`, the setting of the SMT paper's
+/// multi-scale numbers); a `Resize` by `scale_factor`, or none, becomes a resize by `ratio` of
+/// the original image (mmseg 1.x `TestTimeAug`).
+fn aug_pipeline(p: &Pipeline, ratio: f64) -> Pipeline {
+    let by_factor = |clip_object_border: bool| TransformConfig::Resize {
+        scale: None,
+        scale_factor: Some(ratio),
+        keep_ratio: true,
+        clip_object_border,
+    };
+    let has_resize =
+        p.0.iter()
+            .any(|t| matches!(t, TransformConfig::Resize { .. }));
+    let mut out = Vec::new();
+    for t in &p.0 {
+        match t {
+            TransformConfig::Resize {
+                scale: Some([w, h]),
+                keep_ratio,
+                clip_object_border,
+                ..
+            } => out.push(TransformConfig::Resize {
+                scale: Some([(w * ratio).trunc(), (h * ratio).trunc()]),
+                scale_factor: None,
+                keep_ratio: *keep_ratio,
+                clip_object_border: *clip_object_border,
+            }),
+            TransformConfig::Resize {
+                clip_object_border, ..
+            } => out.push(by_factor(*clip_object_border)),
+            TransformConfig::LoadImageFromFile { .. } if !has_resize => {
+                out.push(t.clone());
+                out.push(by_factor(true));
+            }
+            o => out.push(o.clone()),
+        }
+    }
+    Pipeline(out)
+}
+
+/// Runs the segmentor of `model` over `loader` and computes mmseg's `IoUMetric` (`mIoU`,
+/// `mAcc`, `aAcc`, per-class IoU / Acc) against the label maps the pipeline loads (at the
+/// original image size: `LoadAnnotations` after `Resize`, mmseg's test pipeline).
+///
+/// Errors: an evaluator other than `IoUMetric` / metrics other than `mIoU`; more than 255
+/// classes; a label map whose size differs from its image (named); data and model errors.
+pub fn evaluate_seg_loader(
+    model: &BuiltModel,
+    loader: &densepred_datasets::loader::DataLoader,
+    dataset: &dyn densepred_datasets::Dataset,
+    evaluator: &EvaluatorConfig,
+    device: &Device,
+    opts: &SegTestOptions,
+) -> Result<SegTestOutput, EngineError> {
+    let seg = model.inference_segmentor()?;
+    if evaluator.kind != "IoUMetric" {
+        return Err(EngineError::Config(format!(
+            "evaluator type {:?} is not supported for segmentors (IoUMetric)",
+            evaluator.kind
+        )));
+    }
+    if let Some(m) = evaluator
+        .iou_metrics
+        .as_ref()
+        .and_then(|v| v.iter().find(|m| *m != "mIoU"))
+    {
+        return Err(EngineError::Config(format!(
+            "evaluator.iou_metrics: {m:?} is not implemented (mIoU)"
+        )));
+    }
+    let k = seg.num_classes();
+    if k > 255 {
+        return Err(EngineError::Config(format!(
+            "{k} classes: label maps are 8-bit, at most 255 classes"
+        )));
+    }
+    let meta = dataset.metainfo();
+    if meta.classes.len() != k {
+        return Err(EngineError::Config(format!(
+            "model.decode_head.num_classes = {k} but the dataset has {} classes",
+            meta.classes.len()
+        )));
+    }
+    let ignore = evaluator.ignore_index.unwrap_or(255);
+    let mut metric = IoUMetric::new(k, ignore as u64);
+    let mut any_gt = false;
+    let ratios = if opts.aug_test {
+        opts.aug_ratios
+            .clone()
+            .unwrap_or_else(|| vec![0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
+    } else {
+        vec![]
+    };
+    let loaders: Vec<densepred_datasets::loader::DataLoader> = if opts.aug_test {
+        ratios
+            .iter()
+            .map(|&r| {
+                let mut l = loader.clone();
+                l.pipeline = aug_pipeline(&loader.pipeline, r);
+                l.batch_size = 1;
+                l
+            })
+            .collect()
+    } else {
+        vec![loader.clone()]
+    };
+    let n_batches = loaders[0].num_batches() as u64;
+    let pb = progress_bar(n_batches, opts.show_progress, "test");
+    let mut iters: Vec<_> = loaders.iter().map(|l| l.epoch(0)).collect();
+    let mut images = Vec::new();
+    loop {
+        // One batch per loader (the same images at every scale).
+        let mut batches = Vec::with_capacity(iters.len());
+        for it in iters.iter_mut() {
+            match it.next() {
+                Some(b) => batches.push(to_batch(model, b?, device, false)?),
+                None => break,
+            }
+        }
+        if batches.len() < iters.len() {
+            break;
+        }
+        let first = &batches[0];
+        let ori: Vec<(usize, usize)> = first.samples.iter().map(|s| s.ori_shape).collect();
+        // Per-image (K, H_ori, W_ori) scores: logits without aug test, mean softmax with it.
+        let mut scores: Vec<Tensor> = Vec::new();
+        for b in &batches {
+            let shapes: Vec<(usize, usize)> = b.samples.iter().map(|s| s.img_shape).collect();
+            let flips: &[bool] = if opts.aug_test {
+                &[false, true]
+            } else {
+                &[false]
+            };
+            for &flip in flips {
+                let x = if flip {
+                    densepred_core::ops::flip_last_dim(&b.images).ctx("flip")?
+                } else {
+                    b.images.clone()
+                };
+                let logits = seg.predict_logits(&x).ctx("inference")?;
+                // A flipped padded batch has its padding on the left: crop from the right.
+                let logits = if flip {
+                    densepred_core::ops::flip_last_dim(&logits).ctx("flip")?
+                } else {
+                    logits
+                };
+                let per = seg
+                    .postprocess(&logits, &shapes, &ori, false)
+                    .ctx("postprocess")?;
+                for (i, l) in per.into_iter().enumerate() {
+                    let l = if opts.aug_test {
+                        candle_nn::ops::softmax(&l, 0).ctx("softmax")?
+                    } else {
+                        l
+                    };
+                    if scores.len() <= i {
+                        scores.push(l);
+                    } else {
+                        scores[i] = (&scores[i] + l).ctx("aug-test sum")?;
+                    }
+                }
+            }
+        }
+        for (s, sc) in first.samples.iter().zip(scores) {
+            let (oh, ow) = s.ori_shape;
+            let pred: Vec<u8> = sc
+                .argmax(0)
+                .and_then(|p| p.flatten_all()?.to_dtype(candle_core::DType::U8)?.to_vec1())
+                .ctx("argmax")?;
+            if let Some(gt) = &s.gt_seg_map {
+                if gt.dim() != (oh, ow) {
+                    return Err(EngineError::File {
+                        path: s.seg_map_path.clone().unwrap_or_else(|| s.img_path.clone()),
+                        reason: format!(
+                            "label map is {}x{} but its image {} is {}x{} (load annotations after Resize in the test pipeline)",
+                            gt.dim().1, gt.dim().0, s.img_path.display(), ow, oh
+                        ),
+                    });
+                }
+                let g: Vec<u8> = gt.iter().copied().collect();
+                metric.update(&g, &pred).map_err(|e| EngineError::File {
+                    path: s.seg_map_path.clone().unwrap_or_else(|| s.img_path.clone()),
+                    reason: e.to_string(),
+                })?;
+                any_gt = true;
+            }
+            if opts.keep_predictions {
+                images.push(SegImageResult {
+                    img_path: s.img_path.clone(),
+                    pred: ndarray::Array2::from_shape_vec((oh, ow), pred).expect("h*w labels"),
+                    reduce_zero_label: s.reduce_zero_label,
+                });
+            }
+        }
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    Ok(SegTestOutput {
+        metrics: any_gt.then(|| metric.compute()),
+        images,
+        classes: meta.classes.clone(),
+    })
+}
+
+/// mmsegmentation's log keys of a result (`mIoU`, `mAcc`, `aAcc` in percent, 2 decimals).
+pub fn mmseg_keys(m: &SegMetrics) -> serde_json::Map<String, serde_json::Value> {
+    [("aAcc", m.a_acc), ("mIoU", m.m_iou), ("mAcc", m.m_acc)]
+        .iter()
+        .map(|(k, v)| {
+            let v = if v.is_nan() {
+                serde_json::Value::Null
+            } else {
+                serde_json::json!((v * 10000.0).round() / 100.0)
+            };
+            (k.to_string(), v)
+        })
+        .collect()
+}
+
+/// Validation of either kind of model: the lines to print and the metrics to log
+/// (mmdetection's `coco/bbox_mAP...` keys or mmsegmentation's `mIoU`, `mAcc`, `aAcc`).
+///
+/// Errors: as [`evaluate_loader`] / [`evaluate_seg_loader`].
+pub fn validate(
+    model: &BuiltModel,
+    loader: &densepred_datasets::loader::DataLoader,
+    dataset: &dyn densepred_datasets::Dataset,
+    evaluator: &EvaluatorConfig,
+    device: &Device,
+) -> Result<Option<(Vec<String>, serde_json::Map<String, serde_json::Value>)>, EngineError> {
+    if model.is_segmentor() {
+        let out = evaluate_seg_loader(
+            model,
+            loader,
+            dataset,
+            evaluator,
+            device,
+            &SegTestOptions::default(),
+        )?;
+        Ok(out.metrics.map(|m| {
+            let lines = m
+                .table(Some(&out.classes))
+                .lines()
+                .map(String::from)
+                .collect();
+            (lines, mmseg_keys(&m))
+        }))
+    } else {
+        let out = evaluate_loader(model, loader, dataset, evaluator, device, false)?;
+        Ok(out
+            .summary
+            .map(|s| (s.summary_lines.clone(), mmdet_keys(&s))))
+    }
 }

@@ -1,12 +1,13 @@
 //! The training loop (mmengine's `EpochBasedTrainLoop` / `IterBasedTrainLoop` with the default
-//! hooks): seeded and deterministic on CPU, logging to `metrics.jsonl`, atomic checkpoints,
-//! resume, periodic COCO validation and the final curve plot.
+//! hooks) for detectors and segmentors: seeded and deterministic on CPU, logging to
+//! `metrics.jsonl`, atomic checkpoints, resume, periodic validation (COCO bbox mAP or mIoU) and
+//! the final curve plot.
 
 use crate::curves::plot_curves;
 use crate::optim::{param_groups, Optimizer};
 use crate::runner::*;
 use crate::schedule::lr_at;
-use crate::tester::{evaluate_loader, mmdet_keys, progress_bar};
+use crate::tester::{progress_bar, validate};
 use candle_core::{Device, Tensor};
 use densepred_core::io::write_atomic;
 use densepred_core::weights::{read_checkpoint, save_safetensors_atomic};
@@ -98,7 +99,7 @@ fn save_checkpoint(
     Ok(wpath)
 }
 
-/// Trains the detector of `cfg` (`table` is the resolved config, stored in checkpoints and the
+/// Trains the detector or segmentor of `cfg` (`table` is the resolved config, stored in checkpoints and the
 /// work dir).
 ///
 /// Errors: config, data, model, I/O errors (naming the file / key); [`EngineError::Interrupted`]
@@ -142,10 +143,11 @@ pub fn train(
     let model = build_model(&cfg.model, seed, dev)?;
     let Loader { loader, dataset } = build_loader(train_dl, seed, true)?;
     let classes = &dataset.metainfo().classes;
-    if classes.len() != model.detector.num_classes() {
+    if classes.len() != model.num_classes() {
         return Err(EngineError::Config(format!(
-            "model.bbox_head.num_classes = {} but the training set has {} classes",
-            model.detector.num_classes(),
+            "{} = {} but the training set has {} classes",
+            model.num_classes_key(),
+            model.num_classes(),
             classes.len()
         )));
     }
@@ -280,14 +282,16 @@ pub fn train(
             }
             let data_time = t_data.elapsed().as_secs_f64();
             let t_iter = Instant::now();
-            let batch = to_batch(&model, batch?, dev)?;
-            let (x, metas, gts) = model_inputs(&batch);
+            let batch = to_batch(&model, batch?, dev, true)?;
             let lr = lr_at(&cfg.param_scheduler, base_lr, it, epoch_len, max_iters);
             densepred_core::rng::seed(mix(seed, it));
-            let losses = model
-                .detector
-                .loss(&x, &metas, &gts)
-                .ctx(&format!("iteration {}: forward", it + 1))?;
+            let losses = model.loss(&batch).map_err(|e| match e {
+                EngineError::Candle { context, source } => EngineError::Candle {
+                    context: format!("iteration {}: {context}", it + 1),
+                    source,
+                },
+                o => o,
+            })?;
             let mut total: Option<Tensor> = None;
             for (name, v) in &losses {
                 let f = v.to_scalar::<f32>().ctx("loss value")? as f64;
@@ -426,14 +430,12 @@ pub fn train(
                     ev,
                 ) = val.as_ref().expect("checked");
                 pb.suspend(|| tracing::info!("evaluating on {} images", vd.len()));
-                let out = evaluate_loader(&model, vl, vd.as_ref(), ev, dev, false)?;
-                if let Some(s) = &out.summary {
+                if let Some((lines, mut rec)) = validate(&model, vl, vd.as_ref(), ev, dev)? {
                     pb.suspend(|| {
-                        for l in &s.summary_lines {
+                        for l in &lines {
                             eprintln!("{l}");
                         }
                     });
-                    let mut rec = mmdet_keys(s);
                     rec.insert("mode".into(), "val".into());
                     rec.insert("iter".into(), it.into());
                     rec.insert("epoch".into(), (it.div_ceil(epoch_len)).into());

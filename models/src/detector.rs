@@ -92,7 +92,8 @@ pub struct DetectorConfig {
     pub test_cfg: DenseTestConfig,
 }
 
-/// The `[model]` table, selected by `type`.
+/// The `[model]` table, selected by `type`: a detector (mmdetection) or a segmentor
+/// (mmsegmentation).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type")]
 pub enum ModelConfig {
@@ -101,13 +102,32 @@ pub enum ModelConfig {
     /// ATSS (Zhang et al. 2020).
     #[serde(rename = "ATSS")]
     Atss(DetectorConfig),
+    /// mmsegmentation's encoder-decoder segmentor (UperNet, Semantic FPN).
+    EncoderDecoder(crate::segmentor::EncoderDecoderConfig),
 }
 
 impl ModelConfig {
-    /// The detector body.
-    pub fn detector(&self) -> &DetectorConfig {
+    /// The detector body, `None` for segmentors.
+    pub fn detector(&self) -> Option<&DetectorConfig> {
         match self {
-            Self::RetinaNet(c) | Self::Atss(c) => c,
+            Self::RetinaNet(c) | Self::Atss(c) => Some(c),
+            Self::EncoderDecoder(_) => None,
+        }
+    }
+
+    /// The segmentor body, `None` for detectors.
+    pub fn segmentor(&self) -> Option<&crate::segmentor::EncoderDecoderConfig> {
+        match self {
+            Self::EncoderDecoder(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// The backbone table.
+    pub fn backbone(&self) -> &BackboneConfig {
+        match self {
+            Self::RetinaNet(c) | Self::Atss(c) => &c.backbone,
+            Self::EncoderDecoder(c) => &c.backbone,
         }
     }
 }
@@ -127,9 +147,14 @@ impl Detector {
     /// Builds the detector that `cfg` describes with parameters from (or created in) `vb`.
     ///
     /// Errors: inconsistent component configs (the message names the component and field), a
-    /// head type that does not fit the model type (RetinaNet needs RetinaHead, ATSS ATSSHead).
+    /// head type that does not fit the model type (RetinaNet needs RetinaHead, ATSS ATSSHead), a
+    /// segmentor config.
     pub fn new(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
-        let c = cfg.detector();
+        let c = cfg.detector().ok_or_else(|| {
+            candle_core::Error::msg(
+                "model.type = \"EncoderDecoder\" is a segmentor, not a detector",
+            )
+        })?;
         match (cfg, &c.bbox_head) {
             (ModelConfig::RetinaNet(_), DenseHeadConfig::RetinaHead(_)) | (ModelConfig::Atss(_), DenseHeadConfig::AtssHead(_)) => {}
             _ => candle_core::bail!("model.bbox_head.type does not match model.type (RetinaNet uses RetinaHead, ATSS uses ATSSHead)"),

@@ -4,4 +4,4 @@ pub mod detector;
 pub mod segmentor;
 
 pub use detector::{DataPreprocessorConfig, Detector, DetectorConfig, ModelConfig};
-pub use segmentor::{EncoderDecoderConfig, SegModelConfig, Segmentor};
+pub use segmentor::{slide_windows, EncoderDecoderConfig, Segmentor};

@@ -3,13 +3,12 @@
 //! table with mmseg's vocabulary and parameter names (`backbone.`, `neck.`, `decode_head.`,
 //! `auxiliary_head.`).
 
-use crate::detector::NeckConfig;
+use crate::detector::{ModelConfig, NeckConfig};
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use densepred_backbones::{AnyBackbone, Backbone, BackboneConfig};
 use densepred_heads::seg::{
-    predict_labels, seg_loss, FcnHead, FcnHeadConfig, FpnHead, FpnHeadConfig, UperHead,
-    UperHeadConfig,
+    seg_loss, FcnHead, FcnHeadConfig, FpnHead, FpnHeadConfig, UperHead, UperHeadConfig,
 };
 use densepred_necks::fpn::Fpn;
 use densepred_necks::Neck;
@@ -155,14 +154,6 @@ pub struct EncoderDecoderConfig {
     pub test_cfg: SegTestConfig,
 }
 
-/// The `[model]` table of a segmentation config.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type")]
-pub enum SegModelConfig {
-    /// mmseg `EncoderDecoder`.
-    EncoderDecoder(EncoderDecoderConfig),
-}
-
 /// A built encoder-decoder segmentor.
 pub struct Segmentor {
     cfg: EncoderDecoderConfig,
@@ -177,10 +168,23 @@ impl Segmentor {
     /// Builds the model under `vb` (parameters `backbone.*`, `neck.*`, `decode_head.*`,
     /// `auxiliary_head.*`).
     ///
-    /// Errors: `bgr_to_rgb = false`; a neck whose `in_channels` differ from the backbone's output
-    /// channels; head construction errors.
-    pub fn new(vb: VarBuilder, cfg: &SegModelConfig) -> Result<Self> {
-        let SegModelConfig::EncoderDecoder(c) = cfg;
+    /// Errors: a detector config; `bgr_to_rgb = false`; a `test_cfg.mode` other than `whole` or
+    /// `slide` (or `slide` without `crop_size` and `stride`); a neck whose `in_channels` differ from
+    /// the backbone's output channels; head construction errors.
+    pub fn new(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let c = cfg.segmentor().ok_or_else(|| {
+            candle_core::Error::msg("model.type is a detector, not an EncoderDecoder segmentor")
+        })?;
+        match c.test_cfg.mode.as_str() {
+            "whole" => {}
+            "slide" => {
+                let ok = |v: Option<[usize; 2]>| v.is_some_and(|[a, b]| a > 0 && b > 0);
+                if !ok(c.test_cfg.crop_size) || !ok(c.test_cfg.stride) {
+                    candle_core::bail!("model.test_cfg: mode = \"slide\" needs crop_size = [h, w] and stride = [h, w], both positive");
+                }
+            }
+            m => candle_core::bail!("model.test_cfg.mode = {m:?}: expected \"whole\" or \"slide\""),
+        }
         if !c.data_preprocessor.bgr_to_rgb {
             candle_core::bail!("model.data_preprocessor.bgr_to_rgb = false is not supported: densepred decodes images as RGB");
         }
@@ -257,18 +261,11 @@ impl Segmentor {
         Ok(out)
     }
 
-    /// Whole-image inference: decode-head logits `(B, K, H/4, W/4)` for normalised, padded images
-    /// `(B, 3, H, W)`, resized to the padded size `(B, K, H, W)`.
+    /// Decode-head logits of normalised images `(B, 3, H, W)`, resized bilinearly to `(B, K, H, W)`
+    /// (mmseg `encode_decode`).
     ///
-    /// Errors: `test_cfg.mode` other than `whole` (sliding windows are not implemented yet);
-    /// candle errors.
-    pub fn predict_logits(&self, images: &Tensor) -> Result<Tensor> {
-        if self.cfg.test_cfg.mode != "whole" {
-            candle_core::bail!(
-                "model.test_cfg.mode = {:?} is not supported yet (use \"whole\")",
-                self.cfg.test_cfg.mode
-            );
-        }
+    /// Errors: candle errors.
+    pub fn encode_decode(&self, images: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = images.dims4()?;
         let feats = self.extract_feat(images, false)?;
         let logits = self.decode_head.forward(&feats, false)?;
@@ -276,11 +273,77 @@ impl Segmentor {
         densepred_core::ops::resize_bilinear(&logits, h, w, ac)
     }
 
-    /// Label maps `(H_ori, W_ori)` (u32) per image: logits cropped to each image's `img_shape`
-    /// `(h, w)` inside the padding, resized bilinearly to `ori_shape`, argmax over classes (mmseg
-    /// `postprocess_result`).
+    /// Inference logits `(B, K, H, W)` of normalised, padded images `(B, 3, H, W)` in the
+    /// `test_cfg` mode: `whole` runs [`Segmentor::encode_decode`] once; `slide` runs it on
+    /// `crop_size` windows every `stride` pixels (the last window of a row or column aligned to the
+    /// image's far edge) and averages the overlapping logits (mmseg `slide_inference`).
+    ///
+    /// Errors: candle errors.
+    pub fn predict_logits(&self, images: &Tensor) -> Result<Tensor> {
+        let tc = &self.cfg.test_cfg;
+        if tc.mode != "slide" {
+            return self.encode_decode(images);
+        }
+        let [hc, wc] = tc.crop_size.expect("checked in new");
+        let [hs, ws] = tc.stride.expect("checked in new");
+        let (_, _, h, w) = images.dims4()?;
+        let mut sum: Option<Tensor> = None;
+        let mut count = vec![0f32; h * w];
+        for [y1, y2, x1, x2] in slide_windows((h, w), (hc, wc), (hs, ws)) {
+            {
+                let crop = images.narrow(2, y1, y2 - y1)?.narrow(3, x1, x2 - x1)?;
+                let l = self
+                    .encode_decode(&crop)?
+                    .pad_with_zeros(2, y1, h - y2)?
+                    .pad_with_zeros(3, x1, w - x2)?;
+                sum = Some(match sum {
+                    None => l,
+                    Some(s) => (s + l)?,
+                });
+                for y in y1..y2 {
+                    for c in &mut count[y * w + x1..y * w + x2] {
+                        *c += 1.0;
+                    }
+                }
+            }
+        }
+        let sum = sum.expect("at least one window");
+        let count =
+            Tensor::from_vec(count, (1, 1, h, w), images.device())?.to_dtype(sum.dtype())?;
+        sum.broadcast_div(&count)
+    }
+
+    /// Logits `(K, H_ori, W_ori)` per image (mmseg `postprocess_result`): each image's logits are
+    /// cropped to its `img_shape` `(h, w)` inside the padding, flipped back horizontally when
+    /// `flipped`, and resized bilinearly to `ori_shape`.
     ///
     /// Errors: a shape larger than the padded batch; candle errors.
+    pub fn postprocess(
+        &self,
+        logits: &Tensor,
+        img_shapes: &[(usize, usize)],
+        ori_shapes: &[(usize, usize)],
+        flipped: bool,
+    ) -> Result<Vec<Tensor>> {
+        let ac = self.decode_head.common().align_corners;
+        img_shapes
+            .iter()
+            .zip(ori_shapes)
+            .enumerate()
+            .map(|(i, (&(h, w), &(oh, ow)))| {
+                let mut l = logits.get(i)?.narrow(1, 0, h)?.narrow(2, 0, w)?;
+                if flipped {
+                    l = densepred_core::ops::flip_last_dim(&l)?;
+                }
+                densepred_core::ops::resize_bilinear(&l.unsqueeze(0)?, oh, ow, ac)?.squeeze(0)
+            })
+            .collect()
+    }
+
+    /// Label maps `(H_ori, W_ori)` (u32) per image: [`Segmentor::predict_logits`], then
+    /// [`Segmentor::postprocess`], then the argmax over classes.
+    ///
+    /// Errors: as [`Segmentor::postprocess`].
     pub fn predict(
         &self,
         images: &Tensor,
@@ -288,19 +351,31 @@ impl Segmentor {
         ori_shapes: &[(usize, usize)],
     ) -> Result<Vec<Tensor>> {
         let logits = self.predict_logits(images)?;
-        let ac = self.decode_head.common().align_corners;
-        img_shapes
-            .iter()
-            .zip(ori_shapes)
-            .enumerate()
-            .map(|(i, (&(h, w), &(oh, ow)))| {
-                let l = logits
-                    .get(i)?
-                    .narrow(1, 0, h)?
-                    .narrow(2, 0, w)?
-                    .unsqueeze(0)?;
-                predict_labels(&l, oh, ow, ac)?.squeeze(0)
-            })
+        self.postprocess(&logits, img_shapes, ori_shapes, false)?
+            .into_iter()
+            .map(|l| l.argmax(0))
             .collect()
     }
+}
+
+/// The windows `[y1, y2, x1, x2]` (pixels, end exclusive) of sliding-window inference over an
+/// `(h, w)` image with `crop = (h_c, w_c)` windows every `stride = (h_s, w_s)` pixels, row by row:
+/// `max(h − h_c + h_s − 1, 0) / h_s + 1` rows (likewise columns); a window that would pass the
+/// far edge is moved back to end on it, and windows are clipped to images smaller than the crop
+/// (mmseg `EncoderDecoder.slide_inference`).
+pub fn slide_windows(
+    (h, w): (usize, usize),
+    (hc, wc): (usize, usize),
+    (hs, ws): (usize, usize),
+) -> Vec<[usize; 4]> {
+    let grids = |n: usize, c: usize, s: usize| (n + s).saturating_sub(c + 1) / s.max(1) + 1;
+    let mut out = Vec::new();
+    for gy in 0..grids(h, hc, hs) {
+        for gx in 0..grids(w, wc, ws) {
+            let y2 = (gy * hs + hc).min(h);
+            let x2 = (gx * ws + wc).min(w);
+            out.push([y2.saturating_sub(hc), y2, x2.saturating_sub(wc), x2]);
+        }
+    }
+    out
 }

@@ -97,6 +97,23 @@ pub fn blend_mask(img: &mut RgbImage, mask: &Array2<u8>, color: [u8; 3], alpha: 
 
 /// Blends a label map in the palette (`ignore` pixels untouched).
 pub fn blend_label_map(img: &mut RgbImage, map: &Array2<u8>, ignore: u8, alpha: f32) {
+    blend_label_map_with(img, map, ignore, alpha, None)
+}
+
+/// [`blend_label_map`] with the dataset's palette (`colors[class]`; classes beyond it, or all
+/// classes without one, take [`palette`]).
+pub fn blend_label_map_with(
+    img: &mut RgbImage,
+    map: &Array2<u8>,
+    ignore: u8,
+    alpha: f32,
+    colors: Option<&[[u8; 3]]>,
+) {
+    let palette = |i: usize| {
+        colors
+            .and_then(|c| c.get(i).copied())
+            .unwrap_or_else(|| palette(i))
+    };
     let (mh, mw) = map.dim();
     for (x, y, p) in img.enumerate_pixels_mut() {
         let (xu, yu) = (x as usize, y as usize);
@@ -140,4 +157,45 @@ pub fn draw_detections(
             color,
         );
     }
+}
+
+/// Writes a predicted label map as `dir/labels/<stem>.png` (8-bit, value = class, or class + 1
+/// with `reduce_zero_label`: the ADE20K file convention, which `densepred eval seg
+/// --reduce-zero-label` reads back) and its colour overlay on the image as
+/// `dir/overlays/<stem>.png` (alpha 0.5). Both files are written atomically.
+///
+/// Errors: unreadable image, unwritable folder.
+pub fn write_seg_prediction(
+    dir: &std::path::Path,
+    img_path: &std::path::Path,
+    pred: &Array2<u8>,
+    reduce_zero_label: bool,
+    colors: Option<&[[u8; 3]]>,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let stem = img_path
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "image".into());
+    let (h, w) = pred.dim();
+    let labels_dir = dir.join("labels");
+    let overlays_dir = dir.join("overlays");
+    for d in [&labels_dir, &overlays_dir] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let off = u8::from(reduce_zero_label);
+    let gray = image::GrayImage::from_fn(w as u32, h as u32, |x, y| {
+        image::Luma([pred[(y as usize, x as usize)].saturating_add(off)])
+    });
+    let lp = labels_dir.join(format!("{stem}.png"));
+    densepred_core::io::write_atomic(&lp, |tmp| {
+        gray.save_with_format(tmp, image::ImageFormat::Png)
+            .map_err(|e| e.to_string())
+    })
+    .map_err(anyhow::Error::msg)?;
+    let mut img = image::open(img_path)
+        .with_context(|| format!("reading {}", img_path.display()))?
+        .to_rgb8();
+    blend_label_map_with(&mut img, pred, 255, 0.5, colors);
+    save_png(&img, &overlays_dir.join(format!("{stem}.png")))
 }

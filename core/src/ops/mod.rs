@@ -45,7 +45,7 @@ pub use bias::{add_bias_channels, add_bias_last, mul_scale_channels, mul_scale_l
 pub use dwconv_nhwc::{token_dwconv, LocalMode};
 pub use nms::{batched_nms, filter_nms, nms};
 pub use paste_mask::paste_masks;
-pub use resample::{adaptive_avg_pool2d, resize_bilinear};
+pub use resample::{adaptive_avg_pool2d, flip_last_dim, resize_bilinear};
 pub use resize::resize_nearest;
 pub use roi_align::{map_roi_levels, roi_align, RoiAlignParams};
 pub use transpose::transpose_last2;

@@ -262,3 +262,18 @@ mod tests {
         assert!(adaptive_avg_pool2d(&xi, 2, 2).is_err());
     }
 }
+
+/// Reverses the last dimension (a horizontal flip of `(…, H, W)` maps), as `torch.flip(x, [-1])`.
+/// Differentiable (an `index_select` with reversed indices).
+///
+/// Errors: a rank-0 tensor; candle errors.
+pub fn flip_last_dim(x: &Tensor) -> Result<Tensor> {
+    let d = x.rank();
+    if d == 0 {
+        candle_core::bail!("flip_last_dim: a scalar has no dimension to flip");
+    }
+    let n = x.dim(d - 1)?;
+    let idx: Vec<u32> = (0..n as u32).rev().collect();
+    let idx = Tensor::from_vec(idx, n, x.device())?;
+    x.contiguous()?.index_select(&idx, d - 1)
+}

@@ -22,7 +22,8 @@ pub fn run(a: Analyze) -> Result<()> {
         Analyze::Params { config } => {
             let table = densepred_engine::config::load(&config)?;
             if table.contains_key("model") {
-                // A whole detector config: parameters per component, as mmdetection counts them.
+                // A whole detector / segmentor config: parameters per component, as mmdetection and
+                // mmsegmentation count them.
                 let (cfg, _) = densepred_engine::runner::RunConfig::load(&config, &[])?;
                 let m = densepred_engine::runner::build_model(&cfg.model, 0, &Device::Cpu)?;
                 let mut per: BTreeMap<String, usize> = BTreeMap::new();
@@ -33,9 +34,9 @@ pub fn run(a: Analyze) -> Result<()> {
                     }
                 }
                 for (k, v) in &per {
-                    println!("{k:<10} {v:>12}");
+                    println!("{k:<14} {v:>12}");
                 }
-                println!("{:<10} {:>12}", "total", per.values().sum::<usize>());
+                println!("{:<14} {:>12}", "total", per.values().sum::<usize>());
                 return Ok(());
             }
             let loaded = backbone_config::build(&config, None, &Device::Cpu)?;

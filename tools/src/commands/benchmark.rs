@@ -13,17 +13,17 @@ pub enum Benchmark {
     Backbone(BackboneArgs),
     /// A single kernel against candle's own implementation of the same operation.
     Op(OpArgs),
-    /// One full training iteration of a detector config (data in memory; forward with losses,
-    /// backward, optimizer step).
+    /// One full training iteration of a detector or segmentor config (data in memory; forward
+    /// with losses, backward, optimizer step).
     Train(ModelArgs),
-    /// Detector inference (forward and post-processing) on one batch.
+    /// Detector or segmentor inference (forward and post-processing) on one batch.
     Infer(ModelArgs),
 }
 
 /// `benchmark train|infer` options.
 #[derive(clap::Args)]
 pub struct ModelArgs {
-    /// Detector config (its `model` and `optim_wrapper` are used).
+    /// Detector or segmentor config (its `model` and `optim_wrapper` are used).
     config: PathBuf,
     /// Input size `HxW`.
     #[arg(long, default_value = "640x640")]
@@ -39,8 +39,9 @@ pub struct ModelArgs {
     json: bool,
 }
 
-/// Runs the detector of `a.config` on a random batch: per iteration either a training step
-/// (AdamW/SGD from the config; 8 fixed GT boxes per image) or inference.
+/// Runs the model of `a.config` on a random batch: per iteration either a training step
+/// (AdamW/SGD from the config; detectors: 8 fixed GT boxes per image; segmentors: a fixed label
+/// map of class bands) or inference (segmentors: the config's `test_cfg` mode, argmax included).
 fn model_bench(a: ModelArgs, train: bool) -> Result<()> {
     use densepred_core::structures::{GtInstances, ImageMeta};
     use densepred_engine::optim::{param_groups, Optimizer};
@@ -93,14 +94,34 @@ fn model_bench(a: ModelArgs, train: bool) -> Result<()> {
     } else {
         None
     };
-    let inference = if train {
-        None
+    let seg_labels = if model.is_segmentor() {
+        // A fixed label map: vertical bands of classes, with an ignored border (255).
+        let k = model.num_classes().max(1);
+        let lab: Vec<u8> = (0..batch * h * w)
+            .map(|i| {
+                let (y, x) = ((i / w) % h, i % w);
+                if y < 4 || x < 4 {
+                    255
+                } else {
+                    ((x * 7 / w.max(1) + y * 3 / h.max(1)) % k) as u8
+                }
+            })
+            .collect();
+        Some(Tensor::from_vec(lab, (batch, h, w), &device)?)
     } else {
-        Some(model.inference_detector(&cfg.model)?)
+        None
+    };
+    let (inference, seg_inference) = match (train, model.is_segmentor()) {
+        (true, _) => (None, None),
+        (false, false) => (Some(model.inference_detector()?), None),
+        (false, true) => (None, Some(model.inference_segmentor()?)),
     };
     let mut step = || -> Result<()> {
         if let Some(opt) = opt.as_mut() {
-            let losses = model.detector.loss(&x, &metas, &gts)?;
+            let losses = match &seg_labels {
+                Some(l) => model.segmentor()?.loss(&x, l)?,
+                None => model.detector()?.loss(&x, &metas, &gts)?,
+            };
             let total = losses
                 .iter()
                 .map(|(_, v)| v.clone())
@@ -109,6 +130,8 @@ fn model_bench(a: ModelArgs, train: bool) -> Result<()> {
             let grads = total.backward()?;
             let lr = opt.config().lr();
             opt.step(&grads, lr, 1.0)?;
+        } else if let Some(seg) = &seg_inference {
+            seg.predict(&x, &vec![(h, w); batch], &vec![(h, w); batch])?;
         } else {
             inference
                 .as_ref()

@@ -1,7 +1,8 @@
-//! `densepred infer CONFIG --checkpoint CK IMAGE_OR_DIR... --out-dir D`: detections on arbitrary
-//! images (mmdetection's `demo/image_demo.py`), drawn as PNGs plus one COCO-style JSON.
+//! `densepred infer CONFIG --checkpoint CK IMAGE_OR_DIR... --out-dir D`: predictions on arbitrary
+//! images (mmdetection's / mmsegmentation's `demo/image_demo.py`). Detectors: drawn boxes as PNGs
+//! plus one COCO-style JSON; segmentors: label PNGs and colour overlays.
 
-use crate::visualize::{draw_detections, save_png};
+use crate::visualize::{draw_detections, save_png, write_seg_prediction};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Parser;
@@ -12,7 +13,7 @@ use densepred_engine::runner::{build_model, load_weights, model_inputs, to_batch
 use rand::SeedableRng;
 use std::path::{Path, PathBuf};
 
-/// Detect objects in images.
+/// Detect objects in, or segment, images.
 #[derive(Parser)]
 pub struct Args {
     /// Config file (its test pipeline is used).
@@ -72,19 +73,8 @@ pub fn run(a: Args) -> Result<()> {
         .context(
             "config has neither test_dataloader nor val_dataloader (its pipeline is needed)",
         )?;
-    let (pipeline, classes) = match &dl.dataset {
-        DatasetConfig::CocoDataset {
-            pipeline, metainfo, ..
-        } => (
-            pipeline.clone(),
-            metainfo.as_ref().map(|m| m.classes.clone()),
-        ),
-        _ => bail!("infer: the test dataset must be a CocoDataset"),
-    };
-    let classes = match classes {
-        Some(c) => c,
-        None => dl.dataset.build()?.0.metainfo().classes.clone(),
-    };
+    let pipeline = dl.dataset.pipeline().to_vec();
+    let classes = dl.dataset.build()?.0.metainfo().classes.clone();
     // Annotations do not exist for arbitrary images.
     let pipeline = Pipeline(
         pipeline
@@ -95,7 +85,59 @@ pub fn run(a: Args) -> Result<()> {
     let dev = Device::Cpu;
     let model = build_model(&cfg.model, cfg.seed(), &dev)?;
     load_weights(&model, &a.checkpoint, false)?;
-    let detector = model.inference_detector(&cfg.model)?;
+    if model.is_segmentor() {
+        let seg = model.inference_segmentor()?;
+        let reduce_zero = matches!(
+            dl.dataset,
+            DatasetConfig::Ade20kDataset {
+                reduce_zero_label: true,
+                ..
+            }
+        );
+        for (i, path) in collect_images(&a.inputs)?.iter().enumerate() {
+            let s = pipeline.apply(
+                Sample::new(path.clone(), i as u64),
+                &mut rand::rngs::StdRng::seed_from_u64(0),
+            )?;
+            let batch = to_batch(&model, vec![s], &dev, false)?;
+            let s = &batch.samples[0];
+            let pred = seg
+                .predict(&batch.images, &[s.img_shape], &[s.ori_shape])?
+                .remove(0)
+                .to_dtype(candle_core::DType::U8)?;
+            let (h, w) = pred.dims2()?;
+            let pred = ndarray::Array2::from_shape_vec((h, w), pred.flatten_all()?.to_vec1()?)?;
+            write_seg_prediction(&a.out_dir, path, &pred, reduce_zero, dl.dataset.palette())?;
+            let mut counts = vec![0usize; classes.len().max(1)];
+            for &v in pred.iter() {
+                if let Some(c) = counts.get_mut(v as usize) {
+                    *c += 1;
+                }
+            }
+            let mut top: Vec<(usize, usize)> =
+                counts.into_iter().enumerate().filter(|c| c.1 > 0).collect();
+            top.sort_by(|p, q| q.1.cmp(&p.1));
+            let desc: Vec<String> = top
+                .iter()
+                .take(5)
+                .map(|&(c, n)| {
+                    format!(
+                        "{} {:.1}%",
+                        classes.get(c).map(String::as_str).unwrap_or("?"),
+                        100.0 * n as f64 / (h * w) as f64
+                    )
+                })
+                .collect();
+            println!("{}: {}", path.display(), desc.join(", "));
+        }
+        println!(
+            "label maps: {}, overlays: {}",
+            a.out_dir.join("labels").display(),
+            a.out_dir.join("overlays").display()
+        );
+        return Ok(());
+    }
+    let detector = model.inference_detector()?;
     std::fs::create_dir_all(&a.out_dir)
         .with_context(|| format!("creating {}", a.out_dir.display()))?;
     let mut records = Vec::new();
@@ -104,7 +146,7 @@ pub fn run(a: Args) -> Result<()> {
             Sample::new(path.clone(), i as u64),
             &mut rand::rngs::StdRng::seed_from_u64(0),
         )?;
-        let batch = to_batch(&model, vec![s], &dev)?;
+        let batch = to_batch(&model, vec![s], &dev, false)?;
         let (x, metas, _) = model_inputs(&batch);
         let dets = detector.predict(&x, &metas)?.remove(0);
         let mut img = image::open(path)

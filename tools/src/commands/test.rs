@@ -1,7 +1,8 @@
-//! `densepred test CONFIG --checkpoint CK`: mmdetection's `tools/test.py` (COCO bbox summary and
-//! per-class AP).
+//! `densepred test CONFIG --checkpoint CK`: mmdetection's / mmsegmentation's `tools/test.py`
+//! (detectors: COCO bbox summary and per-class AP; segmentors: per-class IoU / Acc table with
+//! `mIoU`, `mAcc`, `aAcc`).
 
-use crate::visualize::{draw_detections, save_png};
+use crate::visualize::{draw_detections, save_png, write_seg_prediction};
 use anyhow::{Context, Result};
 use candle_core::Device;
 use clap::Parser;
@@ -26,9 +27,17 @@ pub struct Args {
     /// Score threshold of the drawings.
     #[arg(long, default_value_t = 0.3)]
     pub show_score_thr: f32,
-    /// Write the 12 stats as JSON here.
+    /// Write the metrics as JSON here (detectors: the 12 COCO stats; segmentors: mIoU, mAcc,
+    /// aAcc and the per-class IoU / Acc, fractions, NaN as null).
     #[arg(long)]
     pub json_out: Option<PathBuf>,
+    /// Segmentors: write label PNGs (`D/labels`, ADE20K value convention) and colour overlays
+    /// (`D/overlays`) here.
+    #[arg(long)]
+    pub out_dir: Option<PathBuf>,
+    /// Segmentors: multi-scale (0.5–1.75 × the test scale) and flip test, softmax averaged.
+    #[arg(long)]
+    pub aug_test: bool,
     /// Override a config key (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
@@ -56,6 +65,14 @@ pub fn run(a: Args) -> Result<()> {
         tracing::warn!(
             "{}: not an exact match for the model\n{report}",
             a.checkpoint.display()
+        );
+    }
+    if model.is_segmentor() {
+        return run_seg(&a, &model, dl, ev, cfg.seed(), &dev);
+    }
+    if a.out_dir.is_some() || a.aug_test {
+        anyhow::bail!(
+            "--out-dir and --aug-test are for segmentors; detectors use --out and --show-dir"
         );
     }
     let out = run_test(&model, dl, ev, cfg.seed(), &dev, !a.no_progress)?;
@@ -102,6 +119,57 @@ pub fn run(a: Args) -> Result<()> {
             })
             .map_err(anyhow::Error::msg)?;
         }
+    }
+    Ok(())
+}
+
+/// The segmentation test: IoU table, metrics, optional label PNGs and overlays.
+fn run_seg(
+    a: &Args,
+    model: &densepred_engine::runner::BuiltModel,
+    dl: &densepred_datasets::config::DataloaderConfig,
+    ev: &densepred_engine::runner::EvaluatorConfig,
+    seed: u64,
+    dev: &Device,
+) -> Result<()> {
+    use densepred_engine::runner::build_loader;
+    use densepred_engine::tester::{evaluate_seg_loader, mmseg_keys, SegTestOptions};
+    if a.out.is_some() || a.show_dir.is_some() {
+        anyhow::bail!("--out and --show-dir are for detectors; segmentors use --out-dir");
+    }
+    let l = build_loader(dl, seed, false)?;
+    let opts = SegTestOptions {
+        aug_test: a.aug_test,
+        aug_ratios: None,
+        keep_predictions: a.out_dir.is_some(),
+        show_progress: !a.no_progress,
+    };
+    let out = evaluate_seg_loader(model, &l.loader, l.dataset.as_ref(), ev, dev, &opts)?;
+    if let Some(dir) = &a.out_dir {
+        let palette = dl.dataset.palette();
+        for r in &out.images {
+            write_seg_prediction(dir, &r.img_path, &r.pred, r.reduce_zero_label, palette)?;
+        }
+        println!(
+            "predictions: {} label maps in {}, overlays in {}",
+            out.images.len(),
+            dir.join("labels").display(),
+            dir.join("overlays").display()
+        );
+    }
+    match &out.metrics {
+        Some(m) => {
+            println!("per class results:\n{}", m.table(Some(&out.classes)));
+            println!("{}", serde_json::Value::Object(mmseg_keys(m)));
+            if let Some(p) = &a.json_out {
+                let text = serde_json::to_string_pretty(&m.to_json())?;
+                densepred_core::io::write_atomic(p, |t| {
+                    std::fs::write(t, &text).map_err(|e| e.to_string())
+                })
+                .map_err(anyhow::Error::msg)?;
+            }
+        }
+        None => println!("no label maps in the test set: predictions only"),
     }
     Ok(())
 }
