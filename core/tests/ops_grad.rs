@@ -404,3 +404,85 @@ fn resize_nearest_matches_candle_and_backpropagates_for_any_factor() {
         });
     }
 }
+
+/// The fused dense softmax cross-entropy (used by `cross_entropy` for `(N, C, H, W)` logits on the
+/// CPU) equals the composed classes-last formula on the same data — with class weights, ignored
+/// pixels, a spatial size that is not a multiple of the kernel's 256-pixel block, and both `Mean`
+/// and `avg_non_ignore` — in value and in gradient (f64: agreement to rounding, 1e-12).
+#[test]
+fn fused_dense_cross_entropy_matches_composed() {
+    use densepred_core::losses::{cross_entropy, Reduction};
+    let (n, c, h, w) = (2, 7, 13, 29);
+    let x = Var::from_tensor(&(randn(&[n, c, h, w], 11, DType::F64) * 4.0).unwrap()).unwrap();
+    let labels: Vec<i64> = (0..n * h * w)
+        .map(|i| {
+            if i % 11 == 3 {
+                255
+            } else {
+                ((i * 7 + i / 5) % c) as i64
+            }
+        })
+        .collect();
+    let lab = Tensor::from_vec(labels, (n, h, w), &Device::Cpu).unwrap();
+    let cw = Tensor::new(&[1.0f64, 0.5, 2.0, 1.5, 0.25, 1.0, 3.0], &Device::Cpu).unwrap();
+    for (class_weight, avg_non_ignore) in [(None, false), (Some(&cw), false), (Some(&cw), true)] {
+        let fused = cross_entropy(
+            x.as_tensor(),
+            &lab,
+            class_weight,
+            Some(255),
+            None,
+            Reduction::Mean,
+            None,
+            avg_non_ignore,
+        )
+        .unwrap();
+        // Composed path: classes moved last by hand, (M, C) logits.
+        let xm = x
+            .as_tensor()
+            .flatten_from(2)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .flatten_to(1)
+            .unwrap();
+        let composed = cross_entropy(
+            &xm,
+            &lab.flatten_all().unwrap(),
+            class_weight,
+            Some(255),
+            None,
+            Reduction::Mean,
+            None,
+            avg_non_ignore,
+        )
+        .unwrap();
+        let (a, b) = (
+            fused.to_scalar::<f64>().unwrap(),
+            composed.to_scalar::<f64>().unwrap(),
+        );
+        assert!((a - b).abs() < 1e-12, "loss {a} vs {b}");
+        let ga = fused.backward().unwrap().get(&x).unwrap().clone();
+        let gb = composed.backward().unwrap().get(&x).unwrap().clone();
+        assert!(
+            max_abs(&ga, &gb) < 1e-12,
+            "gradient differs by {}",
+            max_abs(&ga, &gb)
+        );
+    }
+    // Out-of-range labels are reported with their position.
+    let bad = Tensor::from_vec(vec![9i64; n * h * w], (n, h, w), &Device::Cpu).unwrap();
+    let e = cross_entropy(
+        x.as_tensor(),
+        &bad,
+        None,
+        Some(255),
+        None,
+        Reduction::Mean,
+        None,
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("label 9 at element 0"), "{e}");
+}

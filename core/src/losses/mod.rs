@@ -2,8 +2,10 @@
 //! `avg_factor` as `mmdet.models.losses.utils.weight_reduce_loss`.
 
 mod focal;
+mod softmax_ce;
 
 pub use focal::{sigmoid_focal_loss, sigmoid_focal_loss_elementwise};
+pub use softmax_ce::softmax_cross_entropy;
 
 use crate::ops::iou::{bbox_overlaps, OverlapMode};
 use candle_core::{DType, Result, Tensor, D};
@@ -132,17 +134,11 @@ pub fn cross_entropy(
     avg_non_ignore: bool,
 ) -> Result<Tensor> {
     let c = pred.dim(1)?;
-    // Move classes last: (M, C).
-    let logits = if pred.rank() == 2 {
-        pred.clone()
-    } else {
-        pred.flatten_from(2)?.transpose(1, 2)?.flatten_to(1)?
-    };
     let labels: Vec<i64> = label.flatten_all()?.to_dtype(DType::I64)?.to_vec1()?;
-    if logits.dim(0)? != labels.len() {
+    if pred.elem_count() / c.max(1) != labels.len() {
         candle_core::bail!(
             "cross_entropy: {} predictions for {} labels",
-            logits.dim(0)?,
+            pred.elem_count() / c.max(1),
             labels.len()
         );
     }
@@ -160,7 +156,35 @@ pub fn cross_entropy(
             safe.push(l as u32);
         }
     }
+    let non_ignored = labels.iter().filter(|&&l| l != ignore).count() as f64;
+    let avg = match (avg_factor, avg_non_ignore, reduction) {
+        (None, true, Reduction::Mean) => Some(non_ignored),
+        (a, _, _) => a,
+    };
     let dev = pred.device();
+    if pred.rank() >= 3 && dev.is_cpu() && matches!(pred.dtype(), DType::F32 | DType::F64) {
+        // Dense predictions: the fused kernel on (N, C, H·W), classes not moved last.
+        let weights: Vec<f64> = match class_weight {
+            None => valid.iter().map(|&v| v as f64).collect(),
+            Some(cw) => {
+                let cw: Vec<f64> = cw.to_dtype(DType::F64)?.to_vec1()?;
+                valid
+                    .iter()
+                    .zip(&safe)
+                    .map(|(&v, &l)| v as f64 * cw[l as usize])
+                    .collect()
+            }
+        };
+        let x = pred.reshape((pred.dim(0)?, c, ()))?;
+        let loss = softmax_ce::softmax_cross_entropy(&x, safe, weights)?.reshape(label.shape())?;
+        return weight_reduce_loss(&loss, weight, reduction, avg);
+    }
+    // Move classes last: (M, C).
+    let logits = if pred.rank() == 2 {
+        pred.clone()
+    } else {
+        pred.flatten_from(2)?.transpose(1, 2)?.flatten_to(1)?
+    };
     let safe = Tensor::new(safe.as_slice(), dev)?;
     let max = logits.max_keepdim(D::Minus1)?.detach();
     let shifted = logits.broadcast_sub(&max)?;
@@ -173,11 +197,6 @@ pub fn cross_entropy(
     }
     loss = (loss * mask)?;
     let loss = loss.reshape(label.shape())?;
-    let non_ignored = labels.iter().filter(|&&l| l != ignore).count() as f64;
-    let avg = match (avg_factor, avg_non_ignore, reduction) {
-        (None, true, Reduction::Mean) => Some(non_ignored),
-        (a, _, _) => a,
-    };
     weight_reduce_loss(&loss, weight, reduction, avg)
 }
 

@@ -1,0 +1,214 @@
+//! Fused softmax cross-entropy over the class axis of `(B, C, S)` logits, without moving classes
+//! last: per element `w · (logsumexp_c x[c] − x[label])`, with the backward
+//! `g · w · (softmax(x) − onehot(label))` recomputed from the logits.
+//!
+//! For semantic segmentation the composed version (transpose to `(B·S, C)`, shift, exp, sum,
+//! log, gather, and the gradients of each) keeps half a dozen logit-sized tensors alive; at
+//! 512x512 with 150 classes and batch 2 each is 315 MB. This op keeps none in the forward and
+//! writes one (the gradient) in the backward.
+
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor,
+};
+use num_traits::Float;
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Pixels per block: the class loop runs over a block of contiguous pixels at a time.
+const BLOCK: usize = 256;
+
+/// Per-element targets shared by the forward and the backward.
+struct Targets {
+    /// Class of each element `(B·S)`; any value where `weight` is 0.
+    labels: Vec<u32>,
+    /// Weight of each element (0 for ignored ones).
+    weights: Vec<f64>,
+    /// Classes.
+    c: usize,
+    /// Elements per image.
+    s: usize,
+}
+
+struct SoftmaxCe(Arc<Targets>);
+struct SoftmaxCeGrad(Arc<Targets>);
+
+/// Per element `e = b·S + s`: `max_c x` and `sum_c exp(x − max)`, in blocks of contiguous
+/// pixels (the class loop outside, the pixel loop inside, so that both read contiguous rows).
+fn stats<T: Float + Send + Sync>(x: &[T], t: &Targets) -> (Vec<T>, Vec<T>) {
+    let (c, s) = (t.c, t.s);
+    let n = x.len() / c.max(1);
+    let mut m = vec![T::neg_infinity(); n];
+    let mut sum = vec![T::zero(); n];
+    m.par_chunks_mut(s.max(1))
+        .zip(sum.par_chunks_mut(s.max(1)))
+        .enumerate()
+        .for_each(|(bi, (mi, si))| {
+            let xi = &x[bi * c * s..(bi + 1) * c * s];
+            mi.par_chunks_mut(BLOCK)
+                .zip(si.par_chunks_mut(BLOCK))
+                .enumerate()
+                .for_each(|(k, (mb, sb))| {
+                    let s0 = k * BLOCK;
+                    let len = mb.len();
+                    for cc in 0..c {
+                        for (v, &xv) in mb.iter_mut().zip(&xi[cc * s + s0..cc * s + s0 + len]) {
+                            if xv > *v {
+                                *v = xv;
+                            }
+                        }
+                    }
+                    for cc in 0..c {
+                        let row = &xi[cc * s + s0..cc * s + s0 + len];
+                        for ((v, &xv), &mv) in sb.iter_mut().zip(row).zip(mb.iter()) {
+                            *v = *v + (xv - mv).exp();
+                        }
+                    }
+                });
+        });
+    (m, sum)
+}
+
+fn fwd_kernel<T: Float + Send + Sync>(x: &[T], t: &Targets) -> Vec<T> {
+    let (c, s) = (t.c, t.s);
+    let (m, sum) = stats(x, t);
+    (0..m.len())
+        .into_par_iter()
+        .map(|e| {
+            let w = t.weights[e];
+            if w == 0.0 {
+                return T::zero();
+            }
+            let (bi, j) = (e / s, e % s);
+            let picked = x[(bi * c + t.labels[e] as usize) * s + j];
+            T::from(w).expect("f64 weight") * (sum[e].ln() + m[e] - picked)
+        })
+        .collect()
+}
+
+fn grad_kernel<T: Float + Send + Sync>(x: &[T], g: &[T], t: &Targets) -> Vec<T> {
+    let (c, s) = (t.c, t.s);
+    let (m, sum) = stats(x, t);
+    // grad = coef · exp(x − max) − g · w · [class == label], coef = g · w / sum.
+    let coef: Vec<T> = (0..m.len())
+        .into_par_iter()
+        .map(|e| g[e] * T::from(t.weights[e]).expect("f64 weight") / sum[e])
+        .collect();
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(s.max(1))
+        .zip(x.par_chunks(s.max(1)))
+        .enumerate()
+        .for_each(|(row, (o, xr))| {
+            let (bi, cc) = (row / c, row % c);
+            let base = bi * s;
+            for j in 0..o.len() {
+                let e = base + j;
+                let mut v = coef[e] * (xr[j] - m[e]).exp();
+                if t.weights[e] != 0.0 && t.labels[e] as usize == cc {
+                    v = v - g[e] * T::from(t.weights[e]).expect("f64 weight");
+                }
+                o[j] = v;
+            }
+        });
+    out
+}
+
+impl CustomOp1 for SoftmaxCe {
+    fn name(&self) -> &'static str {
+        "softmax-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let t = &self.0;
+        let b = l.shape().dims()[0];
+        let what = "softmax_cross_entropy: logits";
+        let out = match st {
+            CpuStorage::F32(v) => {
+                CpuStorage::F32(fwd_kernel(crate::ops::contiguous(v, l, what)?, t))
+            }
+            CpuStorage::F64(v) => {
+                CpuStorage::F64(fwd_kernel(crate::ops::contiguous(v, l, what)?, t))
+            }
+            o => candle_core::bail!(
+                "softmax_cross_entropy: expected f32 or f64, got {:?}",
+                o.dtype()
+            ),
+        };
+        Ok((out, Shape::from((b, t.s))))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let g = g.detach().contiguous()?;
+        Ok(Some(
+            x.detach()
+                .apply_op2_no_bwd(&g, &SoftmaxCeGrad(self.0.clone()))?,
+        ))
+    }
+}
+
+impl CustomOp2 for SoftmaxCeGrad {
+    fn name(&self) -> &'static str {
+        "softmax-cross-entropy-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let what = "softmax_cross_entropy backward";
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(grad_kernel(
+                crate::ops::contiguous(x, l1, what)?,
+                crate::ops::contiguous(g, l2, what)?,
+                &self.0,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(grad_kernel(
+                crate::ops::contiguous(x, l1, what)?,
+                crate::ops::contiguous(g, l2, what)?,
+                &self.0,
+            )),
+            _ => candle_core::bail!("softmax_cross_entropy backward: expected f32 or f64"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Per-element softmax cross-entropy `(B, S)` of logits `(B, C, S)` (classes on axis 1, elements
+/// contiguous on the last axis): `weights[e] · (logsumexp_c x[b, c, s] − x[b, labels[e], s])`
+/// for element `e = b·S + s`. Elements with weight 0 give 0 (their label is not read).
+/// Differentiable in the logits; CPU f32 / f64 only.
+///
+/// Errors: `labels` / `weights` not of length `B·S`; a label `≥ C` with a non-zero weight; a
+/// non-CPU device or another dtype.
+pub fn softmax_cross_entropy(
+    logits: &Tensor,
+    labels: Vec<u32>,
+    weights: Vec<f64>,
+) -> Result<Tensor> {
+    let (b, c, s) = logits.dims3()?;
+    if labels.len() != b * s || weights.len() != b * s {
+        candle_core::bail!(
+            "softmax_cross_entropy: {} labels and {} weights for {b}x{s} elements",
+            labels.len(),
+            weights.len()
+        );
+    }
+    if let Some(i) = (0..labels.len()).find(|&i| weights[i] != 0.0 && labels[i] as usize >= c) {
+        candle_core::bail!(
+            "softmax_cross_entropy: label {} at element {i} outside [0, {c})",
+            labels[i]
+        );
+    }
+    if !logits.device().is_cpu() || !matches!(logits.dtype(), DType::F32 | DType::F64) {
+        candle_core::bail!("softmax_cross_entropy: CPU f32 / f64 only");
+    }
+    let t = Arc::new(Targets {
+        labels,
+        weights,
+        c,
+        s,
+    });
+    logits.contiguous()?.apply_op1(SoftmaxCe(t))
+}
