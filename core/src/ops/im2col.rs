@@ -271,21 +271,58 @@ pub fn unfold(x: &Tensor, p: UnfoldParams) -> Result<Tensor> {
 /// 640² and batch 2 that is ~1.6 GB less memory in training.
 struct ConvGemm {
     p: UnfoldParams,
+    /// Column budget per block (elements); [`MAX_COLS`] outside tests.
+    max_cols: usize,
 }
 
+/// Most elements of one unfolded column block (128 MiB of f32): larger convolutions are split
+/// over input channels.
+const MAX_COLS: usize = 32 << 20;
+
 impl ConvGemm {
-    /// `W (C_out, C_in·K·K) @ cols` reshaped to `(B, C_out, OH, OW)`; all operands detached.
+    /// Input-channel chunks `(start, len)` whose columns for one image stay within [`MAX_COLS`].
+    fn channel_chunks(&self, c: usize, l: usize) -> Vec<(usize, usize)> {
+        let (kh, kw) = self.p.kernel;
+        let per_channel = (kh * kw * l).max(1);
+        let n = (self.max_cols / per_channel).clamp(1, c.max(1));
+        (0..c).step_by(n).map(|c0| (c0, n.min(c - c0))).collect()
+    }
+
+    /// `Σ_chunks W[:, chunk] (C_out, |chunk|·K·K) @ cols_i[chunk]` for each image `i`, stacked to
+    /// `(B, C_out, OH·OW)`; all operands detached. One image and a bounded block of input channels
+    /// at a time: unfolded whole, a 3x3 conv over 2048 channels at 128x128 (UperNet's
+    /// `fpn_bottleneck` at 512²) needs 1.2 GB of columns per image. Each image's GEMM result is
+    /// already in NCHW order.
     fn compute(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        let (b, _, _, _) = x.dims4()?;
-        let (oc, ic, kh, kw) = w.dims4()?;
-        let cols = x.apply_op1_no_bwd(&Unfold { p: self.p })?;
-        let l = cols.dim(1)? / b;
-        let y = w.reshape((oc, ic * kh * kw))?.matmul(&cols)?; // (C_out, B·OH·OW)
-        if b == 1 {
-            y.reshape((1, oc, l))
-        } else {
-            y.reshape((oc, b, l))?.transpose(0, 1)?.contiguous()
-        }
+        let (b, c, h, wd) = x.dims4()?;
+        let (oc, _, kh, kw) = w.dims4()?;
+        let g = Geom::new(1, c, h, wd, self.p)?;
+        let chunks = self.channel_chunks(c, g.oh * g.ow);
+        let ws = chunks
+            .iter()
+            .map(|&(c0, n)| w.narrow(1, c0, n)?.contiguous()?.reshape((oc, n * kh * kw)))
+            .collect::<Result<Vec<_>>>()?;
+        let ys = (0..b)
+            .map(|i| {
+                let xi = x.narrow(0, i, 1)?;
+                let mut y: Option<Tensor> = None;
+                for (&(c0, n), wc) in chunks.iter().zip(&ws) {
+                    let xc = if chunks.len() == 1 {
+                        xi.clone()
+                    } else {
+                        xi.narrow(1, c0, n)?.contiguous()?
+                    };
+                    let cols = xc.apply_op1_no_bwd(&Unfold { p: self.p })?;
+                    let part = wc.matmul(&cols)?; // (C_out, OH·OW)
+                    y = Some(match y {
+                        None => part,
+                        Some(acc) => (acc + part)?,
+                    });
+                }
+                Ok(y.expect("at least one channel chunk"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::stack(&ys, 0)
     }
 }
 
@@ -345,24 +382,64 @@ impl candle_core::CustomOp2 for ConvGemm {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (b, c, h, wd) = x.dims4()?;
-        let (oc, ic, kh, kw) = w.dims4()?;
-        let g = Geom::new(b, c, h, wd, self.p)?;
-        let l = g.oh * g.ow;
-        // dY as (C_out, B·OH·OW), the column order of the unfolded input.
-        let gy = if b == 1 {
-            grad.reshape((oc, l))?
-        } else {
-            grad.reshape((b, oc, l))?
-                .transpose(0, 1)?
-                .contiguous()?
-                .reshape((oc, b * l))?
+        let (oc, _, kh, kw) = w.dims4()?;
+        let l = {
+            let g = Geom::new(1, c, h, wd, self.p)?;
+            g.oh * g.ow
         };
-        let w2 = w.detach().reshape((oc, ic * kh * kw))?;
-        let cols = x.detach().apply_op1_no_bwd(&Unfold { p: self.p })?;
-        let gw = gy.matmul(&cols.t()?)?.reshape((oc, ic, kh, kw))?;
-        drop(cols);
-        let gcols = w2.t()?.matmul(&gy)?;
-        let gx = gcols.apply_op1_no_bwd(&Fold { g })?;
+        let chunks = self.channel_chunks(c, l);
+        let x = x.detach();
+        let w = w.detach();
+        let grad = grad.detach();
+        // Per image and channel chunk (see `compute`): dW[:, chunk] = Σ_i dY_i @ cols_i[chunk]ᵀ,
+        // dX_i[chunk] = fold(W[:, chunk]ᵀ @ dY_i).
+        let mut gws: Vec<Option<Tensor>> = vec![None; chunks.len()];
+        let mut gxs = Vec::with_capacity(b);
+        for i in 0..b {
+            let gy = grad.narrow(0, i, 1)?.reshape((oc, l))?;
+            let xi = x.narrow(0, i, 1)?;
+            let mut parts = Vec::with_capacity(chunks.len());
+            for (k, &(c0, n)) in chunks.iter().enumerate() {
+                let xc = if chunks.len() == 1 {
+                    xi.clone()
+                } else {
+                    xi.narrow(1, c0, n)?.contiguous()?
+                };
+                let cols = xc.apply_op1_no_bwd(&Unfold { p: self.p })?;
+                let gwi = gy.matmul(&cols.t()?)?;
+                drop(cols);
+                gws[k] = Some(match gws[k].take() {
+                    None => gwi,
+                    Some(a) => (a + gwi)?,
+                });
+                let wc = w
+                    .narrow(1, c0, n)?
+                    .contiguous()?
+                    .reshape((oc, n * kh * kw))?;
+                let gcols = wc.t()?.matmul(&gy)?;
+                let g = Geom::new(1, n, h, wd, self.p)?;
+                parts.push(gcols.apply_op1_no_bwd(&Fold { g })?);
+            }
+            gxs.push(if parts.len() == 1 {
+                parts.remove(0)
+            } else {
+                Tensor::cat(&parts, 1)?
+            });
+        }
+        let gws = gws
+            .into_iter()
+            .zip(&chunks)
+            .map(|(g, &(_, n))| {
+                g.expect("a batch of at least one image")
+                    .reshape((oc, n, kh, kw))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let gw = if gws.len() == 1 {
+            gws[0].clone()
+        } else {
+            Tensor::cat(&gws, 1)?
+        };
+        let gx = Tensor::cat(&gxs, 0)?;
         Ok((Some(gx), Some(gw)))
     }
 }
@@ -395,7 +472,13 @@ pub fn conv2d_gemm(
         padding,
         dilation,
     };
-    x.contiguous()?.apply_op2(&w.contiguous()?, ConvGemm { p })
+    x.contiguous()?.apply_op2(
+        &w.contiguous()?,
+        ConvGemm {
+            p,
+            max_cols: MAX_COLS,
+        },
+    )
 }
 
 #[cfg(test)]
@@ -481,6 +564,51 @@ mod tests {
     }
 
     /// fold is the adjoint of unfold: <unfold(x), y> == <x, fold(y)>.
+    /// Splitting the input channels into blocks (what large convolutions do) changes nothing:
+    /// values and both gradients equal the single-block computation (f64, 1e-12).
+    #[test]
+    fn channel_blocks_match_single_block() {
+        let p = UnfoldParams {
+            kernel: (3, 3),
+            stride: 1,
+            padding: 1,
+            dilation: 1,
+        };
+        let x = Var::from_tensor(&randn(&[2, 7, 6, 5], 3)).unwrap();
+        let w = Var::from_tensor(&randn(&[4, 7, 3, 3], 4)).unwrap();
+        let run = |max_cols: usize| {
+            let y = x
+                .as_tensor()
+                .apply_op2(w.as_tensor(), ConvGemm { p, max_cols })
+                .unwrap();
+            let loss = (&y * &y).unwrap().sum_all().unwrap();
+            let g = loss.backward().unwrap();
+            (
+                y,
+                g.get(x.as_tensor()).unwrap().clone(),
+                g.get(w.as_tensor()).unwrap().clone(),
+            )
+        };
+        let whole = run(MAX_COLS);
+        // 3 channels' columns (3·9·30) per block: blocks of 3, 3 and 1 channels.
+        let split = run(3 * 9 * 30);
+        for (a, b) in [
+            (&whole.0, &split.0),
+            (&whole.1, &split.1),
+            (&whole.2, &split.2),
+        ] {
+            let d = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(d < 1e-12, "max diff {d}");
+        }
+    }
+
     #[test]
     fn fold_is_adjoint_of_unfold() {
         let p = UnfoldParams {
