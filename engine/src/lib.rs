@@ -1,8 +1,10 @@
 //! densepred-engine: the whole-file configuration (`_base_` inheritance, `--set` overrides), the
 //! trainer (optimizers, LR schedules, checkpoints, logging) and the tester.
 
+pub mod backbone;
 pub mod config;
 pub mod curves;
+pub mod inference;
 pub mod optim;
 pub mod runner;
 pub mod schedule;

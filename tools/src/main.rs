@@ -1,6 +1,5 @@
 //! `densepred`: the command-line entry point (see `densepred --help`).
 
-mod backbone_config;
 mod commands;
 mod visualize;
 

@@ -1,6 +1,6 @@
 //! `densepred analyze`: model inspection.
 
-use crate::backbone_config;
+use densepred_engine::backbone as backbone_config;
 use anyhow::Result;
 use candle_core::Device;
 use densepred_core::params::is_buffer;
@@ -39,7 +39,7 @@ pub fn run(a: Analyze) -> Result<()> {
                 println!("{:<14} {:>12}", "total", per.values().sum::<usize>());
                 return Ok(());
             }
-            let loaded = backbone_config::build(&config, None, &Device::Cpu)?;
+            let loaded = backbone_config::build_backbone(&config, None, &Device::Cpu)?;
             let mut per_module: BTreeMap<String, usize> = BTreeMap::new();
             for (name, var) in loaded.vars.named_vars() {
                 if is_buffer(&name) {

@@ -1,6 +1,6 @@
 //! `densepred benchmark`: median time per iteration and peak memory.
 
-use crate::backbone_config;
+use densepred_engine::backbone as backbone_config;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use densepred_backbones::Backbone;
@@ -440,7 +440,7 @@ pub fn run(b: Benchmark) -> Result<()> {
 fn backbone(a: BackboneArgs) -> Result<()> {
     let (h, w) = parse_shape(&a.shape)?;
     let device = Device::Cpu;
-    let loaded = backbone_config::build(&a.config, None, &device)?;
+    let loaded = backbone_config::build_backbone(&a.config, None, &device)?;
     let params = loaded.vars.num_parameters();
     let x = Tensor::randn(0f32, 1.0, (a.batch, 3, h, w), &device)?;
     let step = || -> Result<()> {

@@ -1,6 +1,6 @@
 //! `densepred features`: backbone feature extraction in eval mode.
 
-use crate::backbone_config;
+use densepred_engine::backbone as backbone_config;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use densepred_backbones::Backbone;
@@ -47,7 +47,7 @@ fn image_tensor(path: &std::path::Path) -> Result<Tensor> {
 
 pub fn run(a: Args) -> Result<()> {
     let device = Device::Cpu;
-    let loaded = backbone_config::build(&a.backbone, a.weights.as_deref(), &device)?;
+    let loaded = backbone_config::build_backbone(&a.backbone, a.weights.as_deref(), &device)?;
     if let Some(r) = &loaded.report {
         eprintln!("weights: {}", r.to_string().trim_end());
     }

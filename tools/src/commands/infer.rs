@@ -6,11 +6,8 @@ use crate::visualize::{draw_detections, save_png, write_seg_prediction};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Parser;
-use densepred_datasets::config::DatasetConfig;
-use densepred_datasets::transforms::{Pipeline, TransformConfig};
-use densepred_datasets::Sample;
-use densepred_engine::runner::{build_model, load_weights, model_inputs, to_batch, RunConfig};
-use rand::SeedableRng;
+use densepred_engine::inference::{ImageInput, Inferencer};
+use densepred_engine::runner::RunConfig;
 use std::path::{Path, PathBuf};
 
 /// Detect objects in, or segment, images.
@@ -66,48 +63,24 @@ fn collect_images(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
 
 pub fn run(a: Args) -> Result<()> {
     let (cfg, _) = RunConfig::load(&a.config, &a.overrides)?;
-    let dl = cfg
-        .test_dataloader
-        .as_ref()
-        .or(cfg.val_dataloader.as_ref())
-        .context(
-            "config has neither test_dataloader nor val_dataloader (its pipeline is needed)",
-        )?;
-    let pipeline = dl.dataset.pipeline().to_vec();
-    let classes = dl.dataset.build()?.0.metainfo().classes.clone();
-    // Annotations do not exist for arbitrary images.
-    let pipeline = Pipeline(
-        pipeline
-            .into_iter()
-            .filter(|t| !matches!(t, TransformConfig::LoadAnnotations { .. }))
-            .collect(),
-    );
     let dev = Device::Cpu;
-    let model = build_model(&cfg.model, cfg.seed(), &dev)?;
-    load_weights(&model, &a.checkpoint, false)?;
-    if model.is_segmentor() {
-        let seg = model.inference_segmentor()?;
-        let reduce_zero = matches!(
-            dl.dataset,
-            DatasetConfig::Ade20kDataset {
-                reduce_zero_label: true,
-                ..
-            }
-        );
-        for (i, path) in collect_images(&a.inputs)?.iter().enumerate() {
-            let s = pipeline.apply(
-                Sample::new(path.clone(), i as u64),
-                &mut rand::rngs::StdRng::seed_from_u64(0),
-            )?;
-            let batch = to_batch(&model, vec![s], &dev, false)?;
-            let s = &batch.samples[0];
-            let pred = seg
-                .predict(&batch.images, &[s.img_shape], &[s.ori_shape])?
+    let inf = Inferencer::new(&cfg, Some(&a.checkpoint), &dev)?;
+    let classes = inf.classes().to_vec();
+    let images = collect_images(&a.inputs)?;
+    if inf.is_segmentor() {
+        for path in &images {
+            let pred = inf
+                .segment(&[ImageInput::Path(path.clone())])?
                 .remove(0)
-                .to_dtype(candle_core::DType::U8)?;
-            let (h, w) = pred.dims2()?;
-            let pred = ndarray::Array2::from_shape_vec((h, w), pred.flatten_all()?.to_vec1()?)?;
-            write_seg_prediction(&a.out_dir, path, &pred, reduce_zero, dl.dataset.palette())?;
+                .mapv(|v| v.min(255) as u8);
+            let (h, w) = pred.dim();
+            write_seg_prediction(
+                &a.out_dir,
+                path,
+                &pred,
+                inf.reduce_zero_label(),
+                inf.palette(),
+            )?;
             let mut counts = vec![0usize; classes.len().max(1)];
             for &v in pred.iter() {
                 if let Some(c) = counts.get_mut(v as usize) {
@@ -137,18 +110,11 @@ pub fn run(a: Args) -> Result<()> {
         );
         return Ok(());
     }
-    let detector = model.inference_detector()?;
     std::fs::create_dir_all(&a.out_dir)
         .with_context(|| format!("creating {}", a.out_dir.display()))?;
     let mut records = Vec::new();
-    for (i, path) in collect_images(&a.inputs)?.iter().enumerate() {
-        let s = pipeline.apply(
-            Sample::new(path.clone(), i as u64),
-            &mut rand::rngs::StdRng::seed_from_u64(0),
-        )?;
-        let batch = to_batch(&model, vec![s], &dev, false)?;
-        let (x, metas, _) = model_inputs(&batch);
-        let dets = detector.predict(&x, &metas)?.remove(0);
+    for (i, path) in images.iter().enumerate() {
+        let dets = inf.detect(&[ImageInput::Path(path.clone())])?.remove(0);
         let mut img = image::open(path)
             .with_context(|| format!("reading {}", path.display()))?
             .to_rgb8();
