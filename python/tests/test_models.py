@@ -187,3 +187,16 @@ def test_bad_input_raises(detector, segmentor, tmp_path):
         densepred.train(tmp_path / "nope.toml")
     with pytest.raises(TypeError, match="overrides"):
         densepred.train(RETINA_TINY, overrides=5)
+
+
+def test_predict_releases_the_gil(segmentor):
+    # While one thread runs inference, this thread keeps executing Python: a call that held the
+    # GIL would leave the counter at (nearly) zero until it returned.
+    img = np.asarray(Image.open(ADE_IMG).convert("RGB"))
+    worker = threading.Thread(target=lambda: segmentor.predict_batch([img] * 4))
+    count = 0
+    worker.start()
+    while worker.is_alive():
+        count += 1
+    worker.join()
+    assert count > 10_000, count
