@@ -256,7 +256,7 @@ impl Stem {
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<(Tensor, usize, usize)> {
-        let x = self.bn.forward(&self.conv0.forward(x)?, train)?.relu()?;
+        let x = self.bn.forward_relu(&self.conv0.forward(x)?, train)?;
         let x = self.conv3.forward(&x)?;
         let (tokens, h, w) = to_tokens(&x)?;
         Ok((self.norm.forward(&tokens)?, h, w))

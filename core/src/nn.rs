@@ -291,8 +291,24 @@ impl BatchNorm2d {
     ///
     /// Errors: a batch with a single value per channel in training (variance undefined).
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_act(x, train, false)
+    }
+
+    /// `relu(self.forward(x, train))` (conv → BN → ReLU of mmcv's `ConvModule`); in training on
+    /// the CPU one fused op ([`crate::ops::batch_norm_relu_train`]) that keeps one tensor fewer
+    /// for the backward.
+    ///
+    /// Errors: as [`BatchNorm2d::forward`].
+    pub fn forward_relu(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_act(x, train, true)
+    }
+
+    fn forward_act(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         let c = x.dim(1)?;
         if !train {
+            if relu {
+                return self.forward_act(x, false, false)?.relu();
+            }
             let scale = (&self.weight / (&self.running_var + self.eps)?.sqrt()?)?;
             let shift = (&self.bias - (&self.running_mean * &scale)?)?;
             return add_bias_channels(&mul_scale_channels(x, &scale)?, &shift);
@@ -306,8 +322,11 @@ impl BatchNorm2d {
         }
         let fused = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
         if fused {
-            let (y, mean, var) =
-                crate::ops::batch_norm_train(x, &self.weight, &self.bias, self.eps)?;
+            let (y, mean, var) = if relu {
+                crate::ops::batch_norm_relu_train(x, &self.weight, &self.bias, self.eps)?
+            } else {
+                crate::ops::batch_norm_train(x, &self.weight, &self.bias, self.eps)?
+            };
             if self.running_mean.is_variable() {
                 let m = self.momentum;
                 let dev = x.device();
@@ -339,6 +358,9 @@ impl BatchNorm2d {
             let rv = ((&self.running_var * (1.0 - m))? + (var_unbiased * m)?)?;
             Var::from_tensor(&self.running_mean)?.set(&rm)?;
             Var::from_tensor(&self.running_var)?.set(&rv)?;
+        }
+        if relu {
+            return y.relu();
         }
         Ok(y)
     }

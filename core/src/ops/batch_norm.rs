@@ -60,10 +60,12 @@ fn dims(shape: &Shape) -> Result<(usize, usize, usize)> {
     Ok((d[0], d[1], d[2..].iter().product()))
 }
 
-/// Forward with precomputed statistics: `(x, γ, β) → y`.
+/// Forward with precomputed statistics: `(x, γ, β) → y` (then `max(y, 0)` when `relu`).
 struct BnTrain {
     /// `(mean, 1 / sqrt(var + eps))` per channel.
     ms: Vec<(f64, f64)>,
+    /// Apply ReLU to the output (the backward masks the gradient where the output is 0).
+    relu: bool,
 }
 
 fn fwd_kernel<T: num_traits::Float + Send + Sync>(
@@ -71,6 +73,7 @@ fn fwd_kernel<T: num_traits::Float + Send + Sync>(
     w: &[T],
     bias: &[T],
     ms: &[(f64, f64)],
+    relu: bool,
     c: usize,
     hw: usize,
 ) -> Vec<T> {
@@ -84,9 +87,14 @@ fn fwd_kernel<T: num_traits::Float + Send + Sync>(
             T::from(a).unwrap_or(T::zero()),
             T::from(sh).unwrap_or(T::zero()),
         );
-        o.iter_mut()
-            .zip(&x[i * hw..][..hw])
-            .for_each(|(o, &v)| *o = v * a + sh);
+        let xs = &x[i * hw..][..hw];
+        if relu {
+            o.iter_mut()
+                .zip(xs)
+                .for_each(|(o, &v)| *o = (v * a + sh).max(T::zero()));
+        } else {
+            o.iter_mut().zip(xs).for_each(|(o, &v)| *o = v * a + sh);
+        }
     });
     out
 }
@@ -114,6 +122,7 @@ impl CustomOp3 for BnTrain {
                     super::contiguous(w, l2, what)?,
                     super::contiguous(b, l3, what)?,
                     &self.ms,
+                    self.relu,
                     c,
                     hw,
                 ))
@@ -124,6 +133,7 @@ impl CustomOp3 for BnTrain {
                     super::contiguous(w, l2, what)?,
                     super::contiguous(b, l3, what)?,
                     &self.ms,
+                    self.relu,
                     c,
                     hw,
                 ))
@@ -141,17 +151,26 @@ impl CustomOp3 for BnTrain {
         x: &Tensor,
         w: &Tensor,
         _b: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (bsz, c, hw) = dims(x.shape())?;
         let n = bsz * c * hw;
         let wv: Vec<f64> = w.to_dtype(candle_core::DType::F64)?.to_vec1()?;
-        let packed = x.contiguous()?.apply_op2_no_bwd(
-            &grad.contiguous()?,
+        let grad = grad.contiguous()?;
+        // Without ReLU the third input is unused: pass the gradient again (no copy).
+        let mask = if self.relu {
+            res.detach().contiguous()?
+        } else {
+            grad.clone()
+        };
+        let packed = x.detach().contiguous()?.apply_op3_no_bwd(
+            &grad,
+            &mask,
             &BnTrainBwd {
                 ms: self.ms.clone(),
                 w: wv,
+                relu: self.relu,
             },
         )?;
         let gx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
@@ -161,15 +180,19 @@ impl CustomOp3 for BnTrain {
     }
 }
 
-/// `(x, dy) → [dx (flat), dγ (C), dβ (C)]`.
+/// `(x, dy, y) → [dx (flat), dγ (C), dβ (C)]`; with `relu`, `dy` counts only where the output
+/// `y` is positive (the ReLU's derivative; `y` is unused otherwise).
 struct BnTrainBwd {
     ms: Vec<(f64, f64)>,
     w: Vec<f64>,
+    relu: bool,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn bwd_kernel<T: num_traits::Float + Send + Sync>(
     x: &[T],
     dy: &[T],
+    y: Option<&[T]>,
     ms: &[(f64, f64)],
     w: &[f64],
     b: usize,
@@ -185,11 +208,16 @@ fn bwd_kernel<T: num_traits::Float + Send + Sync>(
             let p = ptr;
             let (m, r) = ms[ch];
             let cnt = (b * hw) as f64;
+            // The incoming gradient at element j, after the ReLU's mask when fused.
+            let gat = |j: usize| match y {
+                Some(y) if y[j] <= T::zero() => 0.0,
+                _ => dy[j].to_f64().unwrap_or(0.0),
+            };
             let (mut sdy, mut sdyx) = (0f64, 0f64);
             for bi in 0..b {
                 let off = (bi * c + ch) * hw;
-                for (&xv, &g) in x[off..off + hw].iter().zip(&dy[off..off + hw]) {
-                    let g = g.to_f64().unwrap_or(0.0);
+                for (j, &xv) in (off..off + hw).zip(&x[off..off + hw]) {
+                    let g = gat(j);
                     sdy += g;
                     sdyx += g * (xv.to_f64().unwrap_or(0.0) - m) * r;
                 }
@@ -200,7 +228,7 @@ fn bwd_kernel<T: num_traits::Float + Send + Sync>(
                 let off = (bi * c + ch) * hw;
                 for j in off..off + hw {
                     let xh = (x[j].to_f64().unwrap_or(0.0) - m) * r;
-                    let g = dy[j].to_f64().unwrap_or(0.0);
+                    let g = gat(j);
                     let v = k * (g - mdy - xh * mdyx);
                     // SAFETY: channel `ch` owns the indices (bi*c+ch)*hw.. of every image; no two
                     // tasks write the same element and `out` outlives the parallel loop.
@@ -217,7 +245,7 @@ fn bwd_kernel<T: num_traits::Float + Send + Sync>(
     out
 }
 
-impl candle_core::CustomOp2 for BnTrainBwd {
+impl CustomOp3 for BnTrainBwd {
     fn name(&self) -> &'static str {
         "batch-norm-train-bwd"
     }
@@ -228,22 +256,26 @@ impl candle_core::CustomOp2 for BnTrainBwd {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (b, c, hw) = dims(l1.shape())?;
         let what = "batch_norm backward";
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(bwd_kernel(
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(y)) => CpuStorage::F32(bwd_kernel(
                 super::contiguous(x, l1, what)?,
                 super::contiguous(g, l2, what)?,
+                if self.relu { Some(super::contiguous(y, l3, what)?) } else { None },
                 &self.ms,
                 &self.w,
                 b,
                 c,
                 hw,
             )),
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(bwd_kernel(
+            (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(y)) => CpuStorage::F64(bwd_kernel(
                 super::contiguous(x, l1, what)?,
                 super::contiguous(g, l2, what)?,
+                if self.relu { Some(super::contiguous(y, l3, what)?) } else { None },
                 &self.ms,
                 &self.w,
                 b,
@@ -290,6 +322,31 @@ pub fn batch_norm_train(
     bias: &Tensor,
     eps: f64,
 ) -> Result<(Tensor, Vec<f64>, Vec<f64>)> {
+    bn_train(x, weight, bias, eps, false)
+}
+
+/// [`batch_norm_train`] followed by ReLU as one op (mmcv's `ConvModule` norm + activation):
+/// `max(BN(x), 0)`. Keeps only `x` and the output for the backward, where the composition keeps
+/// the normalised map too (PyTorch's in-place ReLU saves the same tensor). The gradient is the
+/// composition's: zero where the output is 0.
+///
+/// Errors: as [`batch_norm_train`].
+pub fn batch_norm_relu_train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Vec<f64>, Vec<f64>)> {
+    bn_train(x, weight, bias, eps, true)
+}
+
+fn bn_train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<(Tensor, Vec<f64>, Vec<f64>)> {
     let (b, c, hw) = dims(x.shape())?;
     if weight.elem_count() != c || bias.elem_count() != c {
         candle_core::bail!(
@@ -312,7 +369,7 @@ pub fn batch_norm_train(
         .zip(&var)
         .map(|(&m, &v)| (m, 1.0 / (v + eps).sqrt()))
         .collect();
-    let y = x.apply_op3(&weight.contiguous()?, &bias.contiguous()?, BnTrain { ms })?;
+    let y = x.apply_op3(&weight.contiguous()?, &bias.contiguous()?, BnTrain { ms, relu })?;
     Ok((y, mean, var))
 }
 
@@ -389,6 +446,40 @@ mod tests {
                 "{:?}",
                 t.dims()
             );
+        }
+    }
+
+    /// The fused BN + ReLU equals `relu(batch_norm_train(..))` in value and in every gradient
+    /// (f64, 1e-12: the same arithmetic, masked), with about half the outputs clamped to 0.
+    #[test]
+    fn relu_variant_matches_batch_norm_then_relu() {
+        let x = Var::from_tensor(&randn(&[2, 3, 4, 5], 11)).unwrap();
+        let w = Var::from_tensor(&randn(&[3], 12)).unwrap();
+        let b = Var::from_tensor(&(randn(&[3], 13) * 0.1).unwrap()).unwrap();
+        let (y, mean, var) = batch_norm_relu_train(&x, &w, &b, 1e-5).unwrap();
+        let (r, mean_r, var_r) = batch_norm_train(&x, &w, &b, 1e-5).unwrap();
+        let r = r.relu().unwrap();
+        assert_eq!((mean, var), (mean_r, var_r));
+        let yv: Vec<f64> = y.flatten_all().unwrap().to_vec1().unwrap();
+        let rv: Vec<f64> = r.flatten_all().unwrap().to_vec1().unwrap();
+        let zeros = yv.iter().filter(|v| **v == 0.0).count();
+        assert!(zeros > yv.len() / 4 && zeros < yv.len() * 3 / 4, "{zeros}");
+        for (a, q) in yv.iter().zip(&rv) {
+            assert!((a - q).abs() < 1e-12);
+        }
+        let proj = randn(y.dims(), 14);
+        let go = (&y * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+        let gr = (&r * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+        for t in [&x, &w, &b] {
+            let d = (go.get(t).unwrap() - gr.get(t).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(d < 1e-12, "{:?}: {d}", t.dims());
         }
     }
 

@@ -185,7 +185,7 @@ impl SegConvModule {
 
     /// `(B, cin, H, W)` → `(B, cout, H, W)`; `train` uses batch statistics.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.bn.forward(&self.conv.forward(x)?, train)?.relu()
+        self.bn.forward_relu(&self.conv.forward(x)?, train)
     }
 }
 
