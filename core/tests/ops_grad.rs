@@ -486,3 +486,60 @@ fn fused_dense_cross_entropy_matches_composed() {
     .to_string();
     assert!(e.contains("label 9 at element 0"), "{e}");
 }
+
+/// `cross_entropy_resized` (the resize to the label size fused into the loss, resized logits not
+/// kept) equals `resize_bilinear` followed by `cross_entropy` — up- and down-sampling, both
+/// `align_corners`, class weights, ignored pixels, `avg_non_ignore` — in value and in gradient
+/// (f64: the same arithmetic in another order, 1e-12).
+#[test]
+fn resized_cross_entropy_matches_resize_then_cross_entropy() {
+    use densepred_core::losses::{cross_entropy, cross_entropy_resized, Reduction};
+    use densepred_core::ops::resize_bilinear;
+    let (n, c) = (2, 5);
+    let cw = Tensor::new(&[1.0f64, 0.5, 2.0, 1.5, 0.25], &Device::Cpu).unwrap();
+    for ((h, w), (oh, ow), ac, class_weight, avg_non_ignore) in [
+        ((7, 9), (29, 31), false, None, false),
+        ((7, 9), (29, 31), true, Some(&cw), true),
+        ((16, 12), (10, 7), false, Some(&cw), false),
+    ] {
+        let x = Var::from_tensor(&(randn(&[n, c, h, w], 21, DType::F64) * 3.0).unwrap()).unwrap();
+        let labels: Vec<i64> = (0..n * oh * ow)
+            .map(|i| if i % 13 == 5 { 255 } else { ((i * 3 + i / 7) % c) as i64 })
+            .collect();
+        let lab = Tensor::from_vec(labels, (n, oh, ow), &Device::Cpu).unwrap();
+        let fused = cross_entropy_resized(
+            x.as_tensor(),
+            &lab,
+            class_weight,
+            Some(255),
+            None,
+            Reduction::Mean,
+            None,
+            avg_non_ignore,
+            ac,
+        )
+        .unwrap();
+        let up = resize_bilinear(x.as_tensor(), oh, ow, ac).unwrap();
+        let reference = cross_entropy(
+            &up,
+            &lab,
+            class_weight,
+            Some(255),
+            None,
+            Reduction::Mean,
+            None,
+            avg_non_ignore,
+        )
+        .unwrap();
+        let (a, b) = (
+            fused.to_scalar::<f64>().unwrap(),
+            reference.to_scalar::<f64>().unwrap(),
+        );
+        assert!((a - b).abs() < 1e-12, "loss {a} vs {b}");
+        let ga = fused.backward().unwrap().get(&x).unwrap().clone();
+        let gb = reference.backward().unwrap().get(&x).unwrap().clone();
+        let d = max_abs(&ga, &gb);
+        assert!(d < 1e-12, "gradient differs by {d}");
+        assert!(max_abs(&ga, &ga.zeros_like().unwrap()) > 1e-3);
+    }
+}

@@ -5,7 +5,7 @@ mod focal;
 mod softmax_ce;
 
 pub use focal::{sigmoid_focal_loss, sigmoid_focal_loss_elementwise};
-pub use softmax_ce::softmax_cross_entropy;
+pub use softmax_ce::{softmax_cross_entropy, softmax_cross_entropy_resized};
 
 use crate::ops::iou::{bbox_overlaps, OverlapMode};
 use candle_core::{DType, Result, Tensor, D};
@@ -133,12 +133,91 @@ pub fn cross_entropy(
     avg_factor: Option<f64>,
     avg_non_ignore: bool,
 ) -> Result<Tensor> {
+    cross_entropy_inner(
+        pred,
+        label,
+        class_weight,
+        ignore_index,
+        weight,
+        reduction,
+        avg_factor,
+        avg_non_ignore,
+        None,
+    )
+}
+
+/// [`cross_entropy`] of `pred` `(N, C, h, w)` bilinearly resized to the label size `(N, H, W)`
+/// first (`F.interpolate(mode="bilinear", align_corners)`, mmsegmentation's decode-head
+/// `loss_by_feat`). On the CPU the resize and the loss are one op that does not keep the resized
+/// logits ([`softmax_cross_entropy_resized`]); elsewhere it is `resize_bilinear` then
+/// [`cross_entropy`].
+///
+/// Errors: as [`cross_entropy`]; `pred` not 4-D.
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy_resized(
+    pred: &Tensor,
+    label: &Tensor,
+    class_weight: Option<&Tensor>,
+    ignore_index: Option<i64>,
+    weight: Option<&Tensor>,
+    reduction: Reduction,
+    avg_factor: Option<f64>,
+    avg_non_ignore: bool,
+    align_corners: bool,
+) -> Result<Tensor> {
+    let (_, _, h, w) = label.unsqueeze(1)?.dims4()?;
+    pred.dims4()?;
+    let fused = pred.device().is_cpu() && matches!(pred.dtype(), DType::F32 | DType::F64);
+    if !fused {
+        let up = crate::ops::resize_bilinear(pred, h, w, align_corners)?;
+        return cross_entropy(
+            &up,
+            label,
+            class_weight,
+            ignore_index,
+            weight,
+            reduction,
+            avg_factor,
+            avg_non_ignore,
+        );
+    }
+    cross_entropy_inner(
+        pred,
+        label,
+        class_weight,
+        ignore_index,
+        weight,
+        reduction,
+        avg_factor,
+        avg_non_ignore,
+        Some(align_corners),
+    )
+}
+
+/// `resized`: `pred` is `(N, C, h, w)` to be resized to the labels' `(H, W)` with this
+/// `align_corners` (CPU f32/f64 only).
+#[allow(clippy::too_many_arguments)]
+fn cross_entropy_inner(
+    pred: &Tensor,
+    label: &Tensor,
+    class_weight: Option<&Tensor>,
+    ignore_index: Option<i64>,
+    weight: Option<&Tensor>,
+    reduction: Reduction,
+    avg_factor: Option<f64>,
+    avg_non_ignore: bool,
+    resized: Option<bool>,
+) -> Result<Tensor> {
     let c = pred.dim(1)?;
+    let n_pred = match resized {
+        Some(_) => label.elem_count(),
+        None => pred.elem_count() / c.max(1),
+    };
     let labels: Vec<i64> = label.flatten_all()?.to_dtype(DType::I64)?.to_vec1()?;
-    if pred.elem_count() / c.max(1) != labels.len() {
+    if n_pred != labels.len() {
         candle_core::bail!(
             "cross_entropy: {} predictions for {} labels",
-            pred.elem_count() / c.max(1),
+            n_pred,
             labels.len()
         );
     }
@@ -175,8 +254,17 @@ pub fn cross_entropy(
                     .collect()
             }
         };
-        let x = pred.reshape((pred.dim(0)?, c, ()))?;
-        let loss = softmax_ce::softmax_cross_entropy(&x, safe, weights)?.reshape(label.shape())?;
+        let loss = match resized {
+            Some(ac) => {
+                let (_, _, h, w) = label.unsqueeze(1)?.dims4()?;
+                softmax_ce::softmax_cross_entropy_resized(pred, safe, weights, (h, w), ac)?
+            }
+            None => {
+                let x = pred.reshape((pred.dim(0)?, c, ()))?;
+                softmax_ce::softmax_cross_entropy(&x, safe, weights)?
+            }
+        }
+        .reshape(label.shape())?;
         return weight_reduce_loss(&loss, weight, reduction, avg);
     }
     // Move classes last: (M, C).

@@ -85,6 +85,29 @@ fn fwd_kernel<T: Float + Send + Sync>(x: &[T], t: &Targets) -> Vec<T> {
         .collect()
 }
 
+/// [`grad_kernel`] written over the logits themselves (each element depends only on itself and
+/// its pixel's statistics, computed first).
+fn grad_in_place<T: Float + Send + Sync>(x: &mut [T], g: &[T], t: &Targets) {
+    let (c, s) = (t.c, t.s);
+    let (m, sum) = stats(x, t);
+    let coef: Vec<T> = (0..m.len())
+        .into_par_iter()
+        .map(|e| g[e] * T::from(t.weights[e]).expect("f64 weight") / sum[e])
+        .collect();
+    x.par_chunks_mut(s.max(1)).enumerate().for_each(|(row, xr)| {
+        let (bi, cc) = (row / c, row % c);
+        let base = bi * s;
+        for (j, v) in xr.iter_mut().enumerate() {
+            let e = base + j;
+            let mut o = coef[e] * (*v - m[e]).exp();
+            if t.weights[e] != 0.0 && t.labels[e] as usize == cc {
+                o = o - g[e] * T::from(t.weights[e]).expect("f64 weight");
+            }
+            *v = o;
+        }
+    });
+}
+
 fn grad_kernel<T: Float + Send + Sync>(x: &[T], g: &[T], t: &Targets) -> Vec<T> {
     let (c, s) = (t.c, t.s);
     let (m, sum) = stats(x, t);
@@ -211,4 +234,154 @@ pub fn softmax_cross_entropy(
         s,
     });
     logits.contiguous()?.apply_op1(SoftmaxCe(t))
+}
+
+/// Softmax cross-entropy of low-resolution logits bilinearly resized to the label size, without
+/// keeping the resized logits: per image, the forward resizes, takes the loss and drops the
+/// resized map; the backward resizes again, turns it into its gradient in place and applies the
+/// resize's transpose.
+struct ResizedCe {
+    /// Targets of each image (`s` = label pixels per image).
+    per_image: Vec<Targets>,
+    resample: crate::ops::resample::Resample,
+    /// `(C, h, w)` of the logits.
+    c: usize,
+    hw: usize,
+}
+
+struct SoftmaxCeResized(Arc<ResizedCe>);
+struct SoftmaxCeResizedGrad(Arc<ResizedCe>);
+
+impl ResizedCe {
+    fn forward<T: Float + Send + Sync>(&self, x: &[T]) -> Vec<T> {
+        let mut out = Vec::with_capacity(self.per_image.len() * self.per_image[0].s);
+        for (b, t) in self.per_image.iter().enumerate() {
+            let up = self
+                .resample
+                .forward(&x[b * self.c * self.hw..][..self.c * self.hw], self.c);
+            out.extend(fwd_kernel(&up, t));
+        }
+        out
+    }
+
+    fn grad<T: Float + Send + Sync>(&self, x: &[T], g: &[T]) -> Vec<T> {
+        let mut out = Vec::with_capacity(x.len());
+        for (b, t) in self.per_image.iter().enumerate() {
+            let mut up = self
+                .resample
+                .forward(&x[b * self.c * self.hw..][..self.c * self.hw], self.c);
+            grad_in_place(&mut up, &g[b * t.s..][..t.s], t);
+            out.extend(self.resample.backward(&up, self.c));
+        }
+        out
+    }
+}
+
+impl CustomOp1 for SoftmaxCeResized {
+    fn name(&self) -> &'static str {
+        "softmax-cross-entropy-resized"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let r = &self.0;
+        let what = "softmax_cross_entropy_resized: logits";
+        let out = match st {
+            CpuStorage::F32(v) => CpuStorage::F32(r.forward(crate::ops::contiguous(v, l, what)?)),
+            CpuStorage::F64(v) => CpuStorage::F64(r.forward(crate::ops::contiguous(v, l, what)?)),
+            o => candle_core::bail!(
+                "softmax_cross_entropy_resized: expected f32 or f64, got {:?}",
+                o.dtype()
+            ),
+        };
+        Ok((out, Shape::from((r.per_image.len(), r.per_image[0].s))))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let g = g.detach().contiguous()?;
+        Ok(Some(
+            x.detach()
+                .apply_op2_no_bwd(&g, &SoftmaxCeResizedGrad(self.0.clone()))?,
+        ))
+    }
+}
+
+impl CustomOp2 for SoftmaxCeResizedGrad {
+    fn name(&self) -> &'static str {
+        "softmax-cross-entropy-resized-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let what = "softmax_cross_entropy_resized backward";
+        let r = &self.0;
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(r.grad(
+                crate::ops::contiguous(x, l1, what)?,
+                crate::ops::contiguous(g, l2, what)?,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(r.grad(
+                crate::ops::contiguous(x, l1, what)?,
+                crate::ops::contiguous(g, l2, what)?,
+            )),
+            _ => candle_core::bail!("{what}: expected f32 or f64"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Per-pixel softmax cross-entropy `(B, H·W)` of `logits` `(B, C, h, w)` bilinearly resized to
+/// `(H, W)` (`F.interpolate(mode="bilinear", align_corners)`, as [`crate::ops::resize_bilinear`]),
+/// for pixel `e = b·H·W + p`: `weights[e] · (logsumexp_c u[b, c, p] − u[b, labels[e], p])` with `u`
+/// the resized logits. Equal to `softmax_cross_entropy(resize_bilinear(logits))` without keeping
+/// the `(B, C, H, W)` resized logits for the backward (mmseg computes its decode-head losses on
+/// logits resized to the label size; at 512² with 150 classes those are 315 MB per head).
+/// Differentiable in the logits; CPU f32 / f64 only.
+///
+/// Errors: `labels` / `weights` not of length `B·H·W`; a label `≥ C` with a non-zero weight; a
+/// non-CPU device or another dtype; an empty size.
+pub fn softmax_cross_entropy_resized(
+    logits: &Tensor,
+    labels: Vec<u32>,
+    weights: Vec<f64>,
+    (oh, ow): (usize, usize),
+    align_corners: bool,
+) -> Result<Tensor> {
+    let (b, c, h, w) = logits.dims4()?;
+    let s = oh * ow;
+    if labels.len() != b * s || weights.len() != b * s || s == 0 || b == 0 {
+        candle_core::bail!(
+            "softmax_cross_entropy_resized: {} labels and {} weights for {b} images of {oh}x{ow}",
+            labels.len(),
+            weights.len()
+        );
+    }
+    if let Some(i) = (0..labels.len()).find(|&i| weights[i] != 0.0 && labels[i] as usize >= c) {
+        candle_core::bail!(
+            "softmax_cross_entropy_resized: label {} at element {i} outside [0, {c})",
+            labels[i]
+        );
+    }
+    if !logits.device().is_cpu() || !matches!(logits.dtype(), DType::F32 | DType::F64) {
+        candle_core::bail!("softmax_cross_entropy_resized: CPU f32 / f64 only");
+    }
+    let per_image = (0..b)
+        .map(|i| Targets {
+            labels: labels[i * s..(i + 1) * s].to_vec(),
+            weights: weights[i * s..(i + 1) * s].to_vec(),
+            c,
+            s,
+        })
+        .collect();
+    let r = Arc::new(ResizedCe {
+        per_image,
+        resample: crate::ops::resample::Resample::bilinear(h, w, oh, ow, align_corners),
+        c,
+        hw: h * w,
+    });
+    logits.contiguous()?.apply_op1(SoftmaxCeResized(r))
 }

@@ -59,7 +59,7 @@ fn adaptive_taps(inp: usize, out: usize) -> Taps {
         .collect()
 }
 
-struct Resample {
+pub(crate) struct Resample {
     /// Taps of each output row / column.
     th: Taps,
     tw: Taps,
@@ -70,7 +70,19 @@ struct Resample {
 }
 
 impl Resample {
-    fn forward<T: num_traits::Float + Send + Sync>(&self, x: &[T], planes: usize) -> Vec<T> {
+    /// A bilinear resampler from `(h, w)` planes to `(oh, ow)` (see [`resize_bilinear`]).
+    pub(crate) fn bilinear(h: usize, w: usize, oh: usize, ow: usize, align_corners: bool) -> Self {
+        Self {
+            th: bilinear_taps(h, oh, align_corners),
+            tw: bilinear_taps(w, ow, align_corners),
+            h,
+            w,
+            name: "resize-bilinear",
+        }
+    }
+
+    /// `(planes, h, w)` → `(planes, oh, ow)`.
+    pub(crate) fn forward<T: num_traits::Float + Send + Sync>(&self, x: &[T], planes: usize) -> Vec<T> {
         let (h, w, oh, ow) = (self.h, self.w, self.th.len(), self.tw.len());
         let mut out = vec![T::zero(); planes * oh * ow];
         out.par_chunks_mut(oh * ow).enumerate().for_each(|(p, o)| {
@@ -101,7 +113,11 @@ impl Resample {
     }
 
     /// The transpose of [`Self::forward`]: `(planes, oh, ow)` gradients → `(planes, h, w)`.
-    fn backward<T: num_traits::Float + Send + Sync>(&self, g: &[T], planes: usize) -> Vec<T> {
+    pub(crate) fn backward<T: num_traits::Float + Send + Sync>(
+        &self,
+        g: &[T],
+        planes: usize,
+    ) -> Vec<T> {
         let (h, w, oh, ow) = (self.h, self.w, self.th.len(), self.tw.len());
         let mut out = vec![T::zero(); planes * h * w];
         out.par_chunks_mut(h * w).enumerate().for_each(|(p, o)| {

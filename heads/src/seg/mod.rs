@@ -9,7 +9,7 @@
 
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
-use densepred_core::losses::{cross_entropy, Reduction};
+use densepred_core::losses::{cross_entropy_resized, Reduction};
 use densepred_core::nn::{BatchNorm2d, Conv2d, ConvCfg};
 use densepred_core::ops::{adaptive_avg_pool2d, resize_bilinear};
 use serde::{Deserialize, Serialize};
@@ -589,14 +589,14 @@ pub fn seg_loss(
     if cfg.use_sigmoid {
         candle_core::bail!("loss_decode.use_sigmoid = true is not supported");
     }
-    let (_, _, h, w) = labels.unsqueeze(1)?.dims4()?;
-    let up = resize_bilinear(logits, h, w, align_corners)?;
     let cw = match &cfg.class_weight {
         Some(v) => Some(Tensor::new(v.as_slice(), logits.device())?.to_dtype(logits.dtype())?),
         None => None,
     };
-    let l = cross_entropy(
-        &up,
+    // The resize to the label size and the loss are one op on the CPU: the resized logits
+    // (B, K, H, W) are not kept for the backward.
+    let l = cross_entropy_resized(
+        logits,
         labels,
         cw.as_ref(),
         Some(ignore_index),
@@ -604,6 +604,7 @@ pub fn seg_loss(
         Reduction::Mean,
         None,
         cfg.avg_non_ignore,
+        align_corners,
     )?;
     l * cfg.loss_weight
 }
