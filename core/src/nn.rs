@@ -127,6 +127,32 @@ impl Conv2d {
     }
 }
 
+impl Conv2d {
+    /// [`Conv2d::forward`] of the channel concatenation of `xs` (each `(B, C_j, H, W)`,
+    /// `Σ C_j = C_in`): dense CPU convolutions run part by part
+    /// ([`crate::ops::conv2d_gemm_cat`]) without building the concatenation; other cases
+    /// concatenate and call [`Conv2d::forward`].
+    ///
+    /// Errors: channel counts that do not add up to `C_in`; candle errors.
+    pub fn forward_cat(&self, xs: &[Tensor]) -> Result<Tensor> {
+        let c = self.cfg;
+        let k = self.weight.dim(2)?;
+        let dense = c.groups == 1
+            && k > 1
+            && xs.first().is_some_and(|x| {
+                x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+            });
+        if !dense {
+            return self.forward(&Tensor::cat(xs, 1)?);
+        }
+        let y = crate::ops::conv2d_gemm_cat(xs, &self.weight, c.stride, c.padding, c.dilation)?;
+        match &self.bias {
+            Some(b) => add_bias_channels(&y, b),
+            None => Ok(y),
+        }
+    }
+}
+
 /// candle's `conv2d`, made safe for training when the stride leaves trailing input rows/columns
 /// unread (`(L + 2p - span) % s != 0`, e.g. a 3x3/2 conv on an odd map): candle 0.11's backward
 /// then produces a gradient of the wrong shape. Those rows never influence the output, so they are

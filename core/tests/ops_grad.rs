@@ -504,7 +504,13 @@ fn resized_cross_entropy_matches_resize_then_cross_entropy() {
     ] {
         let x = Var::from_tensor(&(randn(&[n, c, h, w], 21, DType::F64) * 3.0).unwrap()).unwrap();
         let labels: Vec<i64> = (0..n * oh * ow)
-            .map(|i| if i % 13 == 5 { 255 } else { ((i * 3 + i / 7) % c) as i64 })
+            .map(|i| {
+                if i % 13 == 5 {
+                    255
+                } else {
+                    ((i * 3 + i / 7) % c) as i64
+                }
+            })
             .collect();
         let lab = Tensor::from_vec(labels, (n, oh, ow), &Device::Cpu).unwrap();
         let fused = cross_entropy_resized(

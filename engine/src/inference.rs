@@ -80,7 +80,10 @@ impl Inferencer {
         if let Some(ck) = checkpoint {
             let report = load_weights(&model, ck, false)?;
             if !report.missing.is_empty() || !report.shape_mismatch.is_empty() {
-                tracing::warn!("{}: not an exact match for the model\n{report}", ck.display());
+                tracing::warn!(
+                    "{}: not an exact match for the model\n{report}",
+                    ck.display()
+                );
             }
         }
         let pipeline = Pipeline(
@@ -156,10 +159,7 @@ impl Inferencer {
                              ({h}, {w}, {c})"
                         )));
                     }
-                    (
-                        PathBuf::from(format!("<array {i}>")),
-                        a.mapv(|v| v as f32),
-                    )
+                    (PathBuf::from(format!("<array {i}>")), a.mapv(|v| v as f32))
                 }
             };
             let mut s = Sample::new(path, i as u64);

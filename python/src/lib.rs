@@ -484,9 +484,9 @@ impl Backbone {
         py: Python<'py>,
         x: &Bound<'py, PyAny>,
     ) -> PyResult<Vec<Bound<'py, PyArray4<f32>>>> {
-        let a = x.cast::<PyUntypedArray>().map_err(|_| {
-            PyTypeError::new_err("x: expected a (B, 3, H, W) float32 numpy array")
-        })?;
+        let a = x
+            .cast::<PyUntypedArray>()
+            .map_err(|_| PyTypeError::new_err("x: expected a (B, 3, H, W) float32 numpy array"))?;
         let shape = a.shape().to_vec();
         if shape.len() != 4 || shape[1] != 3 || shape.contains(&0) {
             return Err(PyValueError::new_err(format!(
@@ -575,7 +575,11 @@ fn run_interruptible<T: Send>(
     });
     let result = match result {
         Ok(r) => r,
-        Err(_) => return Err(PyRuntimeError::new_err("densepred: the worker thread panicked")),
+        Err(_) => {
+            return Err(PyRuntimeError::new_err(
+                "densepred: the worker thread panicked",
+            ))
+        }
     };
     match (result, pending) {
         (Err(EngineError::Interrupted), Some(e)) => Err(e),
@@ -629,7 +633,10 @@ fn train<'py>(
         summary.last_checkpoint.map(|p| p.display().to_string()),
     )?;
     match &summary.last_val {
-        Some(m) => out.set_item("metrics", json_to_py(py, &serde_json::Value::Object(m.clone()))?)?,
+        Some(m) => out.set_item(
+            "metrics",
+            json_to_py(py, &serde_json::Value::Object(m.clone()))?,
+        )?,
         None => out.set_item("metrics", py.None())?,
     }
     Ok(out)

@@ -19,6 +19,9 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// step frees and re-allocates the same ~1 GB of activations, and re-faulting those pages cost a
 /// quarter of the step (kernel page zeroing) in a profile.
 fn keep_freed_memory() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return;
+    }
     // SAFETY: setting an option of the allocator in use; mimalloc documents options as settable at
     // any time.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };

@@ -94,18 +94,20 @@ fn grad_in_place<T: Float + Send + Sync>(x: &mut [T], g: &[T], t: &Targets) {
         .into_par_iter()
         .map(|e| g[e] * T::from(t.weights[e]).expect("f64 weight") / sum[e])
         .collect();
-    x.par_chunks_mut(s.max(1)).enumerate().for_each(|(row, xr)| {
-        let (bi, cc) = (row / c, row % c);
-        let base = bi * s;
-        for (j, v) in xr.iter_mut().enumerate() {
-            let e = base + j;
-            let mut o = coef[e] * (*v - m[e]).exp();
-            if t.weights[e] != 0.0 && t.labels[e] as usize == cc {
-                o = o - g[e] * T::from(t.weights[e]).expect("f64 weight");
+    x.par_chunks_mut(s.max(1))
+        .enumerate()
+        .for_each(|(row, xr)| {
+            let (bi, cc) = (row / c, row % c);
+            let base = bi * s;
+            for (j, v) in xr.iter_mut().enumerate() {
+                let e = base + j;
+                let mut o = coef[e] * (*v - m[e]).exp();
+                if t.weights[e] != 0.0 && t.labels[e] as usize == cc {
+                    o = o - g[e] * T::from(t.weights[e]).expect("f64 weight");
+                }
+                *v = o;
             }
-            *v = o;
-        }
-    });
+        });
 }
 
 fn grad_kernel<T: Float + Send + Sync>(x: &[T], g: &[T], t: &Targets) -> Vec<T> {
@@ -298,10 +300,10 @@ impl CustomOp1 for SoftmaxCeResized {
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let g = g.detach().contiguous()?;
-        Ok(Some(
-            x.detach()
-                .apply_op2_no_bwd(&g, &SoftmaxCeResizedGrad(self.0.clone()))?,
-        ))
+        Ok(Some(x.detach().apply_op2_no_bwd(
+            &g,
+            &SoftmaxCeResizedGrad(self.0.clone()),
+        )?))
     }
 }
 

@@ -262,26 +262,38 @@ impl CustomOp3 for BnTrainBwd {
         let (b, c, hw) = dims(l1.shape())?;
         let what = "batch_norm backward";
         let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(y)) => CpuStorage::F32(bwd_kernel(
-                super::contiguous(x, l1, what)?,
-                super::contiguous(g, l2, what)?,
-                if self.relu { Some(super::contiguous(y, l3, what)?) } else { None },
-                &self.ms,
-                &self.w,
-                b,
-                c,
-                hw,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(y)) => CpuStorage::F64(bwd_kernel(
-                super::contiguous(x, l1, what)?,
-                super::contiguous(g, l2, what)?,
-                if self.relu { Some(super::contiguous(y, l3, what)?) } else { None },
-                &self.ms,
-                &self.w,
-                b,
-                c,
-                hw,
-            )),
+            (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(y)) => {
+                CpuStorage::F32(bwd_kernel(
+                    super::contiguous(x, l1, what)?,
+                    super::contiguous(g, l2, what)?,
+                    if self.relu {
+                        Some(super::contiguous(y, l3, what)?)
+                    } else {
+                        None
+                    },
+                    &self.ms,
+                    &self.w,
+                    b,
+                    c,
+                    hw,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(y)) => {
+                CpuStorage::F64(bwd_kernel(
+                    super::contiguous(x, l1, what)?,
+                    super::contiguous(g, l2, what)?,
+                    if self.relu {
+                        Some(super::contiguous(y, l3, what)?)
+                    } else {
+                        None
+                    },
+                    &self.ms,
+                    &self.w,
+                    b,
+                    c,
+                    hw,
+                ))
+            }
             _ => candle_core::bail!("{what}: expected matching f32/f64, got {:?}", s1.dtype()),
         };
         Ok((out, Shape::from(b * c * hw + 2 * c)))
@@ -369,7 +381,11 @@ fn bn_train(
         .zip(&var)
         .map(|(&m, &v)| (m, 1.0 / (v + eps).sqrt()))
         .collect();
-    let y = x.apply_op3(&weight.contiguous()?, &bias.contiguous()?, BnTrain { ms, relu })?;
+    let y = x.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        BnTrain { ms, relu },
+    )?;
     Ok((y, mean, var))
 }
 

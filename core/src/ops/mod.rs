@@ -20,7 +20,7 @@ pub mod softmax;
 pub mod transpose;
 
 pub use dwconv::{depthwise_conv2d, depthwise_conv2d_reference, DwConvParams};
-pub use im2col::{conv2d_gemm, unfold, UnfoldParams};
+pub use im2col::{conv2d_gemm, conv2d_gemm_cat, unfold, UnfoldParams};
 pub use layer_norm::{layer_norm, layer_norm_channels};
 pub use softmax::softmax_last_dim;
 /// The elements of a CPU buffer that a contiguous `layout` covers: what every CPU kernel of our

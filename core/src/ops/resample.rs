@@ -82,7 +82,11 @@ impl Resample {
     }
 
     /// `(planes, h, w)` → `(planes, oh, ow)`.
-    pub(crate) fn forward<T: num_traits::Float + Send + Sync>(&self, x: &[T], planes: usize) -> Vec<T> {
+    pub(crate) fn forward<T: num_traits::Float + Send + Sync>(
+        &self,
+        x: &[T],
+        planes: usize,
+    ) -> Vec<T> {
         let (h, w, oh, ow) = (self.h, self.w, self.th.len(), self.tw.len());
         let mut out = vec![T::zero(); planes * oh * ow];
         out.par_chunks_mut(oh * ow).enumerate().for_each(|(p, o)| {

@@ -187,6 +187,12 @@ impl SegConvModule {
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.bn.forward_relu(&self.conv.forward(x)?, train)
     }
+
+    /// [`SegConvModule::forward`] of the channel concatenation of `xs` (`Σ C_j = cin`), without
+    /// building it ([`Conv2d::forward_cat`]).
+    pub fn forward_cat(&self, xs: &[Tensor], train: bool) -> Result<Tensor> {
+        self.bn.forward_relu(&self.conv.forward_cat(xs)?, train)
+    }
 }
 
 /// Dropout (`nn.Dropout2d` in mmseg's `BaseDecodeHead`: whole channels) and the 1x1 `conv_seg`.
@@ -339,7 +345,7 @@ impl UperHead {
             let p = m.forward(&adaptive_avg_pool2d(x, *s, *s)?, train)?;
             outs.push(resize_bilinear(&p, h, w, ac)?);
         }
-        self.bottleneck.forward(&Tensor::cat(&outs, 1)?, train)
+        self.bottleneck.forward_cat(&outs, train)
     }
 
     /// The fused features before `conv_seg`: `(B, channels, H_0, W_0)`.
@@ -370,7 +376,7 @@ impl UperHead {
         for o in outs.iter_mut().skip(1) {
             *o = resize_bilinear(o, h0, w0, ac)?;
         }
-        self.fpn_bottleneck.forward(&Tensor::cat(&outs, 1)?, train)
+        self.fpn_bottleneck.forward_cat(&outs, train)
     }
 
     /// Logits `(B, num_classes, H_0, W_0)`.

@@ -1,9 +1,9 @@
 //! `densepred analyze`: model inspection.
 
-use densepred_engine::backbone as backbone_config;
 use anyhow::Result;
 use candle_core::Device;
 use densepred_core::params::is_buffer;
+use densepred_engine::backbone as backbone_config;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 

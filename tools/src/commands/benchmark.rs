@@ -1,9 +1,9 @@
 //! `densepred benchmark`: median time per iteration and peak memory.
 
-use densepred_engine::backbone as backbone_config;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use densepred_backbones::Backbone;
+use densepred_engine::backbone as backbone_config;
 use std::path::PathBuf;
 use std::time::Instant;
 

@@ -1,12 +1,12 @@
 //! `densepred features`: backbone feature extraction in eval mode.
 
-use densepred_engine::backbone as backbone_config;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use densepred_backbones::Backbone;
 use densepred_datasets::loader::{collate, Normalization};
 use densepred_datasets::transforms::load_rgb;
 use densepred_datasets::Sample;
+use densepred_engine::backbone as backbone_config;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
