@@ -135,6 +135,24 @@ impl Conv2d {
     ///
     /// Errors: channel counts that do not add up to `C_in`; candle errors.
     pub fn forward_cat(&self, xs: &[Tensor]) -> Result<Tensor> {
+        self.cat_conv(xs, None)
+    }
+
+    /// [`Conv2d::forward_cat`] of the parts each resized bilinearly to `size = (H, W)` first
+    /// ([`crate::ops::resize_bilinear`]); dense CPU convolutions resize inside the op
+    /// ([`crate::ops::conv2d_gemm_cat_resized`]), so the resized parts are not kept.
+    ///
+    /// Errors: as [`Conv2d::forward_cat`], plus the resize errors.
+    pub fn forward_cat_resized(
+        &self,
+        xs: &[Tensor],
+        size: (usize, usize),
+        align_corners: bool,
+    ) -> Result<Tensor> {
+        self.cat_conv(xs, Some((size, align_corners)))
+    }
+
+    fn cat_conv(&self, xs: &[Tensor], resize: Option<((usize, usize), bool)>) -> Result<Tensor> {
         let c = self.cfg;
         let k = self.weight.dim(2)?;
         let dense = c.groups == 1
@@ -143,9 +161,22 @@ impl Conv2d {
                 x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
             });
         if !dense {
-            return self.forward(&Tensor::cat(xs, 1)?);
+            let parts = match resize {
+                Some(((h, w), ac)) => xs
+                    .iter()
+                    .map(|x| crate::ops::resize_bilinear(x, h, w, ac))
+                    .collect::<Result<Vec<_>>>()?,
+                None => xs.to_vec(),
+            };
+            return self.forward(&Tensor::cat(&parts, 1)?);
         }
-        let y = crate::ops::conv2d_gemm_cat(xs, &self.weight, c.stride, c.padding, c.dilation)?;
+        let (s, p, d) = (c.stride, c.padding, c.dilation);
+        let y = match resize {
+            Some((size, ac)) => {
+                crate::ops::conv2d_gemm_cat_resized(xs, size, ac, &self.weight, s, p, d)?
+            }
+            None => crate::ops::conv2d_gemm_cat(xs, &self.weight, s, p, d)?,
+        };
         match &self.bias {
             Some(b) => add_bias_channels(&y, b),
             None => Ok(y),

@@ -35,7 +35,9 @@ fn note(p: *mut u8, size: usize, alloc: bool) {
         let i = TRACE_N.fetch_add(1, Relaxed);
         if i < TRACE_CAP {
             TRACE[i].0.store(p as usize, Relaxed);
-            TRACE[i].1.store(if alloc { size } else { size | 1 << 63 }, Relaxed);
+            TRACE[i]
+                .1
+                .store(if alloc { size } else { size | 1 << 63 }, Relaxed);
         }
     }
 }
@@ -87,7 +89,12 @@ fn main() -> anyhow::Result<()> {
     let ow = cfg.optim_wrapper.as_ref().context("no optim_wrapper")?;
     let mut opt = Optimizer::new(
         ow.optimizer.clone(),
-        param_groups(model.vars.named_vars(), ow.paramwise_cfg.as_ref(), &|_| false, &[]),
+        param_groups(
+            model.vars.named_vars(),
+            ow.paramwise_cfg.as_ref(),
+            &|_| false,
+            &[],
+        ),
     );
     let x = Tensor::randn(0f32, 1.0, (2, 3, size, size), &Device::Cpu)?;
     let k = model.num_classes().max(1);

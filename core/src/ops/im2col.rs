@@ -756,10 +756,13 @@ impl candle_core::CustomOp2 for ConvGemmOp {
 struct ConvAccumulate {
     conv: ConvGemm,
     c_off: usize,
+    /// `Some((H, W, align_corners))`: the part is first resized bilinearly to `(H, W)` (not kept;
+    /// recomputed in the backward).
+    resize: Option<(usize, usize, bool)>,
 }
 
 impl ConvAccumulate {
-    fn run<T: ConvFloat>(
+    fn run<T: ConvFloat + num_traits::Float>(
         &self,
         acc: &[T],
         x: &[T],
@@ -767,6 +770,17 @@ impl ConvAccumulate {
         w: &[T],
         lw: &Layout,
     ) -> Result<(Vec<T>, Shape)> {
+        let (b, c, h, wd) = lx.shape().dims4()?;
+        let resized;
+        let (x, lx) = match self.resize {
+            Some((oh, ow, ac)) if (oh, ow) != (h, wd) => {
+                let r = super::resample::Resample::bilinear(h, wd, oh, ow, ac);
+                resized = r.forward(super::contiguous(x, lx, "conv2d_gemm_cat: input")?, b * c);
+                (&resized[..], Layout::contiguous((b, c, oh, ow)))
+            }
+            _ => (x, lx.clone()),
+        };
+        let lx = &lx;
         let d = ConvDims::new(
             lx.shape().dims4()?,
             lw.shape().dims4()?,
@@ -830,8 +844,20 @@ impl candle_core::CustomOp3 for ConvAccumulate {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (gx, gw) = conv_grads(self.conv, self.c_off, x, w, grad)?;
-        Ok((Some(grad.detach()), Some(gx), Some(gw)))
+        let (_, _, h, wd) = x.dims4()?;
+        match self.resize {
+            Some((oh, ow, ac)) if (oh, ow) != (h, wd) => {
+                let xr = super::resize_bilinear(&x.detach(), oh, ow, ac)?;
+                let (gxr, gw) = conv_grads(self.conv, self.c_off, &xr, w, grad)?;
+                drop(xr);
+                let gx = super::resample::resize_bilinear_adjoint(&gxr, h, wd, ac)?;
+                Ok((Some(grad.detach()), Some(gx), Some(gw)))
+            }
+            _ => {
+                let (gx, gw) = conv_grads(self.conv, self.c_off, x, w, grad)?;
+                Ok((Some(grad.detach()), Some(gx), Some(gw)))
+            }
+        }
     }
 }
 
@@ -847,6 +873,43 @@ impl candle_core::CustomOp3 for ConvAccumulate {
 /// errors.
 pub fn conv2d_gemm_cat(
     xs: &[Tensor],
+    w: &Tensor,
+    stride: usize,
+    padding: usize,
+    dilation: usize,
+) -> Result<Tensor> {
+    cat_conv(xs, None, w, stride, padding, dilation)
+}
+
+/// [`conv2d_gemm_cat`] of the parts each resized bilinearly
+/// ([`super::resize_bilinear`] semantics) to `size = (H, W)` first: UperNet's
+/// `fpn_bottleneck(cat([resize(o, size) for o in outs]))`. The resized parts are neither kept
+/// nor built all at once: each is made inside its op, used and dropped, and made again in the
+/// backward. Equal to resize + cat + conv in value and gradients.
+///
+/// Errors: as [`conv2d_gemm_cat`], plus the resize errors.
+pub fn conv2d_gemm_cat_resized(
+    xs: &[Tensor],
+    size: (usize, usize),
+    align_corners: bool,
+    w: &Tensor,
+    stride: usize,
+    padding: usize,
+    dilation: usize,
+) -> Result<Tensor> {
+    cat_conv(
+        xs,
+        Some((size.0, size.1, align_corners)),
+        w,
+        stride,
+        padding,
+        dilation,
+    )
+}
+
+fn cat_conv(
+    xs: &[Tensor],
+    resize: Option<(usize, usize, bool)>,
     w: &Tensor,
     stride: usize,
     padding: usize,
@@ -873,7 +936,11 @@ pub fn conv2d_gemm_cat(
         max_cols: MAX_COLS,
     };
     let w = w.contiguous()?;
-    let mut y = xs[0].contiguous()?.apply_op2(
+    let first = match resize {
+        Some((h, wd, ac)) => super::resize_bilinear(&xs[0], h, wd, ac)?,
+        None => xs[0].clone(),
+    };
+    let mut y = first.contiguous()?.apply_op2(
         &w,
         ConvGemmOp {
             conv,
@@ -882,7 +949,15 @@ pub fn conv2d_gemm_cat(
     )?;
     let mut c_off = xs[0].dim(1)?;
     for x in &xs[1..] {
-        y = y.apply_op3(&x.contiguous()?, &w, ConvAccumulate { conv, c_off })?;
+        y = y.apply_op3(
+            &x.contiguous()?,
+            &w,
+            ConvAccumulate {
+                conv,
+                c_off,
+                resize,
+            },
+        )?;
         c_off += x.dim(1)?;
     }
     Ok(y)
@@ -1119,6 +1194,70 @@ mod tests {
         }
         let bad = [randn(&[1, 2, 4, 4], 1)];
         assert!(conv2d_gemm_cat(&bad, &randn(&[3, 3, 3, 3], 2), 1, 1, 1).is_err());
+    }
+
+    /// Resizing the parts inside the concatenated convolution equals resize + cat + conv, and
+    /// `add_resized` equals add + resize (values and gradients, f64, 1e-12); both
+    /// `align_corners`, up- and same-size parts.
+    #[test]
+    fn resized_parts_match_resize_then_cat_convolution() {
+        use crate::ops::{add_resized, resize_bilinear};
+        for ac in [false, true] {
+            let sizes = [(8usize, 10usize), (4, 5), (3, 3), (8, 10)];
+            let xs: Vec<Var> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &(h, w))| Var::from_tensor(&randn(&[2, 2, h, w], 30 + i as u64)).unwrap())
+                .collect();
+            let w = Var::from_tensor(&randn(&[3, 8, 3, 3], 5)).unwrap();
+            let parts: Vec<Tensor> = xs.iter().map(|v| v.as_tensor().clone()).collect();
+            let ours = conv2d_gemm_cat_resized(&parts, (8, 10), ac, &w, 1, 1, 1).unwrap();
+            let resized: Vec<Tensor> = parts
+                .iter()
+                .map(|p| resize_bilinear(p, 8, 10, ac).unwrap())
+                .collect();
+            let refr = conv2d_gemm(&Tensor::cat(&resized, 1).unwrap(), &w, 1, 1, 1).unwrap();
+            // add_resized on top: (3 channels at 8x10) + (3 channels at 3x3) resized.
+            let a = Tensor::cat(&[&parts[0], &parts[3].narrow(1, 0, 1).unwrap()], 1).unwrap();
+            let small = Tensor::cat(&[&parts[2], &parts[2].narrow(1, 1, 1).unwrap()], 1).unwrap();
+            let ours = (&ours + add_resized(&a, &small, ac).unwrap()).unwrap();
+            let refr =
+                (&refr + (&a + resize_bilinear(&small, 8, 10, ac).unwrap()).unwrap()).unwrap();
+            let diff = (&ours - &refr).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(diff.to_scalar::<f64>().unwrap() < 1e-12);
+            let proj = randn(ours.dims(), 6);
+            let go = (&ours * &proj)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gr = (&refr * &proj)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for v in xs.iter().chain([&w]) {
+                let a = go.get(v).unwrap();
+                let r = gr.get(v).unwrap();
+                assert!(
+                    r.abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f64>()
+                        .unwrap()
+                        > 1e-3
+                );
+                let e = (a - r).unwrap().abs().unwrap().max_all().unwrap();
+                assert!(
+                    e.to_scalar::<f64>().unwrap() < 1e-12,
+                    "gradient of {:?}, align_corners {ac}",
+                    v.dims()
+                );
+            }
+        }
     }
 
     #[test]

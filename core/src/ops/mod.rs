@@ -20,7 +20,7 @@ pub mod softmax;
 pub mod transpose;
 
 pub use dwconv::{depthwise_conv2d, depthwise_conv2d_reference, DwConvParams};
-pub use im2col::{conv2d_gemm, conv2d_gemm_cat, unfold, UnfoldParams};
+pub use im2col::{conv2d_gemm, conv2d_gemm_cat, conv2d_gemm_cat_resized, unfold, UnfoldParams};
 pub use layer_norm::{layer_norm, layer_norm_channels};
 pub use softmax::softmax_last_dim;
 /// The elements of a CPU buffer that a contiguous `layout` covers: what every CPU kernel of our
@@ -45,7 +45,7 @@ pub use bias::{add_bias_channels, add_bias_last, mul_scale_channels, mul_scale_l
 pub use dwconv_nhwc::{token_dwconv, LocalMode};
 pub use nms::{batched_nms, filter_nms, nms};
 pub use paste_mask::paste_masks;
-pub use resample::{adaptive_avg_pool2d, flip_last_dim, resize_bilinear};
+pub use resample::{adaptive_avg_pool2d, add_resized, flip_last_dim, resize_bilinear};
 pub use resize::resize_nearest;
 pub use roi_align::{map_roi_levels, roi_align, RoiAlignParams};
 pub use transpose::transpose_last2;

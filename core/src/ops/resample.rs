@@ -239,6 +239,103 @@ pub fn resize_bilinear(x: &Tensor, oh: usize, ow: usize, align_corners: bool) ->
     })
 }
 
+/// The adjoint (backward) of [`resize_bilinear`] from `(h, w)` to the size of `g`: gradients
+/// `g (B, C, OH, OW)` → `(B, C, h, w)`; not differentiable itself. CPU, f32/f64.
+///
+/// Errors: a non-4-D or non-float gradient, an empty size.
+pub(crate) fn resize_bilinear_adjoint(
+    g: &Tensor,
+    h: usize,
+    w: usize,
+    align_corners: bool,
+) -> Result<Tensor> {
+    let (oh, ow) = check(g, h, w, "resize_bilinear backward")?;
+    let r = Resample::bilinear(h, w, oh, ow, align_corners);
+    g.contiguous()?.apply_op1_no_bwd(&ResampleBwd(&r))
+}
+
+/// `a + resize_bilinear(x, H, W)` for `a (B, C, H, W)` and a smaller (or equal) `x (B, C, h, w)`,
+/// as one op: the resized `x` is not kept for the backward (an FPN top-down step,
+/// `laterals[i-1] + resize(laterals[i])`). Equal to the two ops in value and gradients.
+///
+/// Errors: batch/channel mismatch, a non-float input, the [`resize_bilinear`] errors.
+pub fn add_resized(a: &Tensor, x: &Tensor, align_corners: bool) -> Result<Tensor> {
+    let (b, c, oh, ow) = a.dims4()?;
+    let (xb, xc, h, w) = x.dims4()?;
+    if (b, c) != (xb, xc) || a.dtype() != x.dtype() {
+        candle_core::bail!(
+            "add_resized: {:?} {:?} and {:?} {:?} differ in batch, channels or dtype",
+            a.dims(),
+            a.dtype(),
+            x.dims(),
+            x.dtype()
+        );
+    }
+    if (h, w) == (oh, ow) || !a.device().is_cpu() {
+        return a + resize_bilinear(x, oh, ow, align_corners)?;
+    }
+    check(x, oh, ow, "add_resized")?;
+    a.contiguous()?.apply_op2(
+        &x.contiguous()?,
+        AddResized {
+            r: Resample::bilinear(h, w, oh, ow, align_corners),
+            align_corners,
+        },
+    )
+}
+
+struct AddResized {
+    r: Resample,
+    align_corners: bool,
+}
+
+impl candle_core::CustomOp2 for AddResized {
+    fn name(&self) -> &'static str {
+        "add-resized"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, c, _, _) = l2.shape().dims4()?;
+        fn add<T: num_traits::Float + Send + Sync>(a: &[T], up: Vec<T>) -> Vec<T> {
+            let mut up = up;
+            up.par_iter_mut().zip(a).for_each(|(u, &a)| *u = a + *u);
+            up
+        }
+        let what = "add_resized";
+        let out = match (s1, s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(x)) => CpuStorage::F32(add(
+                super::contiguous(a, l1, what)?,
+                self.r.forward(super::contiguous(x, l2, what)?, b * c),
+            )),
+            (CpuStorage::F64(a), CpuStorage::F64(x)) => CpuStorage::F64(add(
+                super::contiguous(a, l1, what)?,
+                self.r.forward(super::contiguous(x, l2, what)?, b * c),
+            )),
+            _ => candle_core::bail!("{what}: expected f32/f64 operands of one dtype"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _a: &Tensor,
+        x: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (_, _, h, w) = x.dims4()?;
+        let g = g.detach();
+        let gx = resize_bilinear_adjoint(&g, h, w, self.align_corners)?;
+        Ok((Some(g), Some(gx)))
+    }
+}
+
 /// Adaptive average pooling of `x` `(B, C, H, W)` to `(B, C, oh, ow)`,
 /// `torch.nn.AdaptiveAvgPool2d((oh, ow))`: output `(i, j)` averages rows
 /// `[⌊i·H/oh⌋, ⌈(i+1)·H/oh⌉)` × columns likewise (an output larger than the input repeats

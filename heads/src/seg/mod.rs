@@ -193,6 +193,19 @@ impl SegConvModule {
     pub fn forward_cat(&self, xs: &[Tensor], train: bool) -> Result<Tensor> {
         self.bn.forward_relu(&self.conv.forward_cat(xs)?, train)
     }
+
+    /// [`SegConvModule::forward_cat`] of the parts each resized bilinearly to `size` first
+    /// ([`Conv2d::forward_cat_resized`]).
+    pub fn forward_cat_resized(
+        &self,
+        xs: &[Tensor],
+        size: (usize, usize),
+        align_corners: bool,
+        train: bool,
+    ) -> Result<Tensor> {
+        let y = self.conv.forward_cat_resized(xs, size, align_corners)?;
+        self.bn.forward_relu(&y, train)
+    }
 }
 
 /// Dropout (`nn.Dropout2d` in mmseg's `BaseDecodeHead`: whole channels) and the 1x1 `conv_seg`.
@@ -361,9 +374,7 @@ impl UperHead {
             .collect::<Result<Vec<_>>>()?;
         laterals.push(self.psp(&x[n - 1], train)?);
         for i in (1..n).rev() {
-            let (_, _, h, w) = laterals[i - 1].dims4()?;
-            let up = resize_bilinear(&laterals[i], h, w, ac)?;
-            laterals[i - 1] = (&laterals[i - 1] + up)?;
+            laterals[i - 1] = densepred_core::ops::add_resized(&laterals[i - 1], &laterals[i], ac)?;
         }
         let mut outs = self
             .fpn_convs
@@ -373,10 +384,8 @@ impl UperHead {
             .collect::<Result<Vec<_>>>()?;
         outs.push(laterals[n - 1].clone());
         let (_, _, h0, w0) = outs[0].dims4()?;
-        for o in outs.iter_mut().skip(1) {
-            *o = resize_bilinear(o, h0, w0, ac)?;
-        }
-        self.fpn_bottleneck.forward_cat(&outs, train)
+        self.fpn_bottleneck
+            .forward_cat_resized(&outs, (h0, w0), ac, train)
     }
 
     /// Logits `(B, num_classes, H_0, W_0)`.
