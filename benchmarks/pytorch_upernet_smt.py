@@ -9,6 +9,9 @@ equals densepred's / mmsegmentation's (41,301,164) before timing.
 
     python benchmarks/pytorch_upernet_smt.py train --iters 3   # batch 2, 512x512
     python benchmarks/pytorch_upernet_smt.py infer --iters 3   # batch 1, 512x512
+    python benchmarks/pytorch_upernet_smt.py backbone --size 224 --iters 10
+        # SMT-T alone, batch 2, train mode: forward + backward of the sum of the stage means
+        # (what `densepred benchmark backbone configs/backbones/smt-t.toml --train` times)
 
 Prints the median time per iteration and the process's peak RSS (VmHWM).
 """
@@ -178,11 +181,13 @@ class UperNetSmtT(nn.Module):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["train", "infer"])
+    ap.add_argument("mode", choices=["train", "infer", "backbone"])
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--size", type=int, default=512)
     a = ap.parse_args()
     torch.manual_seed(0)
+    if a.mode == "backbone":
+        return backbone(a)
     m = UperNetSmtT()
     n = sum(p.numel() for p in m.parameters())
     assert n == 41_301_164, f"{n} parameters, expected densepred's / mmseg's 41,301,164"
@@ -213,6 +218,28 @@ def main():
         times.append(time.perf_counter() - t)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"{a.mode} {a.size}x{a.size} batch {b}: median {statistics.median(times) * 1e3:.1f} ms "
+          f"(min {min(times) * 1e3:.1f}), peak RSS {peak:.0f} MiB, {n} parameters, torch {torch.__version__}")
+
+
+def backbone(a):
+    m = SmtT().train()
+    n = sum(p.numel() for p in m.parameters())
+    assert n == 10_993_536, f"{n} parameters, expected densepred's SMT-T without head, 10,993,536"
+    x = torch.randn(2, 3, a.size, a.size)
+
+    def step():
+        m.zero_grad(set_to_none=True)
+        sum(o.mean() for o in m(x)).backward()
+
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(a.iters):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"backbone forward+backward {a.size}x{a.size} batch 2: median {statistics.median(times) * 1e3:.1f} ms "
           f"(min {min(times) * 1e3:.1f}), peak RSS {peak:.0f} MiB, {n} parameters, torch {torch.__version__}")
 
 

@@ -9,6 +9,7 @@ pub mod params;
 pub mod rng;
 pub mod shape_spec;
 pub mod structures;
+pub mod threads;
 pub mod weights;
 
 pub use shape_spec::ShapeSpec;

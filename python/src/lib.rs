@@ -830,11 +830,9 @@ fn evaluate_segmentation<'py>(
 
 #[pymodule]
 fn densepred(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    // As the CLI: candle's element-wise thread pool defaults to one thread (its spinning costs
-    // more than it gains on few cores); the user's CANDLE_NUM_THREADS wins.
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
+    // As the CLI: candle's thread counts (CANDLE_NUM_THREADS=1, RAYON_NUM_THREADS fixed) unless
+    // the user chose them.
+    densepred_core::threads::set_default_thread_env();
     // The CLI's log lines (training progress, warnings) on stderr; RUST_LOG filters them. A
     // second import, or a host that installed a subscriber, keeps the existing one.
     let _ = tracing_subscriber::fmt()

@@ -65,14 +65,9 @@ enum Command {
 
 fn main() {
     keep_freed_memory();
-    // candle's element-wise ops run on a spinning barrier pool of its own beside rayon's and gemm's
-    // threads; on the 2-core machines this project targets, that pool's spinning costs ~15% of a
-    // backbone forward (BENCHMARKS.md). Memory-bound element-wise work gains little from a second
-    // thread, so default it to one unless the user chose otherwise. Set before any candle call
-    // starts the pool.
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
+    // candle's thread counts (CANDLE_NUM_THREADS=1, RAYON_NUM_THREADS fixed) unless the user
+    // chose them; before any candle call.
+    densepred_core::threads::set_default_thread_env();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

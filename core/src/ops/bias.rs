@@ -11,6 +11,8 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use super::im2col::{gemm_into, ConvFloat, MatView};
+
 /// Where the channel axis is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Axis {
@@ -252,31 +254,28 @@ impl candle_core::CustomOp3 for LinearBias {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let dev = candle_core::Device::Cpu;
-        let (rows, _) = l1.shape().dims2()?;
+        let (rows, in_f) = l1.shape().dims2()?;
         let (out_f, _) = l2.shape().dims2()?;
         let what = "linear";
         let res = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                let x = Tensor::from_slice(super::contiguous(x, l1, what)?, l1.shape(), &dev)?;
-                let w = Tensor::from_slice(super::contiguous(w, l2, what)?, l2.shape(), &dev)?;
-                let y = x.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?;
-                CpuStorage::F32(kernel_last(
-                    &y,
+                CpuStorage::F32(linear_fwd(
+                    super::contiguous(x, l1, what)?,
+                    super::contiguous(w, l2, what)?,
                     super::contiguous(b, l3, what)?,
+                    rows,
+                    in_f,
                     out_f,
-                    Kind::Add,
                 ))
             }
             (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                let x = Tensor::from_slice(super::contiguous(x, l1, what)?, l1.shape(), &dev)?;
-                let w = Tensor::from_slice(super::contiguous(w, l2, what)?, l2.shape(), &dev)?;
-                let y = x.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f64>()?;
-                CpuStorage::F64(kernel_last(
-                    &y,
+                CpuStorage::F64(linear_fwd(
+                    super::contiguous(x, l1, what)?,
+                    super::contiguous(w, l2, what)?,
                     super::contiguous(b, l3, what)?,
+                    rows,
+                    in_f,
                     out_f,
-                    Kind::Add,
                 ))
             }
             _ => candle_core::bail!("linear: expected matching f32/f64, got {:?}", s1.dtype()),
@@ -295,11 +294,171 @@ impl candle_core::CustomOp3 for LinearBias {
         let gy = gy.contiguous()?;
         let (x, w) = (x.detach(), w.detach());
         let rows = x.dim(0)?;
-        let gx = gy.matmul(&w)?;
-        let gw = gy.t()?.matmul(&x)?;
+        let gx = gy.apply_op2_no_bwd(&w, &Product::LinearGradInput)?;
+        let gw = gy.apply_op2_no_bwd(&x, &Product::LinearGradWeight)?;
         let ones = Tensor::ones((1, rows), gy.dtype(), gy.device())?;
         let gb = ones.matmul(&gy)?.flatten_all()?;
         Ok((Some(gx), Some(gw), Some(gb)))
+    }
+}
+
+/// `y = x Wᵀ + b` on raw buffers: `y` starts as `b` on every row and the product accumulates
+/// onto it, so no pre-bias copy of `y` is made. `x` `(rows, in_f)`, `w` `(out_f, in_f)`, `b`
+/// `(out_f,)`, all row-major.
+fn linear_fwd<T: ConvFloat>(
+    x: &[T],
+    w: &[T],
+    b: &[T],
+    rows: usize,
+    in_f: usize,
+    out_f: usize,
+) -> Vec<T> {
+    let mut y = vec![T::zero(); rows * out_f];
+    if out_f > 0 {
+        y.par_chunks_mut(out_f * 64)
+            .for_each(|blk| blk.chunks_mut(out_f).for_each(|r| r.copy_from_slice(b)));
+    }
+    gemm_into(
+        &mut y,
+        MatView::rows_of(rows, out_f, 0, out_f),
+        true,
+        x,
+        MatView::rows_of(rows, in_f, 0, in_f),
+        w,
+        MatView::rows_of(out_f, in_f, 0, in_f).t(),
+    );
+    y
+}
+
+/// The gradient products of [`LinearBias`] and [`PointwiseConv`], on the operands' buffers
+/// (candle's `matmul` would copy the strided per-group operands and stack per-image results).
+/// Used only inside backward passes: no gradient of their own.
+#[derive(Debug, Clone, Copy)]
+enum Product {
+    /// `(gy (rows, out), w (out, in)) → gy · w`, `(rows, in)`.
+    LinearGradInput,
+    /// `(gy (rows, out), x (rows, in)) → gyᵀ · x`, `(out, in)`.
+    LinearGradWeight,
+    /// `(gy (B, G·og, HW), w (G, og, ig)) → (B, G·ig, HW)`, per image and group `W_gᵀ · gy_g`.
+    PointwiseGradInput,
+    /// `(gy (B, G·og, HW), x (B, G·ig, HW)) → (G, og, ig)`, per group `Σ_images gy_g · x_gᵀ`;
+    /// needs the group count, so it carries it.
+    PointwiseGradWeight { groups: usize },
+}
+
+impl Product {
+    fn run<T: ConvFloat>(
+        &self,
+        a: &[T],
+        la: &Layout,
+        b: &[T],
+        lb: &Layout,
+    ) -> Result<(Vec<T>, Shape)> {
+        let what = "gemm product";
+        let (a, b) = (
+            super::contiguous(a, la, what)?,
+            super::contiguous(b, lb, what)?,
+        );
+        match *self {
+            Product::LinearGradInput => {
+                let (rows, out_f) = la.shape().dims2()?;
+                let (_, in_f) = lb.shape().dims2()?;
+                let mut gx = vec![T::zero(); rows * in_f];
+                gemm_into(
+                    &mut gx,
+                    MatView::rows_of(rows, in_f, 0, in_f),
+                    false,
+                    a,
+                    MatView::rows_of(rows, out_f, 0, out_f),
+                    b,
+                    MatView::rows_of(out_f, in_f, 0, in_f),
+                );
+                Ok((gx, Shape::from((rows, in_f))))
+            }
+            Product::LinearGradWeight => {
+                let (rows, out_f) = la.shape().dims2()?;
+                let (_, in_f) = lb.shape().dims2()?;
+                let mut gw = vec![T::zero(); out_f * in_f];
+                gemm_into(
+                    &mut gw,
+                    MatView::rows_of(out_f, in_f, 0, in_f),
+                    false,
+                    a,
+                    MatView::rows_of(rows, out_f, 0, out_f).t(),
+                    b,
+                    MatView::rows_of(rows, in_f, 0, in_f),
+                );
+                Ok((gw, Shape::from((out_f, in_f))))
+            }
+            Product::PointwiseGradInput => {
+                let (bn, _, hw) = la.shape().dims3()?;
+                let (g, og, ig) = lb.shape().dims3()?;
+                let mut gx = vec![T::zero(); bn * g * ig * hw];
+                for i in 0..bn {
+                    for gi in 0..g {
+                        gemm_into(
+                            &mut gx,
+                            MatView::rows_of(ig, hw, (i * g + gi) * ig * hw, hw),
+                            false,
+                            b,
+                            MatView::rows_of(og, ig, gi * og * ig, ig).t(),
+                            a,
+                            MatView::rows_of(og, hw, (i * g + gi) * og * hw, hw),
+                        );
+                    }
+                }
+                Ok((gx, Shape::from((bn, g * ig, hw))))
+            }
+            Product::PointwiseGradWeight { groups: g } => {
+                let (bn, co, hw) = la.shape().dims3()?;
+                let (_, ci, _) = lb.shape().dims3()?;
+                let (og, ig) = (co / g, ci / g);
+                let mut gw = vec![T::zero(); g * og * ig];
+                for i in 0..bn {
+                    for gi in 0..g {
+                        gemm_into(
+                            &mut gw,
+                            MatView::rows_of(og, ig, gi * og * ig, ig),
+                            i > 0,
+                            a,
+                            MatView::rows_of(og, hw, (i * co + gi * og) * hw, hw),
+                            b,
+                            MatView::rows_of(ig, hw, (i * ci + gi * ig) * hw, hw).t(),
+                        );
+                    }
+                }
+                Ok((gw, Shape::from((g, og, ig))))
+            }
+        }
+    }
+}
+
+impl CustomOp2 for Product {
+    fn name(&self) -> &'static str {
+        "gemm-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        match (s1, s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                let (v, s) = self.run(a, l1, b, l2)?;
+                Ok((CpuStorage::F32(v), s))
+            }
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                let (v, s) = self.run(a, l1, b, l2)?;
+                Ok((CpuStorage::F64(v), s))
+            }
+            _ => candle_core::bail!(
+                "gemm product: expected matching f32/f64, got {:?}",
+                s1.dtype()
+            ),
+        }
     }
 }
 
@@ -428,18 +587,39 @@ struct PointwiseConv {
     has_bias: bool,
 }
 
-impl PointwiseConv {
-    fn forward(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        let (b, _, hw) = x.dims3()?;
-        let (g, og, ig) = w.dims3()?;
-        let per_image = (0..b)
-            .map(|i| {
-                w.matmul(&x.get(i)?.reshape((g, ig, hw))?)?
-                    .reshape((g * og, hw))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Tensor::stack(&per_image, 0)
+/// `y[i, g] = b + W_g · x[i, g]` per image `i` and group `g` on raw buffers (bias first, the
+/// product accumulates onto it). `x` `(B, G·ig, HW)`, `w` `(G, og, ig)`, `bias` `(G·og,)` or
+/// `None`.
+fn pointwise_fwd<T: ConvFloat>(
+    x: &[T],
+    w: &[T],
+    bias: Option<&[T]>,
+    (bn, hw): (usize, usize),
+    (g, og, ig): (usize, usize, usize),
+) -> Vec<T> {
+    let co = g * og;
+    let mut y = vec![T::zero(); bn * co * hw];
+    if let Some(bias) = bias {
+        if hw > 0 {
+            y.par_chunks_mut(hw)
+                .enumerate()
+                .for_each(|(r, row)| row.fill(bias[r % co]));
+        }
     }
+    for i in 0..bn {
+        for gi in 0..g {
+            gemm_into(
+                &mut y,
+                MatView::rows_of(og, hw, (i * co + gi * og) * hw, hw),
+                bias.is_some(),
+                w,
+                MatView::rows_of(og, ig, gi * og * ig, ig),
+                x,
+                MatView::rows_of(ig, hw, (i * g + gi) * ig * hw, hw),
+            );
+        }
+    }
+    y
 }
 
 impl candle_core::CustomOp3 for PointwiseConv {
@@ -456,34 +636,31 @@ impl candle_core::CustomOp3 for PointwiseConv {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let dev = candle_core::Device::Cpu;
         let (b, _, hw) = l1.shape().dims3()?;
-        let (g, og, _) = l2.shape().dims3()?;
+        let (g, og, ig) = l2.shape().dims3()?;
         let what = "pointwise conv";
         macro_rules! run {
-            ($x:expr, $w:expr, $bias:expr, $t:ty) => {{
-                let x = Tensor::from_slice(super::contiguous($x, l1, what)?, l1.shape(), &dev)?;
-                let w = Tensor::from_slice(super::contiguous($w, l2, what)?, l2.shape(), &dev)?;
-                let y = Self::forward(&x, &w)?.flatten_all()?.to_vec1::<$t>()?;
-                if self.has_bias {
-                    kernel(
-                        &y,
-                        super::contiguous($bias, l3, what)?,
-                        g * og,
-                        hw,
-                        Kind::Add,
-                    )
+            ($x:expr, $w:expr, $bias:expr) => {{
+                let bias = if self.has_bias {
+                    Some(super::contiguous($bias, l3, what)?)
                 } else {
-                    y
-                }
+                    None
+                };
+                pointwise_fwd(
+                    super::contiguous($x, l1, what)?,
+                    super::contiguous($w, l2, what)?,
+                    bias,
+                    (b, hw),
+                    (g, og, ig),
+                )
             }};
         }
         let res = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(bb)) => {
-                CpuStorage::F32(run!(x, w, bb, f32))
+                CpuStorage::F32(run!(x, w, bb))
             }
             (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(bb)) => {
-                CpuStorage::F64(run!(x, w, bb, f64))
+                CpuStorage::F64(run!(x, w, bb))
             }
             _ => candle_core::bail!("{what}: expected matching f32/f64, got {:?}", s1.dtype()),
         };
@@ -500,27 +677,15 @@ impl candle_core::CustomOp3 for PointwiseConv {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (x, w) = (x.detach(), w.detach());
         let gy = gy.contiguous()?;
-        let (b, _, hw) = x.dims3()?;
-        let (g, og, ig) = w.dims3()?;
-        let wt = super::transpose_last2(&w)?; // (G, ig, og)
-        let mut gx = Vec::with_capacity(b);
-        let mut gw: Option<Tensor> = None;
-        for i in 0..b {
-            let gyi = gy.get(i)?.reshape((g, og, hw))?;
-            gx.push(wt.matmul(&gyi)?.reshape((g * ig, hw))?);
-            let xi = x.get(i)?.reshape((g, ig, hw))?;
-            let gwi = gyi.matmul(&xi.transpose(1, 2)?)?;
-            gw = Some(match gw {
-                None => gwi,
-                Some(a) => (a + gwi)?,
-            });
-        }
+        let groups = w.dim(0)?;
+        let gx = gy.apply_op2_no_bwd(&w, &Product::PointwiseGradInput)?;
+        let gw = gy.apply_op2_no_bwd(&x, &Product::PointwiseGradWeight { groups })?;
         let gb = if self.has_bias {
             Some(gy.sum(2)?.sum(0)?)
         } else {
             None
         };
-        Ok((Some(Tensor::stack(&gx, 0)?), gw, gb))
+        Ok((Some(gx), Some(gw), gb))
     }
 }
 

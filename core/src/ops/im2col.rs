@@ -289,17 +289,17 @@ pub fn unfold(x: &Tensor, p: UnfoldParams) -> Result<Tensor> {
 
 /// A strided view of a row-major operand: element `(r, c)` at `offset + r·rs + c·cs`.
 #[derive(Debug, Clone, Copy)]
-struct MatView {
-    rows: usize,
-    cols: usize,
-    offset: usize,
-    rs: usize,
-    cs: usize,
+pub(crate) struct MatView {
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) offset: usize,
+    pub(crate) rs: usize,
+    pub(crate) cs: usize,
 }
 
 impl MatView {
     /// A dense row-major `rows × cols` block with row stride `rs`, starting at `offset`.
-    fn rows_of(rows: usize, cols: usize, offset: usize, rs: usize) -> Self {
+    pub(crate) fn rows_of(rows: usize, cols: usize, offset: usize, rs: usize) -> Self {
         Self {
             rows,
             cols,
@@ -310,7 +310,7 @@ impl MatView {
     }
 
     /// The transposed view of the same elements.
-    fn t(self) -> Self {
+    pub(crate) fn t(self) -> Self {
         Self {
             rows: self.cols,
             cols: self.rows,
@@ -331,7 +331,7 @@ impl MatView {
 }
 
 /// Element types of the GEMM convolution (those `gemm` and the convolution kernels support).
-trait ConvFloat:
+pub(crate) trait ConvFloat:
     Copy + Send + Sync + num_traits::Zero + num_traits::One + std::ops::AddAssign + 'static
 {
 }
@@ -343,7 +343,7 @@ impl ConvFloat for f64 {}
 ///
 /// Panics (internal invariant, checked before the unsafe call): mismatched inner dimensions or a
 /// view reaching past its slice.
-fn gemm_into<T: ConvFloat>(
+pub(crate) fn gemm_into<T: ConvFloat>(
     dst: &mut [T],
     dv: MatView,
     accumulate: bool,
