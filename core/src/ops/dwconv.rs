@@ -102,6 +102,28 @@ impl Geom {
         })
     }
 
+    /// The geometry as the CUDA kernels take it.
+    #[cfg(feature = "cuda")]
+    fn cuda(&self) -> Result<super::cuda::DwGeom> {
+        let i = |v: usize| super::cuda::int(v, "depthwise_conv2d");
+        Ok(super::cuda::DwGeom {
+            b: i(self.b)?,
+            c: i(self.c)?,
+            h: i(self.h)?,
+            w: i(self.w)?,
+            kh: i(self.kh)?,
+            kw: i(self.kw)?,
+            oh: i(self.oh)?,
+            ow: i(self.ow)?,
+            sh: i(self.p.stride.0)?,
+            sw: i(self.p.stride.1)?,
+            ph: i(self.p.padding.0)?,
+            pw: i(self.p.padding.1)?,
+            dh: i(self.p.dilation.0)?,
+            dw: i(self.p.dilation.1)?,
+        })
+    }
+
     /// Input row read by output row `oy` at kernel row `ky`, if inside the image.
     #[inline]
     fn in_row(&self, oy: usize, ky: usize) -> Option<usize> {
@@ -344,6 +366,30 @@ impl CustomOp2 for DwConv2d {
         Ok((out, Shape::from((g.b, g.c, g.oh, g.ow))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::{grid_1d, launch_binary, Init};
+        let g = Geom::new(l1.shape(), l2.shape(), self.p)?;
+        let n = g.b * g.c * g.oh * g.ow;
+        let out = launch_binary(
+            "dwconv_fwd",
+            true,
+            (s1, l1),
+            (s2, l2),
+            n,
+            Init::Written,
+            grid_1d(n),
+            &g.cuda()?,
+        )?;
+        Ok((out, Shape::from((g.b, g.c, g.oh, g.ow))))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -410,6 +456,37 @@ impl CustomOp2 for DwConv2dGradInput {
         )?;
         Ok((out, self.x_shape.clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::{grid_1d, launch_binary, Init};
+        let g = Geom::new(&self.x_shape, l2.shape(), self.p)?;
+        if l1.shape().dims() != [g.b, g.c, g.oh, g.ow] {
+            candle_core::bail!(
+                "{}: gradient shape {:?} does not match the output",
+                self.name(),
+                l1.shape()
+            );
+        }
+        let n = g.b * g.c * g.h * g.w;
+        let out = launch_binary(
+            "dwconv_grad_input",
+            true,
+            (s1, l1),
+            (s2, l2),
+            n,
+            Init::Written,
+            grid_1d(n),
+            &g.cuda()?,
+        )?;
+        Ok((out, self.x_shape.clone()))
+    }
 }
 
 /// `(x (B,C,H,W), dL/dy (B,C,OH,OW)) -> dL/dw (C,1,KH,KW)`.
@@ -449,6 +526,43 @@ impl CustomOp2 for DwConv2dGradWeight {
         )?;
         Ok((out, self.w_shape.clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::{launch_binary, Init, THREADS};
+        let g = Geom::new(l1.shape(), &self.w_shape, self.p)?;
+        if l2.shape().dims() != [g.b, g.c, g.oh, g.ow] {
+            candle_core::bail!(
+                "{}: gradient shape {:?} does not match the output",
+                self.name(),
+                l2.shape()
+            );
+        }
+        // One block of THREADS (= DW_REDUCE_THREADS in densepred.cu) per kernel tap.
+        let taps = g.c * g.kh * g.kw;
+        let cfg = candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+            grid_dim: (super::cuda::int(taps, self.name())? as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let out = launch_binary(
+            "dwconv_grad_weight",
+            true,
+            (s1, l1),
+            (s2, l2),
+            taps,
+            Init::Written,
+            cfg,
+            &g.cuda()?,
+        )?;
+        Ok((out, self.w_shape.clone()))
+    }
 }
 
 /// Depthwise 2-D convolution (`groups = C`), differentiable in `x`, `weight` and `bias`.
@@ -461,15 +575,16 @@ impl CustomOp2 for DwConv2dGradWeight {
 /// `torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups=C)`.
 ///
 /// Errors: shapes that are not 4-D, a weight that is not `(C, 1, KH, KW)`, a kernel span larger
-/// than the padded input, mixed or non-float dtypes, or a device without a kernel (only CPU has one
-/// so far; other devices fall back to candle's grouped `conv2d`).
+/// than the padded input, mixed or non-float dtypes. CPU (f32/f64) and, with the `cuda` feature,
+/// CUDA (f32/f64) run our kernels; other devices and dtypes fall back to candle's grouped `conv2d`.
 pub fn depthwise_conv2d(
     x: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
     p: DwConvParams,
 ) -> Result<Tensor> {
-    let y = if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+    let ours = x.device().is_cpu() || (cfg!(feature = "cuda") && x.device().is_cuda());
+    let y = if ours && matches!(x.dtype(), DType::F32 | DType::F64) {
         x.contiguous()?
             .apply_op2(&weight.contiguous()?, DwConv2d { p })?
     } else {

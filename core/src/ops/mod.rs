@@ -5,6 +5,8 @@ pub mod activation;
 pub mod attention;
 pub mod batch_norm;
 pub mod bias;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod dwconv;
 pub mod dwconv_nhwc;
 pub mod im2col;

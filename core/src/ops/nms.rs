@@ -18,16 +18,21 @@ use rayon::prelude::*;
 /// Above this many candidates per kept box, the suppression sweep runs in parallel.
 const PAR_MIN: usize = 4096;
 
-fn kernel(boxes: &[f32], scores: &[f32], classes: Option<&[i64]>, thr: f32) -> Vec<i64> {
-    let n = scores.len();
-    let mut order: Vec<usize> = (0..n).collect();
-    // Descending score, ties by ascending index; NaN scores sort last.
+/// The visiting order: descending score, ties by ascending index; NaN scores last.
+fn score_order(scores: &[f32]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..scores.len()).collect();
     order.sort_by(|&a, &b| {
         let (sa, sb) = (scores[a], scores[b]);
         sb.partial_cmp(&sa)
             .unwrap_or_else(|| sa.is_nan().cmp(&sb.is_nan()))
             .then(a.cmp(&b))
     });
+    order
+}
+
+fn kernel(boxes: &[f32], scores: &[f32], classes: Option<&[i64]>, thr: f32) -> Vec<i64> {
+    let n = scores.len();
+    let order = score_order(scores);
     let area: Vec<f32> = (0..n)
         .map(|i| (boxes[4 * i + 2] - boxes[4 * i]) * (boxes[4 * i + 3] - boxes[4 * i + 1]))
         .collect();
@@ -75,6 +80,53 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]>
     }
 }
 
+/// NMS on CUDA, torchvision's scheme: the visiting order is sorted on the host, the pairwise
+/// suppression mask (the O(N²) IoU part) is computed by the `nms_mask_f32` kernel, and the greedy
+/// sweep over the mask runs on the host. Returns the kept indices as an int64 device tensor.
+#[cfg(feature = "cuda")]
+fn cuda_nms(
+    boxes: (&candle_core::CudaStorage, &Layout),
+    scores: (&candle_core::CudaStorage, &Layout),
+    classes: Option<(&candle_core::CudaStorage, &Layout)>,
+    thr: f32,
+) -> Result<(candle_core::CudaStorage, Shape)> {
+    use super::cuda::{to_device, to_host, view};
+    use candle_core::cuda_backend::CudaDType;
+    let dev = boxes.0.device().clone();
+    let b = to_host(&dev, &view::<f32>(boxes.0, boxes.1, "nms: boxes")?)?;
+    let s = to_host(&dev, &view::<f32>(scores.0, scores.1, "nms: scores")?)?;
+    let c = match classes {
+        Some((st, l)) => Some(to_host(&dev, &view::<i64>(st, l, "batched_nms: idxs")?)?),
+        None => None,
+    };
+    let order = score_order(&s);
+    let sorted_boxes: Vec<f32> = order
+        .iter()
+        .flat_map(|&i| b[4 * i..4 * i + 4].iter().copied())
+        .collect();
+    let sorted_classes: Option<Vec<i64>> = c.map(|c| order.iter().map(|&i| c[i]).collect());
+    let mask = super::cuda::nms_mask(&dev, &sorted_boxes, sorted_classes.as_deref(), thr)?;
+    let words = order.len().div_ceil(64);
+    let mut removed = vec![0u64; words];
+    let mut keep: Vec<i64> = Vec::new();
+    for (r, &i) in order.iter().enumerate() {
+        if removed[r / 64] >> (r % 64) & 1 == 0 {
+            keep.push(i as i64);
+            let row = &mask[r * words..(r + 1) * words];
+            for (acc, &m) in removed.iter_mut().zip(row) {
+                *acc |= m;
+            }
+        }
+    }
+    let k = keep.len();
+    let out = if k == 0 {
+        dev.alloc_zeros::<i64>(0)?
+    } else {
+        to_device(&dev, &keep)?
+    };
+    Ok((i64::wrap_cuda_slice(out, dev), Shape::from(k)))
+}
+
 struct Nms {
     thr: f32,
 }
@@ -99,6 +151,17 @@ impl CustomOp2 for Nms {
         );
         let k = keep.len();
         Ok((CpuStorage::I64(keep), Shape::from(k)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda_nms((s1, l1), (s2, l2), None, self.thr)
     }
 }
 
@@ -133,6 +196,19 @@ impl CustomOp3 for BatchedNms {
         let k = keep.len();
         Ok((CpuStorage::I64(keep), Shape::from(k)))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda_nms((s1, l1), (s2, l2), Some((s3, l3)), self.thr)
+    }
 }
 
 fn check(boxes: &Tensor, scores: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -143,19 +219,20 @@ fn check(boxes: &Tensor, scores: &Tensor) -> Result<(Tensor, Tensor)> {
             boxes.dims()
         );
     }
-    let b = boxes
-        .to_device(&Device::Cpu)?
-        .to_dtype(DType::F32)?
-        .contiguous()?;
-    let s = scores
-        .to_device(&Device::Cpu)?
-        .to_dtype(DType::F32)?
-        .contiguous()?;
+    // CUDA inputs stay on their device (the op has a CUDA path); others go to the CPU.
+    let dev = if cfg!(feature = "cuda") && boxes.device().is_cuda() {
+        boxes.device().clone()
+    } else {
+        Device::Cpu
+    };
+    let b = boxes.to_device(&dev)?.to_dtype(DType::F32)?.contiguous()?;
+    let s = scores.to_device(&dev)?.to_dtype(DType::F32)?.contiguous()?;
     Ok((b, s))
 }
 
 /// Greedy NMS: `boxes` `(N, 4)` xyxy, `scores` `(N,)` → kept indices `(K,)` int64 (on the input's
-/// device), highest score first. Runs on the CPU (inputs on another device are copied).
+/// device), highest score first. Runs on the CPU, or with the `cuda` feature on CUDA inputs'
+/// device (suppression mask on the GPU, greedy sweep on the host); other devices are copied.
 ///
 /// Errors: shape mismatch between `boxes` and `scores`.
 pub fn nms(boxes: &Tensor, scores: &Tensor, iou_threshold: f32) -> Result<Tensor> {
@@ -183,7 +260,7 @@ pub fn batched_nms(
         );
     }
     let c = idxs
-        .to_device(&Device::Cpu)?
+        .to_device(b.device())?
         .to_dtype(DType::I64)?
         .contiguous()?;
     b.apply_op3_no_bwd(&s, &c, &BatchedNms { thr: iou_threshold })?

@@ -128,6 +128,37 @@ fn batch_index(roi: &[f32], b: usize, n: usize) -> Result<usize> {
     Ok(bi as usize)
 }
 
+/// The RoIAlign geometry for the CUDA kernels, after checking the RoIs' batch indices on the host
+/// (the `(K, 5)` RoIs are copied back; the features stay on the device).
+#[cfg(feature = "cuda")]
+fn cuda_geom(
+    p: &RoiAlignParams,
+    feat: &Shape,
+    rois: (&candle_core::CudaStorage, &Layout),
+) -> Result<super::cuda::RoiGeom> {
+    use candle_core::backend::BackendStorage;
+    let (b, c, h, w, k) = dims(feat, rois.1.shape())?;
+    let r = super::cuda::to_host(
+        rois.0.device(),
+        &super::cuda::view::<f32>(rois.0, rois.1, "roi_align: rois")?,
+    )?;
+    for n in 0..k {
+        batch_index(&r[5 * n..5 * n + 5], b, n)?;
+    }
+    let i = |v: usize| super::cuda::int(v, "roi_align");
+    Ok(super::cuda::RoiGeom {
+        k: i(k)?,
+        c: i(c)?,
+        h: i(h)?,
+        w: i(w)?,
+        oh: i(p.output_size.0)?,
+        ow: i(p.output_size.1)?,
+        sampling_ratio: i(p.sampling_ratio)?,
+        aligned: i32::from(p.aligned),
+        spatial_scale: p.spatial_scale,
+    })
+}
+
 struct RoiAlign(RoiAlignParams);
 
 impl CustomOp2 for RoiAlign {
@@ -170,6 +201,32 @@ impl CustomOp2 for RoiAlign {
                 }
             });
         Ok((CpuStorage::F32(out), Shape::from((k, c, oh, ow))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::{grid_1d, launch_binary, Init};
+        let g = cuda_geom(&self.0, l1.shape(), (s2, l2))?;
+        let (_, c, _, _, k) = dims(l1.shape(), l2.shape())?;
+        let (oh, ow) = self.0.output_size;
+        let n = k * c * oh * ow;
+        let out = launch_binary(
+            "roi_align_fwd",
+            false,
+            (s1, l1),
+            (s2, l2),
+            n,
+            Init::Written,
+            grid_1d(n),
+            &g,
+        )?;
+        Ok((out, Shape::from((k, c, oh, ow))))
     }
 
     fn bwd(
@@ -246,15 +303,52 @@ impl CustomOp2 for RoiAlignGrad {
         }
         Ok((CpuStorage::F32(out), self.feat_shape.clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::{grid_1d, launch_binary, Init};
+        let g = cuda_geom(&self.p, &self.feat_shape, (s2, l2))?;
+        let (oh, ow) = self.p.output_size;
+        let expected = [g.k as usize, g.c as usize, oh, ow];
+        if l1.shape().dims() != expected {
+            candle_core::bail!(
+                "roi_align backward: gradient {:?}, expected {expected:?}",
+                l1.shape()
+            );
+        }
+        let out = launch_binary(
+            "roi_align_bwd",
+            false,
+            (s1, l1),
+            (s2, l2),
+            self.feat_shape.elem_count(),
+            Init::Zeros,
+            grid_1d(expected.iter().product()),
+            &g,
+        )?;
+        Ok((out, self.feat_shape.clone()))
+    }
 }
 
-/// RoIAlign: `features` `(B, C, H, W)` f32, `rois` `(K, 5)` `(batch_index, x1, y1, x2, y2)` in
-/// image pixels → `(K, C, oh, ow)`; differentiable in `features`. Runs on the CPU (other devices
-/// are copied there and back).
+/// RoIAlign: `features` `(B, C, H, W)`, `rois` `(K, 5)` `(batch_index, x1, y1, x2, y2)` in
+/// image pixels → `(K, C, oh, ow)` f32; differentiable in `features`. Runs on the CPU kernels
+/// (rayon), or with the `cuda` feature on CUDA features' own device (the RoIs are moved there);
+/// features on other devices are copied to the CPU and the result back.
 ///
 /// Errors: malformed shapes, a batch index outside `[0, B)`.
 pub fn roi_align(features: &Tensor, rois: &Tensor, p: RoiAlignParams) -> Result<Tensor> {
     let dev = features.device().clone();
+    if cfg!(feature = "cuda") && dev.is_cuda() {
+        let f = features.to_dtype(DType::F32)?.contiguous()?;
+        let r = rois.to_device(&dev)?.to_dtype(DType::F32)?.contiguous()?;
+        return f.apply_op2(&r, RoiAlign(p));
+    }
     let f = features
         .to_device(&candle_core::Device::Cpu)?
         .to_dtype(DType::F32)?
