@@ -272,12 +272,12 @@ impl Linear {
         let in_f = *dims
             .last()
             .ok_or_else(|| candle_core::Error::msg("Linear: scalar input"))?;
+        if let Some(b) = &self.bias {
+            // Any rank, without reshape nodes in the graph.
+            return crate::ops::bias::linear_bias(x, &self.weight, b);
+        }
         let rows = x.elem_count() / in_f.max(1);
-        let x2 = x.reshape((rows, in_f))?;
-        let y = match &self.bias {
-            Some(b) => crate::ops::bias::linear_bias(&x2, &self.weight, b)?,
-            None => x2.matmul(&self.weight.t()?)?,
-        };
+        let y = x.reshape((rows, in_f))?.matmul(&self.weight.t()?)?;
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("non-empty") = self.weight.dim(0)?;
         y.reshape(out_dims)

@@ -254,7 +254,7 @@ impl candle_core::CustomOp3 for LinearBias {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (rows, in_f) = l1.shape().dims2()?;
+        let (rows, in_f) = rows_last(l1.shape())?;
         let (out_f, _) = l2.shape().dims2()?;
         let what = "linear";
         let res = match (s1, s2, s3) {
@@ -280,7 +280,7 @@ impl candle_core::CustomOp3 for LinearBias {
             }
             _ => candle_core::bail!("linear: expected matching f32/f64, got {:?}", s1.dtype()),
         };
-        Ok((res, Shape::from((rows, out_f))))
+        Ok((res, with_last(l1.shape(), out_f)))
     }
 
     fn bwd(
@@ -293,13 +293,30 @@ impl candle_core::CustomOp3 for LinearBias {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let gy = gy.contiguous()?;
         let (x, w) = (x.detach(), w.detach());
-        let rows = x.dim(0)?;
+        let (rows, out_f) = rows_last(gy.shape())?;
         let gx = gy.apply_op2_no_bwd(&w, &Product::LinearGradInput)?;
         let gw = gy.apply_op2_no_bwd(&x, &Product::LinearGradWeight)?;
         let ones = Tensor::ones((1, rows), gy.dtype(), gy.device())?;
-        let gb = ones.matmul(&gy)?.flatten_all()?;
+        let gb = ones.matmul(&gy.reshape((rows, out_f))?)?.flatten_all()?;
         Ok((Some(gx), Some(gw), Some(gb)))
     }
+}
+
+/// `(rows, last)` of a shape `(..., last)`: the leading dimensions flattened.
+fn rows_last(s: &Shape) -> Result<(usize, usize)> {
+    match s.dims().last() {
+        Some(&last) => Ok((s.elem_count() / last.max(1), last)),
+        None => candle_core::bail!("linear: scalar operand"),
+    }
+}
+
+/// `shape` with its last dimension replaced by `last`.
+fn with_last(shape: &Shape, last: usize) -> Shape {
+    let mut d = shape.dims().to_vec();
+    if let Some(l) = d.last_mut() {
+        *l = last;
+    }
+    Shape::from(d)
 }
 
 /// `y = x Wᵀ + b` on raw buffers: `y` starts as `b` on every row and the product accumulates
@@ -335,9 +352,9 @@ fn linear_fwd<T: ConvFloat>(
 /// Used only inside backward passes: no gradient of their own.
 #[derive(Debug, Clone, Copy)]
 enum Product {
-    /// `(gy (rows, out), w (out, in)) → gy · w`, `(rows, in)`.
+    /// `(gy (..., out), w (out, in)) → gy · w`, `(..., in)` (leading dimensions as rows).
     LinearGradInput,
-    /// `(gy (rows, out), x (rows, in)) → gyᵀ · x`, `(out, in)`.
+    /// `(gy (..., out), x (..., in)) → gyᵀ · x`, `(out, in)` (leading dimensions as rows).
     LinearGradWeight,
     /// `(gy (B, G·og, HW), w (G, og, ig)) → (B, G·ig, HW)`, per image and group `W_gᵀ · gy_g`.
     PointwiseGradInput,
@@ -361,7 +378,7 @@ impl Product {
         );
         match *self {
             Product::LinearGradInput => {
-                let (rows, out_f) = la.shape().dims2()?;
+                let (rows, out_f) = rows_last(la.shape())?;
                 let (_, in_f) = lb.shape().dims2()?;
                 let mut gx = vec![T::zero(); rows * in_f];
                 gemm_into(
@@ -373,11 +390,18 @@ impl Product {
                     b,
                     MatView::rows_of(out_f, in_f, 0, in_f),
                 );
-                Ok((gx, Shape::from((rows, in_f))))
+                Ok((gx, with_last(la.shape(), in_f)))
             }
             Product::LinearGradWeight => {
-                let (rows, out_f) = la.shape().dims2()?;
-                let (_, in_f) = lb.shape().dims2()?;
+                let (rows, out_f) = rows_last(la.shape())?;
+                let (rows_x, in_f) = rows_last(lb.shape())?;
+                if rows_x != rows {
+                    candle_core::bail!(
+                        "linear backward: gradient {:?} and input {:?} differ in rows",
+                        la.shape(),
+                        lb.shape()
+                    );
+                }
                 let mut gw = vec![T::zero(); out_f * in_f];
                 gemm_into(
                     &mut gw,
@@ -462,13 +486,15 @@ impl CustomOp2 for Product {
     }
 }
 
-/// Fully connected layer with bias, `torch.nn.functional.linear`: `x` `(rows, in)`, `w`
-/// `(out, in)`, `b` `(out,)` → `(rows, out)`. On CPU (f32/f64) one op that stores no pre-bias
-/// intermediate; elsewhere `matmul` + [`add_bias_last`].
+/// Fully connected layer with bias, `torch.nn.functional.linear`: `x` `(..., in)`, `w`
+/// `(out, in)`, `b` `(out,)` → `(..., out)`. On CPU (f32/f64) one op on the input as it is (no
+/// reshape nodes, whose backward would each cost a zero-fill and an add of the full gradient in
+/// candle's autograd) that stores no pre-bias intermediate; elsewhere `matmul` +
+/// [`add_bias_last`] on the flattened rows.
 ///
-/// Errors: shape mismatches (`in` of `x` vs `w`, `out` vs `b`), unsupported dtypes.
+/// Errors: shape mismatches (`in` of `x` vs `w`, `out` vs `b`), a scalar `x`, unsupported dtypes.
 pub fn linear_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let (_, in_f) = x.dims2()?;
+    let (rows, in_f) = rows_last(x.shape())?;
     let (out_f, in_w) = w.dims2()?;
     if in_f != in_w || b.elem_count() != out_f {
         candle_core::bail!(
@@ -483,7 +509,8 @@ pub fn linear_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
             .contiguous()?
             .apply_op3(&w.contiguous()?, &b.contiguous()?, LinearBias);
     }
-    add_bias_last(&x.matmul(&w.t()?)?, b)
+    let y = add_bias_last(&x.reshape((rows, in_f))?.matmul(&w.t()?)?, b)?;
+    y.reshape(with_last(x.shape(), out_f))
 }
 
 #[cfg(test)]
@@ -526,6 +553,29 @@ mod linear_tests {
             );
         }
         assert!(linear_bias(&x, &w.t().unwrap(), &b).is_err());
+        // Leading dimensions are rows: (2, 4, 5) gives what the (8, 5) rows give.
+        let x3 = Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 4, 5), &dev).unwrap()).unwrap();
+        let y3 = linear_bias(&x3, &w, &b).unwrap();
+        assert_eq!(y3.dims(), [2, 4, 3]);
+        let y2 = linear_bias(&x3.reshape((8, 5)).unwrap(), &w, &b).unwrap();
+        assert!(err(&y3.reshape((8, 3)).unwrap(), &y2) < 1e-12);
+        let proj3 = Tensor::randn(0f64, 1.0, (2, 4, 3), &dev).unwrap();
+        let g3 = (&y3 * &proj3)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = (&y2 * &proj3.reshape((8, 3)).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert_eq!(g3.get(&x3).unwrap().dims(), [2, 4, 5]);
+        assert!(err(g3.get(&x3).unwrap(), g2.get(&x3).unwrap()) < 1e-12);
+        assert!(err(g3.get(&w).unwrap(), g2.get(&w).unwrap()) < 1e-12);
+        assert!(err(g3.get(&b).unwrap(), g2.get(&b).unwrap()) < 1e-12);
     }
 
     /// Grouped 1x1 conv with and without bias equals candle's grouped `conv2d` (+ bias), values
