@@ -8,7 +8,7 @@
 //! `dβ = Σ dy`, `dγ = Σ dy·x̂`, `dx = γ/sqrt(σ² + eps) · (dy − dβ/n − x̂·dγ/n)`.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Per-channel batch statistics: `(mean, biased variance)`, accumulated in f64 (two passes).
@@ -373,6 +373,9 @@ fn bn_train(
             x.dims()
         );
     }
+    if !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::F64) {
+        return composed(x, weight, bias, eps, relu);
+    }
     let x = x.contiguous()?;
     let st = x.detach().apply_op1_no_bwd(&Stats)?.to_vec2::<f64>()?;
     let (mean, var) = (st[0].clone(), st[1].clone());
@@ -387,6 +390,36 @@ fn bn_train(
         BnTrain { ms, relu },
     )?;
     Ok((y, mean, var))
+}
+
+/// Training-mode batch norm from candle ops (the statistics are part of the graph, as in
+/// PyTorch's composite): the path on devices without a kernel of ours, tested against the op.
+fn composed(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<(Tensor, Vec<f64>, Vec<f64>)> {
+    let (b, c, hw) = dims(x.shape())?;
+    let x3 = x.reshape((b, c, hw))?;
+    let mean = x3.mean_keepdim(2)?.mean_keepdim(0)?; // (1, C, 1)
+    let centred = x3.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(2)?.mean_keepdim(0)?; // biased
+    let inv = (var.clone() + eps)?.sqrt()?.recip()?;
+    let y = centred
+        .broadcast_mul(&inv)?
+        .broadcast_mul(&weight.reshape((1, c, 1))?)?
+        .broadcast_add(&bias.reshape((1, c, 1))?)?;
+    let y = if relu { y.relu()? } else { y };
+    let stat = |t: &Tensor| -> Result<Vec<f64>> {
+        t.detach()
+            .flatten_all()?
+            .to_dtype(DType::F64)?
+            .to_device(&candle_core::Device::Cpu)?
+            .to_vec1()
+    };
+    Ok((y.reshape(x.shape())?, stat(&mean)?, stat(&var)?))
 }
 
 #[cfg(test)]
@@ -504,5 +537,49 @@ mod tests {
         let x = randn(&[1, 2, 1, 1], 1);
         let w = randn(&[2], 2);
         assert!(batch_norm_train(&x, &w, &w, 1e-5).is_err());
+    }
+
+    /// The composed fallback (other devices) equals the op in values, statistics and gradients
+    /// (f64, 1e-10: summation order only).
+    #[test]
+    fn composed_fallback_matches_op() {
+        for relu in [false, true] {
+            let x = Var::from_tensor(&randn(&[3, 4, 5, 2], 11)).unwrap();
+            let w = Var::from_tensor(&randn(&[4], 12)).unwrap();
+            let b = Var::from_tensor(&randn(&[4], 13)).unwrap();
+            let (y1, m1, v1) = bn_train(&x, &w, &b, 1e-5, relu).unwrap();
+            let (y2, m2, v2) = composed(&x, &w, &b, 1e-5, relu).unwrap();
+            let err = |a: &Tensor, b: &Tensor| {
+                (a - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+            };
+            assert!(err(&y1, &y2) < 1e-10);
+            for (a, b) in m1.iter().zip(&m2).chain(v1.iter().zip(&v2)) {
+                assert!((a - b).abs() < 1e-10);
+            }
+            let proj = randn(&[3, 4, 5, 2], 14);
+            let g1 = (&y1 * &proj)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g2 = (&y2 * &proj)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for t in [&x, &w, &b] {
+                let e = err(g1.get(t).unwrap(), g2.get(t).unwrap());
+                assert!(e < 1e-10, "relu {relu}, {:?}: {e}", t.dims());
+            }
+        }
     }
 }

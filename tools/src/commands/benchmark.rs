@@ -391,6 +391,28 @@ pub struct BackboneArgs {
     /// Print one JSON object `{"median_ms", "peak_mb", "params"}` as the last line.
     #[arg(long)]
     json: bool,
+    /// `cpu`, or `cuda` / `cuda:N` (a binary built with `--features cuda`); on CUDA each
+    /// iteration ends with a device synchronisation, and peak memory is the host's.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+/// Parses `cpu`, `cuda` or `cuda:N`.
+///
+/// Errors: another spelling, or a CUDA device that does not open (no GPU, or a binary built
+/// without the `cuda` feature).
+pub fn parse_device(s: &str) -> Result<Device> {
+    let ordinal = match s.trim() {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        other => other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+            .with_context(|| format!("--device must be cpu, cuda or cuda:N, got {s:?}"))?,
+    };
+    Device::new_cuda(ordinal).with_context(|| {
+        format!("--device {s}: CUDA device {ordinal} did not open (is this a --features cuda build on a GPU machine?)")
+    })
 }
 
 /// Parses `HxW`.
@@ -439,7 +461,7 @@ pub fn run(b: Benchmark) -> Result<()> {
 
 fn backbone(a: BackboneArgs) -> Result<()> {
     let (h, w) = parse_shape(&a.shape)?;
-    let device = Device::Cpu;
+    let device = parse_device(&a.device)?;
     let loaded = backbone_config::build_backbone(&a.config, None, &device)?;
     let params = loaded.vars.num_parameters();
     let x = Tensor::randn(0f32, 1.0, (a.batch, 3, h, w), &device)?;
@@ -457,18 +479,20 @@ fn backbone(a: BackboneArgs) -> Result<()> {
             }
             loss.backward()?;
         }
+        device.synchronize()?;
         Ok(())
     };
     let times = timed_ms(a.iters, step)?;
     let median = times[times.len() / 2];
     let peak = peak_rss_mb();
     println!(
-        "{} {}x{} batch {} ({}), {} threads: median {:.2} ms over {} iters (min {:.2}, max {:.2}), peak RSS {:.0} MiB, {} params",
+        "{} {}x{} batch {} ({}) on {:?}, {} threads: median {:.2} ms over {} iters (min {:.2}, max {:.2}), peak RSS {:.0} MiB, {} params",
         a.config.display(),
         h,
         w,
         a.batch,
         if a.train { "forward+backward" } else { "forward" },
+        device,
         rayon::current_num_threads(),
         median,
         times.len(),
