@@ -23,3 +23,38 @@ pub fn set_default_thread_env() {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
 }
+
+/// Stack size of the global rayon pool's worker threads (see [`init_global_pool`]): the whole
+/// computation runs on one of them ([`run_on_pool`]), and candle's backward pass and the drop of
+/// a training graph recurse once per graph node (a few thousand for SMT-L), so the 2 MiB default
+/// of spawned threads is too small. Only address space is reserved; pages are touched on use.
+pub const WORKER_STACK_BYTES: usize = 256 << 20;
+
+/// Builds rayon's global pool (thread count from `RAYON_NUM_THREADS`, see
+/// [`set_default_thread_env`]) with [`WORKER_STACK_BYTES`] stacks. Returns `false` when the pool
+/// already existed (someone used rayon first); it is then used as it is.
+pub fn init_global_pool() -> bool {
+    rayon::ThreadPoolBuilder::new()
+        .stack_size(WORKER_STACK_BYTES)
+        .build_global()
+        .is_ok()
+}
+
+/// Runs `f` on a worker thread of rayon's global pool and returns its result (the caller blocks
+/// until then); runs it in place when already on a pool thread.
+///
+/// Why: a parallel op called from a thread outside the pool hands its job to the pool and puts the
+/// caller to sleep until a worker wakes it, a two-way thread handoff per op. A training step runs
+/// a few thousand ops, many of them small, and those handoffs (futex wake-ups, three runnable
+/// threads on two cores) cost as much as the small ops themselves. Called from a worker, an op
+/// splits its work with the other workers instead (rayon's work stealing): SMT-T stage-3 MSA
+/// block forward + backward 13–15 → 10.5 ms (BENCHMARKS.md).
+///
+/// Panics in `f` propagate to the caller. `f` must not block waiting for work that it expects
+/// other rayon jobs of the global pool to do when the pool has one thread.
+pub fn run_on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        return f();
+    }
+    rayon::scope(|_| f())
+}

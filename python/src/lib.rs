@@ -8,6 +8,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use densepred_backbones::Backbone as _;
+use densepred_core::threads::run_on_pool;
 use densepred_datasets::DataError;
 use densepred_engine::backbone::{build_backbone, LoadedBackbone};
 use densepred_engine::inference::{ImageInput, Inferencer};
@@ -287,7 +288,7 @@ impl Detector {
         inputs: Vec<ImageInput>,
     ) -> PyResult<Vec<Bound<'py, PyDict>>> {
         let dets = py
-            .detach(|| self.inner.detect(&inputs))
+            .detach(|| run_on_pool(|| self.inner.detect(&inputs)))
             .map_err(engine_err)?;
         dets.iter().map(|d| self.to_dict(py, d)).collect()
     }
@@ -370,7 +371,7 @@ impl Segmentor {
         inputs: Vec<ImageInput>,
     ) -> PyResult<Vec<Bound<'py, numpy::PyArray2<i32>>>> {
         let maps = py
-            .detach(|| self.inner.segment(&inputs))
+            .detach(|| run_on_pool(|| self.inner.segment(&inputs)))
             .map_err(engine_err)?;
         Ok(maps
             .into_iter()
@@ -500,16 +501,18 @@ impl Backbone {
         let data: Vec<f32> = arr.as_array().iter().copied().collect();
         let dev = self.device.clone();
         let stages = py
-            .detach(|| -> candle_core::Result<Vec<(Vec<usize>, Vec<f32>)>> {
-                let t = Tensor::from_vec(data, shape.as_slice(), &dev)?;
-                let outs = self.inner.inference.forward_stages(&t, false)?;
-                outs.into_iter()
-                    .map(|o| {
-                        let dims = o.dims().to_vec();
-                        let v = o.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                        Ok((dims, v))
-                    })
-                    .collect()
+            .detach(|| {
+                run_on_pool(|| -> candle_core::Result<Vec<(Vec<usize>, Vec<f32>)>> {
+                    let t = Tensor::from_vec(data, shape.as_slice(), &dev)?;
+                    let outs = self.inner.inference.forward_stages(&t, false)?;
+                    outs.into_iter()
+                        .map(|o| {
+                            let dims = o.dims().to_vec();
+                            let v = o.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                            Ok((dims, v))
+                        })
+                        .collect()
+                })
             })
             .map_err(candle_err)?;
         stages
@@ -559,7 +562,7 @@ fn run_interruptible<T: Send>(
     let mut pending: Option<PyErr> = None;
     let result = py.detach(|| {
         std::thread::scope(|s| {
-            let handle = s.spawn(work);
+            let handle = s.spawn(|| run_on_pool(work));
             while !handle.is_finished() {
                 std::thread::sleep(std::time::Duration::from_millis(100));
                 if pending.is_none() {
@@ -658,7 +661,7 @@ fn test<'py>(
     let (cfg, _) = load_config(&config, &overrides)?;
     require_file(&checkpoint, "checkpoint")?;
     let metrics = py
-        .detach(|| test_impl(&cfg, &checkpoint, progress))
+        .detach(|| run_on_pool(|| test_impl(&cfg, &checkpoint, progress)))
         .map_err(engine_err)?;
     json_to_py(py, &metrics)
 }
@@ -833,6 +836,8 @@ fn densepred(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // As the CLI: candle's thread counts (CANDLE_NUM_THREADS=1, RAYON_NUM_THREADS fixed) unless
     // the user chose them.
     densepred_core::threads::set_default_thread_env();
+    // Heavy calls run on a rayon worker (densepred_core::threads::run_on_pool), with big stacks.
+    densepred_core::threads::init_global_pool();
     // The CLI's log lines (training progress, warnings) on stderr; RUST_LOG filters them. A
     // second import, or a host that installed a subscriber, keeps the existing one.
     let _ = tracing_subscriber::fmt()

@@ -68,6 +68,7 @@ fn main() {
     // candle's thread counts (CANDLE_NUM_THREADS=1, RAYON_NUM_THREADS fixed) unless the user
     // chose them; before any candle call.
     densepred_core::threads::set_default_thread_env();
+    densepred_core::threads::init_global_pool();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -76,7 +77,9 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let res = match cli.command {
+    // All work runs on a rayon worker: parallel ops then split work with the other workers
+    // instead of handing it over and sleeping (densepred_core::threads::run_on_pool).
+    let res = densepred_core::threads::run_on_pool(move || match cli.command {
         Command::Train(a) => commands::train::run(a),
         Command::Test(a) => commands::test::run(a),
         Command::Infer(a) => commands::infer::run(a),
@@ -87,7 +90,7 @@ fn main() {
         Command::Analyze(a) => commands::analyze::run(a),
         Command::Eval(e) => commands::eval::run(e),
         Command::BrowseDataset(a) => commands::browse::run(a),
-    };
+    });
     if let Err(e) = res {
         eprintln!("error: {e:#}");
         std::process::exit(1);
