@@ -20,8 +20,8 @@ use candle_core::{Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use densepred_core::nn::{gelu, BatchNorm2d, Conv2d, ConvCfg, DropPath, LayerNorm, Linear};
 use densepred_core::ops::{
-    depthwise_conv2d, mul_scale_last, scaled_dot_product_attention, softmax_last_dim, token_dwconv,
-    transpose_last2, DwConvParams, LocalMode,
+    depthwise_conv2d, detail_ffn, mul_scale_last, scaled_dot_product_attention, softmax_last_dim,
+    token_dwconv, transpose_last2, DwConvParams, LocalMode,
 };
 use densepred_core::ShapeSpec;
 use serde::{Deserialize, Serialize};
@@ -499,12 +499,19 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
-        let x = self.fc1.forward(x)?;
-        // GELU(x + DW3x3(x)) fused, on tokens.
-        self.fc2.forward(
-            &self
-                .dwconv
-                .forward_tokens(&x, h, w, LocalMode::ResidualGelu)?,
+        // fc1 → GELU(h + DW3x3(h)) → fc2 on tokens; one op when training on the CPU.
+        let (Some(b1), Some(b2)) = (&self.fc1.bias, &self.fc2.bias) else {
+            candle_core::bail!("SMT Mlp: fc1 and fc2 have biases");
+        };
+        detail_ffn(
+            x,
+            &self.fc1.weight,
+            b1,
+            &self.dwconv.weight,
+            &self.dwconv.bias,
+            &self.fc2.weight,
+            b2,
+            (h, w),
         )
     }
 }

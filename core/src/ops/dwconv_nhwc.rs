@@ -26,16 +26,18 @@ pub enum LocalMode {
     ResidualGelu,
 }
 
+/// Geometry of a token convolution: batch, map height and width, channels, (odd) kernel size.
 #[derive(Debug, Clone, Copy)]
-struct Geo {
-    b: usize,
-    h: usize,
-    w: usize,
-    c: usize,
-    k: usize,
+pub(crate) struct Geo {
+    pub(crate) b: usize,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
+    pub(crate) c: usize,
+    pub(crate) k: usize,
 }
 
-trait Act: Float + Send + Sync {
+/// Exact (erf) GELU and its derivative, vectorisable in f32.
+pub(crate) trait Act: Float + Send + Sync {
     fn gelu(self) -> Self;
     fn gelu_grad(self) -> Self;
 }
@@ -66,7 +68,8 @@ impl Act for f64 {
 
 /// `z = [x +] DW(x) + b` for one output row `(b, y)`: `out` has `W·C` values.
 #[inline]
-fn conv_row<T: Float>(
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv_row<T: Float>(
     g: &Geo,
     x: &[T],
     wt: &[T],
@@ -110,7 +113,7 @@ fn conv_row<T: Float>(
 }
 
 /// Weight `(C, 1, k, k)` → tap-major `(k·k, C)`.
-fn taps_major<T: Float>(w: &[T], c: usize, k: usize) -> Vec<T> {
+pub(crate) fn taps_major<T: Float>(w: &[T], c: usize, k: usize) -> Vec<T> {
     let mut t = vec![T::zero(); c * k * k];
     for ch in 0..c {
         for i in 0..k * k {
@@ -153,10 +156,8 @@ fn backward<T: Act>(
     dy: &[T],
     mode: LocalMode,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
-    let (c, k) = (g.c, g.k);
-    let p = k / 2;
-    let row = g.w * c;
-    let wt = taps_major(w, c, k);
+    let row = g.w * g.c;
+    let wt = taps_major(w, g.c, g.k);
     // dz = dy · GELU'(z) (or dy).
     let mut dz = dy.to_vec();
     if mode == LocalMode::ResidualGelu {
@@ -168,9 +169,23 @@ fn backward<T: Act>(
             }
         });
     }
-    // dx[y', x'] = [dz[y', x'] +] Σ_taps w · dz[y' − ky + p, x' − kx + p]: a gather per row.
+    let dx = grad_input(g, &dz, &wt, mode == LocalMode::ResidualGelu);
+    let (gw, gb) = grad_weight_bias(g, x, &dz);
+    (dx, gw, gb)
+}
+
+/// `dx` of `z = [x +] DW(x) + b` given `dz` (`(B, H·W, C)`) and tap-major weights `wt` `(k·k, C)`:
+/// `dx[y', x'] = [dz[y', x'] +] Σ_taps w · dz[y' − ky + p, x' − kx + p]`, a gather per row.
+pub(crate) fn grad_input<T: Float + Send + Sync>(
+    g: &Geo,
+    dz: &[T],
+    wt: &[T],
+    residual: bool,
+) -> Vec<T> {
+    let (c, k) = (g.c, g.k);
+    let p = k / 2;
+    let row = g.w * c;
     let mut dx = vec![T::zero(); dz.len()];
-    let residual = mode == LocalMode::ResidualGelu;
     dx.par_chunks_mut(row).enumerate().for_each(|(r, o)| {
         let (bi, y) = (r / g.h, r % g.h);
         let plane = &dz[bi * g.h * row..(bi + 1) * g.h * row];
@@ -199,7 +214,19 @@ fn backward<T: Act>(
             }
         }
     });
-    // dw (tap-major accumulators per row chunk, reduced) and db.
+    dx
+}
+
+/// Weight `(C, 1, k, k)` and bias `(C,)` gradients of `z = DW(x) + b` given `dz`: per-thread
+/// tap-major accumulators over row chunks, reduced.
+pub(crate) fn grad_weight_bias<T: Float + Send + Sync>(
+    g: &Geo,
+    x: &[T],
+    dz: &[T],
+) -> (Vec<T>, Vec<T>) {
+    let (c, k) = (g.c, g.k);
+    let p = k / 2;
+    let row = g.w * c;
     let rows = g.b * g.h;
     let (gwt, gb) = (0..rows)
         .into_par_iter()
@@ -250,7 +277,7 @@ fn backward<T: Act>(
             gw[ch * k * k + i] = gwt[i * c + ch];
         }
     }
-    (dx, gw, gb)
+    (gw, gb)
 }
 
 struct LocalConv {
