@@ -20,8 +20,8 @@ use candle_core::{Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use densepred_core::nn::{gelu, BatchNorm2d, Conv2d, ConvCfg, DropPath, LayerNorm, Linear};
 use densepred_core::ops::{
-    depthwise_conv2d, detail_ffn, mul_scale_last, scaled_dot_product_attention, softmax_last_dim,
-    token_dwconv, transpose_last2, DwConvParams, LocalMode,
+    detail_ffn, mul_scale_last, multi_head_mixed_conv, scaled_dot_product_attention,
+    softmax_last_dim, token_dwconv, transpose_last2, LocalMode,
 };
 use densepred_core::ShapeSpec;
 use serde::{Deserialize, Serialize};
@@ -311,7 +311,6 @@ fn to_map(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
 struct DwConv {
     weight: Tensor,
     bias: Tensor,
-    pad: usize,
 }
 
 impl DwConv {
@@ -326,20 +325,7 @@ impl DwConv {
             },
         )?;
         let bias = vb.get_with_hints(c, "bias", Init::Const(0.0))?;
-        Ok(Self {
-            weight,
-            bias,
-            pad: k / 2,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        depthwise_conv2d(
-            x,
-            &self.weight,
-            Some(&self.bias),
-            DwConvParams::same(self.pad),
-        )
+        Ok(Self { weight, bias })
     }
 
     /// The same convolution applied to tokens `(B, h·w, C)` directly (channels-last), followed by
@@ -358,7 +344,6 @@ struct Sam {
     bn: BatchNorm2d,
     proj1: Conv2d,
     proj: Linear,
-    heads: usize,
 }
 
 impl Sam {
@@ -385,25 +370,18 @@ impl Sam {
             bn: BatchNorm2d::new(vb.pp("bn"), dim * er, 1e-5)?,
             proj1: Conv2d::new(vb.pp("proj1"), dim * er, dim, 1, ConvCfg::default(), true)?,
             proj: Linear::new(vb.pp("proj"), dim, dim, true)?,
-            heads,
         })
     }
 
     /// The modulator `M` `(B, C, h, w)` (output of `proj1`) for normalised tokens `x` `(B, N, C)`.
     fn modulator(&self, x: &Tensor, h: usize, w: usize, train: bool) -> Result<Tensor> {
-        let (b, _, c) = x.dims3()?;
-        let cg = c / self.heads;
         let s = to_map(&self.s.forward(x)?, h, w)?;
         // MHMC: head i convolves its contiguous channel slice with a (3+2i)x(3+2i) kernel. The
         // outputs are interleaved so that channel g*heads + i is channel g of head i: each group of
         // SAA's proj0 then sees one channel of every head (the paper's "scale-aware" mixing).
-        let heads_out = self
-            .local_convs
-            .iter()
-            .enumerate()
-            .map(|(i, conv)| conv.forward(&s.narrow(1, i * cg, cg)?)?.unsqueeze(2))
-            .collect::<Result<Vec<_>>>()?;
-        let mixed = Tensor::cat(&heads_out, 2)?.reshape((b, c, h, w))?;
+        let weights: Vec<Tensor> = self.local_convs.iter().map(|c| c.weight.clone()).collect();
+        let biases: Vec<Tensor> = self.local_convs.iter().map(|c| c.bias.clone()).collect();
+        let mixed = multi_head_mixed_conv(&s, &weights, &biases)?;
         // SAA: grouped 1x1 (W_intra) -> BN -> GELU -> dense 1x1 (W_inter).
         let m = self.bn.forward(&self.proj0.forward(&mixed)?, train)?;
         self.proj1.forward(&gelu(&m)?)

@@ -48,7 +48,7 @@ impl DwConvParams {
 
 /// Sizes of one problem, resolved once from the shapes.
 #[derive(Debug, Clone, Copy)]
-struct Geom {
+pub(crate) struct Geom {
     b: usize,
     c: usize,
     h: usize,
@@ -75,7 +75,7 @@ fn out_len(len: usize, k: usize, s: usize, p: usize, d: usize, axis: &str) -> Re
 }
 
 impl Geom {
-    fn new(x: &Shape, w: &Shape, p: DwConvParams) -> Result<Self> {
+    pub(crate) fn new(x: &Shape, w: &Shape, p: DwConvParams) -> Result<Self> {
         let (b, c, h, wd) = x.dims4()?;
         let (wc, one, kh, kw) = w.dims4()?;
         if wc != c || one != 1 {
@@ -126,7 +126,7 @@ impl Geom {
 
     /// Input row read by output row `oy` at kernel row `ky`, if inside the image.
     #[inline]
-    fn in_row(&self, oy: usize, ky: usize) -> Option<usize> {
+    pub(crate) fn in_row(&self, oy: usize, ky: usize) -> Option<usize> {
         let iy =
             (oy * self.p.stride.0 + ky * self.p.dilation.0) as isize - self.p.padding.0 as isize;
         (iy >= 0 && (iy as usize) < self.h).then_some(iy as usize)
@@ -135,7 +135,7 @@ impl Geom {
     /// For kernel column `kx`: the output columns `[ox0, ox1)` whose input column
     /// `ox * sw + off` lies inside the image, and `off = kx * dw - pw`.
     #[inline]
-    fn col_range(&self, kx: usize) -> (usize, usize, isize) {
+    pub(crate) fn col_range(&self, kx: usize) -> (usize, usize, isize) {
         let sw = self.p.stride.1 as isize;
         let off = (kx * self.p.dilation.1) as isize - self.p.padding.1 as isize;
         let ox0 = if off >= 0 { 0 } else { (-off + sw - 1) / sw };
@@ -151,7 +151,7 @@ impl Geom {
 
 /// `out_row[ox0..ox1] (+)= wv * in_row[ox*sw + off]` for the valid columns.
 #[inline]
-fn axpy_row<T: Float>(
+pub(crate) fn axpy_row<T: Float>(
     out: &mut [T],
     inp: &[T],
     wv: T,
@@ -179,7 +179,7 @@ fn axpy_row<T: Float>(
 
 /// The adjoint of `axpy_row`: `in_row[ox*sw + off] += wv * out_row[ox]`.
 #[inline]
-fn axpy_row_adjoint<T: Float>(
+pub(crate) fn axpy_row_adjoint<T: Float>(
     inp: &mut [T],
     out: &[T],
     wv: T,
@@ -207,7 +207,14 @@ fn axpy_row_adjoint<T: Float>(
 
 /// `sum_ox out_row[ox] * in_row[ox*sw + off]` over the valid columns.
 #[inline]
-fn dot_row<T: Float>(out: &[T], inp: &[T], ox0: usize, ox1: usize, off: isize, sw: usize) -> T {
+pub(crate) fn dot_row<T: Float>(
+    out: &[T],
+    inp: &[T],
+    ox0: usize,
+    ox1: usize,
+    off: isize,
+    sw: usize,
+) -> T {
     let mut acc = T::zero();
     if ox0 >= ox1 {
         return acc;
@@ -306,7 +313,7 @@ fn grad_weight_kernel<T: Float + Send + Sync>(g: &Geom, x: &[T], gy: &[T]) -> Ve
 }
 
 /// Runs `f` on the contiguous data of two CPU storages of the same float dtype.
-fn with_pair<F32F, F64F>(
+pub(crate) fn with_pair<F32F, F64F>(
     op: &str,
     s1: &CpuStorage,
     l1: &Layout,
