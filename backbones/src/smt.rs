@@ -20,8 +20,8 @@ use candle_core::{Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use densepred_core::nn::{gelu, BatchNorm2d, Conv2d, ConvCfg, DropPath, LayerNorm, Linear};
 use densepred_core::ops::{
-    detail_ffn, mul_scale_last, multi_head_mixed_conv, scaled_dot_product_attention,
-    softmax_last_dim, token_dwconv, transpose_last2, LocalMode,
+    detail_ffn, mul_scale_last, multi_head_mixed_conv, token_attention, token_dwconv,
+    transpose_last2, LocalMode,
 };
 use densepred_core::ShapeSpec;
 use serde::{Deserialize, Serialize};
@@ -424,30 +424,14 @@ impl Msa {
     }
 
     fn forward(&self, x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
-        let (b, n, c) = x.dims3()?;
-        let (nh, d) = (self.heads, c / self.heads);
-        let q = self
-            .q
-            .forward(x)?
-            .reshape((b, n, nh, d))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let kv = self
-            .kv
-            .forward(x)?
-            .reshape((b, n, 2, nh, d))?
-            .permute((2, 0, 3, 1, 4))?;
-        let k = kv.get(0)?.contiguous()?;
-        let v = kv.get(1)?.contiguous()?;
-        // softmax(q kᵀ · scale) v without keeping the N × N probabilities for the backward.
-        let o = if q.device().is_cpu() {
-            scaled_dot_product_attention(&q, &k, &v, self.scale)?
-        } else {
-            softmax_last_dim(&(q.matmul(&transpose_last2(&k)?)? * self.scale)?)?.matmul(&v)?
-        };
-        let o = o.transpose(1, 2)?.reshape((b, n, c))?;
-        // v (B, nh, N, d) -> tokens (B, N, nh*d): channels head-major, as the official reshape.
-        let v_tokens = v.transpose(1, 2)?.reshape((b, n, c))?;
+        let c = x.dim(2)?;
+        let q = self.q.forward(x)?;
+        // kv (B, N, 2C): keys in channels 0..C, values in C..2C (the official
+        // reshape(B, N, 2, heads, d)); the attention reads the heads in place.
+        let kv = self.kv.forward(x)?;
+        let o = token_attention(&q, &kv, self.heads, self.scale)?;
+        // The local branch: DW3x3 on v in token layout (v.transpose(1, 2).reshape(B, N, C)).
+        let v_tokens = kv.narrow(2, c, c)?;
         let local = self
             .local_conv
             .forward_tokens(&v_tokens, h, w, LocalMode::Plain)?;

@@ -9,9 +9,13 @@
 //! `dV = Pᵀ dO`, `dP = dO Vᵀ`, `dS = P ⊙ (dP − rowsum(dO ⊙ O))`, `dQ = scale · dS K`,
 //! `dK = scale · dSᵀ Q`.
 
+use super::im2col::{gemm_into_ex, ConvFloat, MatView};
 use super::{softmax_last_dim, transpose_last2};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D,
+};
+use rayon::prelude::*;
 
 struct Sdpa {
     scale: f64,
@@ -140,6 +144,341 @@ fn composed(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     candle_nn::ops::softmax(&s, D::Minus1)?.matmul(&v.contiguous()?)
 }
 
+/// Sizes of a token attention: batch, query and key tokens, heads, head width.
+#[derive(Debug, Clone, Copy)]
+struct TokGeo {
+    b: usize,
+    n: usize,
+    m: usize,
+    heads: usize,
+    d: usize,
+}
+
+impl TokGeo {
+    fn c(&self) -> usize {
+        self.heads * self.d
+    }
+    /// Head `h` of image `bi` in `q` `(B, N, C)`: an `N × d` view with row stride `C`.
+    fn q(&self, bi: usize, h: usize) -> MatView {
+        MatView::rows_of(
+            self.n,
+            self.d,
+            bi * self.n * self.c() + h * self.d,
+            self.c(),
+        )
+    }
+    /// Keys of head `h` in `kv` `(B, M, 2C)`: `M × d`, row stride `2C`.
+    fn k(&self, bi: usize, h: usize) -> MatView {
+        MatView::rows_of(
+            self.m,
+            self.d,
+            bi * self.m * 2 * self.c() + h * self.d,
+            2 * self.c(),
+        )
+    }
+    /// Values of head `h` in `kv`: the second half of each row.
+    fn v(&self, bi: usize, h: usize) -> MatView {
+        MatView::rows_of(
+            self.m,
+            self.d,
+            bi * self.m * 2 * self.c() + self.c() + h * self.d,
+            2 * self.c(),
+        )
+    }
+}
+
+/// Row softmax of a row-major `(rows, m)` buffer, in place (max-subtracted, as
+/// [`softmax_last_dim`]).
+fn softmax_rows<T: num_traits::Float>(s: &mut [T], m: usize) {
+    for r in s.chunks_mut(m) {
+        let mx = super::reduce::max(r);
+        for v in r.iter_mut() {
+            *v = (*v - mx).exp();
+        }
+        let inv = T::one() / super::reduce::sum(r);
+        for v in r.iter_mut() {
+            *v = *v * inv;
+        }
+    }
+}
+
+/// Multi-head attention on token layouts, `softmax(scale · Q Kᵀ) V` per head, reading the heads
+/// as strided views of `q` `(B, N, C)` and `kv` `(B, M, 2C)` (keys in the first `C` channels,
+/// values in the last, head `h` at channels `h·d..(h+1)·d` of each) and writing `(B, N, C)`: no
+/// head-split copies of the inputs or head-merge copy of the output. Keeps no `N × M` matrix for
+/// the backward (recomputed there, as [`Sdpa`]).
+struct TokenAttention {
+    heads: usize,
+    scale: f64,
+}
+
+impl TokenAttention {
+    fn geo(&self, q: &Shape, kv: &Shape) -> Result<TokGeo> {
+        let (b, n, c) = q.dims3()?;
+        let (bk, m, c2) = kv.dims3()?;
+        if self.heads == 0 || c % self.heads != 0 || bk != b || c2 != 2 * c {
+            candle_core::bail!(
+                "token attention: q {:?}, kv {:?} with {} heads (need kv (B, M, 2C), C divisible by heads)",
+                q.dims(),
+                kv.dims(),
+                self.heads
+            );
+        }
+        Ok(TokGeo {
+            b,
+            n,
+            m,
+            heads: self.heads,
+            d: c / self.heads,
+        })
+    }
+
+    /// `P = softmax(scale · Q Kᵀ)` of one head, `(N, M)`.
+    fn probs<T: ConvFloat + num_traits::Float>(
+        &self,
+        g: &TokGeo,
+        q: &[T],
+        kv: &[T],
+        bi: usize,
+        h: usize,
+    ) -> Vec<T> {
+        let mut p = vec![T::zero(); g.n * g.m];
+        gemm_into_ex(
+            &mut p,
+            MatView::rows_of(g.n, g.m, 0, g.m),
+            false,
+            q,
+            g.q(bi, h),
+            kv,
+            g.k(bi, h).t(),
+            T::from(self.scale).unwrap_or_else(T::one),
+            false,
+        );
+        softmax_rows(&mut p, g.m);
+        p
+    }
+
+    fn forward<T: ConvFloat + num_traits::Float>(&self, g: &TokGeo, q: &[T], kv: &[T]) -> Vec<T> {
+        let c = g.c();
+        let heads: Vec<Vec<T>> = (0..g.b * g.heads)
+            .into_par_iter()
+            .map(|j| {
+                let (bi, h) = (j / g.heads, j % g.heads);
+                let p = self.probs(g, q, kv, bi, h);
+                let mut o = vec![T::zero(); g.n * g.d];
+                gemm_into_ex(
+                    &mut o,
+                    MatView::rows_of(g.n, g.d, 0, g.d),
+                    false,
+                    &p,
+                    MatView::rows_of(g.n, g.m, 0, g.m),
+                    kv,
+                    g.v(bi, h),
+                    T::one(),
+                    false,
+                );
+                o
+            })
+            .collect();
+        let mut out = vec![T::zero(); g.b * g.n * c];
+        out.par_chunks_mut(c).enumerate().for_each(|(r, row)| {
+            let (bi, t) = (r / g.n, r % g.n);
+            for h in 0..g.heads {
+                row[h * g.d..(h + 1) * g.d]
+                    .copy_from_slice(&heads[bi * g.heads + h][t * g.d..(t + 1) * g.d]);
+            }
+        });
+        out
+    }
+
+    /// `(dq (B, N, C), dkv (B, M, 2C))` for the output `o` and its gradient `go`, both `(B, N, C)`.
+    fn backward<T: ConvFloat + num_traits::Float>(
+        &self,
+        g: &TokGeo,
+        q: &[T],
+        kv: &[T],
+        o: &[T],
+        go: &[T],
+    ) -> (Vec<T>, Vec<T>) {
+        let c = g.c();
+        let scale = T::from(self.scale).unwrap_or_else(T::one);
+        let dn = MatView::rows_of(g.n, g.d, 0, g.d);
+        let dm = MatView::rows_of(g.m, g.d, 0, g.d);
+        let nm = MatView::rows_of(g.n, g.m, 0, g.m);
+        let per_head: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..g.b * g.heads)
+            .into_par_iter()
+            .map(|j| {
+                let (bi, h) = (j / g.heads, j % g.heads);
+                let gov = g.q(bi, h); // dO and O of this head share q's layout
+                let p = self.probs(g, q, kv, bi, h);
+                // dV = Pᵀ dO.
+                let mut dv = vec![T::zero(); g.m * g.d];
+                gemm_into_ex(&mut dv, dm, false, &p, nm.t(), go, gov, T::one(), false);
+                // dP = dO Vᵀ; dS = P ⊙ (dP − rowsum(dO ⊙ O)).
+                let mut ds = vec![T::zero(); g.n * g.m];
+                gemm_into_ex(
+                    &mut ds,
+                    nm,
+                    false,
+                    go,
+                    gov,
+                    kv,
+                    g.v(bi, h).t(),
+                    T::one(),
+                    false,
+                );
+                for t in 0..g.n {
+                    let at = gov.offset + t * gov.rs;
+                    let mut r = T::zero();
+                    for e in 0..g.d {
+                        r = r + go[at + e] * o[at + e];
+                    }
+                    let (dr, pr) = (&mut ds[t * g.m..(t + 1) * g.m], &p[t * g.m..(t + 1) * g.m]);
+                    for (x, &pv) in dr.iter_mut().zip(pr) {
+                        *x = pv * (*x - r);
+                    }
+                }
+                // dQ = scale · dS K; dK = scale · dSᵀ Q.
+                let mut dq = vec![T::zero(); g.n * g.d];
+                gemm_into_ex(&mut dq, dn, false, &ds, nm, kv, g.k(bi, h), scale, false);
+                let mut dk = vec![T::zero(); g.m * g.d];
+                gemm_into_ex(&mut dk, dm, false, &ds, nm.t(), q, g.q(bi, h), scale, false);
+                (dq, dk, dv)
+            })
+            .collect();
+        let mut dq = vec![T::zero(); g.b * g.n * c];
+        dq.par_chunks_mut(c).enumerate().for_each(|(r, row)| {
+            let (bi, t) = (r / g.n, r % g.n);
+            for h in 0..g.heads {
+                row[h * g.d..(h + 1) * g.d]
+                    .copy_from_slice(&per_head[bi * g.heads + h].0[t * g.d..(t + 1) * g.d]);
+            }
+        });
+        let mut dkv = vec![T::zero(); g.b * g.m * 2 * c];
+        dkv.par_chunks_mut(2 * c).enumerate().for_each(|(r, row)| {
+            let (bi, t) = (r / g.m, r % g.m);
+            for h in 0..g.heads {
+                let ph = &per_head[bi * g.heads + h];
+                row[h * g.d..(h + 1) * g.d].copy_from_slice(&ph.1[t * g.d..(t + 1) * g.d]);
+                row[c + h * g.d..c + (h + 1) * g.d].copy_from_slice(&ph.2[t * g.d..(t + 1) * g.d]);
+            }
+        });
+        (dq, dkv)
+    }
+}
+
+impl CustomOp2 for TokenAttention {
+    fn name(&self) -> &'static str {
+        "token-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = self.geo(l1.shape(), l2.shape())?;
+        let what = "token attention";
+        let out = match (s1, s2) {
+            (CpuStorage::F32(q), CpuStorage::F32(kv)) => CpuStorage::F32(self.forward(
+                &g,
+                super::contiguous(q, l1, what)?,
+                super::contiguous(kv, l2, what)?,
+            )),
+            (CpuStorage::F64(q), CpuStorage::F64(kv)) => CpuStorage::F64(self.forward(
+                &g,
+                super::contiguous(q, l1, what)?,
+                super::contiguous(kv, l2, what)?,
+            )),
+            _ => candle_core::bail!("{what}: expected matching f32/f64, got {:?}", s1.dtype()),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        kv: &Tensor,
+        out: &Tensor,
+        go: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = self.geo(q.shape(), kv.shape())?;
+        let go = go.contiguous()?;
+        let what = "token attention backward";
+        macro_rules! run {
+            ($t:ty) => {{
+                let (qs, ql) = q.storage_and_layout();
+                let (ks, kl) = kv.storage_and_layout();
+                let (os, ol) = out.storage_and_layout();
+                let (gs, gl) = go.storage_and_layout();
+                let (dq, dkv) = match (&*qs, &*ks, &*os, &*gs) {
+                    (Storage::Cpu(a), Storage::Cpu(b), Storage::Cpu(c), Storage::Cpu(d)) => self
+                        .backward::<$t>(
+                            &g,
+                            super::contiguous(a.as_slice::<$t>()?, ql, what)?,
+                            super::contiguous(b.as_slice::<$t>()?, kl, what)?,
+                            super::contiguous(c.as_slice::<$t>()?, ol, what)?,
+                            super::contiguous(d.as_slice::<$t>()?, gl, what)?,
+                        ),
+                    _ => candle_core::bail!("{what}: expected CPU tensors"),
+                };
+                drop((qs, ks, os, gs));
+                (
+                    Tensor::from_vec(dq, q.shape(), q.device())?,
+                    Tensor::from_vec(dkv, kv.shape(), kv.device())?,
+                )
+            }};
+        }
+        let (dq, dkv) = match q.dtype() {
+            DType::F32 => run!(f32),
+            DType::F64 => run!(f64),
+            t => candle_core::bail!("{what}: unsupported dtype {t:?}"),
+        };
+        Ok((Some(dq), Some(dkv)))
+    }
+}
+
+/// Multi-head attention on tokens, as the official SMT / PVT `Attention` computes it from its
+/// `q` and `kv` projections: `q` `(B, N, C)`, `kv` `(B, M, 2C)` (the `kv` linear's output: keys
+/// in channels `0..C`, values in `C..2C`, head `h` at `h·d..(h+1)·d`, `d = C / heads`);
+/// returns `(B, N, C)`, the heads' `softmax(scale · q kᵀ) v` side by side (the official
+/// `(attn @ v).transpose(1, 2).reshape(B, N, C)`).
+///
+/// On the CPU (f32/f64) one op on the strided heads; elsewhere the head split and
+/// [`scaled_dot_product_attention`].
+///
+/// Errors: `kv` not `(B, M, 2C)`, `C` not divisible by `heads`, mismatched dtypes.
+pub fn token_attention(q: &Tensor, kv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    let op = TokenAttention { heads, scale };
+    op.geo(q.shape(), kv.shape())?;
+    if q.dtype() != kv.dtype() {
+        candle_core::bail!("token attention: q and kv dtypes differ");
+    }
+    if q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64) {
+        return q.contiguous()?.apply_op2(&kv.contiguous()?, op);
+    }
+    token_attention_composed(q, kv, heads, scale)
+}
+
+/// The head split / merge around [`scaled_dot_product_attention`] (reference and non-CPU path).
+fn token_attention_composed(q: &Tensor, kv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    let (b, n, c) = q.dims3()?;
+    let m = kv.dim(1)?;
+    let d = c / heads;
+    let qh = q.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous()?;
+    let kvh = kv.reshape((b, m, 2, heads, d))?.permute((2, 0, 3, 1, 4))?;
+    let k = kvh.get(0)?.contiguous()?;
+    let v = kvh.get(1)?.contiguous()?;
+    let o = if q.device().is_cpu() {
+        scaled_dot_product_attention(&qh, &k, &v, scale)?
+    } else {
+        composed(&qh, &k, &v, scale)?
+    };
+    o.transpose(1, 2)?.reshape((b, n, c))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,6 +540,55 @@ mod tests {
                 t.dims()
             );
         }
+    }
+
+    /// The token op against the head split + [`Sdpa`] composition, in f64 (values and the
+    /// gradients of `q` and `kv`), with N ≠ M and 3 heads: the same sums in another order, 1e-10.
+    #[test]
+    fn token_attention_matches_head_split() {
+        let (b, n, m, heads, d) = (2, 5, 7, 3, 4);
+        let q = Var::from_tensor(&randn(&[b, n, heads * d], 11)).unwrap();
+        let kv = Var::from_tensor(&randn(&[b, m, 2 * heads * d], 12)).unwrap();
+        let ours = token_attention(&q, &kv, heads, 0.7).unwrap();
+        let refr = token_attention_composed(&q, &kv, heads, 0.7).unwrap();
+        let err = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        assert!(err(&ours, &refr) < 1e-10);
+        let proj = randn(ours.dims(), 13);
+        let go = (&ours * &proj)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gr = (&refr * &proj)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for t in [&q, &kv] {
+            let e = gr.get(t).unwrap();
+            assert!(
+                e.abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+                    > 1e-3
+            );
+            assert!(err(go.get(t).unwrap(), e) < 1e-10, "{:?}", t.dims());
+        }
+        assert!(token_attention(&q, &q, heads, 1.0).is_err());
     }
 
     #[test]

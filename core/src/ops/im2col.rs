@@ -352,6 +352,24 @@ pub(crate) fn gemm_into<T: ConvFloat>(
     b: &[T],
     bv: MatView,
 ) {
+    gemm_into_ex(dst, dv, accumulate, a, av, b, bv, T::one(), true)
+}
+
+/// [`gemm_into`] with a factor on the product, `dst (+)= scale · a @ b`, and a choice of running
+/// on rayon's threads (`parallel`) or on the calling thread only (for products that are already
+/// one of many parallel jobs).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_into_ex<T: ConvFloat>(
+    dst: &mut [T],
+    dv: MatView,
+    accumulate: bool,
+    a: &[T],
+    av: MatView,
+    b: &[T],
+    bv: MatView,
+    scale: T,
+    parallel: bool,
+) {
     assert!(
         av.cols == bv.rows && dv.rows == av.rows && dv.cols == bv.cols,
         "gemm_into: shapes {av:?} @ {bv:?} -> {dv:?}"
@@ -371,7 +389,7 @@ pub(crate) fn gemm_into<T: ConvFloat>(
         return;
     }
     let threads = rayon::current_num_threads();
-    let par = if threads > 1 {
+    let par = if parallel && threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
@@ -394,7 +412,7 @@ pub(crate) fn gemm_into<T: ConvFloat>(
             bv.cs as isize,
             bv.rs as isize,
             T::one(),
-            T::one(),
+            scale,
             false,
             false,
             false,

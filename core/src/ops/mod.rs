@@ -43,7 +43,7 @@ pub(crate) fn contiguous<'a, T>(
 }
 
 pub use activation::gelu_erf;
-pub use attention::scaled_dot_product_attention;
+pub use attention::{scaled_dot_product_attention, token_attention};
 pub use batch_norm::{batch_norm_relu_train, batch_norm_train};
 pub use bias::{add_bias_channels, add_bias_last, mul_scale_channels, mul_scale_last};
 pub use dwconv_nhwc::{token_dwconv, LocalMode};
