@@ -13,10 +13,12 @@ equals densepred's / mmsegmentation's (41,301,164) before timing.
         # SMT-T alone, batch 2, train mode: forward + backward of the sum of the stage means
         # (what `densepred benchmark backbone configs/backbones/smt-t.toml --train` times)
 
-Prints the median time per iteration and the process's peak RSS (VmHWM).
+Prints the median time per iteration and the process's peak RSS (VmHWM). Runs on 2 threads
+(the machine kind BENCHMARKS.md compares on); `PT_THREADS=N` sets another count.
 """
 
 import argparse
+import os
 import resource
 import statistics
 import time
@@ -25,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("PT_THREADS", "2")))
 
 
 class CaAttention(nn.Module):

@@ -204,6 +204,34 @@ fn layer_norm_forward_and_backward() {
     assert!(max_abs(&y32.to_dtype(DType::F64).unwrap(), &ours) < 1e-5);
 }
 
+/// The fused backward kernel splits rows into blocks of 64, each with its own `dgamma`/`dbeta`
+/// partial sums: with 2·150 rows (five blocks, the last one partial) its gradients must equal
+/// autograd through the composed reference ops (f64; 1e-10 leaves room for summation order).
+#[test]
+fn layer_norm_backward_matches_composed_ops_over_many_row_blocks() {
+    let x = Var::from_tensor(&(randn(&[2, 150, 24], 21, DType::F64) * 2.0).unwrap()).unwrap();
+    let g = Var::from_tensor(&(randn(&[24], 22, DType::F64) + 1.0).unwrap()).unwrap();
+    let b = Var::from_tensor(&randn(&[24], 23, DType::F64)).unwrap();
+    let r = randn(&[2, 150, 24], 24, DType::F64);
+    let eps = 1e-5;
+    let ours = (layer_norm(&x, &g, &b, eps).unwrap() * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let refs = (layer_norm_reference(&x, &g, &b, eps) * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for v in [&x, &g, &b] {
+        let d = max_abs(ours.get(v).unwrap(), refs.get(v).unwrap());
+        assert!(d < 1e-10, "gradient differs by {d}");
+    }
+}
+
 #[test]
 fn softmax_forward_and_backward() {
     let x = Var::from_tensor(&(randn(&[2, 3, 7], 11, DType::F64) * 4.0).unwrap()).unwrap();

@@ -9,7 +9,8 @@
 //! Variance is the biased one, as in `torch.nn.LayerNorm`.
 
 use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
+    backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
+    D,
 };
 use num_traits::Float;
 use rayon::prelude::*;
@@ -85,29 +86,102 @@ impl CustomOp3 for LayerNormLastDim {
         _res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // Detached: gradients built from graph-tracked inputs would keep the forward graph
-        // (and these temporaries) alive in the GradStore until the whole backward ends.
-        let (x, gamma) = (&x.detach(), &gamma.detach());
-        let (xh, rstd) = normalize(x, self.eps)?;
-        let dim = x.dim(D::Minus1)?;
-        let rows = x.elem_count() / dim;
-        let g = dy.broadcast_mul(gamma)?;
-        let mean_g = g.mean_keepdim(D::Minus1)?;
-        let mean_gx = (&g * &xh)?.mean_keepdim(D::Minus1)?;
-        let dx = g
-            .broadcast_sub(&mean_g)?
-            .sub(&xh.broadcast_mul(&mean_gx)?)?
-            .broadcast_mul(&rstd)?;
-        // Column sums as a gemm with a ones row (candle's sum over leading dims is slow).
-        let ones = Tensor::ones((1, rows), dy.dtype(), dy.device())?;
-        let dgamma = ones
-            .matmul(&(dy * &xh)?.reshape((rows, dim))?)?
-            .reshape(dim)?;
-        let dbeta = ones
-            .matmul(&dy.contiguous()?.reshape((rows, dim))?)?
-            .reshape(dim)?;
-        Ok((Some(dx), Some(dgamma), Some(dbeta)))
+        let dy = dy.contiguous()?;
+        let what = "layer_norm backward";
+        let dim = gamma.elem_count();
+        macro_rules! run {
+            ($t:ty) => {{
+                // Read through the storage locks (no copies); the results are new tensors with
+                // no graph of their own.
+                let (xs, xl) = x.storage_and_layout();
+                let (gs, gl) = gamma.storage_and_layout();
+                let (ds, dl) = dy.storage_and_layout();
+                let (dx, dg, db) = match (&*xs, &*gs, &*ds) {
+                    (Storage::Cpu(xc), Storage::Cpu(gc), Storage::Cpu(dc)) => ln_backward::<$t>(
+                        slice(xc.as_slice::<$t>()?, xl)?,
+                        slice(gc.as_slice::<$t>()?, gl)?,
+                        slice(dc.as_slice::<$t>()?, dl)?,
+                        dim,
+                        self.eps,
+                    ),
+                    _ => candle_core::bail!("{what}: expected CPU tensors"),
+                };
+                drop((xs, gs, ds));
+                (
+                    Tensor::from_vec(dx, x.shape(), x.device())?,
+                    Tensor::from_vec(dg, gamma.shape(), x.device())?,
+                    Tensor::from_vec(db, gamma.shape(), x.device())?,
+                )
+            }};
+        }
+        let (dx, dg, db) = match x.dtype() {
+            DType::F32 => run!(f32),
+            DType::F64 => run!(f64),
+            t => candle_core::bail!("{what}: unsupported dtype {t:?}"),
+        };
+        Ok((Some(dx), Some(dg), Some(db)))
     }
+}
+
+/// Rows per parallel task of [`ln_backward`] (each task also keeps its own `dgamma`/`dbeta`).
+const BWD_ROWS: usize = 64;
+
+/// The closed-form LayerNorm gradients (module doc) in one pass over the rows: `x`, `dy`
+/// `(rows, dim)` row-major, `g` `(dim,)`. Returns `(dx (rows, dim), dgamma (dim,), dbeta (dim,))`.
+/// Mean and `rstd` are recomputed per row, as in the forward kernel.
+fn ln_backward<T: Float + Send + Sync>(
+    x: &[T],
+    g: &[T],
+    dy: &[T],
+    dim: usize,
+    eps: f64,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let mut dx = vec![T::zero(); x.len()];
+    if dim == 0 || x.is_empty() {
+        return (dx, vec![T::zero(); dim], vec![T::zero(); dim]);
+    }
+    let n = T::from(dim).unwrap_or_else(T::one);
+    let eps = T::from(eps).unwrap_or_else(T::zero);
+    let blk = dim * BWD_ROWS;
+    let zeros = || (vec![T::zero(); dim], vec![T::zero(); dim]);
+    let (dg, db) = dx
+        .par_chunks_mut(blk)
+        .zip(x.par_chunks(blk).zip(dy.par_chunks(blk)))
+        .fold(zeros, |(mut dg, mut db), (dxb, (xb, dyb))| {
+            for ((o, xr), dr) in dxb
+                .chunks_mut(dim)
+                .zip(xb.chunks(dim))
+                .zip(dyb.chunks(dim))
+            {
+                let mean = super::reduce::sum(xr) / n;
+                let var = super::reduce::sum_sq_dev(xr, mean) / n;
+                let rstd = (var + eps).sqrt().recip();
+                // Σ g·dy and Σ g·dy·x̂ over the row, and the parameter sums.
+                let (mut s1, mut s2) = (T::zero(), T::zero());
+                for i in 0..dim {
+                    let xh = (xr[i] - mean) * rstd;
+                    let gd = dr[i] * g[i];
+                    s1 = s1 + gd;
+                    s2 = s2 + gd * xh;
+                    dg[i] = dg[i] + dr[i] * xh;
+                    db[i] = db[i] + dr[i];
+                }
+                let (m1, m2) = (s1 / n, s2 / n);
+                for i in 0..dim {
+                    let xh = (xr[i] - mean) * rstd;
+                    o[i] = rstd * (dr[i] * g[i] - m1 - xh * m2);
+                }
+            }
+            (dg, db)
+        })
+        .reduce(zeros, |(mut a, mut b), (c, d)| {
+            for i in 0..dim {
+                a[i] = a[i] + c[i];
+                b[i] = b[i] + d[i];
+            }
+            (a, b)
+        });
+    (dx, dg, db)
 }
 
 /// `((x - mean) * rstd, rstd)` over the last dimension, with tensor ops (any device).

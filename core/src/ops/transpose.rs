@@ -13,8 +13,14 @@ const TILE: usize = 32;
 
 struct TransposeLast2;
 
-fn kernel<T: Copy + Send + Sync + Default>(x: &[T], batch: usize, r: usize, c: usize) -> Vec<T> {
-    let mut out = vec![T::default(); x.len()];
+/// `x` as `batch` row-major `(r, c)` planes → the `batch` transposed `(c, r)` planes, contiguous.
+pub(crate) fn kernel<T: Copy + Send + Sync + num_traits::Zero>(
+    x: &[T],
+    batch: usize,
+    r: usize,
+    c: usize,
+) -> Vec<T> {
+    let mut out = vec![T::zero(); x.len()];
     let plane = r * c;
     if plane == 0 {
         return out;
