@@ -148,11 +148,7 @@ fn ln_backward<T: Float + Send + Sync>(
         .par_chunks_mut(blk)
         .zip(x.par_chunks(blk).zip(dy.par_chunks(blk)))
         .fold(zeros, |(mut dg, mut db), (dxb, (xb, dyb))| {
-            for ((o, xr), dr) in dxb
-                .chunks_mut(dim)
-                .zip(xb.chunks(dim))
-                .zip(dyb.chunks(dim))
-            {
+            for ((o, xr), dr) in dxb.chunks_mut(dim).zip(xb.chunks(dim)).zip(dyb.chunks(dim)) {
                 let mean = super::reduce::sum(xr) / n;
                 let var = super::reduce::sum_sq_dev(xr, mean) / n;
                 let rstd = (var + eps).sqrt().recip();
