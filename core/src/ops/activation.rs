@@ -58,7 +58,7 @@ pub fn exp_f32(x: f32) -> f32 {
 struct GeluErf;
 
 fn gelu_f32(v: &[f32]) -> Vec<f32> {
-    let mut out = vec![0f32; v.len()];
+    let mut out = super::zeroed::<f32>(v.len());
     out.par_chunks_mut(4096)
         .zip(v.par_chunks(4096))
         .for_each(|(o, x)| {
@@ -71,7 +71,7 @@ fn gelu_f32(v: &[f32]) -> Vec<f32> {
 
 fn gelu_grad_f32(v: &[f32], g: &[f32]) -> Vec<f32> {
     // d/dx [x Φ(x)] = Φ(x) + x φ(x)
-    let mut out = vec![0f32; v.len()];
+    let mut out = super::zeroed::<f32>(v.len());
     let c = 1.0 / (2.0 * std::f32::consts::PI).sqrt();
     out.par_chunks_mut(4096)
         .zip(v.par_chunks(4096).zip(g.par_chunks(4096)))

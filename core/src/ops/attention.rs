@@ -280,7 +280,7 @@ impl TokenAttention {
                 o
             })
             .collect();
-        let mut out = vec![T::zero(); g.b * g.n * c];
+        let mut out = super::zeroed(g.b * g.n * c);
         out.par_chunks_mut(c).enumerate().for_each(|(r, row)| {
             let (bi, t) = (r / g.n, r % g.n);
             for h in 0..g.heads {
@@ -346,7 +346,7 @@ impl TokenAttention {
                 (dq, dk, dv)
             })
             .collect();
-        let mut dq = vec![T::zero(); g.b * g.n * c];
+        let mut dq = super::zeroed(g.b * g.n * c);
         dq.par_chunks_mut(c).enumerate().for_each(|(r, row)| {
             let (bi, t) = (r / g.n, r % g.n);
             for h in 0..g.heads {
@@ -354,7 +354,7 @@ impl TokenAttention {
                     .copy_from_slice(&per_head[bi * g.heads + h].0[t * g.d..(t + 1) * g.d]);
             }
         });
-        let mut dkv = vec![T::zero(); g.b * g.m * 2 * c];
+        let mut dkv = super::zeroed(g.b * g.m * 2 * c);
         dkv.par_chunks_mut(2 * c).enumerate().for_each(|(r, row)| {
             let (bi, t) = (r / g.m, r % g.m);
             for h in 0..g.heads {

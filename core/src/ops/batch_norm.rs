@@ -77,7 +77,7 @@ fn fwd_kernel<T: num_traits::Float + Send + Sync>(
     c: usize,
     hw: usize,
 ) -> Vec<T> {
-    let mut out = vec![T::zero(); x.len()];
+    let mut out = super::zeroed(x.len());
     out.par_chunks_mut(hw).enumerate().for_each(|(i, o)| {
         let ch = i % c;
         let (m, r) = ms[ch];
@@ -200,7 +200,7 @@ fn bwd_kernel<T: num_traits::Float + Send + Sync>(
     hw: usize,
 ) -> Vec<T> {
     let n = b * c * hw;
-    let mut out = vec![T::zero(); n + 2 * c];
+    let mut out = super::zeroed::<T>(n + 2 * c);
     let ptr = SyncPtr(out.as_mut_ptr());
     let per: Vec<(f64, f64)> = (0..c)
         .into_par_iter()

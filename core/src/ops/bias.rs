@@ -55,7 +55,7 @@ fn kernel<T: num_traits::Float + Send + Sync>(
     inner: usize,
     kind: Kind,
 ) -> Vec<T> {
-    let mut out = vec![T::zero(); x.len()];
+    let mut out = super::zeroed(x.len());
     let block = c * inner;
     out.par_chunks_mut(block)
         .zip(x.par_chunks(block))
@@ -85,7 +85,7 @@ fn kernel_last<T: num_traits::Float + Send + Sync>(
     c: usize,
     kind: Kind,
 ) -> Vec<T> {
-    let mut out = vec![T::zero(); x.len()];
+    let mut out = super::zeroed(x.len());
     out.par_chunks_mut(c * 64)
         .zip(x.par_chunks(c * 64))
         .for_each(|(o, x)| {
@@ -330,7 +330,7 @@ pub(crate) fn linear_fwd<T: ConvFloat>(
     in_f: usize,
     out_f: usize,
 ) -> Vec<T> {
-    let mut y = vec![T::zero(); rows * out_f];
+    let mut y = super::zeroed(rows * out_f);
     if out_f > 0 {
         y.par_chunks_mut(out_f * 64)
             .for_each(|blk| blk.chunks_mut(out_f).for_each(|r| r.copy_from_slice(b)));
@@ -387,7 +387,7 @@ impl Product {
             Product::LinearGradInput => {
                 let (rows, out_f) = rows_last(la.shape())?;
                 let (_, in_f) = lb.shape().dims2()?;
-                let mut gx = vec![T::zero(); rows * in_f];
+                let mut gx = super::zeroed(rows * in_f);
                 gemm_into(
                     &mut gx,
                     MatView::rows_of(rows, in_f, 0, in_f),
@@ -424,7 +424,7 @@ impl Product {
             Product::PointwiseGradInput => {
                 let (bn, _, hw) = la.shape().dims3()?;
                 let (g, og, ig) = lb.shape().dims3()?;
-                let mut gx = vec![T::zero(); bn * g * ig * hw];
+                let mut gx = super::zeroed(bn * g * ig * hw);
                 for i in 0..bn {
                     for gi in 0..g {
                         gemm_into(
@@ -655,7 +655,7 @@ fn pointwise_fwd<T: ConvFloat>(
     (g, og, ig): (usize, usize, usize),
 ) -> Vec<T> {
     let co = g * og;
-    let mut y = vec![T::zero(); bn * co * hw];
+    let mut y = super::zeroed(bn * co * hw);
     if let Some(bias) = bias {
         if hw > 0 {
             y.par_chunks_mut(hw)

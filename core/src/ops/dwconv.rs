@@ -233,7 +233,7 @@ pub(crate) fn dot_row<T: Float>(
 
 fn forward_kernel<T: Float + Send + Sync>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     let (plane_in, plane_out, kk) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
-    let mut out = vec![T::zero(); g.b * g.c * plane_out];
+    let mut out = super::zeroed(g.b * g.c * plane_out);
     let cols: Vec<_> = (0..g.kw).map(|kx| g.col_range(kx)).collect();
     out.par_chunks_mut(plane_out)
         .enumerate()
@@ -257,7 +257,7 @@ fn forward_kernel<T: Float + Send + Sync>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> 
 
 fn grad_input_kernel<T: Float + Send + Sync>(g: &Geom, gy: &[T], w: &[T]) -> Vec<T> {
     let (plane_in, plane_out, kk) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
-    let mut gx = vec![T::zero(); g.b * g.c * plane_in];
+    let mut gx = super::zeroed(g.b * g.c * plane_in);
     let cols: Vec<_> = (0..g.kw).map(|kx| g.col_range(kx)).collect();
     gx.par_chunks_mut(plane_in)
         .enumerate()

@@ -126,7 +126,7 @@ pub(crate) fn taps_major<T: Float>(w: &[T], c: usize, k: usize) -> Vec<T> {
 fn forward<T: Act>(g: &Geo, x: &[T], w: &[T], b: &[T], mode: LocalMode) -> Vec<T> {
     let wt = taps_major(w, g.c, g.k);
     let row = g.w * g.c;
-    let mut out = vec![T::zero(); g.b * g.h * row];
+    let mut out = super::zeroed(g.b * g.h * row);
     out.par_chunks_mut(row).enumerate().for_each(|(r, o)| {
         conv_row(
             g,
@@ -185,7 +185,7 @@ pub(crate) fn grad_input<T: Float + Send + Sync>(
     let (c, k) = (g.c, g.k);
     let p = k / 2;
     let row = g.w * c;
-    let mut dx = vec![T::zero(); dz.len()];
+    let mut dx = super::zeroed(dz.len());
     dx.par_chunks_mut(row).enumerate().for_each(|(r, o)| {
         let (bi, y) = (r / g.h, r % g.h);
         let plane = &dz[bi * g.h * row..(bi + 1) * g.h * row];

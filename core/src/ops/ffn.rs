@@ -168,8 +168,8 @@ impl DetailFfn {
         let wt = taps_major(&p[o[2]..o[3]], d.hd, d.k);
         let b_dw = &p[o[3]..o[4]];
         let row = d.wid * d.hd;
-        let mut pre = vec![T::zero(); rows * d.hd];
-        let mut z = vec![T::zero(); rows * d.hd];
+        let mut pre = super::zeroed(rows * d.hd);
+        let mut z = super::zeroed(rows * d.hd);
         pre.par_chunks_mut(row)
             .zip(z.par_chunks_mut(row))
             .enumerate()
@@ -208,7 +208,7 @@ impl DetailFfn {
         let s = saved.unwrap_or_else(|| self.hidden(x, p));
         let mut dp = vec![T::zero(); o[6]];
         // fc2: dz = dy W2, dW2 = dyᵀ z, db2 = Σ dy.
-        let mut dz = vec![T::zero(); rows * d.hd];
+        let mut dz = super::zeroed(rows * d.hd);
         gemm_into(
             &mut dz,
             MatView::rows_of(rows, d.hd, 0, d.hd),
@@ -248,7 +248,7 @@ impl DetailFfn {
         dp[o[2]..o[3]].copy_from_slice(&gw_dw);
         dp[o[3]..o[4]].copy_from_slice(&gb_dw);
         // fc1: dx = dh W1, dW1 = dhᵀ x, db1 = Σ dh.
-        let mut dx = vec![T::zero(); rows * d.c];
+        let mut dx = super::zeroed(rows * d.c);
         gemm_into(
             &mut dx,
             MatView::rows_of(rows, d.c, 0, d.c),

@@ -110,7 +110,7 @@ impl Geom {
 /// `x (B,C,H,W)` contiguous → `cols (C·KH·KW, B·OH·OW)`, row `(c·KH + ky)·KW + kx`, column
 /// `(b·OH + oy)·OW + ox`, zeros where the tap falls in the padding.
 fn unfold_kernel<T: Copy + Send + Sync + num_traits::Zero>(g: &Geom, x: &[T]) -> Vec<T> {
-    let mut out = vec![T::zero(); g.rows() * g.cols()];
+    let mut out = super::zeroed(g.rows() * g.cols());
     unfold_into(g, x, &mut out);
     out
 }
@@ -161,12 +161,12 @@ where
 {
     let hw = g.h * g.w;
     // Channel-major scratch so each thread owns whole channels; then transposed to (B, C, H, W).
-    let mut by_c = vec![T::zero(); g.c * g.b * hw];
+    let mut by_c = super::zeroed(g.c * g.b * hw);
     fold_channels(g, cols, &mut by_c);
     if g.b == 1 {
         return by_c;
     }
-    let mut out = vec![T::zero(); g.b * g.c * hw];
+    let mut out = super::zeroed(g.b * g.c * hw);
     out.par_chunks_mut(hw).enumerate().for_each(|(i, dst)| {
         let (bi, c) = (i / g.c, i % g.c);
         dst.copy_from_slice(&by_c[(c * g.b + bi) * hw..][..hw]);
@@ -525,7 +525,7 @@ impl ConvGemm {
         let chunks = self.channel_chunks(d.c, l);
         let mut y = match init {
             Some(v) => v.to_vec(),
-            None => vec![T::zero(); d.b * d.oc * l],
+            None => super::zeroed(d.b * d.oc * l),
         };
         let mut cols = vec![T::zero(); chunks[0].1 * d.taps * l];
         for i in 0..d.b {
@@ -551,7 +551,7 @@ impl ConvGemm {
     fn grad_input<T: ConvFloat>(&self, d: &ConvDims, w: &[T], gy: &[T]) -> Vec<T> {
         let (l, hw) = (d.l(), d.h * d.w);
         let chunks = self.channel_chunks(d.c, l);
-        let mut gx = vec![T::zero(); d.b * d.c * hw];
+        let mut gx = super::zeroed(d.b * d.c * hw);
         let mut gcols = vec![T::zero(); chunks[0].1 * d.taps * l];
         for i in 0..d.b {
             for &(c0, n) in &chunks {

@@ -24,7 +24,7 @@ fn slice<'a, T>(d: &'a [T], l: &Layout) -> Result<&'a [T]> {
 }
 
 fn ln_kernel<T: Float + Send + Sync>(x: &[T], g: &[T], b: &[T], dim: usize, eps: f64) -> Vec<T> {
-    let mut out = vec![T::zero(); x.len()];
+    let mut out = super::zeroed(x.len());
     let n = T::from(dim).unwrap_or_else(T::one);
     let eps = T::from(eps).unwrap_or_else(T::zero);
     out.par_chunks_mut(dim)
@@ -136,7 +136,7 @@ fn ln_backward<T: Float + Send + Sync>(
     dim: usize,
     eps: f64,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
-    let mut dx = vec![T::zero(); x.len()];
+    let mut dx = super::zeroed(x.len());
     if dim == 0 || x.is_empty() {
         return (dx, vec![T::zero(); dim], vec![T::zero(); dim]);
     }

@@ -79,7 +79,7 @@ impl Mhmc {
         let plane = self.h * self.w;
         let (offs, _) = self.offsets();
         let cg = self.cg();
-        let mut out = vec![T::zero(); self.b * self.c * plane];
+        let mut out = super::zeroed(self.b * self.c * plane);
         out.par_chunks_mut(plane).enumerate().for_each(|(bo, op)| {
             let (bi, o) = (bo / self.c, bo % self.c);
             let (i, g) = self.source(o);
@@ -110,7 +110,7 @@ impl Mhmc {
         let (offs, _) = self.offsets();
         let cg = self.cg();
         let heads = self.heads();
-        let mut gx = vec![T::zero(); self.b * self.c * plane];
+        let mut gx = super::zeroed(self.b * self.c * plane);
         gx.par_chunks_mut(plane).enumerate().for_each(|(bc, gi)| {
             let (bi, ch) = (bc / self.c, bc % self.c);
             let (i, g) = (ch / cg, ch % cg);

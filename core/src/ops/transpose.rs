@@ -20,7 +20,7 @@ pub(crate) fn kernel<T: Copy + Send + Sync + num_traits::Zero>(
     r: usize,
     c: usize,
 ) -> Vec<T> {
-    let mut out = vec![T::zero(); x.len()];
+    let mut out = super::zeroed(x.len());
     let plane = r * c;
     if plane == 0 {
         return out;
