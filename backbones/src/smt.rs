@@ -20,8 +20,8 @@ use candle_core::{Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use densepred_core::nn::{gelu, BatchNorm2d, Conv2d, ConvCfg, DropPath, LayerNorm, Linear};
 use densepred_core::ops::{
-    detail_ffn, mul_scale_last, multi_head_mixed_conv, token_attention, token_dwconv,
-    transpose_last2, LocalMode,
+    detail_ffn, mul_scale_last, multi_head_mixed_conv, pre_norm_ffn_residual, token_attention,
+    token_dwconv, transpose_last2, LocalMode,
 };
 use densepred_core::ShapeSpec;
 use serde::{Deserialize, Serialize};
@@ -476,6 +476,32 @@ impl Mlp {
             (h, w),
         )
     }
+
+    /// `x + self.forward(norm(x))`, fused (`ops::pre_norm_ffn_residual`).
+    fn forward_pre_norm_residual(
+        &self,
+        x: &Tensor,
+        norm: &LayerNorm,
+        h: usize,
+        w: usize,
+    ) -> Result<Tensor> {
+        let (Some(b1), Some(b2)) = (&self.fc1.bias, &self.fc2.bias) else {
+            candle_core::bail!("SMT Mlp: fc1 and fc2 have biases");
+        };
+        pre_norm_ffn_residual(
+            x,
+            &norm.weight,
+            &norm.bias,
+            norm.eps,
+            &self.fc1.weight,
+            b1,
+            &self.dwconv.weight,
+            &self.dwconv.bias,
+            &self.fc2.weight,
+            b2,
+            (h, w),
+        )
+    }
 }
 
 struct Block {
@@ -542,6 +568,11 @@ impl Block {
             None => a,
         };
         let x = (x + self.drop_path.forward(&a, train)?)?;
+        // `x + mlp(norm2(x))` as one op when nothing sits between the FFN and the residual add
+        // (no layer scale, no active DropPath).
+        if self.gammas.is_none() && (!train || self.drop_path.p <= 0.0) {
+            return self.mlp.forward_pre_norm_residual(&x, &self.norm2, h, w);
+        }
         let f = self.mlp.forward(&self.norm2.forward(&x)?, h, w)?;
         let f = match &self.gammas {
             Some((_, g2)) => mul_scale_last(&f, g2)?,

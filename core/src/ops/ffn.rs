@@ -17,7 +17,8 @@ use candle_core::{
 use rayon::prelude::*;
 use std::sync::Mutex;
 
-/// Sizes of one FFN: tokens `(B, H·W, C)`, hidden width `hd`, output width `co`, kernel `k`.
+/// Sizes of one FFN: tokens `(B, H·W, C)`, hidden width `hd`, output width `co`, kernel `k`;
+/// `ln`: a LayerNorm over `C` runs first (its parameters packed after the FFN's).
 #[derive(Debug, Clone, Copy)]
 struct Dims {
     b: usize,
@@ -27,6 +28,7 @@ struct Dims {
     hd: usize,
     co: usize,
     k: usize,
+    ln: bool,
 }
 
 impl Dims {
@@ -46,9 +48,11 @@ impl Dims {
     }
 
     /// Offsets of `fc1.weight (hd, c)`, `fc1.bias (hd)`, `dw.weight (hd, 1, k, k)`, `dw.bias (hd)`,
-    /// `fc2.weight (co, hd)`, `fc2.bias (co)` in the packed parameter vector, and its length.
-    fn offsets(&self) -> [usize; 7] {
-        let mut o = [0; 7];
+    /// `fc2.weight (co, hd)`, `fc2.bias (co)`, and with `ln` the norm's `weight (c)` and
+    /// `bias (c)`, in the packed parameter vector, and its length (`o[8]`).
+    fn offsets(&self) -> [usize; 9] {
+        let mut o = [0; 9];
+        let ln = if self.ln { self.c } else { 0 };
         let sizes = [
             self.hd * self.c,
             self.hd,
@@ -56,6 +60,8 @@ impl Dims {
             self.hd,
             self.co * self.hd,
             self.co,
+            ln,
+            ln,
         ];
         for (i, s) in sizes.iter().enumerate() {
             o[i + 1] = o[i] + s;
@@ -65,13 +71,14 @@ impl Dims {
 }
 
 /// Element types of the CPU kernel.
-trait FfnFloat: ConvFloat + Act + WithDType {}
+trait FfnFloat: ConvFloat + Act + WithDType + num_traits::Float {}
 impl FfnFloat for f32 {}
 impl FfnFloat for f64 {}
 
 /// What the forward keeps for the backward: `h = fc1(x)`, `pre = h + DW(h) + b_dw`,
-/// `z = GELU(pre)`, each `(rows, hd)`.
+/// `z = GELU(pre)`, each `(rows, hd)`, and with a LayerNorm first its output `xn` `(rows, c)`.
 struct Saved<T> {
+    xn: Option<Vec<T>>,
     h: Vec<T>,
     pre: Vec<T>,
     z: Vec<T>,
@@ -113,6 +120,10 @@ impl Stash for f64 {
 
 struct DetailFfn {
     dims: Dims,
+    /// The LayerNorm's eps (used when `dims.ln`).
+    ln_eps: f64,
+    /// Add the input to the output (`co == c`): the block's residual connection.
+    residual: bool,
     /// Keep the hidden tensors for a backward pass (the inputs are tracked).
     save: bool,
     saved: Mutex<Option<SavedAny>>,
@@ -128,6 +139,17 @@ fn linear<T: ConvFloat>(
     out_f: usize,
 ) -> Vec<T> {
     super::bias::linear_fwd(x, w, b, rows, in_f, out_f)
+}
+
+/// `a += b` elementwise, in parallel blocks.
+fn add_into<T: ConvFloat>(a: &mut [T], b: &[T]) {
+    a.par_chunks_mut(1 << 14)
+        .zip(b.par_chunks(1 << 14))
+        .for_each(|(a, b)| {
+            for (x, &y) in a.iter_mut().zip(b) {
+                *x += y;
+            }
+        });
 }
 
 /// Column sums of a row-major `(rows, cols)` buffer (a bias gradient), in parallel over row blocks.
@@ -164,7 +186,11 @@ impl DetailFfn {
         let o = d.offsets();
         let g = d.geo();
         let rows = d.rows();
-        let h = linear(x, &p[o[0]..o[1]], &p[o[1]..o[2]], rows, d.c, d.hd);
+        let xn = d.ln.then(|| {
+            super::layer_norm::ln_kernel(x, &p[o[6]..o[7]], &p[o[7]..o[8]], d.c, self.ln_eps)
+        });
+        let xin = xn.as_deref().unwrap_or(x);
+        let h = linear(xin, &p[o[0]..o[1]], &p[o[1]..o[2]], rows, d.c, d.hd);
         let wt = taps_major(&p[o[2]..o[3]], d.hd, d.k);
         let b_dw = &p[o[3]..o[4]];
         let row = d.wid * d.hd;
@@ -179,14 +205,17 @@ impl DetailFfn {
                     *zv = v.gelu();
                 }
             });
-        Saved { h, pre, z }
+        Saved { xn, h, pre, z }
     }
 
     fn forward<T: FfnFloat + Stash>(&self, x: &[T], p: &[T]) -> Vec<T> {
         let d = self.dims;
         let o = d.offsets();
         let s = self.hidden(x, p);
-        let y = linear(&s.z, &p[o[4]..o[5]], &p[o[5]..o[6]], d.rows(), d.hd, d.co);
+        let mut y = linear(&s.z, &p[o[4]..o[5]], &p[o[5]..o[6]], d.rows(), d.hd, d.co);
+        if self.residual {
+            add_into(&mut y, x);
+        }
         if self.save {
             *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(T::stash(s));
         }
@@ -206,7 +235,7 @@ impl DetailFfn {
             .and_then(T::unstash);
         // Recomputed when the forward did not keep them (a second backward through the graph).
         let s = saved.unwrap_or_else(|| self.hidden(x, p));
-        let mut dp = vec![T::zero(); o[6]];
+        let mut dp = vec![T::zero(); o[8]];
         // fc2: dz = dy W2, dW2 = dyᵀ z, db2 = Σ dy.
         let mut dz = super::zeroed(rows * d.hd);
         gemm_into(
@@ -264,10 +293,22 @@ impl DetailFfn {
             false,
             &dh,
             MatView::rows_of(rows, d.hd, 0, d.hd).t(),
-            x,
+            s.xn.as_deref().unwrap_or(x),
             MatView::rows_of(rows, d.c, 0, d.c),
         );
         dp[o[1]..o[2]].copy_from_slice(&col_sums(&dh, d.hd));
+        drop(dh);
+        if d.ln {
+            // Through the LayerNorm (recomputing its row statistics from x).
+            let (dxl, dg, db) =
+                super::layer_norm::ln_backward(x, &p[o[6]..o[7]], &dx, d.c, self.ln_eps);
+            dp[o[6]..o[7]].copy_from_slice(&dg);
+            dp[o[7]..o[8]].copy_from_slice(&db);
+            dx = dxl;
+        }
+        if self.residual {
+            add_into(&mut dx, dy);
+        }
         (dx, dp)
     }
 }
@@ -339,18 +380,10 @@ impl CustomOp2 for DetailFfn {
     }
 }
 
-/// SMT's feed-forward block on tokens `x` `(B, H·W, C)` (row-major over `hw = (H, W)`):
-/// `fc2(GELU(h + DW(h) + dw_b))`, `h = fc1(x)`, with `fc1_w` `(hd, C)`, `fc1_b` `(hd,)`, `dw_w`
-/// `(hd, 1, k, k)` (odd `k`, zero padding `k / 2`), `dw_b` `(hd,)`, `fc2_w` `(co, hd)`, `fc2_b`
-/// `(co,)`; returns `(B, H·W, co)`. Matches the official `Mlp` of AFeng-x/SMT `models/smt.py`
-/// (`fc1` → `DWConv` → `act(x + dwconv)` → `fc2`, dropout 0).
-///
-/// When gradients are tracked on the CPU (f32/f64) it runs as one op (see the module doc); else
-/// as the three ops it is made of.
-///
-/// Errors: shapes that do not fit each other or `hw`, an even kernel, unsupported dtypes.
+/// Checks that the FFN's parameters fit each other, the tokens and `hw` (see [`detail_ffn`]);
+/// returns `(B, C, hd, co, k)`.
 #[allow(clippy::too_many_arguments)]
-pub fn detail_ffn(
+fn validate_ffn(
     x: &Tensor,
     fc1_w: &Tensor,
     fc1_b: &Tensor,
@@ -359,7 +392,7 @@ pub fn detail_ffn(
     fc2_w: &Tensor,
     fc2_b: &Tensor,
     hw: (usize, usize),
-) -> Result<Tensor> {
+) -> Result<(usize, usize, usize, usize, usize)> {
     let (b, n, c) = x.dims3()?;
     let (hd, c1) = fc1_w.dims2()?;
     let (hd_dw, one, k, k2) = dw_w.dims4()?;
@@ -389,6 +422,31 @@ pub fn detail_ffn(
             fc2_b.dims()
         );
     }
+    Ok((b, c, hd, co, k))
+}
+
+/// SMT's feed-forward block on tokens `x` `(B, H·W, C)` (row-major over `hw = (H, W)`):
+/// `fc2(GELU(h + DW(h) + dw_b))`, `h = fc1(x)`, with `fc1_w` `(hd, C)`, `fc1_b` `(hd,)`, `dw_w`
+/// `(hd, 1, k, k)` (odd `k`, zero padding `k / 2`), `dw_b` `(hd,)`, `fc2_w` `(co, hd)`, `fc2_b`
+/// `(co,)`; returns `(B, H·W, co)`. Matches the official `Mlp` of AFeng-x/SMT `models/smt.py`
+/// (`fc1` → `DWConv` → `act(x + dwconv)` → `fc2`, dropout 0).
+///
+/// When gradients are tracked on the CPU (f32/f64) it runs as one op (see the module doc); else
+/// as the three ops it is made of.
+///
+/// Errors: shapes that do not fit each other or `hw`, an even kernel, unsupported dtypes.
+#[allow(clippy::too_many_arguments)]
+pub fn detail_ffn(
+    x: &Tensor,
+    fc1_w: &Tensor,
+    fc1_b: &Tensor,
+    dw_w: &Tensor,
+    dw_b: &Tensor,
+    fc2_w: &Tensor,
+    fc2_b: &Tensor,
+    hw: (usize, usize),
+) -> Result<Tensor> {
+    let (b, c, hd, co, k) = validate_ffn(x, fc1_w, fc1_b, dw_w, dw_b, fc2_w, fc2_b, hw)?;
     let params = [fc1_w, fc1_b, dw_w, dw_b, fc2_w, fc2_b];
     let tracked = x.track_op() || params.iter().any(|t| t.track_op());
     let fused = tracked
@@ -414,7 +472,83 @@ pub fn detail_ffn(
             hd,
             co,
             k,
+            ln: false,
         },
+        ln_eps: 0.0,
+        residual: false,
+        save: true,
+        saved: Mutex::new(None),
+    };
+    x.contiguous()?.apply_op2(&packed, op)
+}
+
+/// A pre-norm transformer block's FFN half with its residual connection:
+/// `x + detail_ffn(layer_norm(x, ln_w, ln_b, ln_eps), ...)` (see [`detail_ffn`] and
+/// [`super::layer_norm`] for the shapes; `ln_w`, `ln_b` `(C,)`, and `fc2` must map back to `C`).
+/// SMT's `Block` computes `x + mlp(norm2(x))` this way (AFeng-x/SMT `models/smt.py`).
+///
+/// When gradients are tracked on the CPU (f32/f64) it is one op, so that neither the normalised
+/// tokens nor the FFN's output become graph tensors with a zero-filled gradient buffer and a
+/// serial add each (candle's autograd); else the composed ops.
+///
+/// Errors: as [`detail_ffn`], plus norm parameters that are not `(C,)` or an FFN that does not
+/// map back to `C`.
+#[allow(clippy::too_many_arguments)]
+pub fn pre_norm_ffn_residual(
+    x: &Tensor,
+    ln_w: &Tensor,
+    ln_b: &Tensor,
+    ln_eps: f64,
+    fc1_w: &Tensor,
+    fc1_b: &Tensor,
+    dw_w: &Tensor,
+    dw_b: &Tensor,
+    fc2_w: &Tensor,
+    fc2_b: &Tensor,
+    hw: (usize, usize),
+) -> Result<Tensor> {
+    let (b, _, c) = x.dims3()?;
+    let (co, hd) = fc2_w.dims2()?;
+    let k = dw_w.dim(2)?;
+    if ln_w.elem_count() != c || ln_b.elem_count() != c || co != c {
+        candle_core::bail!(
+            "pre-norm FFN block: tokens {:?}, norm {:?}/{:?}, fc2 {:?}: the norm must be (C,) and \
+             fc2 must map back to C",
+            x.dims(),
+            ln_w.dims(),
+            ln_b.dims(),
+            fc2_w.dims()
+        );
+    }
+    let params = [fc1_w, fc1_b, dw_w, dw_b, fc2_w, fc2_b, ln_w, ln_b];
+    let tracked = x.track_op() || params.iter().any(|t| t.track_op());
+    let fused = tracked
+        && x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && params.iter().all(|t| t.dtype() == x.dtype());
+    if !fused {
+        let xn = super::layer_norm(x, ln_w, ln_b, ln_eps)?;
+        return x + detail_ffn(&xn, fc1_w, fc1_b, dw_w, dw_b, fc2_w, fc2_b, hw)?;
+    }
+    validate_ffn(x, fc1_w, fc1_b, dw_w, dw_b, fc2_w, fc2_b, hw)?;
+    let flat = params
+        .iter()
+        .map(|t| t.flatten_all())
+        .collect::<Result<Vec<_>>>()?;
+    let packed = Tensor::cat(&flat, 0)?;
+    let op = DetailFfn {
+        dims: Dims {
+            b,
+            hgt: hw.0,
+            wid: hw.1,
+            c,
+            hd,
+            co,
+            k,
+            ln: true,
+        },
+        ln_eps,
+        residual: true,
         save: true,
         saved: Mutex::new(None),
     };
@@ -514,6 +648,71 @@ mod tests {
                 .unwrap()
                 .to_scalar::<f64>()
                 .unwrap();
+            assert!(d < 1e-10, "tensor {i}: gradient differs by {d}");
+        }
+    }
+
+    /// The fused pre-norm block `x + FFN(LN(x))` against the LayerNorm op, the fused FFN and a
+    /// candle add, in f64: output and the gradients of the input and all eight parameters (the
+    /// input's gradient takes both the residual and the norm's path). 1e-10 as above.
+    #[test]
+    fn pre_norm_residual_matches_norm_ffn_add_f64() {
+        let (b, h, w, c, hd, k) = (2, 5, 3, 6, 10, 3);
+        let x = Var::from_tensor(&rand(&[b, h * w, c], 1.0, 11)).unwrap();
+        let ps: Vec<Var> = [
+            (vec![hd, c], 0.4, 12),
+            (vec![hd], 0.3, 13),
+            (vec![hd, 1, k, k], 0.4, 14),
+            (vec![hd], 0.3, 15),
+            (vec![c, hd], 0.4, 16),
+            (vec![c], 0.3, 17),
+            (vec![c], 0.5, 18),
+            (vec![c], 0.3, 19),
+        ]
+        .into_iter()
+        .map(|(s, std, seed)| Var::from_tensor(&rand(&s, std, seed)).unwrap())
+        .collect();
+        let p: Vec<&Tensor> = ps.iter().map(|v| v.as_tensor()).collect();
+        // LayerNorm weight around 1, as trained ones are.
+        let ln_w = (p[6] + 1.0).unwrap();
+        let eps = 1e-5;
+        let fused = pre_norm_ffn_residual(
+            &x,
+            &ln_w,
+            p[7],
+            eps,
+            p[0],
+            p[1],
+            p[2],
+            p[3],
+            p[4],
+            p[5],
+            (h, w),
+        )
+        .unwrap();
+        let xn = crate::ops::layer_norm(&x, &ln_w, p[7], eps).unwrap();
+        let composed = (x.as_tensor()
+            + detail_ffn(&xn, p[0], p[1], p[2], p[3], p[4], p[5], (h, w)).unwrap())
+        .unwrap();
+        let max_abs = |t: Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let d = max_abs((&fused - &composed).unwrap());
+        assert!(d < 1e-10, "forward differs by {d}");
+        let wy = rand(&[b, h * w, c], 1.0, 20);
+        let loss = |y: &Tensor| (y * &wy).unwrap().sum_all().unwrap().backward().unwrap();
+        let (gf, gc) = (loss(&fused), loss(&composed));
+        let mut all = vec![x.as_tensor()];
+        all.extend(p.iter().copied());
+        for (i, t) in all.iter().enumerate() {
+            let e = gc.get(t).expect("composed gradient");
+            assert!(max_abs(e.clone()) > 1e-3, "tensor {i}: degenerate gradient");
+            let d = max_abs((gf.get(t).expect("fused gradient") - e).unwrap());
             assert!(d < 1e-10, "tensor {i}: gradient differs by {d}");
         }
     }

@@ -23,7 +23,13 @@ fn slice<'a, T>(d: &'a [T], l: &Layout) -> Result<&'a [T]> {
     super::contiguous(d, l, "layer_norm: inputs")
 }
 
-fn ln_kernel<T: Float + Send + Sync>(x: &[T], g: &[T], b: &[T], dim: usize, eps: f64) -> Vec<T> {
+pub(super) fn ln_kernel<T: Float + Send + Sync>(
+    x: &[T],
+    g: &[T],
+    b: &[T],
+    dim: usize,
+    eps: f64,
+) -> Vec<T> {
     let mut out = super::zeroed(x.len());
     let n = T::from(dim).unwrap_or_else(T::one);
     let eps = T::from(eps).unwrap_or_else(T::zero);
@@ -129,7 +135,7 @@ const BWD_ROWS: usize = 64;
 /// The closed-form LayerNorm gradients (module doc) in one pass over the rows: `x`, `dy`
 /// `(rows, dim)` row-major, `g` `(dim,)`. Returns `(dx (rows, dim), dgamma (dim,), dbeta (dim,))`.
 /// Mean and `rstd` are recomputed per row, as in the forward kernel.
-fn ln_backward<T: Float + Send + Sync>(
+pub(super) fn ln_backward<T: Float + Send + Sync>(
     x: &[T],
     g: &[T],
     dy: &[T],

@@ -72,7 +72,7 @@ pub use attention::{scaled_dot_product_attention, token_attention};
 pub use batch_norm::{batch_norm_relu_train, batch_norm_train};
 pub use bias::{add_bias_channels, add_bias_last, mul_scale_channels, mul_scale_last};
 pub use dwconv_nhwc::{token_dwconv, LocalMode};
-pub use ffn::detail_ffn;
+pub use ffn::{detail_ffn, pre_norm_ffn_residual};
 pub use mhmc::multi_head_mixed_conv;
 pub use nms::{batched_nms, filter_nms, nms};
 pub use paste_mask::paste_masks;
