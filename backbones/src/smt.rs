@@ -462,9 +462,7 @@ impl Mlp {
 
     fn forward(&self, x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
         // fc1 → GELU(h + DW3x3(h)) → fc2 on tokens; one op when training on the CPU.
-        let (Some(b1), Some(b2)) = (&self.fc1.bias, &self.fc2.bias) else {
-            candle_core::bail!("SMT Mlp: fc1 and fc2 have biases");
-        };
+        let (b1, b2) = self.biases()?;
         detail_ffn(
             x,
             &self.fc1.weight,
@@ -477,6 +475,14 @@ impl Mlp {
         )
     }
 
+    /// `(fc1.bias, fc2.bias)`: the official `Mlp` always has both.
+    fn biases(&self) -> Result<(&Tensor, &Tensor)> {
+        match (&self.fc1.bias, &self.fc2.bias) {
+            (Some(b1), Some(b2)) => Ok((b1, b2)),
+            _ => candle_core::bail!("SMT Mlp: fc1 and fc2 have biases"),
+        }
+    }
+
     /// `x + self.forward(norm(x))`, fused (`ops::pre_norm_ffn_residual`).
     fn forward_pre_norm_residual(
         &self,
@@ -485,9 +491,7 @@ impl Mlp {
         h: usize,
         w: usize,
     ) -> Result<Tensor> {
-        let (Some(b1), Some(b2)) = (&self.fc1.bias, &self.fc2.bias) else {
-            candle_core::bail!("SMT Mlp: fc1 and fc2 have biases");
-        };
+        let (b1, b2) = self.biases()?;
         pre_norm_ffn_residual(
             x,
             &norm.weight,

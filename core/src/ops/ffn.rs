@@ -448,34 +448,50 @@ pub fn detail_ffn(
 ) -> Result<Tensor> {
     let (b, c, hd, co, k) = validate_ffn(x, fc1_w, fc1_b, dw_w, dw_b, fc2_w, fc2_b, hw)?;
     let params = [fc1_w, fc1_b, dw_w, dw_b, fc2_w, fc2_b];
-    let tracked = x.track_op() || params.iter().any(|t| t.track_op());
-    let fused = tracked
-        && x.device().is_cpu()
-        && matches!(x.dtype(), DType::F32 | DType::F64)
-        && params.iter().all(|t| t.dtype() == x.dtype());
-    if !fused {
+    if !fusable(x, &params) {
         let h = super::bias::linear_bias(x, fc1_w, fc1_b)?;
         let z = super::token_dwconv(&h, dw_w, dw_b, hw, super::LocalMode::ResidualGelu)?;
         return super::bias::linear_bias(&z, fc2_w, fc2_b);
     }
+    let dims = Dims {
+        b,
+        hgt: hw.0,
+        wid: hw.1,
+        c,
+        hd,
+        co,
+        k,
+        ln: false,
+    };
+    run_fused(x, &params, dims, 0.0, false)
+}
+
+/// Whether the FFN runs as one op: gradients tracked, CPU, f32/f64 throughout.
+fn fusable(x: &Tensor, params: &[&Tensor]) -> bool {
+    let tracked = x.track_op() || params.iter().any(|t| t.track_op());
+    tracked
+        && x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && params.iter().all(|t| t.dtype() == x.dtype())
+}
+
+/// Packs `params` (in [`Dims::offsets`] order) and applies the fused op to `x`.
+fn run_fused(
+    x: &Tensor,
+    params: &[&Tensor],
+    dims: Dims,
+    ln_eps: f64,
+    residual: bool,
+) -> Result<Tensor> {
     let flat = params
         .iter()
         .map(|t| t.flatten_all())
         .collect::<Result<Vec<_>>>()?;
     let packed = Tensor::cat(&flat, 0)?;
     let op = DetailFfn {
-        dims: Dims {
-            b,
-            hgt: hw.0,
-            wid: hw.1,
-            c,
-            hd,
-            co,
-            k,
-            ln: false,
-        },
-        ln_eps: 0.0,
-        residual: false,
+        dims,
+        ln_eps,
+        residual,
         save: true,
         saved: Mutex::new(None),
     };
@@ -507,9 +523,8 @@ pub fn pre_norm_ffn_residual(
     fc2_b: &Tensor,
     hw: (usize, usize),
 ) -> Result<Tensor> {
-    let (b, _, c) = x.dims3()?;
-    let (co, hd) = fc2_w.dims2()?;
-    let k = dw_w.dim(2)?;
+    let c = x.dims3()?.2;
+    let co = fc2_w.dims2()?.0;
     if ln_w.elem_count() != c || ln_b.elem_count() != c || co != c {
         candle_core::bail!(
             "pre-norm FFN block: tokens {:?}, norm {:?}/{:?}, fc2 {:?}: the norm must be (C,) and \
@@ -521,38 +536,22 @@ pub fn pre_norm_ffn_residual(
         );
     }
     let params = [fc1_w, fc1_b, dw_w, dw_b, fc2_w, fc2_b, ln_w, ln_b];
-    let tracked = x.track_op() || params.iter().any(|t| t.track_op());
-    let fused = tracked
-        && x.device().is_cpu()
-        && matches!(x.dtype(), DType::F32 | DType::F64)
-        && params.iter().all(|t| t.dtype() == x.dtype());
-    if !fused {
+    if !fusable(x, &params) {
         let xn = super::layer_norm(x, ln_w, ln_b, ln_eps)?;
         return x + detail_ffn(&xn, fc1_w, fc1_b, dw_w, dw_b, fc2_w, fc2_b, hw)?;
     }
-    validate_ffn(x, fc1_w, fc1_b, dw_w, dw_b, fc2_w, fc2_b, hw)?;
-    let flat = params
-        .iter()
-        .map(|t| t.flatten_all())
-        .collect::<Result<Vec<_>>>()?;
-    let packed = Tensor::cat(&flat, 0)?;
-    let op = DetailFfn {
-        dims: Dims {
-            b,
-            hgt: hw.0,
-            wid: hw.1,
-            c,
-            hd,
-            co,
-            k,
-            ln: true,
-        },
-        ln_eps,
-        residual: true,
-        save: true,
-        saved: Mutex::new(None),
+    let (b, c, hd, _, k) = validate_ffn(x, fc1_w, fc1_b, dw_w, dw_b, fc2_w, fc2_b, hw)?;
+    let dims = Dims {
+        b,
+        hgt: hw.0,
+        wid: hw.1,
+        c,
+        hd,
+        co: c,
+        k,
+        ln: true,
     };
-    x.contiguous()?.apply_op2(&packed, op)
+    run_fused(x, &params, dims, ln_eps, true)
 }
 
 #[cfg(test)]
