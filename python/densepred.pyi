@@ -31,11 +31,14 @@ class Detector:
             ``.pth``); ``None``: freshly initialised weights, as the config builds them.
         device: ``"cpu"``.
         overrides: config overrides.
+        strict: load the checkpoint strictly (as mmengine loads ``--checkpoint``): a missing
+            key, an unexpected key or a shape mismatch raises; ``False`` loads what matches and
+            logs a warning about the rest.
 
     Raises:
         FileNotFoundError: the config or the checkpoint is missing.
         ValueError: an unknown or invalid config key; a segmentor config; a checkpoint that
-            matches no parameter of the model.
+            does not match the model (strict) or matches no parameter of it.
     """
 
     def __init__(
@@ -44,6 +47,7 @@ class Detector:
         checkpoint: Optional[PathLike] = None,
         device: str = "cpu",
         overrides: Overrides = None,
+        strict: bool = True,
     ) -> None: ...
     @property
     def classes(self) -> List[str]:
@@ -80,6 +84,7 @@ class Segmentor:
         checkpoint: Optional[PathLike] = None,
         device: str = "cpu",
         overrides: Overrides = None,
+        strict: bool = True,
     ) -> None: ...
     @property
     def classes(self) -> List[str]:
@@ -152,8 +157,10 @@ def test(
     checkpoint: PathLike,
     overrides: Overrides = None,
     progress: bool = True,
+    strict: bool = True,
 ) -> Dict[str, Any]:
-    """Evaluates ``checkpoint`` on the config's test split, as ``densepred test``.
+    """Evaluates ``checkpoint`` on the config's test split, as ``densepred test`` (``strict`` as
+    for ``Detector``).
 
     Returns:
         detectors: the 12 COCO stats ``AP``, ``AP50``, ``AP75``, ``APs``, ``APm``, ``APl``,

@@ -1,6 +1,7 @@
 //! densepred-core: layers, tensor ops, losses and structures shared by every densepred crate
 //! (see `DESIGN.md` for the layout).
 
+pub mod config;
 pub mod io;
 pub mod losses;
 pub mod nn;

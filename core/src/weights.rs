@@ -119,16 +119,33 @@ impl fmt::Display for LoadReport {
             self.loaded.len(),
             self.ignored.len()
         )?;
+        // The first few of each list (a backbone-only checkpoint misses hundreds of keys).
+        const SHOWN: usize = 8;
+        let more = |n: usize| {
+            if n > SHOWN {
+                format!(", … and {} more", n - SHOWN)
+            } else {
+                String::new()
+            }
+        };
         let list = |f: &mut fmt::Formatter<'_>, what: &str, v: &[String]| -> fmt::Result {
             if !v.is_empty() {
-                writeln!(f, "{what} ({}): {}", v.len(), v.join(", "))?;
+                let head: Vec<&str> = v.iter().take(SHOWN).map(String::as_str).collect();
+                writeln!(f, "{what} ({}): {}{}", v.len(), head.join(", "), more(v.len()))?;
             }
             Ok(())
         };
         list(f, "missing keys", &self.missing)?;
         list(f, "unexpected keys", &self.unexpected)?;
-        for (k, m, c) in &self.shape_mismatch {
+        for (k, m, c) in self.shape_mismatch.iter().take(SHOWN) {
             writeln!(f, "shape mismatch for {k}: model {m:?}, checkpoint {c:?}")?;
+        }
+        if self.shape_mismatch.len() > SHOWN {
+            writeln!(
+                f,
+                "… and {} more shape mismatches",
+                self.shape_mismatch.len() - SHOWN
+            )?;
         }
         Ok(())
     }

@@ -335,7 +335,7 @@ mod losses {
         .unwrap();
         let pred =
             Var::from_tensor(&(&target + (rand(&[3, 4], 5) * 0.3).unwrap()).unwrap()).unwrap();
-        let gl = |p: &Tensor| giou_loss(p, &target, None, Reduction::Mean, None).unwrap();
+        let gl = |p: &Tensor| giou_loss(p, &target, None, Reduction::Mean, None, 1e-6).unwrap();
         let g = gl(&pred).backward().unwrap();
         fd(&pred, g.get(&pred).unwrap(), &|pp| {
             gl(pp).to_scalar::<f64>().unwrap()

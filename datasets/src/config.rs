@@ -3,6 +3,8 @@
 
 use crate::ade::Ade20kDataset;
 use crate::coco::{CocoDataset, CocoOptions};
+pub use crate::transforms::toml_value::Empty;
+pub use densepred_core::config::Unsupported;
 use crate::transforms::{Pipeline, TransformConfig};
 use crate::{DataError, Dataset};
 use serde::{Deserialize, Serialize};
@@ -84,9 +86,9 @@ pub enum DatasetConfig {
         /// Invalid records become warnings (skipped and counted) instead of errors.
         #[serde(default)]
         skip_invalid: bool,
-        /// Accepted for compatibility.
+        /// Only `{}` (local files).
         #[serde(default)]
-        backend_args: Option<crate::transforms::toml_value::Empty>,
+        backend_args: Option<Empty>,
     },
     /// ADE20K-layout semantic segmentation.
     #[serde(rename = "ADE20KDataset")]
@@ -108,7 +110,7 @@ pub enum DatasetConfig {
         /// Invalid records become warnings instead of errors.
         #[serde(default)]
         skip_invalid: bool,
-        /// Accepted for compatibility.
+        /// mmseg's `test_mode`: ADE20K folders load the same way with either value.
         #[serde(default)]
         test_mode: bool,
     },
@@ -184,17 +186,49 @@ impl DatasetConfig {
     }
 }
 
-/// `sampler` table (mmengine `DefaultSampler`).
+/// `sampler` table: mmengine's `DefaultSampler` (one pass per epoch) or `InfiniteSampler` (the
+/// iteration-based loops' sampler: epochs follow one another without end, which is how the
+/// iteration-based loop reads any sampler here).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SamplerCfg {
-    /// `DefaultSampler`.
+    /// `DefaultSampler` or `InfiniteSampler`.
     #[serde(rename = "type")]
-    pub kind: String,
+    pub kind: SamplerKind,
     /// Shuffle every epoch.
     #[serde(default = "t")]
     pub shuffle: bool,
+    /// mmengine's per-sampler seed: not supported (the order comes from `randomness.seed`).
+    #[serde(default)]
+    pub seed: Option<Unsupported>,
 }
+
+/// `sampler.type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SamplerKind {
+    /// mmengine's `DefaultSampler`.
+    DefaultSampler,
+    /// mmengine's `InfiniteSampler`.
+    InfiniteSampler,
+}
+
+/// `batch_sampler` table: mmdet's `AspectRatioBatchSampler` (batches of one orientation, see
+/// [`crate::loader::DataLoader::aspect_groups`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchSamplerCfg {
+    /// `AspectRatioBatchSampler`.
+    #[serde(rename = "type")]
+    pub kind: BatchSamplerKind,
+}
+
+/// `batch_sampler.type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BatchSamplerKind {
+    /// mmdet's `AspectRatioBatchSampler`.
+    AspectRatioBatchSampler,
+}
+
 
 fn one() -> usize {
     1
@@ -213,7 +247,8 @@ pub struct DataloaderConfig {
     /// Worker threads that run the pipeline (0: the loading thread itself).
     #[serde(default = "two")]
     pub num_workers: usize,
-    /// Accepted for compatibility.
+    /// mmengine keeps worker processes between epochs; the loader's workers are threads of this
+    /// process, so both values give the same batches.
     #[serde(default)]
     pub persistent_workers: bool,
     /// Drop the last incomplete batch.
@@ -222,9 +257,27 @@ pub struct DataloaderConfig {
     /// Sampler.
     #[serde(default)]
     pub sampler: Option<SamplerCfg>,
-    /// Accepted for compatibility (mmdet's aspect-ratio batch sampler).
+    /// Batch sampler (default: consecutive runs of the sampler's order).
     #[serde(default)]
-    pub batch_sampler: Option<toml::Table>,
+    pub batch_sampler: Option<BatchSamplerCfg>,
     /// The dataset.
     pub dataset: DatasetConfig,
+}
+
+impl DataloaderConfig {
+    /// Checks the values serde's types cannot: `batch_size` ≥ 1 and every transform of the
+    /// pipeline ([`TransformConfig::validate`]).
+    ///
+    /// Errors: `(key, reason)`, `key` relative to the dataloader table
+    /// (`dataset.pipeline.3.ratio_range`).
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.batch_size == 0 {
+            return Err(("batch_size".into(), "must be at least 1".into()));
+        }
+        for (i, t) in self.dataset.pipeline().iter().enumerate() {
+            t.validate()
+                .map_err(|(k, why)| (format!("dataset.pipeline.{i}.{k}"), why))?;
+        }
+        Ok(())
+    }
 }

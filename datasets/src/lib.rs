@@ -41,6 +41,48 @@ pub enum DataError {
     /// A configuration value is invalid.
     #[error("config: {0}")]
     Config(String),
+    /// A sample failed in the pipeline: the image (file and id), the transform (its position in
+    /// the `pipeline` list and its `type`) and what went wrong there.
+    #[error("{img_path} (image id {img_id}): pipeline step {step} ({transform}): {source}")]
+    Sample {
+        /// The image file.
+        img_path: PathBuf,
+        /// The image id (COCO id; position for ADE20K).
+        img_id: u64,
+        /// Position of the transform in the `pipeline` list (0-based).
+        step: usize,
+        /// The transform's `type`.
+        transform: &'static str,
+        /// The error of the transform ([`DataError::Panic`] when it panicked).
+        source: Box<DataError>,
+    },
+    /// Code panicked (a bug, reported instead of ending the loader silently).
+    #[error("panicked: {0}")]
+    Panic(String),
+    /// The loader stopped before the end of the epoch.
+    #[error("data loader: {0}")]
+    Loader(String),
+}
+
+impl DataError {
+    /// The innermost error (through [`DataError::Sample`]).
+    pub fn root(&self) -> &DataError {
+        match self {
+            DataError::Sample { source, .. } => source.root(),
+            o => o,
+        }
+    }
+}
+
+/// The message of a panic payload (`&str` / `String` payloads; otherwise a placeholder).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a non-string panic payload".to_string()
+    }
 }
 
 /// One object of a detection sample.

@@ -34,6 +34,14 @@ pub struct DataLoader {
     pub prefetch: usize,
     /// Failing samples are skipped with a warning (and counted) instead of ending the epoch.
     pub skip_invalid: bool,
+    /// mmdet's `AspectRatioBatchSampler`: the orientation group of each sample (0: portrait,
+    /// `w < h`; 1: landscape or square), from [`aspect_ratio_groups`]. Batches then take samples
+    /// of one group in epoch order; the leftovers of both groups end the epoch. `None`: batches
+    /// are consecutive runs of the epoch order (mmengine's default batch sampler).
+    pub aspect_groups: Option<Arc<Vec<u8>>>,
+    /// Count of the samples skipped so far (shared by clones; read with
+    /// [`DataLoader::skipped`]).
+    pub skipped: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 fn mix(a: u64, b: u64) -> u64 {
@@ -47,13 +55,44 @@ fn mix(a: u64, b: u64) -> u64 {
 impl DataLoader {
     /// Number of batches per epoch.
     pub fn num_batches(&self) -> usize {
-        let n = self.dataset.len();
         let b = self.batch_size.max(1);
-        if self.drop_last {
-            n / b
-        } else {
-            n.div_ceil(b)
+        let chunks = |n: usize| if self.drop_last { n / b } else { n.div_ceil(b) };
+        match &self.aspect_groups {
+            None => chunks(self.dataset.len()),
+            Some(g) => {
+                let portrait = g.iter().filter(|&&x| x == 0).count();
+                let landscape = g.len() - portrait;
+                portrait / b + landscape / b + chunks(portrait % b + landscape % b)
+            }
         }
+    }
+
+    /// The batches of epoch `epoch` as sample indices (what mmengine's batch sampler yields).
+    pub fn batches(&self, epoch: u64) -> Vec<Vec<usize>> {
+        let b = self.batch_size.max(1);
+        let order = self.order(epoch);
+        let mut out: Vec<Vec<usize>> = Vec::with_capacity(self.num_batches());
+        let left: Vec<usize> = match &self.aspect_groups {
+            None => order,
+            Some(groups) => {
+                let mut buckets: [Vec<usize>; 2] = [Vec::new(), Vec::new()];
+                for i in order {
+                    let g = usize::from(groups.get(i).copied().unwrap_or(1).min(1));
+                    buckets[g].push(i);
+                    if buckets[g].len() == b {
+                        out.push(std::mem::take(&mut buckets[g]));
+                    }
+                }
+                let [p, l] = buckets;
+                p.into_iter().chain(l).collect()
+            }
+        };
+        for chunk in left.chunks(b) {
+            if !(self.drop_last && chunk.len() < b) {
+                out.push(chunk.to_vec());
+            }
+        }
+        out
     }
 
     /// Sample indices of epoch `epoch`, in order.
@@ -73,29 +112,27 @@ impl DataLoader {
 
     /// The batches of `epoch` (processed samples), prepared by `num_workers` threads with up to
     /// `prefetch` batches queued ahead. Dropping the iterator stops the producer.
-    pub fn epoch(&self, epoch: u64) -> impl Iterator<Item = Result<Vec<Sample>, DataError>> {
+    ///
+    /// Every failure reaches the consumer as an `Err` item, after which the iterator ends: a
+    /// sample's error or a transform's panic as [`DataError::Sample`] (image file and id, the
+    /// transform), and a loading thread that stops before the last batch of the epoch (a panic
+    /// outside the pipeline) as [`DataError::Loader`]. With `skip_invalid`, failing samples are
+    /// left out of their batch with a warning instead.
+    pub fn epoch(&self, epoch: u64) -> EpochBatches {
         self.epoch_from(epoch, 0)
     }
 
     /// As [`DataLoader::epoch`], starting at batch `skip` (resuming mid-epoch): the batches are
     /// the same as those an uninterrupted epoch yields from that point.
-    pub fn epoch_from(
-        &self,
-        epoch: u64,
-        skip: usize,
-    ) -> impl Iterator<Item = Result<Vec<Sample>, DataError>> {
+    pub fn epoch_from(&self, epoch: u64, skip: usize) -> EpochBatches {
         let (tx, rx) = crossbeam_channel::bounded(self.prefetch.max(1));
         let this = self.clone();
-        std::thread::spawn(move || {
-            let order = this.order(epoch);
+        let expected = self.num_batches().saturating_sub(skip);
+        let handle = std::thread::spawn(move || {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(this.num_workers.max(1))
                 .build();
-            let bs = this.batch_size.max(1);
-            for chunk in order.chunks(bs).skip(skip) {
-                if this.drop_last && chunk.len() < bs {
-                    break;
-                }
+            for chunk in this.batches(epoch).iter().skip(skip) {
                 let run = || -> Vec<Result<Sample, DataError>> {
                     if this.num_workers == 0 {
                         chunk.iter().map(|&i| this.load(epoch, i)).collect()
@@ -112,7 +149,11 @@ impl DataLoader {
                 for r in results {
                     match r {
                         Ok(s) => batch.push(s),
-                        Err(e) if this.skip_invalid => tracing::warn!("skipping sample: {e}"),
+                        Err(e) if this.skip_invalid => {
+                            this.skipped
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            tracing::warn!("skipping sample: {e}")
+                        }
                         Err(e) => {
                             failed = Some(e);
                             break;
@@ -129,8 +170,88 @@ impl DataLoader {
                 }
             }
         });
-        rx.into_iter()
+        EpochBatches {
+            rx,
+            handle: Some(handle),
+            epoch,
+            expected,
+            received: 0,
+            done: false,
+        }
     }
+
+    /// Samples left out with a warning (`skip_invalid`) since the loader was built, over all
+    /// epochs and clones of it.
+    pub fn skipped(&self) -> usize {
+        self.skipped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// The batches of one epoch (see [`DataLoader::epoch`]).
+pub struct EpochBatches {
+    rx: crossbeam_channel::Receiver<Result<Vec<Sample>, DataError>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+    epoch: u64,
+    expected: usize,
+    received: usize,
+    done: bool,
+}
+
+impl Iterator for EpochBatches {
+    type Item = Result<Vec<Sample>, DataError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        match self.rx.recv() {
+            Ok(item) => {
+                self.received += 1;
+                self.done = item.is_err();
+                Some(item)
+            }
+            Err(_) => {
+                self.done = true;
+                // The producer has hung up: at the end of the epoch that is normal; earlier it
+                // died, and its panic (if any) is the reason.
+                let why = match self.handle.take().map(|h| h.join()) {
+                    Some(Err(payload)) => format!(": {}", crate::panic_message(payload.as_ref())),
+                    _ => String::new(),
+                };
+                if self.received < self.expected {
+                    Some(Err(DataError::Loader(format!(
+                        "the loading thread stopped after {} of {} batches of epoch {}{why}",
+                        self.received, self.expected, self.epoch
+                    ))))
+                } else {
+                    None
+                }
+            }
+        }
+    }
+}
+
+/// The orientation group of every sample for mmdet's `AspectRatioBatchSampler`: 0 when the
+/// image is portrait (`width < height`), else 1, from the sizes the annotations give
+/// (`Sample::ori_shape` before loading).
+///
+/// Errors: a sample whose size is unknown before decoding (datasets without image sizes in their
+/// annotations, such as ADE20K folders), naming the image.
+pub fn aspect_ratio_groups(dataset: &dyn Dataset) -> Result<Vec<u8>, DataError> {
+    (0..dataset.len())
+        .map(|i| {
+            let s = dataset.sample(i);
+            let (h, w) = s.ori_shape;
+            if h == 0 || w == 0 {
+                return Err(DataError::Config(format!(
+                    "AspectRatioBatchSampler: {} (image id {}) has no size in the annotations",
+                    s.img_path.display(),
+                    s.img_id
+                )));
+            }
+            Ok(u8::from(w >= h))
+        })
+        .collect()
 }
 
 /// mmdet's `data_preprocessor` normalisation (RGB mean / std on 0–255 pixels).

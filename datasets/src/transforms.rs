@@ -57,10 +57,11 @@ impl Default for PadVal {
 pub enum TransformConfig {
     /// Decode the image file to RGB f32 (grayscale files are expanded to 3 channels).
     LoadImageFromFile {
-        /// Accepted for mmdet compatibility; images are always f32 here.
+        /// Either value gives the same model input: images are decoded to f32 here, and mmdet
+        /// converts `uint8` images to float in its data preprocessor.
         #[serde(default)]
         to_float32: bool,
-        /// Accepted for mmdet compatibility (ignored).
+        /// Only `{}` (local files).
         #[serde(default)]
         backend_args: Option<toml_value::Empty>,
     },
@@ -81,8 +82,9 @@ pub enum TransformConfig {
         /// mmseg: 0 → 255, v → v − 1 (overrides the dataset's setting when given).
         #[serde(default)]
         reduce_zero_label: Option<bool>,
-        /// Accepted for mmdet compatibility (polygons are always rasterised).
-        #[serde(default = "t")]
+        /// Polygons are rasterised to bitmaps (mmdet's default `true`); `false` (keeping
+        /// `PolygonMasks`) is not supported and refused.
+        #[serde(default = "t", deserialize_with = "densepred_core::config::only_true")]
         poly2mask: bool,
     },
     /// Resize to `scale = [w, h]` (with `keep_ratio`: as large as fits `max(scale)` on the long
@@ -200,13 +202,14 @@ pub enum TransformConfig {
     },
     /// Marks the end of a detection pipeline (mmdet `PackDetInputs`); no-op here.
     PackDetInputs {
-        /// Accepted for compatibility.
+        /// Which metadata mmdet packs; every sample here carries all of it (paths, shapes,
+        /// scale factor, flip), so any list gives the same model input.
         #[serde(default)]
         meta_keys: Option<Vec<String>>,
     },
     /// Marks the end of a segmentation pipeline (mmseg `PackSegInputs`); no-op here.
     PackSegInputs {
-        /// Accepted for compatibility.
+        /// As `PackDetInputs.meta_keys`.
         #[serde(default)]
         meta_keys: Option<Vec<String>>,
     },
@@ -222,11 +225,13 @@ pub enum ScaleSpec {
     Range([[f64; 2]; 2]),
 }
 
-/// Placeholder for mmdet keys whose value we accept but ignore (`backend_args = {}` or absent).
+/// `backend_args`: only `{}` (or absent), mmdetection's default of reading local files; any
+/// key (a storage backend) is refused as unknown.
 pub mod toml_value {
     use serde::{Deserialize, Serialize};
     /// An empty table.
     #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
     pub struct Empty {}
 }
 
@@ -239,11 +244,226 @@ impl Pipeline {
     ///
     /// Errors: unreadable or corrupt files, label maps whose size differs from the image, invalid
     /// masks; each names the file.
+    /// Errors and panics of a transform come back as [`DataError::Sample`], naming the image
+    /// (file and id) and the transform (its position in the list and its `type`).
     pub fn apply(&self, mut s: Sample, rng: &mut dyn RngCore) -> Result<Sample, DataError> {
-        for t in &self.0 {
-            s = apply_one(t, s, rng)?;
+        for (step, t) in self.0.iter().enumerate() {
+            let (img_path, img_id) = (s.img_path.clone(), s.img_id);
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| apply_one(t, s, rng)));
+            let source = match r {
+                Ok(Ok(next)) => {
+                    s = next;
+                    continue;
+                }
+                Ok(Err(e)) => e,
+                Err(payload) => DataError::Panic(crate::panic_message(payload.as_ref())),
+            };
+            return Err(DataError::Sample {
+                img_path,
+                img_id,
+                step,
+                transform: t.name(),
+                source: Box::new(source),
+            });
         }
         Ok(s)
+    }
+}
+
+/// A config value check: `Err((key, reason))`, `key` relative to the transform's table.
+type Check = Result<(), (String, String)>;
+
+fn positive(key: &str, v: &[f64]) -> Check {
+    match v.iter().find(|x| !(x.is_finite() && **x > 0.0)) {
+        Some(x) => Err((key.into(), format!("must be positive, got {x}"))),
+        None => Ok(()),
+    }
+}
+
+fn non_negative(key: &str, v: f64) -> Check {
+    if v.is_finite() && v >= 0.0 {
+        Ok(())
+    } else {
+        Err((key.into(), format!("must be a non-negative number, got {v}")))
+    }
+}
+
+fn low_high(key: &str, [lo, hi]: [f64; 2], min: f64) -> Check {
+    if lo.is_finite() && hi.is_finite() && min <= lo && lo <= hi {
+        Ok(())
+    } else {
+        Err((
+            key.into(),
+            format!("must be [low, high] with {min} <= low <= high, got [{lo}, {hi}]"),
+        ))
+    }
+}
+
+impl TransformConfig {
+    /// Checks the values that would make the transform fail or draw from an empty range at run
+    /// time (reversed ranges, negative deltas, zero scales, probabilities outside `[0, 1]`), so
+    /// that a config is refused when it is read.
+    ///
+    /// Errors: `(key, reason)` with `key` relative to this transform's table (`ratio_range`,
+    /// `policies.0.2.prob` inside `AutoAugment`).
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        use TransformConfig as T;
+        match self {
+            T::Resize {
+                scale,
+                scale_factor,
+                ..
+            } => {
+                if scale.is_none() && scale_factor.is_none() {
+                    return Err(("scale".into(), "Resize needs `scale` or `scale_factor`".into()));
+                }
+                if let Some(sc) = scale {
+                    positive("scale", sc)?;
+                }
+                if let Some(f) = scale_factor {
+                    positive("scale_factor", &[*f])?;
+                }
+            }
+            T::RandomResize {
+                scale, ratio_range, ..
+            } => {
+                match scale {
+                    ScaleSpec::One(sc) => positive("scale", sc)?,
+                    ScaleSpec::Range([a, b]) => {
+                        positive("scale", a)?;
+                        positive("scale", b)?;
+                    }
+                }
+                if let Some(r) = ratio_range {
+                    low_high("ratio_range", *r, f64::MIN_POSITIVE)?;
+                }
+            }
+            T::RandomChoiceResize { scales, .. } => {
+                if scales.is_empty() {
+                    return Err(("scales".into(), "must list at least one scale".into()));
+                }
+                for (i, sc) in scales.iter().enumerate() {
+                    positive(&format!("scales.{i}"), sc)?;
+                }
+            }
+            T::RandomFlip { prob, direction } => {
+                if !(0.0..=1.0).contains(prob) {
+                    return Err(("prob".into(), format!("must be in [0, 1], got {prob}")));
+                }
+                if direction != "horizontal" {
+                    return Err((
+                        "direction".into(),
+                        format!("{direction:?} is not supported (only \"horizontal\")"),
+                    ));
+                }
+            }
+            T::RandomCrop {
+                crop_size,
+                cat_max_ratio,
+                crop_type,
+                allow_negative_crop,
+                ..
+            } => {
+                if crop_size.contains(&0) {
+                    return Err(("crop_size".into(), "sides must be positive".into()));
+                }
+                if !(*cat_max_ratio > 0.0 && *cat_max_ratio <= 1.0) {
+                    return Err((
+                        "cat_max_ratio".into(),
+                        format!("must be in (0, 1], got {cat_max_ratio}"),
+                    ));
+                }
+                match crop_type.as_deref() {
+                    None | Some("absolute") => {}
+                    Some("absolute_range") if crop_size[0] <= crop_size[1] => {}
+                    Some("absolute_range") => {
+                        return Err((
+                            "crop_size".into(),
+                            "with crop_type = \"absolute_range\" it is [low, high], low <= high"
+                                .into(),
+                        ))
+                    }
+                    Some(o) => {
+                        return Err((
+                            "crop_type".into(),
+                            format!("{o:?} is not supported (absolute, absolute_range)"),
+                        ))
+                    }
+                }
+                if *allow_negative_crop == Some(false) {
+                    return Err((
+                        "allow_negative_crop".into(),
+                        "false is not supported (set it to true)".into(),
+                    ));
+                }
+            }
+            T::PhotoMetricDistortion {
+                brightness_delta,
+                contrast_range,
+                saturation_range,
+                hue_delta,
+            } => {
+                non_negative("brightness_delta", *brightness_delta)?;
+                low_high("contrast_range", *contrast_range, 0.0)?;
+                low_high("saturation_range", *saturation_range, 0.0)?;
+                non_negative("hue_delta", *hue_delta)?;
+            }
+            T::Normalize { std, .. } => {
+                let s: Vec<f64> = std.iter().map(|&x| x as f64).collect();
+                positive("std", &s)?;
+            }
+            T::Pad {
+                size, size_divisor, ..
+            } => match (size, size_divisor) {
+                (Some(sz), _) if sz.contains(&0) => {
+                    return Err(("size".into(), "sides must be positive".into()))
+                }
+                (Some(_), _) => {}
+                (None, Some(d)) if *d > 0 => {}
+                _ => {
+                    return Err((
+                        "size_divisor".into(),
+                        "Pad needs `size` or a positive `size_divisor`".into(),
+                    ))
+                }
+            },
+            T::AutoAugment { policies } => {
+                if policies.is_empty() {
+                    return Err(("policies".into(), "must list at least one policy".into()));
+                }
+                for (i, p) in policies.iter().enumerate() {
+                    for (j, t) in p.iter().enumerate() {
+                        t.validate()
+                            .map_err(|(k, why)| (format!("policies.{i}.{j}.{k}"), why))?;
+                    }
+                }
+            }
+            T::LoadImageFromFile { .. }
+            | T::LoadAnnotations { .. }
+            | T::PackDetInputs { .. }
+            | T::PackSegInputs { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// The transform's `type` as a config writes it.
+    pub fn name(&self) -> &'static str {
+        use TransformConfig as T;
+        match self {
+            T::LoadImageFromFile { .. } => "LoadImageFromFile",
+            T::LoadAnnotations { .. } => "LoadAnnotations",
+            T::Resize { .. } => "Resize",
+            T::RandomResize { .. } => "RandomResize",
+            T::RandomChoiceResize { .. } => "RandomChoiceResize",
+            T::RandomFlip { .. } => "RandomFlip",
+            T::RandomCrop { .. } => "RandomCrop",
+            T::PhotoMetricDistortion { .. } => "PhotoMetricDistortion",
+            T::Normalize { .. } => "Normalize",
+            T::Pad { .. } => "Pad",
+            T::AutoAugment { .. } => "AutoAugment",
+            T::PackDetInputs { .. } => "PackDetInputs",
+            T::PackSegInputs { .. } => "PackSegInputs",
+        }
     }
 }
 

@@ -322,6 +322,8 @@ type = "RandomFlip"
         seed: 7,
         prefetch: 2,
         skip_invalid: skip,
+        aspect_groups: None,
+        skipped: Default::default(),
     };
     let summary = |l: &DataLoader, epoch: u64| -> Vec<(u64, (usize, usize), bool)> {
         l.epoch(epoch)

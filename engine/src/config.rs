@@ -213,8 +213,43 @@ pub fn section<T: serde::de::DeserializeOwned>(
         path: path.into(),
         reason: format!("no [{key}] table"),
     })?;
-    v.clone().try_into().map_err(|e| ConfigError::Invalid {
-        path: path.into(),
-        reason: format!("[{key}]: {e}"),
+    typed(v.clone(), key, path)
+}
+
+/// Deserialises `value` (found at the dotted key path `prefix`, empty for the whole file) into
+/// `T`. The error names the file and the key path of the value at fault, written as `--set`
+/// takes it (`test_dataloader.dataset: missing field `type``,
+/// `train_dataloader.dataset.pipeline.3: unknown field `ratio_rang``). Inside a table selected by
+/// `type` the path ends at that table (serde reads it whole before choosing the variant); the
+/// message then names the key.
+pub fn typed<T: serde::de::DeserializeOwned>(
+    value: Value,
+    prefix: &str,
+    path: &Path,
+) -> Result<T, ConfigError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let mut key: Vec<String> = prefix
+            .split('.')
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect();
+        for seg in e.path().iter() {
+            use serde_path_to_error::Segment;
+            match seg {
+                Segment::Seq { index } => key.push(index.to_string()),
+                Segment::Map { key: k } => key.push(k.clone()),
+                Segment::Enum { variant } => key.push(variant.clone()),
+                Segment::Unknown => {}
+            }
+        }
+        let at = if key.is_empty() {
+            String::new()
+        } else {
+            format!("{}: ", key.join("."))
+        };
+        ConfigError::Invalid {
+            path: path.into(),
+            reason: format!("{at}{}", e.inner()),
+        }
     })
 }

@@ -3,7 +3,7 @@
 //! `Segmentor` run.
 
 use crate::runner::{
-    build_model, load_weights, model_inputs, to_batch, BuiltModel, CandleContext, EngineError,
+    build_model, load_checkpoint, model_inputs, to_batch, BuiltModel, CandleContext, EngineError,
     RunConfig,
 };
 use candle_core::{DType, Device};
@@ -53,16 +53,17 @@ fn class_names(ds: &DatasetConfig, num_classes: usize) -> Vec<String> {
 
 impl Inferencer {
     /// Builds the model of `cfg` on `device` and loads `checkpoint` (any `.safetensors` written by
-    /// `densepred train`, or an mmdetection / mmsegmentation `.pth`; non-strict, as `test` loads)
-    /// when given; without one, the weights are the config's initialisation (seed
+    /// `densepred train`, or an mmdetection / mmsegmentation `.pth`; see
+    /// [`load_checkpoint`] for `strict`) when given; without one, the weights are the config's initialisation (seed
     /// `randomness.seed`). The test pipeline is that of `test_dataloader`, else
     /// `val_dataloader`.
     ///
     /// Errors: [`EngineError::Config`] when the config has neither loader;
-    /// [`EngineError::File`] for a missing or mismatched checkpoint.
+    /// [`EngineError::File`] for a missing checkpoint, or a mismatched one when `strict`.
     pub fn new(
         cfg: &RunConfig,
         checkpoint: Option<&Path>,
+        strict: bool,
         device: &Device,
     ) -> Result<Self, EngineError> {
         let dl = cfg
@@ -78,13 +79,7 @@ impl Inferencer {
             })?;
         let model = build_model(&cfg.model, cfg.seed(), device)?;
         if let Some(ck) = checkpoint {
-            let report = load_weights(&model, ck, false)?;
-            if !report.missing.is_empty() || !report.shape_mismatch.is_empty() {
-                tracing::warn!(
-                    "{}: not an exact match for the model\n{report}",
-                    ck.display()
-                );
-            }
+            load_checkpoint(&model, ck, strict)?;
         }
         let pipeline = Pipeline(
             dl.dataset

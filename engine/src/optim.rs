@@ -118,7 +118,8 @@ pub struct ParamwiseConfig {
     /// Learning-rate multiplier of biases.
     #[serde(default)]
     pub bias_lr_mult: Option<f64>,
-    /// Accepted for compatibility.
+    /// mmengine skips parameters listed twice; every model parameter here has one name, so
+    /// either value builds the same groups.
     #[serde(default)]
     pub bypass_duplicate: bool,
 }

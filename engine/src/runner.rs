@@ -8,8 +8,10 @@ use densepred_backbones::AnyBackbone;
 use densepred_core::params::SeededVarMap;
 use densepred_core::structures::{GtInstances, ImageMeta};
 use densepred_core::weights::{load_into, read_checkpoint, LoadReport};
-use densepred_datasets::config::DataloaderConfig;
-use densepred_datasets::loader::{collate_to, Batch, DataLoader, Normalization};
+use densepred_datasets::config::{DataloaderConfig, Empty, Unsupported};
+use densepred_datasets::loader::{
+    aspect_ratio_groups, collate_to, Batch, DataLoader, Normalization,
+};
 use densepred_datasets::{Dataset, Sample};
 use densepred_models::{Detector, ModelConfig, Segmentor};
 use serde::{Deserialize, Serialize};
@@ -110,9 +112,10 @@ pub struct EvaluatorConfig {
     /// `IoUMetric`: label excluded from the counts (default 255).
     #[serde(default)]
     pub ignore_index: Option<u8>,
-    /// `IoUMetric`: accepted for compatibility (NaN classes stay NaN and are left out of means).
+    /// `IoUMetric`'s `nan_to_num`: not supported (classes absent from both the predictions and
+    /// the ground truth stay NaN and are left out of the means, mmseg's default).
     #[serde(default)]
-    pub nan_to_num: Option<f64>,
+    pub nan_to_num: Option<Unsupported>,
     /// `"bbox"`, `"segm"` or a list.
     #[serde(default)]
     pub metric: Option<toml::Value>,
@@ -125,9 +128,9 @@ pub struct EvaluatorConfig {
     /// Write `<prefix>.bbox.json`.
     #[serde(default)]
     pub outfile_prefix: Option<PathBuf>,
-    /// Accepted for compatibility.
+    /// Only `{}` (files on the local disk), as mmdetection's default.
     #[serde(default)]
-    pub backend_args: Option<toml::Value>,
+    pub backend_args: Option<Empty>,
 }
 
 /// `default_hooks.checkpoint`.
@@ -146,9 +149,9 @@ pub struct CheckpointHookConfig {
     /// Keep only the newest N checkpoints (−1: all).
     #[serde(default)]
     pub max_keep_ckpts: Option<i64>,
-    /// Accepted for compatibility.
+    /// Not supported (every `interval` checkpoint is kept, up to `max_keep_ckpts`).
     #[serde(default)]
-    pub save_best: Option<toml::Value>,
+    pub save_best: Option<Unsupported>,
 }
 
 /// `default_hooks.logger`.
@@ -177,18 +180,55 @@ pub struct DefaultHooks {
     /// Logging.
     #[serde(default)]
     pub logger: Option<LoggerHookConfig>,
-    /// Accepted for compatibility.
+    /// `IterTimerHook`: the iteration and data times are always in the logs.
     #[serde(default)]
-    pub timer: Option<toml::Value>,
-    /// Accepted for compatibility.
+    pub timer: Option<StandardHook>,
+    /// `ParamSchedulerHook`: the `param_scheduler` list is always applied.
     #[serde(default)]
-    pub param_scheduler: Option<toml::Value>,
-    /// Accepted for compatibility.
+    pub param_scheduler: Option<StandardHook>,
+    /// `DistSamplerSeedHook`: the sampler's order is always drawn from `(seed, epoch)`.
     #[serde(default)]
-    pub sampler_seed: Option<toml::Value>,
-    /// Accepted for compatibility.
+    pub sampler_seed: Option<StandardHook>,
+    /// `DetVisualizationHook` / `SegVisualizationHook` without drawing (their default); drawn
+    /// predictions come from `densepred test --show-dir` / `--out-dir`.
     #[serde(default)]
-    pub visualization: Option<toml::Value>,
+    pub visualization: Option<StandardHook>,
+}
+
+/// A `default_hooks` entry whose behaviour densepred always has (or, for the visualization hooks
+/// without `draw`, never needs): only the standard `type` is accepted, with no other key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", deny_unknown_fields)]
+pub enum StandardHook {
+    /// mmengine's `IterTimerHook`.
+    IterTimerHook {},
+    /// mmengine's `ParamSchedulerHook`.
+    ParamSchedulerHook {},
+    /// mmengine's `DistSamplerSeedHook`.
+    DistSamplerSeedHook {},
+    /// mmdetection's `DetVisualizationHook` (no `draw`).
+    DetVisualizationHook {},
+    /// mmsegmentation's `SegVisualizationHook` (no `draw`).
+    SegVisualizationHook {},
+}
+
+/// `val_cfg` / `test_cfg`: mmengine's loops, the only ones there are.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", deny_unknown_fields)]
+pub enum EvalLoopConfig {
+    /// mmengine's `ValLoop`.
+    ValLoop {},
+    /// mmengine's `TestLoop`.
+    TestLoop {},
+}
+
+/// `log_level`: mmengine's logger level; densepred's terminal log shows `INFO` and above
+/// (`RUST_LOG` changes it), so only `"INFO"` is accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum LogLevel {
+    /// The default.
+    #[serde(rename = "INFO")]
+    Info,
 }
 
 /// `auto_scale_lr`.
@@ -209,12 +249,12 @@ pub struct Randomness {
     /// Seed of weights, data order, augmentations and stochastic layers.
     #[serde(default)]
     pub seed: Option<u64>,
-    /// Accepted (CPU runs are deterministic).
+    /// Accepted: CPU runs are deterministic for a seed with either value.
     #[serde(default)]
     pub deterministic: bool,
-    /// Accepted for compatibility.
+    /// Not supported (training runs in one process: there is one rank to seed).
     #[serde(default)]
-    pub diff_rank_seed: bool,
+    pub diff_rank_seed: Option<Unsupported>,
 }
 
 /// A whole config file after `_base_` merging and overrides (mmdetection 3.x vocabulary).
@@ -241,12 +281,12 @@ pub struct RunConfig {
     /// Training loop.
     #[serde(default)]
     pub train_cfg: Option<TrainLoopConfig>,
-    /// Accepted for compatibility (`ValLoop`).
+    /// The validation loop (`ValLoop`).
     #[serde(default)]
-    pub val_cfg: Option<toml::Value>,
-    /// Accepted for compatibility (`TestLoop`).
+    pub val_cfg: Option<EvalLoopConfig>,
+    /// The test loop (`TestLoop`).
     #[serde(default)]
-    pub test_cfg: Option<toml::Value>,
+    pub test_cfg: Option<EvalLoopConfig>,
     /// Optimizer.
     #[serde(default)]
     pub optim_wrapper: Option<OptimWrapperConfig>,
@@ -271,24 +311,26 @@ pub struct RunConfig {
     /// Resume from the work dir's last checkpoint.
     #[serde(default)]
     pub resume: bool,
-    /// Accepted for compatibility.
+    /// mmengine's registry scope (`"mmdet"`, `"mmseg"`); densepred's components are typed, so
+    /// the scope selects nothing.
     #[serde(default)]
-    pub default_scope: Option<String>,
-    /// Accepted for compatibility.
+    pub default_scope: Option<DefaultScope>,
+    /// Not supported (cuDNN, multiprocessing and distributed settings: densepred runs in one
+    /// process on the CPU).
     #[serde(default)]
-    pub env_cfg: Option<toml::Value>,
-    /// Accepted for compatibility.
+    pub env_cfg: Option<Unsupported>,
+    /// Logger level (only `"INFO"`).
     #[serde(default)]
-    pub log_level: Option<String>,
-    /// Accepted for compatibility.
+    pub log_level: Option<LogLevel>,
+    /// Not supported (logged values are averaged over `default_hooks.logger.interval`).
     #[serde(default)]
-    pub log_processor: Option<toml::Value>,
-    /// Accepted for compatibility.
+    pub log_processor: Option<Unsupported>,
+    /// Not supported (metrics go to the work dir's `metrics.jsonl` and `loss_curve.png`).
     #[serde(default)]
-    pub vis_backends: Option<toml::Value>,
-    /// Accepted for compatibility.
+    pub vis_backends: Option<Unsupported>,
+    /// Not supported (drawings come from `densepred test --show-dir` / `--out-dir`).
     #[serde(default)]
-    pub visualizer: Option<toml::Value>,
+    pub visualizer: Option<Unsupported>,
 }
 
 impl RunConfig {
@@ -304,17 +346,72 @@ impl RunConfig {
     }
 
     /// The typed config of an already merged table (`path` names it in errors).
+    /// Errors: unknown keys, wrong types and refused values, naming the file and the key path
+    /// (`test_dataloader.dataset: missing field `type``); then the value checks of
+    /// [`RunConfig::validate`].
     pub fn from_table(table: &toml::Table, path: &Path) -> Result<Self, EngineError> {
-        let text = toml::to_string(table)
+        let cfg: Self = crate::config::typed(toml::Value::Table(table.clone()), "", path)
+            .map_err(|e| EngineError::Config(e.to_string()))?;
+        cfg.validate()
             .map_err(|e| EngineError::Config(format!("{}: {e}", path.display())))?;
-        toml::from_str(&text)
-            .map_err(|e| EngineError::Config(format!("{}: {}", path.display(), e.message())))
+        Ok(cfg)
+    }
+
+    /// Value checks that types cannot express, each naming its key path: every dataloader's
+    /// transforms ([`TransformConfig::validate`](densepred_datasets::transforms::TransformConfig::validate)).
+    ///
+    /// Errors: the first bad value, as `key.path: reason`.
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, dl) in [
+            ("train_dataloader", &self.train_dataloader),
+            ("val_dataloader", &self.val_dataloader),
+            ("test_dataloader", &self.test_dataloader),
+        ] {
+            if let Some(dl) = dl {
+                dl.validate()
+                    .map_err(|(key, why)| format!("{name}.{key}: {why}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The test split: `test_dataloader` and `test_evaluator`, each falling back to the
+    /// validation one as mmengine's `TestLoop` users write `test_dataloader = val_dataloader`.
+    ///
+    /// Errors: [`EngineError::Config`] when neither is there.
+    pub fn test_split(&self) -> Result<(&DataloaderConfig, &EvaluatorConfig), EngineError> {
+        let dl = self
+            .test_dataloader
+            .as_ref()
+            .or(self.val_dataloader.as_ref())
+            .ok_or_else(|| {
+                EngineError::Config("the config has neither test_dataloader nor val_dataloader".into())
+            })?;
+        let ev = self
+            .test_evaluator
+            .as_ref()
+            .or(self.val_evaluator.as_ref())
+            .ok_or_else(|| {
+                EngineError::Config("the config has neither test_evaluator nor val_evaluator".into())
+            })?;
+        Ok((dl, ev))
     }
 
     /// The seed (`randomness.seed`, default 0).
     pub fn seed(&self) -> u64 {
         self.randomness.seed.unwrap_or(0)
     }
+}
+
+/// `default_scope`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum DefaultScope {
+    /// mmdetection.
+    #[serde(rename = "mmdet")]
+    MmDet,
+    /// mmsegmentation.
+    #[serde(rename = "mmseg")]
+    MmSeg,
 }
 
 /// `work_dir` or `work_dirs/<config file stem>`.
@@ -560,6 +657,28 @@ pub fn load_weights(
     Ok(report)
 }
 
+/// Loads a checkpoint to test or run (`densepred test` / `infer`, Python's `Detector`,
+/// `Segmentor`, `test`): strictly by default, as mmengine's runner loads `--checkpoint`: a
+/// missing key, an unexpected key or a shape mismatch is an error listing the first few of each.
+/// With `strict = false` the matching tensors load and one warning gives the comparison.
+///
+/// Errors: [`EngineError::File`] for an unreadable checkpoint, a mismatch (strict), or no
+/// parameter matched at all.
+pub fn load_checkpoint(
+    model: &BuiltModel,
+    path: &Path,
+    strict: bool,
+) -> Result<LoadReport, EngineError> {
+    let report = load_weights(model, path, strict)?;
+    if !report.is_exact() {
+        tracing::warn!(
+            "{}: not an exact match for the model (strict = false)\n{report}",
+            path.display()
+        );
+    }
+    Ok(report)
+}
+
 /// A data loader and its dataset.
 pub struct Loader {
     /// The loader.
@@ -574,6 +693,10 @@ pub struct Loader {
 pub fn build_loader(dl: &DataloaderConfig, seed: u64, train: bool) -> Result<Loader, EngineError> {
     let (dataset, pipeline, skip_invalid) = dl.dataset.build()?;
     let shuffle = train && dl.sampler.as_ref().map(|s| s.shuffle).unwrap_or(true);
+    let aspect_groups = match dl.batch_sampler {
+        Some(_) => Some(Arc::new(aspect_ratio_groups(dataset.as_ref())?)),
+        None => None,
+    };
     let loader = DataLoader {
         dataset: dataset.clone(),
         pipeline,
@@ -584,6 +707,8 @@ pub fn build_loader(dl: &DataloaderConfig, seed: u64, train: bool) -> Result<Loa
         seed,
         prefetch: 2,
         skip_invalid,
+        aspect_groups,
+        skipped: Default::default(),
     };
     Ok(Loader { loader, dataset })
 }

@@ -43,7 +43,8 @@ pub enum SchedulerConfig {
         /// Count in epochs.
         #[serde(default = "t")]
         by_epoch: bool,
-        /// Accepted for compatibility (conversion is always done).
+        /// With `by_epoch`: update every iteration over the same span (mmengine's
+        /// `build_iter_from_epoch`) instead of at epoch boundaries.
         #[serde(default)]
         convert_to_iter_based: bool,
     },
@@ -64,7 +65,8 @@ pub enum SchedulerConfig {
         /// Count in epochs.
         #[serde(default = "t")]
         by_epoch: bool,
-        /// Accepted for compatibility.
+        /// With `by_epoch`: update every iteration over the same span (mmengine's
+        /// `build_iter_from_epoch`) instead of at epoch boundaries.
         #[serde(default)]
         convert_to_iter_based: bool,
     },
@@ -86,7 +88,8 @@ pub enum SchedulerConfig {
         /// Count in epochs.
         #[serde(default = "t")]
         by_epoch: bool,
-        /// Accepted for compatibility.
+        /// With `by_epoch`: update every iteration over the same span (mmengine's
+        /// `build_iter_from_epoch`) instead of at epoch boundaries.
         #[serde(default)]
         convert_to_iter_based: bool,
     },
@@ -108,7 +111,8 @@ pub enum SchedulerConfig {
         /// Count in epochs.
         #[serde(default = "t")]
         by_epoch: bool,
-        /// Accepted for compatibility.
+        /// With `by_epoch`: update every iteration over the same span (mmengine's
+        /// `build_iter_from_epoch`) instead of at epoch boundaries.
         #[serde(default)]
         convert_to_iter_based: bool,
     },
@@ -128,31 +132,35 @@ pub fn lr_at(
     let it = iter as f64;
     let el = epoch_len.max(1) as f64;
     for s in schedulers {
-        let (begin, end, by_epoch) = match s {
+        let (begin, end, by_epoch, convert) = match s {
             SchedulerConfig::Linear {
                 begin,
                 end,
                 by_epoch,
+                convert_to_iter_based,
                 ..
             }
             | SchedulerConfig::MultiStep {
                 begin,
                 end,
                 by_epoch,
+                convert_to_iter_based,
                 ..
             }
             | SchedulerConfig::Cosine {
                 begin,
                 end,
                 by_epoch,
+                convert_to_iter_based,
                 ..
             }
             | SchedulerConfig::Poly {
                 begin,
                 end,
                 by_epoch,
+                convert_to_iter_based,
                 ..
-            } => (*begin, *end, *by_epoch),
+            } => (*begin, *end, *by_epoch, *convert_to_iter_based),
         };
         let k = if by_epoch { el } else { 1.0 };
         let (b, e) = (
@@ -166,13 +174,16 @@ pub fn lr_at(
         if it < b {
             continue;
         }
-        // Epoch-based schedulers step at epoch boundaries.
-        let raw = if by_epoch {
+        // Epoch-based schedulers step at epoch boundaries unless converted to iterations, where
+        // epoch-valued settings (milestones, `T_max`) are multiplied by the epoch length.
+        let per_epoch = by_epoch && !convert;
+        let unit = if by_epoch && convert { el } else { 1.0 };
+        let raw = if per_epoch {
             ((it - b) / el).floor()
         } else {
             it - b
         };
-        let span = if by_epoch { (e - b) / el } else { e - b };
+        let span = if per_epoch { (e - b) / el } else { e - b };
         let step = raw.min((span - 1.0).max(0.0));
         let f = match s {
             SchedulerConfig::Linear {
@@ -186,11 +197,11 @@ pub fn lr_at(
             SchedulerConfig::MultiStep {
                 milestones, gamma, ..
             } => {
-                let n = milestones.iter().filter(|&&m| m <= step).count();
+                let n = milestones.iter().filter(|&&m| m * unit <= step).count();
                 gamma.powi(n as i32)
             }
             SchedulerConfig::Cosine { t_max, eta_min, .. } => {
-                let tm = t_max.unwrap_or(span).max(1.0);
+                let tm = t_max.map(|t| t * unit).unwrap_or(span).max(1.0);
                 let base = lr;
                 let v = eta_min
                     + (base - eta_min) * (1.0 + (std::f64::consts::PI * step / tm).cos()) / 2.0;
@@ -270,5 +281,34 @@ by_epoch = false
         assert!((lr_at(&s, 1.0, 0, 1, 101) - 1.0).abs() < 1e-12);
         assert!((lr_at(&s, 1.0, 50, 1, 101) - 0.5).abs() < 1e-12);
         assert!(lr_at(&s, 1.0, 100, 1, 101).abs() < 1e-12);
+    }
+
+    #[test]
+    fn convert_to_iter_based_updates_every_iteration() {
+        // Cosine over 2 epochs of 10 iterations: per epoch without conversion, per iteration
+        // (T_max = 20 iterations) with it, as mmengine's build_iter_from_epoch.
+        let text = |convert: bool| {
+            format!(
+                "[[param_scheduler]]\ntype = \"CosineAnnealingLR\"\nT_max = 2\nbegin = 0\n\
+                 end = 2\nby_epoch = true\nconvert_to_iter_based = {convert}\n"
+            )
+        };
+        let stepped = cfg(&text(false));
+        let smooth = cfg(&text(true));
+        assert!((lr_at(&stepped, 1.0, 5, 10, 20) - 1.0).abs() < 1e-12);
+        assert!((lr_at(&stepped, 1.0, 10, 10, 20) - 0.5).abs() < 1e-12);
+        let want = (1.0 + (std::f64::consts::PI * 5.0 / 20.0).cos()) / 2.0;
+        assert!((lr_at(&smooth, 1.0, 5, 10, 20) - want).abs() < 1e-12);
+        // MultiStep milestones in epochs become iterations.
+        let ms = |convert: bool| {
+            cfg(&format!(
+                "[[param_scheduler]]\ntype = \"MultiStepLR\"\nmilestones = [1]\nby_epoch = true\n\
+                 convert_to_iter_based = {convert}\n"
+            ))
+        };
+        for convert in [false, true] {
+            assert!((lr_at(&ms(convert), 1.0, 9, 10, 20) - 1.0).abs() < 1e-12);
+            assert!((lr_at(&ms(convert), 1.0, 10, 10, 20) - 0.1).abs() < 1e-12);
+        }
     }
 }

@@ -36,6 +36,31 @@ pub struct TestOutput {
     pub summary: Option<CocoSummary>,
     /// Class names of the dataset.
     pub classes: Vec<String>,
+    /// Images left out because they failed to load (`skip_invalid`; otherwise 0).
+    pub skipped: usize,
+}
+
+/// Checks that a test pass saw every image of the split: `evaluated` of `total`. Fewer is an
+/// error unless the dataset sets `skip_invalid`; then the count of skipped images is returned and
+/// logged.
+///
+/// Errors: [`EngineError::Data`] naming how many images were evaluated.
+pub fn check_all_evaluated(
+    loader: &densepred_datasets::loader::DataLoader,
+    evaluated: usize,
+    total: usize,
+) -> Result<usize, EngineError> {
+    if evaluated >= total {
+        return Ok(0);
+    }
+    let skipped = total - evaluated;
+    if !loader.skip_invalid {
+        return Err(EngineError::Data(densepred_datasets::DataError::Loader(format!(
+            "evaluated {evaluated} of the {total} images of the split"
+        ))));
+    }
+    tracing::warn!("skip_invalid: {skipped} of {total} images could not be loaded and were left out of the metrics");
+    Ok(skipped)
 }
 
 /// A progress bar on stderr (hidden when `show` is false).
@@ -136,6 +161,7 @@ pub fn evaluate_loader(
         pb.inc(1);
     }
     pb.finish_and_clear();
+    let skipped = check_all_evaluated(loader, images.len(), dataset.len())?;
     let (records, _) = to_coco_results(&for_eval, &meta.cat_ids)?;
     let summary = if evaluator.format_only {
         None
@@ -156,6 +182,7 @@ pub fn evaluate_loader(
         records,
         summary,
         classes: meta.classes.clone(),
+        skipped,
     })
 }
 
@@ -214,6 +241,8 @@ pub struct SegTestOutput {
     pub images: Vec<SegImageResult>,
     /// Class names of the dataset.
     pub classes: Vec<String>,
+    /// Images left out because they failed to load (`skip_invalid`; otherwise 0).
+    pub skipped: usize,
 }
 
 /// The test-time-augmentation pipeline for `ratio`: every `Resize` with a `scale` gets that scale
@@ -327,6 +356,7 @@ pub fn evaluate_seg_loader(
     let pb = progress_bar(n_batches, opts.show_progress, "test");
     let mut iters: Vec<_> = loaders.iter().map(|l| l.epoch(0)).collect();
     let mut images = Vec::new();
+    let mut evaluated = 0usize;
     loop {
         // One batch per loader (the same images at every scale).
         let mut batches = Vec::with_capacity(iters.len());
@@ -380,6 +410,15 @@ pub fn evaluate_seg_loader(
                 }
             }
         }
+        if scores.len() != first.samples.len() {
+            return Err(EngineError::Config(format!(
+                "{} score maps for a batch of {} images (with skip_invalid, the aug test's scales \
+                 lost different images)",
+                scores.len(),
+                first.samples.len()
+            )));
+        }
+        evaluated += first.samples.len();
         for (s, sc) in first.samples.iter().zip(scores) {
             let (oh, ow) = s.ori_shape;
             let pred: Vec<u8> = sc
@@ -414,10 +453,12 @@ pub fn evaluate_seg_loader(
         pb.inc(1);
     }
     pb.finish_and_clear();
+    let skipped = check_all_evaluated(loader, evaluated, dataset.len())?;
     Ok(SegTestOutput {
         metrics: any_gt.then(|| metric.compute()),
         images,
         classes: meta.classes.clone(),
+        skipped,
     })
 }
 
@@ -470,4 +511,61 @@ pub fn validate(
             .summary
             .map(|s| (s.summary_lines.clone(), mmdet_keys(&s))))
     }
+}
+
+/// How [`test_checkpoint`] runs.
+#[derive(Debug, Clone)]
+pub struct TestRunOptions {
+    /// Load the checkpoint strictly (see [`crate::runner::load_checkpoint`]).
+    pub strict: bool,
+    /// Segmentors: aug test, predictions kept, progress bar (`show_progress` applies to both).
+    pub seg: SegTestOptions,
+}
+
+impl Default for TestRunOptions {
+    fn default() -> Self {
+        Self {
+            strict: true,
+            seg: SegTestOptions::default(),
+        }
+    }
+}
+
+/// The outcome of [`test_checkpoint`]: the detector's or the segmentor's test output.
+pub enum TestRun {
+    /// A detector: detections, COCO records and summary.
+    Detection(TestOutput),
+    /// A segmentor: metrics and (with `keep_predictions`) label maps.
+    Segmentation(SegTestOutput),
+}
+
+/// mmdetection's / mmsegmentation's `tools/test.py` without the output files: builds the model of
+/// `cfg` on `device`, loads `checkpoint` ([`crate::runner::load_checkpoint`]), and runs the test
+/// split ([`RunConfig::test_split`]) through the detector's or the segmentor's evaluation. The
+/// CLI's `test` and Python's `test` both call this.
+///
+/// Errors: config (no test split, unsupported evaluator), checkpoint (unreadable, or a mismatch
+/// when strict), data, model and evaluation errors; fewer images evaluated than the split has
+/// (unless `skip_invalid`).
+pub fn test_checkpoint(
+    cfg: &crate::runner::RunConfig,
+    checkpoint: &std::path::Path,
+    opts: &TestRunOptions,
+    device: &Device,
+) -> Result<TestRun, EngineError> {
+    let (dl, ev) = cfg.test_split()?;
+    let model = crate::runner::build_model(&cfg.model, cfg.seed(), device)?;
+    crate::runner::load_checkpoint(&model, checkpoint, opts.strict)?;
+    if model.is_segmentor() {
+        let l = build_loader(dl, cfg.seed(), false)?;
+        let out = evaluate_seg_loader(&model, &l.loader, l.dataset.as_ref(), ev, device, &opts.seg)?;
+        return Ok(TestRun::Segmentation(out));
+    }
+    if opts.seg.aug_test {
+        return Err(EngineError::Config(
+            "the aug test is for segmentors; this config builds a detector".into(),
+        ));
+    }
+    let out = run_test(&model, dl, ev, cfg.seed(), device, opts.seg.show_progress)?;
+    Ok(TestRun::Detection(out))
 }

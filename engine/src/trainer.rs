@@ -276,6 +276,7 @@ pub fn train(
     'outer: while it < max_iters {
         let epoch = it / epoch_len;
         let skip = (it % epoch_len) as usize;
+        let epoch_start = it;
         for batch in loader.epoch_from(epoch, skip) {
             if it >= max_iters {
                 break 'outer;
@@ -452,6 +453,14 @@ pub fn train(
                 return Err(EngineError::Interrupted);
             }
             t_data = Instant::now();
+        }
+        if it == epoch_start && it < max_iters {
+            // Defensive: the loader reports every failure as an error, so an epoch that ends
+            // without a batch would otherwise restart forever.
+            return Err(EngineError::Data(densepred_datasets::DataError::Loader(format!(
+                "epoch {} yielded no batch",
+                epoch + 1
+            ))));
         }
     }
     pb.finish_and_clear();

@@ -45,9 +45,10 @@ fn file_error(path: &Path, msg: String) -> PyErr {
 
 fn data_err(e: DataError) -> PyErr {
     let msg = e.to_string();
-    match &e {
+    match e.root() {
         DataError::File { path, .. } => file_error(path, msg),
-        DataError::Record { .. } | DataError::Config(_) => PyValueError::new_err(msg),
+        DataError::Panic(_) | DataError::Loader(_) => PyRuntimeError::new_err(msg),
+        _ => PyValueError::new_err(msg),
     }
 }
 
@@ -234,6 +235,7 @@ fn build_inferencer(
     checkpoint: Option<&Path>,
     device: &str,
     overrides: Option<&Bound<'_, PyAny>>,
+    strict: bool,
 ) -> PyResult<Inferencer> {
     let dev = parse_device(device)?;
     let overrides = override_strings(overrides)?;
@@ -241,7 +243,7 @@ fn build_inferencer(
     if let Some(c) = checkpoint {
         require_file(c, "checkpoint")?;
     }
-    py.detach(|| Inferencer::new(&cfg, checkpoint, &dev))
+    py.detach(|| Inferencer::new(&cfg, checkpoint, strict, &dev))
         .map_err(engine_err)
 }
 
@@ -297,15 +299,17 @@ impl Detector {
 #[pymethods]
 impl Detector {
     #[new]
-    #[pyo3(signature = (config, checkpoint=None, device="cpu", overrides=None))]
+    #[pyo3(signature = (config, checkpoint=None, device="cpu", overrides=None, strict=true))]
     fn new(
         py: Python<'_>,
         config: PathBuf,
         checkpoint: Option<PathBuf>,
         device: &str,
         overrides: Option<&Bound<'_, PyAny>>,
+        strict: bool,
     ) -> PyResult<Self> {
-        let inner = build_inferencer(py, &config, checkpoint.as_deref(), device, overrides)?;
+        let inner =
+            build_inferencer(py, &config, checkpoint.as_deref(), device, overrides, strict)?;
         if inner.is_segmentor() {
             return Err(PyValueError::new_err(format!(
                 "{}: model.type is EncoderDecoder (a segmentor); use densepred.Segmentor",
@@ -383,15 +387,17 @@ impl Segmentor {
 #[pymethods]
 impl Segmentor {
     #[new]
-    #[pyo3(signature = (config, checkpoint=None, device="cpu", overrides=None))]
+    #[pyo3(signature = (config, checkpoint=None, device="cpu", overrides=None, strict=true))]
     fn new(
         py: Python<'_>,
         config: PathBuf,
         checkpoint: Option<PathBuf>,
         device: &str,
         overrides: Option<&Bound<'_, PyAny>>,
+        strict: bool,
     ) -> PyResult<Self> {
-        let inner = build_inferencer(py, &config, checkpoint.as_deref(), device, overrides)?;
+        let inner =
+            build_inferencer(py, &config, checkpoint.as_deref(), device, overrides, strict)?;
         if !inner.is_segmentor() {
             return Err(PyValueError::new_err(format!(
                 "{}: the model is a detector; use densepred.Detector",
@@ -645,67 +651,46 @@ fn train<'py>(
     Ok(out)
 }
 
-/// Evaluates `checkpoint` on the config's test split (as `densepred test`). Detectors: the 12 COCO
-/// stats (`AP`, `AP50`, …, `ARl`, fractions, −1 where undefined); segmentors: `mIoU`, `mAcc`,
-/// `aAcc` and per-class `IoU` / `Acc` lists (fractions, NaN as None).
+/// Evaluates `checkpoint` on the config's test split (as `densepred test`; the checkpoint loads
+/// strictly unless `strict=False`). Detectors: the 12 COCO stats (`AP`, `AP50`, …, `ARl`,
+/// fractions, −1 where undefined); segmentors: `mIoU`, `mAcc`, `aAcc` and per-class `IoU` /
+/// `Acc` lists (fractions, NaN as None).
 #[pyfunction]
-#[pyo3(signature = (config, checkpoint, overrides=None, progress=true))]
+#[pyo3(signature = (config, checkpoint, overrides=None, progress=true, strict=true))]
 fn test<'py>(
     py: Python<'py>,
     config: PathBuf,
     checkpoint: PathBuf,
     overrides: Option<&Bound<'py, PyAny>>,
     progress: bool,
+    strict: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
     let overrides = override_strings(overrides)?;
     let (cfg, _) = load_config(&config, &overrides)?;
     require_file(&checkpoint, "checkpoint")?;
     let metrics = py
-        .detach(|| run_on_pool(|| test_impl(&cfg, &checkpoint, progress)))
+        .detach(|| run_on_pool(|| test_impl(&cfg, &checkpoint, progress, strict)))
         .map_err(engine_err)?;
     json_to_py(py, &metrics)
 }
 
+/// The metrics of [`test`] (the run itself is the engine's, shared with `densepred test`).
 fn test_impl(
     cfg: &RunConfig,
     checkpoint: &Path,
     progress: bool,
+    strict: bool,
 ) -> Result<serde_json::Value, EngineError> {
-    use densepred_engine::runner::{build_loader, build_model, load_weights};
-    use densepred_engine::tester::{evaluate_seg_loader, run_test, SegTestOptions};
-    let dl = cfg
-        .test_dataloader
-        .as_ref()
-        .or(cfg.val_dataloader.as_ref())
-        .ok_or_else(|| {
-            EngineError::Config("the config has neither test_dataloader nor val_dataloader".into())
-        })?;
-    let ev = cfg
-        .test_evaluator
-        .as_ref()
-        .or(cfg.val_evaluator.as_ref())
-        .ok_or_else(|| {
-            EngineError::Config("the config has neither test_evaluator nor val_evaluator".into())
-        })?;
-    let dev = Device::Cpu;
-    let model = build_model(&cfg.model, cfg.seed(), &dev)?;
-    let report = load_weights(&model, checkpoint, false)?;
-    if !report.missing.is_empty() || !report.shape_mismatch.is_empty() {
-        tracing::warn!(
-            "{}: not an exact match for the model\n{report}",
-            checkpoint.display()
-        );
-    }
-    if model.is_segmentor() {
-        let l = build_loader(dl, cfg.seed(), false)?;
-        let opts = SegTestOptions {
-            aug_test: false,
-            aug_ratios: None,
-            keep_predictions: false,
+    use densepred_engine::tester::{test_checkpoint, SegTestOptions, TestRun, TestRunOptions};
+    let opts = TestRunOptions {
+        strict,
+        seg: SegTestOptions {
             show_progress: progress,
-        };
-        let out = evaluate_seg_loader(&model, &l.loader, l.dataset.as_ref(), ev, &dev, &opts)?;
-        return match &out.metrics {
+            ..SegTestOptions::default()
+        },
+    };
+    match test_checkpoint(cfg, checkpoint, &opts, &Device::Cpu)? {
+        TestRun::Segmentation(out) => match &out.metrics {
             Some(m) => {
                 println!("per class results:\n{}", m.table(Some(&out.classes)));
                 Ok(m.to_json())
@@ -713,20 +698,19 @@ fn test_impl(
             None => Err(EngineError::Config(
                 "the test split has no label maps: nothing to evaluate".into(),
             )),
-        };
-    }
-    let out = run_test(&model, dl, ev, cfg.seed(), &dev, progress)?;
-    match &out.summary {
-        Some(s) => {
-            println!("Evaluate annotation type *bbox*");
-            for l in &s.summary_lines {
-                println!("{l}");
+        },
+        TestRun::Detection(out) => match &out.summary {
+            Some(s) => {
+                println!("Evaluate annotation type *bbox*");
+                for l in &s.summary_lines {
+                    println!("{l}");
+                }
+                Ok(s.stats_json())
             }
-            Ok(s.stats_json())
-        }
-        None => Err(EngineError::Config(
-            "the test split has no annotation file: nothing to evaluate".into(),
-        )),
+            None => Err(EngineError::Config(
+                "the test split has no annotation file: nothing to evaluate".into(),
+            )),
+        },
     }
 }
 

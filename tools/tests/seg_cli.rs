@@ -44,6 +44,8 @@ fn segmentor_train_test_eval_infer_on_ade20k_samples() {
         format!("train_dataloader.dataset.data_prefix={prefix}"),
         "val_dataloader.dataset.data_root=\"assets/ade20k_samples\"".into(),
         format!("val_dataloader.dataset.data_prefix={prefix}"),
+        "test_dataloader.dataset.data_root=\"assets/ade20k_samples\"".into(),
+        format!("test_dataloader.dataset.data_prefix={prefix}"),
         "model.decode_head.num_classes=150".into(),
         "model.auxiliary_head.num_classes=150".into(),
         "train_cfg.max_iters=2".into(),

@@ -93,8 +93,9 @@ pub fn giou_loss(
     weight: Option<&Tensor>,
     reduction: Reduction,
     avg_factor: Option<f64>,
+    eps: f64,
 ) -> Result<Tensor> {
-    let g = bbox_overlaps(pred, target, OverlapMode::Giou, true, 1e-6)?;
+    let g = bbox_overlaps(pred, target, OverlapMode::Giou, true, eps)?;
     weight_reduce_loss(&g.affine(-1.0, 1.0)?, weight, reduction, avg_factor)
 }
 

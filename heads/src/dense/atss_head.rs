@@ -68,9 +68,10 @@ pub struct AtssHeadConfig {
     /// Must be true (the loss is computed on decoded boxes).
     #[serde(default = "t")]
     pub reg_decoded_bbox: bool,
-    /// Accepted for compatibility.
+    /// Not supported: the head is initialised as mmdetection's ATSSHead default (N(0, 0.01),
+    /// classification bias from prior probability 0.01).
     #[serde(default)]
-    pub init_cfg: Option<serde_json::Value>,
+    pub init_cfg: Option<densepred_core::config::Unsupported>,
 }
 
 /// The built ATSSHead.
@@ -334,6 +335,7 @@ impl AtssHead {
                     Some(&ct),
                     Reduction::Mean,
                     Some(1.0),
+                    self.cfg.loss_bbox.giou_eps(),
                 )? * wb)?,
             );
             let pc = ctr.index_select(&rows, 0)?;

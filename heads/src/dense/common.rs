@@ -119,7 +119,7 @@ pub enum BoxLossConfig {
     /// `1 − GIoU` on decoded boxes (needs `reg_decoded_bbox`).
     #[serde(rename = "GIoULoss")]
     GIoULoss {
-        /// Accepted for compatibility (mmdetection's default 1e-6 is used).
+        /// Added to the union and the enclosing area (mmdetection's default 1e-6).
         #[serde(default = "eps6")]
         eps: f64,
         /// Multiplier of the loss.
@@ -128,7 +128,23 @@ pub enum BoxLossConfig {
     },
 }
 
+/// `train_cfg.sampler` of a dense head: mmdetection's `PseudoSampler` (every anchor).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", deny_unknown_fields)]
+pub enum PseudoSamplerConfig {
+    /// mmdetection's `PseudoSampler`.
+    PseudoSampler {},
+}
+
 impl BoxLossConfig {
+    /// `eps` of `GIoULoss` (mmdetection's default 1e-6 for the other losses, which do not use it).
+    pub fn giou_eps(&self) -> f64 {
+        match self {
+            Self::GIoULoss { eps, .. } => *eps,
+            _ => 1e-6,
+        }
+    }
+
     /// Multiplier of the loss.
     pub fn loss_weight(&self) -> f64 {
         match self {
@@ -226,12 +242,12 @@ pub struct DenseTrainConfig {
     /// Weight of positive anchors in the classification loss (≤ 0: 1).
     #[serde(default = "neg_one")]
     pub pos_weight: f64,
-    /// Accepted for compatibility.
+    /// mmdetection's `debug` flag, which no dense head reads; either value trains the same.
     #[serde(default)]
     pub debug: bool,
-    /// Accepted for compatibility: dense heads use the pseudo sampler (all anchors).
+    /// Dense heads use every anchor (mmdetection's `PseudoSampler`, the only one accepted).
     #[serde(default)]
-    pub sampler: Option<serde_json::Value>,
+    pub sampler: Option<PseudoSamplerConfig>,
 }
 
 /// `ConvModule(conv 3x3 [+ GN] + ReLU)` of mmcv, with its names (`conv.*`, `gn.*`). The conv has

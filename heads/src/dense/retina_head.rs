@@ -47,9 +47,10 @@ pub struct RetinaHeadConfig {
     /// Regress decoded boxes (GIoU) instead of deltas.
     #[serde(default)]
     pub reg_decoded_bbox: bool,
-    /// Accepted for compatibility (the init is RetinaNet's: N(0, 0.01), prior prob 0.01).
+    /// Not supported: the head is initialised as mmdetection's RetinaHead default (N(0, 0.01),
+    /// classification bias from prior probability 0.01).
     #[serde(default)]
-    pub init_cfg: Option<serde_json::Value>,
+    pub init_cfg: Option<densepred_core::config::Unsupported>,
 }
 
 /// Raw outputs of a dense head, one tensor per level.
@@ -264,7 +265,7 @@ impl RetinaHead {
                         Reduction::Mean,
                         Some(avg),
                     )?,
-                    BoxLossConfig::GIoULoss { .. } => {
+                    BoxLossConfig::GIoULoss { eps, .. } => {
                         let dec =
                             coder.decode(&pa, &pred, None, crate::task::coder::WH_RATIO_CLIP)?;
                         densepred_core::losses::giou_loss(
@@ -273,6 +274,7 @@ impl RetinaHead {
                             None,
                             Reduction::Mean,
                             Some(avg),
+                            *eps,
                         )?
                     }
                 }

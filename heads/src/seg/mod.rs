@@ -69,13 +69,14 @@ impl Default for SegLossConfig {
 
 /// mmseg `norm_cfg`: BN (SyncBN is trained as BN on one process).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct SegNormConfig {
     /// `"BN"` or `"SyncBN"`.
     #[serde(rename = "type")]
     pub kind: String,
-    /// Ignored (always trainable).
-    #[serde(default)]
-    pub requires_grad: Option<bool>,
+    /// Norm parameters are trained (only `true`, mmseg's default, is supported).
+    #[serde(default = "yes", deserialize_with = "densepred_core::config::only_true")]
+    pub requires_grad: bool,
 }
 
 /// Settings shared by mmseg decode heads (`BaseDecodeHead`).
@@ -280,6 +281,9 @@ pub struct UperHeadConfig {
     /// PPM pooling sizes (1, 2, 3, 6).
     #[serde(default = "pool_scales")]
     pub pool_scales: Vec<usize>,
+    /// Keys of neither the head nor [`DecodeCommon`] are refused.
+    #[serde(flatten)]
+    pub unknown_keys: densepred_core::config::DenyRest,
 }
 
 fn pool_scales() -> Vec<usize> {
@@ -410,6 +414,9 @@ pub struct FcnHeadConfig {
     /// Kernel size of the convs.
     #[serde(default = "three")]
     pub kernel_size: usize,
+    /// Keys of neither the head nor [`DecodeCommon`] are refused.
+    #[serde(flatten)]
+    pub unknown_keys: densepred_core::config::DenyRest,
 }
 
 fn two() -> usize {
@@ -497,6 +504,9 @@ pub struct FpnHeadConfig {
     pub common: DecodeCommon,
     /// Strides of the inputs (4, 8, 16, 32).
     pub feature_strides: Vec<usize>,
+    /// Keys of neither the head nor [`DecodeCommon`] are refused.
+    #[serde(flatten)]
+    pub unknown_keys: densepred_core::config::DenyRest,
 }
 
 /// Semantic FPN's head: per input a scale head of `max(1, log2(s_i / s_0))` 3x3 ConvModules,

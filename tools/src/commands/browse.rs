@@ -45,6 +45,8 @@ pub fn run(a: Args) -> Result<()> {
         seed: 0,
         prefetch: 4,
         skip_invalid,
+        aspect_groups: None,
+        skipped: Default::default(),
     };
     std::fs::create_dir_all(&a.out_dir)
         .with_context(|| format!("creating {}", a.out_dir.display()))?;

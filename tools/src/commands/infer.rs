@@ -30,6 +30,9 @@ pub struct Args {
     /// Override a config key (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
+    /// Load the checkpoint strictly (`--strict false`: load what matches and warn about the rest).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub strict: bool,
 }
 
 fn collect_images(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
@@ -64,7 +67,7 @@ fn collect_images(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
 pub fn run(a: Args) -> Result<()> {
     let (cfg, _) = RunConfig::load(&a.config, &a.overrides)?;
     let dev = Device::Cpu;
-    let inf = Inferencer::new(&cfg, Some(&a.checkpoint), &dev)?;
+    let inf = Inferencer::new(&cfg, Some(&a.checkpoint), a.strict, &dev)?;
     let classes = inf.classes().to_vec();
     let images = collect_images(&a.inputs)?;
     if inf.is_segmentor() {

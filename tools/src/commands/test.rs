@@ -6,8 +6,8 @@ use crate::visualize::{draw_detections, save_png, write_seg_prediction};
 use anyhow::{Context, Result};
 use candle_core::Device;
 use clap::Parser;
-use densepred_engine::runner::{build_model, load_weights, RunConfig};
-use densepred_engine::tester::run_test;
+use densepred_engine::runner::RunConfig;
+use densepred_engine::tester::{test_checkpoint, SegTestOptions, TestRun, TestRunOptions};
 use std::path::PathBuf;
 
 /// Evaluate a checkpoint on the test split.
@@ -38,6 +38,9 @@ pub struct Args {
     /// Segmentors: multi-scale (0.5–1.75 × the test scale) and flip test, softmax averaged.
     #[arg(long)]
     pub aug_test: bool,
+    /// Load the checkpoint strictly (`--strict false`: load what matches and warn about the rest).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub strict: bool,
     /// Override a config key (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
@@ -48,34 +51,33 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let (cfg, _) = RunConfig::load(&a.config, &a.overrides)?;
-    let dl = cfg
-        .test_dataloader
-        .as_ref()
-        .or(cfg.val_dataloader.as_ref())
-        .context("config has neither test_dataloader nor val_dataloader")?;
-    let ev = cfg
-        .test_evaluator
-        .as_ref()
-        .or(cfg.val_evaluator.as_ref())
-        .context("config has neither test_evaluator nor val_evaluator")?;
+    let (dl, _) = cfg.test_split()?;
     let dev = Device::Cpu;
-    let model = build_model(&cfg.model, cfg.seed(), &dev)?;
-    let report = load_weights(&model, &a.checkpoint, false)?;
-    if !report.missing.is_empty() || !report.shape_mismatch.is_empty() {
-        tracing::warn!(
-            "{}: not an exact match for the model\n{report}",
-            a.checkpoint.display()
-        );
+    let is_segmentor = cfg.model.segmentor().is_some();
+    if is_segmentor && (a.out.is_some() || a.show_dir.is_some()) {
+        anyhow::bail!("--out and --show-dir are for detectors; segmentors use --out-dir");
     }
-    if model.is_segmentor() {
-        return run_seg(&a, &model, dl, ev, cfg.seed(), &dev);
-    }
-    if a.out_dir.is_some() || a.aug_test {
+    if !is_segmentor && (a.out_dir.is_some() || a.aug_test) {
         anyhow::bail!(
             "--out-dir and --aug-test are for segmentors; detectors use --out and --show-dir"
         );
     }
-    let out = run_test(&model, dl, ev, cfg.seed(), &dev, !a.no_progress)?;
+    let opts = TestRunOptions {
+        strict: a.strict,
+        seg: SegTestOptions {
+            aug_test: a.aug_test,
+            aug_ratios: None,
+            keep_predictions: a.out_dir.is_some(),
+            show_progress: !a.no_progress,
+        },
+    };
+    let out = match test_checkpoint(&cfg, &a.checkpoint, &opts, &dev)? {
+        TestRun::Segmentation(out) => return report_seg(&a, dl, out),
+        TestRun::Detection(out) => out,
+    };
+    if out.skipped > 0 {
+        println!("skip_invalid: {} images could not be loaded and are not in the metrics", out.skipped);
+    }
     if let Some(p) = &a.out {
         let text = serde_json::to_string(&out.records)?;
         densepred_core::io::write_atomic(p, |t| {
@@ -123,28 +125,16 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-/// The segmentation test: IoU table, metrics, optional label PNGs and overlays.
-fn run_seg(
+/// The segmentation test's outputs: IoU table, metrics, optional label PNGs and overlays.
+fn report_seg(
     a: &Args,
-    model: &densepred_engine::runner::BuiltModel,
     dl: &densepred_datasets::config::DataloaderConfig,
-    ev: &densepred_engine::runner::EvaluatorConfig,
-    seed: u64,
-    dev: &Device,
+    out: densepred_engine::tester::SegTestOutput,
 ) -> Result<()> {
-    use densepred_engine::runner::build_loader;
-    use densepred_engine::tester::{evaluate_seg_loader, mmseg_keys, SegTestOptions};
-    if a.out.is_some() || a.show_dir.is_some() {
-        anyhow::bail!("--out and --show-dir are for detectors; segmentors use --out-dir");
+    use densepred_engine::tester::mmseg_keys;
+    if out.skipped > 0 {
+        println!("skip_invalid: {} images could not be loaded and are not in the metrics", out.skipped);
     }
-    let l = build_loader(dl, seed, false)?;
-    let opts = SegTestOptions {
-        aug_test: a.aug_test,
-        aug_ratios: None,
-        keep_predictions: a.out_dir.is_some(),
-        show_progress: !a.no_progress,
-    };
-    let out = evaluate_seg_loader(model, &l.loader, l.dataset.as_ref(), ev, dev, &opts)?;
     if let Some(dir) = &a.out_dir {
         let palette = dl.dataset.palette();
         for r in &out.images {
