@@ -4,7 +4,7 @@
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use densepred_core::ShapeSpec;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 pub mod smt;
 
@@ -19,13 +19,17 @@ pub trait Backbone {
 }
 
 /// The `[backbone]` / `[model.backbone]` config table, selected by its `type` key.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type")]
 pub enum BackboneConfig {
     /// Scale-Aware Modulation Transformer.
     #[serde(rename = "SMT")]
     Smt(smt::SmtConfig),
 }
+
+densepred_core::deserialize_by_type!(BackboneConfig {
+    "SMT" => BackboneConfig::Smt [smt::SmtConfig],
+});
 
 /// A built backbone of any supported type.
 pub enum AnyBackbone {

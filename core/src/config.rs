@@ -3,6 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
+#[doc(hidden)]
+pub use {serde, serde_json};
+
 /// A key that mmdetection / mmengine accept and densepred does not implement: any value is
 /// refused when the config is read (the message says the key is not supported; the config
 /// loader adds the key's path).
@@ -58,4 +61,84 @@ impl Serialize for DenyRest {
         use serde::ser::SerializeMap;
         s.serialize_map(Some(0))?.end()
     }
+}
+
+/// Dotted key path of a `serde_path_to_error` path (`a.b.3.c`, as `--set` takes it).
+pub fn dotted_path(path: &serde_path_to_error::Path) -> Vec<String> {
+    use serde_path_to_error::Segment;
+    path.iter()
+        .filter_map(|seg| match seg {
+            Segment::Seq { index } => Some(index.to_string()),
+            Segment::Map { key } => Some(key.clone()),
+            Segment::Enum { variant } => Some(variant.clone()),
+            Segment::Unknown => None,
+        })
+        .collect()
+}
+
+/// Joins the key path `outer` of a deserialisation error with its message `msg`, where `msg` may
+/// carry the inner path of a table selected by `type` (`@inner.path: message`, as
+/// [`deserialize_tracked`] writes it). Returns the full path (possibly empty) and the message.
+pub fn join_key_path(mut outer: Vec<String>, msg: &str) -> (Vec<String>, String) {
+    if let Some(rest) = msg.strip_prefix('@') {
+        if let Some((inner, m)) = rest.split_once(": ") {
+            outer.extend(inner.split('.').filter(|s| !s.is_empty()).map(String::from));
+            return (outer, m.to_string());
+        }
+    }
+    (outer, msg.to_string())
+}
+
+/// Deserialises `value` (the content of a table selected by `type`, without that key) into `T`,
+/// keeping the key path of an error inside it: serde reads such tables whole before choosing the
+/// variant, which loses the path; this puts it back into the message as `@inner.path: message`,
+/// for the caller's path tracking ([`join_key_path`]) to join.
+pub fn deserialize_tracked<T: serde::de::DeserializeOwned, E: serde::de::Error>(
+    value: serde_json::Value,
+) -> Result<T, E> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let (path, msg) = join_key_path(dotted_path(e.path()), &e.inner().to_string());
+        if path.is_empty() {
+            E::custom(msg)
+        } else {
+            E::custom(format!("@{}: {msg}", path.join(".")))
+        }
+    })
+}
+
+/// Implements `Deserialize` for an enum whose newtype variants are selected by the table's
+/// `type` key (the shape of serde's `#[serde(tag = "type")]`, which stays on the enum for
+/// `Serialize`), keeping the key path of errors inside the variant's table
+/// ([`deserialize_tracked`]).
+///
+/// `deserialize_by_type!(NeckConfig { "FPN" => NeckConfig::Fpn(FpnConfig) });`
+#[macro_export]
+macro_rules! deserialize_by_type {
+    ($enum:ty { $($name:literal => $variant:path [$inner:ty]),+ $(,)? }) => {
+        impl<'de> $crate::config::serde::Deserialize<'de> for $enum {
+            fn deserialize<D: $crate::config::serde::Deserializer<'de>>(d: D) -> ::core::result::Result<Self, D::Error> {
+                use $crate::config::serde::de::Error as _;
+                let mut map: $crate::config::serde_json::Map<::std::string::String, $crate::config::serde_json::Value> =
+                    $crate::config::serde::Deserialize::deserialize(d)?;
+                let ty = match map.remove("type") {
+                    ::core::option::Option::Some($crate::config::serde_json::Value::String(s)) => s,
+                    ::core::option::Option::Some(other) => {
+                        return ::core::result::Result::Err(D::Error::custom(::std::format!(
+                            "@type: expected a string, got {other}"
+                        )))
+                    }
+                    ::core::option::Option::None => return ::core::result::Result::Err(D::Error::missing_field("type")),
+                };
+                let value = $crate::config::serde_json::Value::Object(map);
+                match ty.as_str() {
+                    $($name => $crate::config::deserialize_tracked::<$inner, D::Error>(value)
+                        .map($variant),)+
+                    other => ::core::result::Result::Err(D::Error::custom(::std::format!(
+                        "@type: unknown variant `{other}`, expected one of {}",
+                        [$(concat!("`", $name, "`")),+].join(", ")
+                    ))),
+                }
+            }
+        }
+    };
 }

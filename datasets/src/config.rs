@@ -57,71 +57,87 @@ fn t() -> bool {
     true
 }
 
-/// The `dataset` table, selected by `type`.
+/// `type = "CocoDataset"`: COCO instances (mmdetection's `CocoDataset`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
+pub struct CocoDatasetConfig {
+    /// Root folder (relative to the working directory).
+    #[serde(default)]
+    pub data_root: PathBuf,
+    /// Instances JSON relative to `data_root`.
+    pub ann_file: PathBuf,
+    /// Image folder.
+    #[serde(default)]
+    pub data_prefix: ImgPrefix,
+    /// Image filtering.
+    #[serde(default)]
+    pub filter_cfg: Option<FilterCfg>,
+    /// Class subset.
+    #[serde(default)]
+    pub metainfo: Option<MetaInfoCfg>,
+    /// Transform list.
+    #[serde(default)]
+    pub pipeline: Vec<TransformConfig>,
+    /// mmdet's `test_mode` (disables filtering).
+    #[serde(default)]
+    pub test_mode: bool,
+    /// Invalid records become warnings (skipped and counted) instead of errors.
+    #[serde(default)]
+    pub skip_invalid: bool,
+    /// Only `{}` (local files).
+    #[serde(default)]
+    pub backend_args: Option<Empty>,
+}
+
+/// `type = "ADE20KDataset"`: ADE20K-layout semantic segmentation (mmsegmentation's
+/// `ADE20KDataset`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ade20kDatasetConfig {
+    /// Root folder.
+    #[serde(default)]
+    pub data_root: PathBuf,
+    /// Image and label-map folders.
+    pub data_prefix: SegPrefix,
+    /// mmseg's `reduce_zero_label` (ADE20K: true).
+    #[serde(default = "t")]
+    pub reduce_zero_label: bool,
+    /// Class names.
+    #[serde(default)]
+    pub metainfo: Option<MetaInfoCfg>,
+    /// Transform list.
+    #[serde(default)]
+    pub pipeline: Vec<TransformConfig>,
+    /// Invalid records become warnings instead of errors.
+    #[serde(default)]
+    pub skip_invalid: bool,
+    /// mmseg's `test_mode`: ADE20K folders load the same way with either value.
+    #[serde(default)]
+    pub test_mode: bool,
+}
+
+/// The `dataset` table, selected by `type`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type")]
 pub enum DatasetConfig {
     /// COCO instances.
-    CocoDataset {
-        /// Root folder (relative to the working directory).
-        #[serde(default)]
-        data_root: PathBuf,
-        /// Instances JSON relative to `data_root`.
-        ann_file: PathBuf,
-        /// Image folder.
-        #[serde(default)]
-        data_prefix: ImgPrefix,
-        /// Image filtering.
-        #[serde(default)]
-        filter_cfg: Option<FilterCfg>,
-        /// Class subset.
-        #[serde(default)]
-        metainfo: Option<MetaInfoCfg>,
-        /// Transform list.
-        #[serde(default)]
-        pipeline: Vec<TransformConfig>,
-        /// mmdet's `test_mode` (disables filtering).
-        #[serde(default)]
-        test_mode: bool,
-        /// Invalid records become warnings (skipped and counted) instead of errors.
-        #[serde(default)]
-        skip_invalid: bool,
-        /// Only `{}` (local files).
-        #[serde(default)]
-        backend_args: Option<Empty>,
-    },
+    CocoDataset(CocoDatasetConfig),
     /// ADE20K-layout semantic segmentation.
     #[serde(rename = "ADE20KDataset")]
-    Ade20kDataset {
-        /// Root folder.
-        #[serde(default)]
-        data_root: PathBuf,
-        /// Image and label-map folders.
-        data_prefix: SegPrefix,
-        /// mmseg's `reduce_zero_label` (ADE20K: true).
-        #[serde(default = "t")]
-        reduce_zero_label: bool,
-        /// Class names.
-        #[serde(default)]
-        metainfo: Option<MetaInfoCfg>,
-        /// Transform list.
-        #[serde(default)]
-        pipeline: Vec<TransformConfig>,
-        /// Invalid records become warnings instead of errors.
-        #[serde(default)]
-        skip_invalid: bool,
-        /// mmseg's `test_mode`: ADE20K folders load the same way with either value.
-        #[serde(default)]
-        test_mode: bool,
-    },
+    Ade20kDataset(Ade20kDatasetConfig),
 }
+
+densepred_core::deserialize_by_type!(DatasetConfig {
+    "CocoDataset" => DatasetConfig::CocoDataset [CocoDatasetConfig],
+    "ADE20KDataset" => DatasetConfig::Ade20kDataset [Ade20kDatasetConfig],
+});
 
 impl DatasetConfig {
     /// The class colours of `metainfo.palette`, when the config gives them.
     pub fn palette(&self) -> Option<&[[u8; 3]]> {
         let m = match self {
-            DatasetConfig::CocoDataset { metainfo, .. } => metainfo,
-            DatasetConfig::Ade20kDataset { metainfo, .. } => metainfo,
+            DatasetConfig::CocoDataset(c) => &c.metainfo,
+            DatasetConfig::Ade20kDataset(c) => &c.metainfo,
         };
         m.as_ref().and_then(|m| m.palette.as_deref())
     }
@@ -129,8 +145,8 @@ impl DatasetConfig {
     /// The transform list.
     pub fn pipeline(&self) -> &[TransformConfig] {
         match self {
-            DatasetConfig::CocoDataset { pipeline, .. } => pipeline,
-            DatasetConfig::Ade20kDataset { pipeline, .. } => pipeline,
+            DatasetConfig::CocoDataset(c) => &c.pipeline,
+            DatasetConfig::Ade20kDataset(c) => &c.pipeline,
         }
     }
 
@@ -139,7 +155,7 @@ impl DatasetConfig {
     /// Errors: as [`CocoDataset::load`] / [`Ade20kDataset::load`].
     pub fn build(&self) -> Result<(Arc<dyn Dataset>, Pipeline, bool), DataError> {
         match self {
-            DatasetConfig::CocoDataset {
+            DatasetConfig::CocoDataset(CocoDatasetConfig {
                 data_root,
                 ann_file,
                 data_prefix,
@@ -149,7 +165,7 @@ impl DatasetConfig {
                 test_mode,
                 skip_invalid,
                 ..
-            } => {
+            }) => {
                 let f = filter_cfg.clone().unwrap_or_default();
                 let opts = CocoOptions {
                     classes: metainfo.as_ref().map(|m| m.classes.clone()),
@@ -164,7 +180,7 @@ impl DatasetConfig {
                 )?;
                 Ok((Arc::new(ds), Pipeline(pipeline.clone()), *skip_invalid))
             }
-            DatasetConfig::Ade20kDataset {
+            DatasetConfig::Ade20kDataset(Ade20kDatasetConfig {
                 data_root,
                 data_prefix,
                 reduce_zero_label,
@@ -172,7 +188,7 @@ impl DatasetConfig {
                 pipeline,
                 skip_invalid,
                 ..
-            } => {
+            }) => {
                 let ds = Ade20kDataset::load(
                     data_root,
                     &data_root.join(&data_prefix.img_path),

@@ -219,9 +219,9 @@ pub fn section<T: serde::de::DeserializeOwned>(
 /// Deserialises `value` (found at the dotted key path `prefix`, empty for the whole file) into
 /// `T`. The error names the file and the key path of the value at fault, written as `--set`
 /// takes it (`test_dataloader.dataset: missing field `type``,
-/// `train_dataloader.dataset.pipeline.3: unknown field `ratio_rang``). Inside a table selected by
-/// `type` the path ends at that table (serde reads it whole before choosing the variant); the
-/// message then names the key.
+/// `model.bbox_head.init_cfg: this key is not supported`). Tables selected by `type` keep the
+/// path where their enum uses [`densepred_core::deserialize_by_type`]; inside the others
+/// (datasets, transforms, losses) the path ends at that table and the message names the key.
 pub fn typed<T: serde::de::DeserializeOwned>(
     value: Value,
     prefix: &str,
@@ -233,15 +233,8 @@ pub fn typed<T: serde::de::DeserializeOwned>(
             .filter(|s| !s.is_empty())
             .map(String::from)
             .collect();
-        for seg in e.path().iter() {
-            use serde_path_to_error::Segment;
-            match seg {
-                Segment::Seq { index } => key.push(index.to_string()),
-                Segment::Map { key: k } => key.push(k.clone()),
-                Segment::Enum { variant } => key.push(variant.clone()),
-                Segment::Unknown => {}
-            }
-        }
+        key.extend(densepred_core::config::dotted_path(e.path()));
+        let (key, msg) = densepred_core::config::join_key_path(key, e.inner().message());
         let at = if key.is_empty() {
             String::new()
         } else {
@@ -249,7 +242,7 @@ pub fn typed<T: serde::de::DeserializeOwned>(
         };
         ConfigError::Invalid {
             path: path.into(),
-            reason: format!("{at}{}", e.inner()),
+            reason: format!("{at}{msg}"),
         }
     })
 }

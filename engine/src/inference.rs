@@ -97,11 +97,8 @@ impl Inferencer {
         );
         let classes = class_names(&dl.dataset, model.num_classes());
         let reduce_zero_label = matches!(
-            dl.dataset,
-            DatasetConfig::Ade20kDataset {
-                reduce_zero_label: true,
-                ..
-            }
+            &dl.dataset,
+            DatasetConfig::Ade20kDataset(c) if c.reduce_zero_label
         );
         Ok(Self {
             palette: dl.dataset.palette().map(|p| p.to_vec()),

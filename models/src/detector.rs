@@ -44,7 +44,7 @@ pub struct DataPreprocessorConfig {
 }
 
 /// `model.neck` table.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type")]
 pub enum NeckConfig {
     /// Feature pyramid network.
@@ -52,8 +52,12 @@ pub enum NeckConfig {
     Fpn(FpnConfig),
 }
 
+densepred_core::deserialize_by_type!(NeckConfig {
+    "FPN" => NeckConfig::Fpn [FpnConfig],
+});
+
 /// `model.bbox_head` table of a one-stage detector.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type")]
 pub enum DenseHeadConfig {
     /// RetinaNet's head.
@@ -62,6 +66,11 @@ pub enum DenseHeadConfig {
     #[serde(rename = "ATSSHead")]
     AtssHead(AtssHeadConfig),
 }
+
+densepred_core::deserialize_by_type!(DenseHeadConfig {
+    "RetinaHead" => DenseHeadConfig::RetinaHead [RetinaHeadConfig],
+    "ATSSHead" => DenseHeadConfig::AtssHead [AtssHeadConfig],
+});
 
 impl DenseHeadConfig {
     /// Number of object classes.
@@ -94,7 +103,7 @@ pub struct DetectorConfig {
 
 /// The `[model]` table, selected by `type`: a detector (mmdetection) or a segmentor
 /// (mmsegmentation).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type")]
 pub enum ModelConfig {
     /// RetinaNet (Lin et al. 2017).
@@ -105,6 +114,12 @@ pub enum ModelConfig {
     /// mmsegmentation's encoder-decoder segmentor (UperNet, Semantic FPN).
     EncoderDecoder(crate::segmentor::EncoderDecoderConfig),
 }
+
+densepred_core::deserialize_by_type!(ModelConfig {
+    "RetinaNet" => ModelConfig::RetinaNet [DetectorConfig],
+    "ATSS" => ModelConfig::Atss [DetectorConfig],
+    "EncoderDecoder" => ModelConfig::EncoderDecoder [crate::segmentor::EncoderDecoderConfig],
+});
 
 impl ModelConfig {
     /// The detector body, `None` for segmentors.

@@ -50,7 +50,7 @@ pub struct SegDataPreprocessorConfig {
 }
 
 /// A decode or auxiliary head.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type")]
 pub enum SegHeadConfig {
     /// UperNet's head.
@@ -63,6 +63,12 @@ pub enum SegHeadConfig {
     #[serde(rename = "FCNHead")]
     FcnHead(FcnHeadConfig),
 }
+
+densepred_core::deserialize_by_type!(SegHeadConfig {
+    "UPerHead" => SegHeadConfig::UperHead [UperHeadConfig],
+    "FPNHead" => SegHeadConfig::FpnHead [FpnHeadConfig],
+    "FCNHead" => SegHeadConfig::FcnHead [FcnHeadConfig],
+});
 
 /// A built head.
 pub enum SegHead {

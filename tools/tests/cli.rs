@@ -211,7 +211,7 @@ fn bad_input_gives_clear_errors() {
         !ok && err.contains("bad.toml") && err.contains("depth"),
         "{err}"
     );
-    // Weights of another model: shape mismatches listed by name.
+    // Weights of another model: the first shape mismatches listed by name, then a count.
     let (ok, _, err) = densepred(&[
         "features",
         "--backbone",
@@ -224,7 +224,8 @@ fn bad_input_gives_clear_errors() {
         o,
     ]);
     assert!(
-        !ok && err.contains("shape mismatch for patch_embed1.conv.0.weight"),
+        !ok && err.contains("shape mismatch for block1.0.attn.bn.bias: model [128], checkpoint [32]")
+            && err.contains("more shape mismatches"),
         "{err}"
     );
     // An input file without __input__.

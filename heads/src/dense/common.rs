@@ -66,7 +66,7 @@ impl BBoxCoderConfig {
 }
 
 /// `assigner` table of `train_cfg`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type")]
 pub enum AssignerConfig {
     /// IoU-threshold assignment (RetinaNet, RPN, R-CNN).
@@ -75,6 +75,11 @@ pub enum AssignerConfig {
     #[serde(rename = "ATSSAssigner")]
     AtssAssigner(AtssAssigner),
 }
+
+densepred_core::deserialize_by_type!(AssignerConfig {
+    "MaxIoUAssigner" => AssignerConfig::MaxIoUAssigner [MaxIoUAssigner],
+    "ATSSAssigner" => AssignerConfig::AtssAssigner [AtssAssigner],
+});
 
 /// Classification loss table (`loss_cls`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -75,8 +75,20 @@ pub struct SegNormConfig {
     #[serde(rename = "type")]
     pub kind: String,
     /// Norm parameters are trained (only `true`, mmseg's default, is supported).
-    #[serde(default = "yes", deserialize_with = "densepred_core::config::only_true")]
+    #[serde(default = "yes", deserialize_with = "requires_grad_true")]
     pub requires_grad: bool,
+}
+
+/// `norm_cfg.requires_grad`: only `true` (the message names the key, since the decode heads'
+/// flattened tables lose the key path).
+fn requires_grad_true<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
+    if bool::deserialize(d)? {
+        Ok(true)
+    } else {
+        Err(serde::de::Error::custom(
+            "norm_cfg.requires_grad = false is not supported (norm layers are always trained)",
+        ))
+    }
 }
 
 /// Settings shared by mmseg decode heads (`BaseDecodeHead`).
