@@ -41,6 +41,7 @@ pub fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
         .unwrap()
         .to_vec1()
         .unwrap();
+    assert_eq!(a.len(), b.len(), "element counts");
     a.iter()
         .zip(&b)
         .map(|(x, y)| {
@@ -559,6 +560,7 @@ fn paste_masks_matches_mmdet() {
         .unwrap()
         .to_vec1()
         .unwrap();
+    assert_eq!(a.len(), b.len(), "pasted mask sizes");
     let flips = a
         .iter()
         .zip(&b)

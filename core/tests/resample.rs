@@ -73,9 +73,11 @@ fn resample_matches_pytorch() {
             .unwrap();
         let g = (&y * &proj).unwrap().sum_all().unwrap().backward().unwrap();
         let gx: Vec<f32> = g.get(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let want_grad = vec_f64(&c["grad"]);
+        assert_eq!(gx.len(), want_grad.len(), "{op} {shape:?}->{out:?} gradient");
         let gerr = gx
             .iter()
-            .zip(vec_f64(&c["grad"]))
+            .zip(want_grad)
             .map(|(a, b)| (*a as f64 - b).abs())
             .fold(0.0, f64::max);
         assert!(gerr < 1e-5, "{op} {shape:?}->{out:?}: grad err {gerr}");

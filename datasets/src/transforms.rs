@@ -674,7 +674,7 @@ fn apply_one(
             pad_val,
             seg_pad_val,
         } => {
-            let (h, w) = s.img_shape;
+            let (h, w) = current_size(&s);
             let (th, tw) = match (size, size_divisor) {
                 (Some([ph, pw]), _) => ((*ph).max(h), (*pw).max(w)),
                 (None, Some(d)) if *d > 0 => (h.div_ceil(*d) * d, w.div_ceil(*d) * d),
@@ -1054,21 +1054,37 @@ fn normalize(img: &mut Array3<f32>, mean: &[f32; 3], std: &[f32; 3], to_rgb: boo
     }
 }
 
+/// `(H, W)` of the arrays as they are now: after an earlier `Pad` they are larger than
+/// `img_shape` (mmcv pads the current image, whatever its size).
+fn current_size(s: &Sample) -> (usize, usize) {
+    match &s.img {
+        Some(img) => (img.dim().0, img.dim().1),
+        None if s.pad_shape != (0, 0) => s.pad_shape,
+        None => s.img_shape,
+    }
+}
+
+/// Pads the image, label map and masks bottom/right to `(th, tw)` (never below their current
+/// size).
 fn pad(s: &mut Sample, th: usize, tw: usize, img_val: f32, seg_val: u8) {
-    let (h, w) = s.img_shape;
+    let (ch, cw) = current_size(s);
+    let (th, tw) = (th.max(ch), tw.max(cw));
     if let Some(img) = s.img.as_ref() {
-        let mut out = Array3::from_elem((th, tw, 3), img_val);
+        let (h, w, _) = img.dim();
+        let mut out = Array3::from_elem((th.max(h), tw.max(w), 3), img_val);
         out.slice_mut(s![..h, ..w, ..]).assign(img);
         s.img = Some(out);
     }
     if let Some(m) = s.gt_seg_map.as_ref() {
-        let mut out = Array2::from_elem((th, tw), seg_val);
+        let (h, w) = m.dim();
+        let mut out = Array2::from_elem((th.max(h), tw.max(w)), seg_val);
         out.slice_mut(s![..h, ..w]).assign(m);
         s.gt_seg_map = Some(out);
     }
     if let Some(ms) = s.masks.as_mut() {
         for m in ms.iter_mut() {
-            let mut out = Array2::zeros((th, tw));
+            let (h, w) = m.dim();
+            let mut out = Array2::zeros((th.max(h), tw.max(w)));
             out.slice_mut(s![..h, ..w]).assign(m);
             *m = out;
         }

@@ -192,6 +192,7 @@ type = "PackDetInputs"
     let (fx, fy) = s.scale_factor;
     let masks = s.masks.as_ref().unwrap();
     assert_eq!(s.instances.len(), src.ann_instances.len());
+    assert_eq!(masks.len(), s.instances.len());
     for ((a, b), m) in src.ann_instances.iter().zip(&s.instances).zip(masks) {
         // Flipped and scaled: x1' = W − x2·fx.
         assert!((b.bbox[0] - (w as f32 - a.bbox[2] * fx as f32)).abs() < 1e-3);

@@ -43,6 +43,7 @@ fn coco_cases_match_pycocotools() {
                 .iter()
                 .map(|v| v.as_f64().unwrap())
                 .collect();
+            assert_eq!(s.stats.len(), want.len(), "{case}/{t} stats");
             for (i, (&g, &w)) in s.stats.iter().zip(&want).enumerate() {
                 assert!(close(g, w), "{case}/{t}: stat {i} = {g}, pycocotools {w}");
             }
@@ -112,6 +113,7 @@ fn semseg_matches_mmseg_iou_metric() {
     for (name, got) in [("IoU", &r.iou), ("Acc", &r.acc)] {
         let want = arr(name);
         assert_eq!(want.len(), 150);
+        assert_eq!(got.len(), want.len(), "{name}");
         for (c, (w, &g)) in want.iter().zip(got).enumerate() {
             match w {
                 None => assert!(g.is_nan(), "{name}[{c}] should be NaN, got {g}"),
@@ -205,6 +207,7 @@ fn in_memory_detections_round_trip() {
         .iter()
         .map(|v| v.as_f64().unwrap())
         .collect();
+    assert_eq!(s.stats.len(), want.len(), "segm stats");
     for (g, w) in s.stats.iter().zip(&want) {
         assert!(close(*g, *w), "segm {g} vs {w}");
     }
@@ -220,6 +223,7 @@ fn in_memory_detections_round_trip() {
         .iter()
         .map(|v| v.as_f64().unwrap())
         .collect();
+    assert_eq!(sb.stats.len(), want_b.len(), "bbox stats");
     for (g, w) in sb.stats.iter().zip(&want_b) {
         assert!(close(*g, *w), "bbox {g} vs {w}");
     }

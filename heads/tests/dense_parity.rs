@@ -175,6 +175,17 @@ fn fixture_outputs(f: &Fixture, with_ctr: bool) -> (DenseOutputs, Vec<(String, V
 
 fn check_losses(f: &Fixture, losses: &densepred_heads::dense::LevelLosses, vars: &[(String, Var)]) {
     let mut total: Option<Tensor> = None;
+    let mut names: Vec<&str> = losses.iter().map(|(n, _)| n.as_str()).collect();
+    let mut want_names: Vec<&str> = f.meta["losses"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    names.sort();
+    want_names.sort();
+    assert_eq!(names, want_names, "loss names");
+    assert!(!vars.is_empty(), "no parameters to compare gradients of");
     for (name, per_level) in losses {
         let want: Vec<f64> = f.meta["losses"][name]
             .as_array()

@@ -127,6 +127,7 @@ fn check_eval(
         .unwrap()
         .to_vec1()
         .unwrap();
+    assert_eq!(pred.len(), want_pred.len(), "{p}: label map sizes");
     let mismatches = pred
         .iter()
         .zip(&want_pred)

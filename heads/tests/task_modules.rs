@@ -37,6 +37,7 @@ fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
         .unwrap()
         .to_vec1()
         .unwrap();
+    assert_eq!(a.len(), b.len(), "element counts");
     a.iter()
         .zip(&b)
         .map(|(x, y)| (x - y).abs() / y.abs().max(1.0))
@@ -253,6 +254,7 @@ fn samplers() {
     };
     let p = pseudo_sample(&a);
     assert_eq!((p.pos_inds.len(), p.neg_inds.len()), (100, 800));
+    assert_eq!(p.pos_assigned_gt_inds.len(), p.pos_inds.len());
     assert!(p
         .pos_inds
         .iter()

@@ -33,6 +33,7 @@ def test_backbone_without_weights_is_deterministic():
     a = densepred.Backbone(CONFIG).forward(x)
     b = densepred.Backbone(CONFIG).forward(x)
     assert [o.shape for o in a] == [(1, 16, 16, 16), (1, 32, 8, 8), (1, 64, 4, 4), (1, 128, 2, 2)]
+    assert len(a) == len(b)
     for p, q in zip(a, b):
         np.testing.assert_array_equal(p, q)
 

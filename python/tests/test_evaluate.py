@@ -103,7 +103,7 @@ def test_evaluate_segmentation_equals_mmseg(tmp_path):
     for k in ["aAcc", "mIoU", "mAcc"]:
         # Areas are integer counts and the ratios are taken in f64 on both sides.
         assert abs(got[k] - want[k]) <= 1e-9, (k, got[k], want[k])
-    assert len(got["IoU"]) == expected["num_classes"]
+    assert len(got["IoU"]) == expected["num_classes"] == len(want["IoU"])
     for c, (g, w) in enumerate(zip(got["IoU"], want["IoU"])):
         if w is None:
             assert g is None, c

@@ -279,6 +279,7 @@ fn eval_coco_json_out_matches_pycocotools() {
     let names = [
         "AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
     ];
+    assert_eq!(names.len(), want.len(), "pycocotools stats");
     for (name, w) in names.iter().zip(want) {
         let g = got[*name]
             .as_f64()
