@@ -63,6 +63,12 @@ impl Serialize for DenyRest {
     }
 }
 
+/// A table that must be empty (`train_cfg = {}` of mmsegmentation's EncoderDecoder): any key is
+/// refused as unknown.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmptyTable {}
+
 /// Dotted key path of a `serde_path_to_error` path (`a.b.3.c`, as `--set` takes it).
 pub fn dotted_path(path: &serde_path_to_error::Path) -> Vec<String> {
     use serde_path_to_error::Segment;

@@ -228,11 +228,7 @@ pub enum ScaleSpec {
 /// `backend_args`: only `{}` (or absent), mmdetection's default of reading local files; any
 /// key (a storage backend) is refused as unknown.
 pub mod toml_value {
-    use serde::{Deserialize, Serialize};
-    /// An empty table.
-    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-    #[serde(deny_unknown_fields)]
-    pub struct Empty {}
+    pub use densepred_core::config::EmptyTable as Empty;
 }
 
 /// A compiled pipeline.

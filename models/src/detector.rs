@@ -38,7 +38,7 @@ pub struct DataPreprocessorConfig {
     /// Batch size padded up to a multiple of this.
     #[serde(default = "one")]
     pub pad_size_divisor: usize,
-    /// Accepted for compatibility (pad value 0).
+    /// Value of the batch padding: only 0 (mmdetection's default) is supported.
     #[serde(default)]
     pub pad_value: Option<f64>,
 }
@@ -173,6 +173,9 @@ impl Detector {
         match (cfg, &c.bbox_head) {
             (ModelConfig::RetinaNet(_), DenseHeadConfig::RetinaHead(_)) | (ModelConfig::Atss(_), DenseHeadConfig::AtssHead(_)) => {}
             _ => candle_core::bail!("model.bbox_head.type does not match model.type (RetinaNet uses RetinaHead, ATSS uses ATSSHead)"),
+        }
+        if c.data_preprocessor.pad_value.is_some_and(|v| v != 0.0) {
+            candle_core::bail!("model.data_preprocessor.pad_value: only 0 is supported (batches are padded with zeros)");
         }
         if !c.data_preprocessor.bgr_to_rgb {
             candle_core::bail!("model.data_preprocessor.bgr_to_rgb = false is not supported: densepred decodes images as RGB");

@@ -35,10 +35,10 @@ pub struct SegDataPreprocessorConfig {
     /// Must be true (images are decoded as RGB).
     #[serde(default = "t")]
     pub bgr_to_rgb: bool,
-    /// Image padding value (before normalisation).
+    /// Image padding value (after normalisation, as mmseg's `stack_batch`): only 0.
     #[serde(default)]
     pub pad_val: f64,
-    /// Label padding value (the ignore index).
+    /// Label padding value (the ignore index): only 255.
     #[serde(default = "seg_pad")]
     pub seg_pad_val: u8,
     /// Pad every batch to this `[h, w]` (the crop size in training).
@@ -152,9 +152,9 @@ pub struct EncoderDecoderConfig {
     /// Optional auxiliary head (loss only).
     #[serde(default)]
     pub auxiliary_head: Option<SegHeadConfig>,
-    /// mmseg's (empty) `train_cfg`.
+    /// mmseg's `train_cfg`: only the empty table (`{}`), mmseg's value for EncoderDecoder.
     #[serde(default)]
-    pub train_cfg: Option<serde_json::Value>,
+    pub train_cfg: Option<densepred_core::config::EmptyTable>,
     /// Inference mode.
     #[serde(default)]
     pub test_cfg: SegTestConfig,
@@ -193,6 +193,13 @@ impl Segmentor {
         }
         if !c.data_preprocessor.bgr_to_rgb {
             candle_core::bail!("model.data_preprocessor.bgr_to_rgb = false is not supported: densepred decodes images as RGB");
+        }
+        if c.data_preprocessor.pad_val != 0.0 || c.data_preprocessor.seg_pad_val != 255 {
+            candle_core::bail!(
+                "model.data_preprocessor: only pad_val = 0 and seg_pad_val = 255 (mmseg's defaults) are supported, got {} and {}",
+                c.data_preprocessor.pad_val,
+                c.data_preprocessor.seg_pad_val
+            );
         }
         let backbone = AnyBackbone::new(vb.pp("backbone"), &c.backbone)?;
         let neck: Option<Box<dyn Neck>> = match &c.neck {

@@ -61,7 +61,7 @@ pub struct FpnConfig {
     /// ReLU before every extra conv after the first.
     #[serde(default)]
     pub relu_before_extra_convs: bool,
-    /// Accepted for compatibility; norms are not supported yet (an error if `norm_cfg` is set).
+    /// Only meaningful with `norm_cfg`, which is refused: either value builds the same FPN.
     #[serde(default)]
     pub no_norm_on_lateral: bool,
     /// Normalisation in the ConvModules (not supported yet).

@@ -1,8 +1,10 @@
 """``Detector`` / ``Segmentor`` on the mini configs and assets/ images, ``train`` → ``test`` →
 load round trips on tiny configs, Ctrl-C during ``train``, and the exceptions bad input raises."""
 
+import json
 import os
 import signal
+import struct
 import threading
 import time
 
@@ -118,6 +120,35 @@ def test_detector_train_test_load_round_trip(tmp_path):
     # Two AdamW steps moved the weights: the scores differ from the initialisation's.
     c = fresh.predict(COCO_IMG)
     assert a["scores"].shape != c["scores"].shape or not np.array_equal(a["scores"], c["scores"])
+
+
+def drop_last_tensor(src, dst):
+    """Writes the safetensors file ``src`` without its last tensor; returns that tensor's name."""
+    raw = open(src, "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    name = max(header, key=lambda k: header[k]["data_offsets"][1])
+    header.pop(name)
+    end = max(v["data_offsets"][1] for v in header.values())
+    if meta is not None:
+        header["__metadata__"] = meta
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(dst, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + raw[8 + n:8 + n + end])
+    return name
+
+
+def test_checkpoints_load_strictly_unless_asked_not_to(tmp_path):
+    out = densepred.train(RETINA_TINY, work_dir=tmp_path, overrides=SHORT, progress=False)
+    bad = tmp_path / "bad.safetensors"
+    gone = drop_last_tensor(out["last_checkpoint"], bad)
+    with pytest.raises(ValueError, match="missing keys \\(1\\): " + gone.replace(".", "\\.")):
+        densepred.Detector(RETINA_TINY, checkpoint=bad)
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        densepred.test(RETINA_TINY, bad, progress=False)
+    assert densepred.Detector(RETINA_TINY, checkpoint=bad, strict=False).classes
 
 
 def test_segmentor_train_test_load_round_trip(tmp_path):
