@@ -148,3 +148,61 @@ macro_rules! deserialize_by_type {
         }
     };
 }
+
+/// Default values of config fields (`#[serde(default = "d::yes")]` with
+/// `use densepred_core::config::defaults as d;`): one home for the values mmdetection's
+/// defaults repeat across components.
+pub mod defaults {
+    /// `256`.
+    pub fn c256() -> usize {
+        256
+    }
+    /// `4`.
+    pub fn four_usize() -> usize {
+        4
+    }
+    /// `0.5`.
+    pub fn half() -> f64 {
+        0.5
+    }
+    /// `255`.
+    pub fn ignore_255() -> u8 {
+        255
+    }
+    /// `-1.0`.
+    pub fn neg_one_f64() -> f64 {
+        -1.0
+    }
+    /// `-1`.
+    pub fn neg_one_i64() -> i64 {
+        -1
+    }
+    /// `1.0`.
+    pub fn one_f64() -> f64 {
+        1.0
+    }
+    /// `1`.
+    pub fn one_u64() -> u64 {
+        1
+    }
+    /// `1`.
+    pub fn one_usize() -> usize {
+        1
+    }
+    /// `3`.
+    pub fn three_usize() -> usize {
+        3
+    }
+    /// `2.0`.
+    pub fn two_f64() -> f64 {
+        2.0
+    }
+    /// `2`.
+    pub fn two_usize() -> usize {
+        2
+    }
+    /// `true`.
+    pub fn yes() -> bool {
+        true
+    }
+}

@@ -131,7 +131,13 @@ impl fmt::Display for LoadReport {
         let list = |f: &mut fmt::Formatter<'_>, what: &str, v: &[String]| -> fmt::Result {
             if !v.is_empty() {
                 let head: Vec<&str> = v.iter().take(SHOWN).map(String::as_str).collect();
-                writeln!(f, "{what} ({}): {}{}", v.len(), head.join(", "), more(v.len()))?;
+                writeln!(
+                    f,
+                    "{what} ({}): {}{}",
+                    v.len(),
+                    head.join(", "),
+                    more(v.len())
+                )?;
             }
             Ok(())
         };

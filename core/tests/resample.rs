@@ -74,7 +74,11 @@ fn resample_matches_pytorch() {
         let g = (&y * &proj).unwrap().sum_all().unwrap().backward().unwrap();
         let gx: Vec<f32> = g.get(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         let want_grad = vec_f64(&c["grad"]);
-        assert_eq!(gx.len(), want_grad.len(), "{op} {shape:?}->{out:?} gradient");
+        assert_eq!(
+            gx.len(),
+            want_grad.len(),
+            "{op} {shape:?}->{out:?} gradient"
+        );
         let gerr = gx
             .iter()
             .zip(want_grad)

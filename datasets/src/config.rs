@@ -4,9 +4,10 @@
 use crate::ade::Ade20kDataset;
 use crate::coco::{CocoDataset, CocoOptions};
 pub use crate::transforms::toml_value::Empty;
-pub use densepred_core::config::Unsupported;
 use crate::transforms::{Pipeline, TransformConfig};
 use crate::{DataError, Dataset};
+use densepred_core::config::defaults as d;
+pub use densepred_core::config::Unsupported;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -53,10 +54,6 @@ pub struct MetaInfoCfg {
     pub palette: Option<Vec<[u8; 3]>>,
 }
 
-fn t() -> bool {
-    true
-}
-
 /// `type = "CocoDataset"`: COCO instances (mmdetection's `CocoDataset`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -100,7 +97,7 @@ pub struct Ade20kDatasetConfig {
     /// Image and label-map folders.
     pub data_prefix: SegPrefix,
     /// mmseg's `reduce_zero_label` (ADE20K: true).
-    #[serde(default = "t")]
+    #[serde(default = "d::yes")]
     pub reduce_zero_label: bool,
     /// Class names.
     #[serde(default)]
@@ -212,7 +209,7 @@ pub struct SamplerCfg {
     #[serde(rename = "type")]
     pub kind: SamplerKind,
     /// Shuffle every epoch.
-    #[serde(default = "t")]
+    #[serde(default = "d::yes")]
     pub shuffle: bool,
     /// mmengine's per-sampler seed: not supported (the order comes from `randomness.seed`).
     #[serde(default)]
@@ -245,23 +242,15 @@ pub enum BatchSamplerKind {
     AspectRatioBatchSampler,
 }
 
-
-fn one() -> usize {
-    1
-}
-fn two() -> usize {
-    2
-}
-
 /// A `train_dataloader` / `val_dataloader` / `test_dataloader` table.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataloaderConfig {
     /// Images per batch.
-    #[serde(default = "one")]
+    #[serde(default = "d::one_usize")]
     pub batch_size: usize,
     /// Worker threads that run the pipeline (0: the loading thread itself).
-    #[serde(default = "two")]
+    #[serde(default = "d::two_usize")]
     pub num_workers: usize,
     /// mmengine keeps worker processes between epochs; the loader's workers are threads of this
     /// process, so both values give the same batches.

@@ -4,22 +4,11 @@
 
 use crate::coco::segmentation_to_mask;
 use crate::{DataError, Sample};
+use densepred_core::config::defaults as d;
 use ndarray::{s, Array2, Array3, Axis};
 use rand::{Rng, RngCore};
 use serde::{Deserialize, Serialize};
 
-fn t() -> bool {
-    true
-}
-fn half() -> f64 {
-    0.5
-}
-fn one() -> f64 {
-    1.0
-}
-fn ignore255() -> u8 {
-    255
-}
 fn horizontal() -> String {
     "horizontal".into()
 }
@@ -41,7 +30,7 @@ pub struct PadVal {
     #[serde(default)]
     pub img: f32,
     /// Label-map padding value (ignored label).
-    #[serde(default = "ignore255")]
+    #[serde(default = "d::ignore_255")]
     pub seg: u8,
 }
 
@@ -68,10 +57,10 @@ pub enum TransformConfig {
     /// Load boxes (already parsed), instance masks and/or the label map.
     LoadAnnotations {
         /// Boxes and labels (always present for detection datasets).
-        #[serde(default = "t")]
+        #[serde(default = "d::yes")]
         with_bbox: bool,
         /// Labels (mmdet's `with_label`).
-        #[serde(default = "t")]
+        #[serde(default = "d::yes")]
         with_label: bool,
         /// Rasterise instance masks from polygons / RLE.
         #[serde(default)]
@@ -84,7 +73,10 @@ pub enum TransformConfig {
         reduce_zero_label: Option<bool>,
         /// Polygons are rasterised to bitmaps (mmdet's default `true`); `false` (keeping
         /// `PolygonMasks`) is not supported and refused.
-        #[serde(default = "t", deserialize_with = "densepred_core::config::only_true")]
+        #[serde(
+            default = "d::yes",
+            deserialize_with = "densepred_core::config::only_true"
+        )]
         poly2mask: bool,
     },
     /// Resize to `scale = [w, h]` (with `keep_ratio`: as large as fits `max(scale)` on the long
@@ -100,7 +92,7 @@ pub enum TransformConfig {
         #[serde(default)]
         keep_ratio: bool,
         /// Clip boxes to the resized image.
-        #[serde(default = "t")]
+        #[serde(default = "d::yes")]
         clip_object_border: bool,
     },
     /// Random scale, then `Resize`: with `ratio_range`, `scale · U(ratio_range)`; with two scales
@@ -126,7 +118,7 @@ pub enum TransformConfig {
     /// Horizontal flip with probability `prob`.
     RandomFlip {
         /// Flip probability.
-        #[serde(default = "half")]
+        #[serde(default = "d::half")]
         prob: f64,
         /// Only `"horizontal"` is supported.
         #[serde(default = "horizontal")]
@@ -139,10 +131,10 @@ pub enum TransformConfig {
         /// `[h, w]`.
         crop_size: [usize; 2],
         /// Maximum share of one class in the crop.
-        #[serde(default = "one")]
+        #[serde(default = "d::one_f64")]
         cat_max_ratio: f64,
         /// Label ignored in that count.
-        #[serde(default = "ignore255")]
+        #[serde(default = "d::ignore_255")]
         ignore_index: u8,
         /// mmdet's `crop_type`: `"absolute"` (the default: `crop_size` as is) or
         /// `"absolute_range"` (`crop_size = [lo, hi]`: height and width drawn uniformly from
@@ -177,7 +169,7 @@ pub enum TransformConfig {
         /// Channel standard deviations.
         std: [f32; 3],
         /// Whether mean/std are given for RGB.
-        #[serde(default = "t")]
+        #[serde(default = "d::yes")]
         to_rgb: bool,
     },
     /// Pad bottom/right to `size = [h, w]` or to a multiple of `size_divisor`.
@@ -280,7 +272,10 @@ fn non_negative(key: &str, v: f64) -> Check {
     if v.is_finite() && v >= 0.0 {
         Ok(())
     } else {
-        Err((key.into(), format!("must be a non-negative number, got {v}")))
+        Err((
+            key.into(),
+            format!("must be a non-negative number, got {v}"),
+        ))
     }
 }
 
@@ -311,7 +306,10 @@ impl TransformConfig {
                 ..
             } => {
                 if scale.is_none() && scale_factor.is_none() {
-                    return Err(("scale".into(), "Resize needs `scale` or `scale_factor`".into()));
+                    return Err((
+                        "scale".into(),
+                        "Resize needs `scale` or `scale_factor`".into(),
+                    ));
                 }
                 if let Some(sc) = scale {
                     positive("scale", sc)?;

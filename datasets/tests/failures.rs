@@ -51,7 +51,12 @@ impl Dataset for Images {
     }
 }
 
-fn loader(ds: Images, pipeline: Vec<TransformConfig>, batch_size: usize, workers: usize) -> DataLoader {
+fn loader(
+    ds: Images,
+    pipeline: Vec<TransformConfig>,
+    batch_size: usize,
+    workers: usize,
+) -> DataLoader {
     DataLoader {
         dataset: Arc::new(ds),
         pipeline: Pipeline(pipeline),
@@ -77,7 +82,12 @@ fn a_panicking_transform_is_an_error_naming_image_and_transform() {
         keep_ratio: true,
     };
     for workers in [0, 2] {
-        let l = loader(Images::new(vec![(10, 10); 4], None), vec![bad.clone()], 2, workers);
+        let l = loader(
+            Images::new(vec![(10, 10); 4], None),
+            vec![bad.clone()],
+            2,
+            workers,
+        );
         let items: Vec<_> = l.epoch(0).collect();
         assert_eq!(items.len(), 1, "the epoch ends at the first error");
         let err = items.into_iter().next().unwrap().unwrap_err();
@@ -97,7 +107,10 @@ fn a_panicking_transform_is_an_error_naming_image_and_transform() {
             }
             other => panic!("expected a Sample error, got {other:?}"),
         }
-        assert!(msg.contains("000000000009.jpg") && msg.contains("RandomResize"), "{msg}");
+        assert!(
+            msg.contains("000000000009.jpg") && msg.contains("RandomResize"),
+            "{msg}"
+        );
     }
 }
 
@@ -197,7 +210,10 @@ fn aspect_ratio_batch_sampler_groups_by_orientation_as_mmdet() {
     // Sizes unknown before decoding: refused by name.
     let unknown = Images::new(vec![(0, 0)], None);
     let err = aspect_ratio_groups(&unknown).unwrap_err().to_string();
-    assert!(err.contains("AspectRatioBatchSampler") && err.contains("image id 100"), "{err}");
+    assert!(
+        err.contains("AspectRatioBatchSampler") && err.contains("image id 100"),
+        "{err}"
+    );
 }
 
 fn dataloader_toml(pipeline: &str) -> Result<(), (String, String)> {
@@ -219,8 +235,14 @@ fn nonsensical_transform_parameters_are_refused_with_their_key() {
             "{ type = \"RandomResize\", scale = [0, 100], ratio_range = [0.5, 2.0] }",
             "scale",
         ),
-        ("{ type = \"PhotoMetricDistortion\", brightness_delta = -1 }", "brightness_delta"),
-        ("{ type = \"PhotoMetricDistortion\", hue_delta = -3 }", "hue_delta"),
+        (
+            "{ type = \"PhotoMetricDistortion\", brightness_delta = -1 }",
+            "brightness_delta",
+        ),
+        (
+            "{ type = \"PhotoMetricDistortion\", hue_delta = -3 }",
+            "hue_delta",
+        ),
         (
             "{ type = \"PhotoMetricDistortion\", contrast_range = [1.5, 0.5] }",
             "contrast_range",
@@ -256,7 +278,14 @@ fn nonsensical_transform_parameters_are_refused_with_their_key() {
     .unwrap();
 }
 
-fn write_png(path: &Path, color: png::ColorType, depth: png::BitDepth, w: u32, h: u32, data: &[u8]) {
+fn write_png(
+    path: &Path,
+    color: png::ColorType,
+    depth: png::BitDepth,
+    w: u32,
+    h: u32,
+    data: &[u8],
+) {
     let f = std::fs::File::create(path).unwrap();
     let mut e = png::Encoder::new(std::io::BufWriter::new(f), w, h);
     e.set_color(color);
@@ -274,22 +303,59 @@ fn palette_label_maps_read_as_indices() {
     let dir = tempfile::tempdir().unwrap();
     // 8-bit palette ("P" mode), 3x2.
     let p8 = dir.path().join("p8.png");
-    write_png(&p8, png::ColorType::Indexed, png::BitDepth::Eight, 3, 2, &[0, 1, 2, 3, 255, 17]);
+    write_png(
+        &p8,
+        png::ColorType::Indexed,
+        png::BitDepth::Eight,
+        3,
+        2,
+        &[0, 1, 2, 3, 255, 17],
+    );
     let m = load_label(&p8).unwrap();
     assert_eq!(m.dim(), (2, 3));
-    assert_eq!(m.iter().copied().collect::<Vec<_>>(), vec![0, 1, 2, 3, 255, 17]);
+    assert_eq!(
+        m.iter().copied().collect::<Vec<_>>(),
+        vec![0, 1, 2, 3, 255, 17]
+    );
     // 4-bit palette, width 3 (rows padded to whole bytes): indices 1 2 3 / 4 5 15.
     let p4 = dir.path().join("p4.png");
-    write_png(&p4, png::ColorType::Indexed, png::BitDepth::Four, 3, 2, &[0x12, 0x30, 0x45, 0xF0]);
+    write_png(
+        &p4,
+        png::ColorType::Indexed,
+        png::BitDepth::Four,
+        3,
+        2,
+        &[0x12, 0x30, 0x45, 0xF0],
+    );
     let m = load_label(&p4).unwrap();
-    assert_eq!(m.iter().copied().collect::<Vec<_>>(), vec![1, 2, 3, 4, 5, 15]);
+    assert_eq!(
+        m.iter().copied().collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5, 15]
+    );
     // Grayscale still reads as is.
     let g = dir.path().join("g.png");
-    write_png(&g, png::ColorType::Grayscale, png::BitDepth::Eight, 2, 1, &[9, 150]);
-    assert_eq!(load_label(&g).unwrap().iter().copied().collect::<Vec<_>>(), vec![9, 150]);
+    write_png(
+        &g,
+        png::ColorType::Grayscale,
+        png::BitDepth::Eight,
+        2,
+        1,
+        &[9, 150],
+    );
+    assert_eq!(
+        load_label(&g).unwrap().iter().copied().collect::<Vec<_>>(),
+        vec![9, 150]
+    );
     // RGB is refused, naming the file and the colour type.
     let rgb = dir.path().join("rgb.png");
-    write_png(&rgb, png::ColorType::Rgb, png::BitDepth::Eight, 1, 1, &[1, 2, 3]);
+    write_png(
+        &rgb,
+        png::ColorType::Rgb,
+        png::BitDepth::Eight,
+        1,
+        1,
+        &[1, 2, 3],
+    );
     let err = load_label(&rgb).unwrap_err().to_string();
     assert!(err.contains("rgb.png") && err.contains("Rgb"), "{err}");
 }

@@ -3,16 +3,11 @@
 //! accumulation.
 
 use candle_core::{backprop::GradStore, DType, Result, Tensor, Var};
+use densepred_core::config::defaults as d;
 use densepred_core::params::is_buffer;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-fn one() -> f64 {
-    1.0
-}
-fn one_usize() -> usize {
-    1
-}
 fn betas() -> [f64; 2] {
     [0.9, 0.999]
 }
@@ -21,9 +16,6 @@ fn eps8() -> f64 {
 }
 fn wd_adamw() -> f64 {
     0.01
-}
-fn two() -> f64 {
-    2.0
 }
 fn wrapper() -> String {
     "OptimWrapper".into()
@@ -91,10 +83,10 @@ impl OptimizerConfig {
 #[serde(deny_unknown_fields)]
 pub struct KeyMult {
     /// Learning-rate multiplier.
-    #[serde(default = "one")]
+    #[serde(default = "d::one_f64")]
     pub lr_mult: f64,
     /// Weight-decay multiplier.
-    #[serde(default = "one")]
+    #[serde(default = "d::one_f64")]
     pub decay_mult: f64,
 }
 
@@ -131,7 +123,7 @@ pub struct ClipGradConfig {
     /// Largest allowed global gradient norm.
     pub max_norm: f64,
     /// Only 2.
-    #[serde(default = "two")]
+    #[serde(default = "d::two_f64")]
     pub norm_type: f64,
 }
 
@@ -151,7 +143,7 @@ pub struct OptimWrapperConfig {
     #[serde(default)]
     pub clip_grad: Option<ClipGradConfig>,
     /// Iterations whose gradients are summed before a step (the loss is divided by it).
-    #[serde(default = "one_usize")]
+    #[serde(default = "d::one_usize")]
     pub accumulative_counts: usize,
 }
 

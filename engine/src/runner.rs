@@ -5,6 +5,7 @@ use crate::optim::OptimWrapperConfig;
 use crate::schedule::SchedulerConfig;
 use candle_core::{DType, Device, Tensor};
 use densepred_backbones::AnyBackbone;
+use densepred_core::config::defaults as d;
 use densepred_core::params::SeededVarMap;
 use densepred_core::structures::{GtInstances, ImageMeta};
 use densepred_core::weights::{load_into, read_checkpoint, LoadReport};
@@ -66,10 +67,6 @@ impl<T> CandleContext<T> for candle_core::Result<T> {
     }
 }
 
-fn t() -> bool {
-    true
-}
-
 /// `train_cfg` (mmengine's loops).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -84,15 +81,11 @@ pub struct TrainLoopConfig {
     #[serde(default)]
     pub max_iters: Option<u64>,
     /// Evaluate every this many epochs (epoch-based) or iterations (iteration-based); 0 = never.
-    #[serde(default = "one_u64")]
+    #[serde(default = "d::one_u64")]
     pub val_interval: u64,
     /// First epoch / iteration at which validation may run.
     #[serde(default)]
     pub val_begin: u64,
-}
-
-fn one_u64() -> u64 {
-    1
 }
 
 /// `val_evaluator` / `test_evaluator`: mmdetection's `CocoMetric` (detectors) or mmsegmentation's
@@ -120,7 +113,7 @@ pub struct EvaluatorConfig {
     #[serde(default)]
     pub metric: Option<toml::Value>,
     /// Print the per-class AP table.
-    #[serde(default = "t")]
+    #[serde(default = "d::yes")]
     pub classwise: bool,
     /// Only write results (no evaluation).
     #[serde(default)]
@@ -141,7 +134,7 @@ pub struct CheckpointHookConfig {
     #[serde(rename = "type", default)]
     pub kind: Option<String>,
     /// Save every this many epochs (`by_epoch`) or iterations.
-    #[serde(default = "one_u64")]
+    #[serde(default = "d::one_u64")]
     pub interval: u64,
     /// Count epochs (default: as the train loop).
     #[serde(default)]
@@ -385,14 +378,18 @@ impl RunConfig {
             .as_ref()
             .or(self.val_dataloader.as_ref())
             .ok_or_else(|| {
-                EngineError::Config("the config has neither test_dataloader nor val_dataloader".into())
+                EngineError::Config(
+                    "the config has neither test_dataloader nor val_dataloader".into(),
+                )
             })?;
         let ev = self
             .test_evaluator
             .as_ref()
             .or(self.val_evaluator.as_ref())
             .ok_or_else(|| {
-                EngineError::Config("the config has neither test_evaluator nor val_evaluator".into())
+                EngineError::Config(
+                    "the config has neither test_evaluator nor val_evaluator".into(),
+                )
             })?;
         Ok((dl, ev))
     }

@@ -3,16 +3,11 @@
 //! to iterations with the epoch length) and multiplies the base learning rate by its factor;
 //! after `end` it keeps its last factor. Chained schedulers multiply.
 
+use densepred_core::config::defaults as d;
 use serde::{Deserialize, Serialize};
 
-fn t() -> bool {
-    true
-}
 fn third() -> f64 {
     1.0 / 3.0
-}
-fn one() -> f64 {
-    1.0
 }
 fn tenth() -> f64 {
     0.1
@@ -32,7 +27,7 @@ pub enum SchedulerConfig {
         #[serde(default = "third")]
         start_factor: f64,
         /// Factor from `end − 1` on.
-        #[serde(default = "one")]
+        #[serde(default = "d::one_f64")]
         end_factor: f64,
         /// First step.
         #[serde(default)]
@@ -41,7 +36,7 @@ pub enum SchedulerConfig {
         #[serde(default = "inf")]
         end: f64,
         /// Count in epochs.
-        #[serde(default = "t")]
+        #[serde(default = "d::yes")]
         by_epoch: bool,
         /// With `by_epoch`: update every iteration over the same span (mmengine's
         /// `build_iter_from_epoch`) instead of at epoch boundaries.
@@ -63,7 +58,7 @@ pub enum SchedulerConfig {
         #[serde(default = "inf")]
         end: f64,
         /// Count in epochs.
-        #[serde(default = "t")]
+        #[serde(default = "d::yes")]
         by_epoch: bool,
         /// With `by_epoch`: update every iteration over the same span (mmengine's
         /// `build_iter_from_epoch`) instead of at epoch boundaries.
@@ -86,7 +81,7 @@ pub enum SchedulerConfig {
         #[serde(default = "inf")]
         end: f64,
         /// Count in epochs.
-        #[serde(default = "t")]
+        #[serde(default = "d::yes")]
         by_epoch: bool,
         /// With `by_epoch`: update every iteration over the same span (mmengine's
         /// `build_iter_from_epoch`) instead of at epoch boundaries.
@@ -100,7 +95,7 @@ pub enum SchedulerConfig {
         #[serde(default)]
         eta_min: f64,
         /// Exponent.
-        #[serde(default = "one")]
+        #[serde(default = "d::one_f64")]
         power: f64,
         /// First step.
         #[serde(default)]
@@ -109,7 +104,7 @@ pub enum SchedulerConfig {
         #[serde(default = "inf")]
         end: f64,
         /// Count in epochs.
-        #[serde(default = "t")]
+        #[serde(default = "d::yes")]
         by_epoch: bool,
         /// With `by_epoch`: update every iteration over the same span (mmengine's
         /// `build_iter_from_epoch`) instead of at epoch boundaries.

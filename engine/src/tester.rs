@@ -55,9 +55,9 @@ pub fn check_all_evaluated(
     }
     let skipped = total - evaluated;
     if !loader.skip_invalid {
-        return Err(EngineError::Data(densepred_datasets::DataError::Loader(format!(
-            "evaluated {evaluated} of the {total} images of the split"
-        ))));
+        return Err(EngineError::Data(densepred_datasets::DataError::Loader(
+            format!("evaluated {evaluated} of the {total} images of the split"),
+        )));
     }
     tracing::warn!("skip_invalid: {skipped} of {total} images could not be loaded and were left out of the metrics");
     Ok(skipped)
@@ -558,7 +558,8 @@ pub fn test_checkpoint(
     crate::runner::load_checkpoint(&model, checkpoint, opts.strict)?;
     if model.is_segmentor() {
         let l = build_loader(dl, cfg.seed(), false)?;
-        let out = evaluate_seg_loader(&model, &l.loader, l.dataset.as_ref(), ev, device, &opts.seg)?;
+        let out =
+            evaluate_seg_loader(&model, &l.loader, l.dataset.as_ref(), ev, device, &opts.seg)?;
         return Ok(TestRun::Segmentation(out));
     }
     if opts.seg.aug_test {

@@ -457,10 +457,9 @@ pub fn train(
         if it == epoch_start && it < max_iters {
             // Defensive: the loader reports every failure as an error, so an epoch that ends
             // without a batch would otherwise restart forever.
-            return Err(EngineError::Data(densepred_datasets::DataError::Loader(format!(
-                "epoch {} yielded no batch",
-                epoch + 1
-            ))));
+            return Err(EngineError::Data(densepred_datasets::DataError::Loader(
+                format!("epoch {} yielded no batch", epoch + 1),
+            )));
         }
     }
     pb.finish_and_clear();

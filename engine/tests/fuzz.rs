@@ -58,8 +58,11 @@ fn any_json() -> impl Strategy<Value = Value> {
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
         any::<i64>().prop_map(Value::from),
-        prop_oneof![Just(0.0), Just(-1.0), Just(1e300), Just(-0.5), any::<f64>()]
-            .prop_map(|f| serde_json::Number::from_f64(f).map(Value::Number).unwrap_or(Value::Null)),
+        prop_oneof![Just(0.0), Just(-1.0), Just(1e300), Just(-0.5), any::<f64>()].prop_map(|f| {
+            serde_json::Number::from_f64(f)
+                .map(Value::Number)
+                .unwrap_or(Value::Null)
+        }),
         "[a-z0-9_./]{0,8}".prop_map(Value::String),
     ];
     leaf.prop_recursive(2, 8, 4, |inner| {
@@ -80,16 +83,60 @@ const CONFIGS: &[&str] = &[
 ];
 
 const KEYS: &[&str] = &[
-    "model", "backbone", "neck", "bbox_head", "decode_head", "train_cfg", "test_cfg",
-    "train_dataloader", "val_dataloader", "test_dataloader", "dataset", "pipeline", "0", "1", "3",
-    "type", "scale", "ratio_range", "batch_size", "optim_wrapper", "optimizer", "lr",
-    "param_scheduler", "default_hooks", "_base_", "_delete_", "assigner", "num_classes", "x",
+    "model",
+    "backbone",
+    "neck",
+    "bbox_head",
+    "decode_head",
+    "train_cfg",
+    "test_cfg",
+    "train_dataloader",
+    "val_dataloader",
+    "test_dataloader",
+    "dataset",
+    "pipeline",
+    "0",
+    "1",
+    "3",
+    "type",
+    "scale",
+    "ratio_range",
+    "batch_size",
+    "optim_wrapper",
+    "optimizer",
+    "lr",
+    "param_scheduler",
+    "default_hooks",
+    "_base_",
+    "_delete_",
+    "assigner",
+    "num_classes",
+    "x",
 ];
 
 const VALUES: &[&str] = &[
-    "3", "-1", "0", "1e400", "nan", "inf", "-inf", "true", "\"x\"", "[1, [2]]", "[]", "{}",
-    "{ type = \"Resize\" }", "{ type = \"X\", a = 1 }", "[0.5, 2.0]", "[2.0, 0.5]", "", "=",
-    "a.b", "\"../missing.toml\"", "[\"../missing.toml\"]", "18446744073709551616",
+    "3",
+    "-1",
+    "0",
+    "1e400",
+    "nan",
+    "inf",
+    "-inf",
+    "true",
+    "\"x\"",
+    "[1, [2]]",
+    "[]",
+    "{}",
+    "{ type = \"Resize\" }",
+    "{ type = \"X\", a = 1 }",
+    "[0.5, 2.0]",
+    "[2.0, 0.5]",
+    "",
+    "=",
+    "a.b",
+    "\"../missing.toml\"",
+    "[\"../missing.toml\"]",
+    "18446744073709551616",
 ];
 
 #[test]
@@ -105,7 +152,11 @@ fn fuzz_config_parser_with_bases_and_overrides() {
             text.replace("\"../", &format!("\"{}/../", p.parent().unwrap().display()))
         })
         .collect();
-    let edit = (any::<prop::sample::Index>(), 0u8..3, "[\\[\\]=\".,{}a-z0-9_ \\n#-]{0,4}");
+    let edit = (
+        any::<prop::sample::Index>(),
+        0u8..3,
+        "[\\[\\]=\".,{}a-z0-9_ \\n#-]{0,4}",
+    );
     let set = (
         prop::collection::vec(prop::sample::select(KEYS), 1..5),
         prop::sample::select(VALUES),
@@ -146,10 +197,19 @@ fn fuzz_config_parser_with_bases_and_overrides() {
 
 /// Sections and keys of a COCO instances file that the mutations replace.
 const COCO_KEYS: &[(&str, &str)] = &[
-    ("images", "id"), ("images", "width"), ("images", "height"), ("images", "file_name"),
-    ("annotations", "id"), ("annotations", "image_id"), ("annotations", "category_id"),
-    ("annotations", "bbox"), ("annotations", "area"), ("annotations", "iscrowd"),
-    ("annotations", "segmentation"), ("categories", "id"), ("categories", "name"),
+    ("images", "id"),
+    ("images", "width"),
+    ("images", "height"),
+    ("images", "file_name"),
+    ("annotations", "id"),
+    ("annotations", "image_id"),
+    ("annotations", "category_id"),
+    ("annotations", "bbox"),
+    ("annotations", "area"),
+    ("annotations", "iscrowd"),
+    ("annotations", "segmentation"),
+    ("categories", "id"),
+    ("categories", "name"),
 ];
 
 #[test]
@@ -163,39 +223,47 @@ fn fuzz_coco_annotation_loader() {
         any::<prop::sample::Index>(),
         prop::option::weighted(0.9, any_json()),
     );
-    let strategy = (prop::collection::vec(mutation, 1..6), any::<bool>(), any::<bool>());
-    fuzz("COCO loader", strategy, |(mutations, skip_invalid, whole)| {
-        let mut d = base.clone();
-        for ((section, key), at, value) in mutations {
-            let list = d[section].as_array_mut().unwrap();
-            if list.is_empty() {
-                continue;
+    let strategy = (
+        prop::collection::vec(mutation, 1..6),
+        any::<bool>(),
+        any::<bool>(),
+    );
+    fuzz(
+        "COCO loader",
+        strategy,
+        |(mutations, skip_invalid, whole)| {
+            let mut d = base.clone();
+            for ((section, key), at, value) in mutations {
+                let list = d[section].as_array_mut().unwrap();
+                if list.is_empty() {
+                    continue;
+                }
+                let i = at.index(list.len());
+                if whole {
+                    list[i] = value.clone().unwrap_or(Value::Null);
+                }
+                let rec = list[i].as_object_mut();
+                if let Some(rec) = rec {
+                    match value {
+                        Some(v) => rec.insert(key.to_string(), v),
+                        None => rec.remove(key),
+                    };
+                }
             }
-            let i = at.index(list.len());
-            if whole {
-                list[i] = value.clone().unwrap_or(Value::Null);
+            let path = dir.path().join("ann.json");
+            std::fs::write(&path, d.to_string()).unwrap();
+            let opts = CocoOptions {
+                skip_invalid,
+                ..CocoOptions::default()
+            };
+            if let Ok(ds) = CocoDataset::load(&path, dir.path(), &opts) {
+                for i in 0..ds.len() {
+                    let _ = ds.sample(i);
+                }
             }
-            let rec = list[i].as_object_mut();
-            if let Some(rec) = rec {
-                match value {
-                    Some(v) => rec.insert(key.to_string(), v),
-                    None => rec.remove(key),
-                };
-            }
-        }
-        let path = dir.path().join("ann.json");
-        std::fs::write(&path, d.to_string()).unwrap();
-        let opts = CocoOptions {
-            skip_invalid,
-            ..CocoOptions::default()
-        };
-        if let Ok(ds) = CocoDataset::load(&path, dir.path(), &opts) {
-            for i in 0..ds.len() {
-                let _ = ds.sample(i);
-            }
-        }
-        Ok(())
-    });
+            Ok(())
+        },
+    );
 }
 
 #[test]
@@ -225,37 +293,53 @@ fn fuzz_results_json_loader() {
         number,
         prop::option::weighted(0.2, ("[a-z_]{1,12}", any_json())),
     );
-    let strategy = (prop::collection::vec(record, 0..40), any::<bool>(), prop::option::weighted(0.1, any_json()));
-    fuzz("results loader", strategy, |(records, segm, replace_all)| {
-        let list: Vec<Value> = records
-            .into_iter()
-            .map(|(img, cat, bbox, score, extra)| {
-                let mut r = serde_json::json!({
-                    "image_id": img, "category_id": cat, "score": score,
-                });
-                let nums = |v: Vec<f64>| -> Value {
-                    v.into_iter()
-                        .map(|f| serde_json::Number::from_f64(f).map(Value::Number).unwrap_or(Value::Null))
-                        .collect()
-                };
-                if segm {
-                    r["segmentation"] = Value::Array(vec![nums(bbox)]);
-                } else {
-                    r["bbox"] = nums(bbox);
-                }
-                if let Some((k, v)) = extra {
-                    r[k] = v;
-                }
-                r
-            })
-            .collect();
-        let doc = replace_all.unwrap_or(Value::Array(list));
-        let path = dir.path().join("results.json");
-        std::fs::write(&path, doc.to_string()).unwrap();
-        let t = if segm { CocoIouType::Segm } else { CocoIouType::Bbox };
-        let _ = evaluate_results_file(&gt, &path, t);
-        Ok(())
-    });
+    let strategy = (
+        prop::collection::vec(record, 0..40),
+        any::<bool>(),
+        prop::option::weighted(0.1, any_json()),
+    );
+    fuzz(
+        "results loader",
+        strategy,
+        |(records, segm, replace_all)| {
+            let list: Vec<Value> = records
+                .into_iter()
+                .map(|(img, cat, bbox, score, extra)| {
+                    let mut r = serde_json::json!({
+                        "image_id": img, "category_id": cat, "score": score,
+                    });
+                    let nums = |v: Vec<f64>| -> Value {
+                        v.into_iter()
+                            .map(|f| {
+                                serde_json::Number::from_f64(f)
+                                    .map(Value::Number)
+                                    .unwrap_or(Value::Null)
+                            })
+                            .collect()
+                    };
+                    if segm {
+                        r["segmentation"] = Value::Array(vec![nums(bbox)]);
+                    } else {
+                        r["bbox"] = nums(bbox);
+                    }
+                    if let Some((k, v)) = extra {
+                        r[k] = v;
+                    }
+                    r
+                })
+                .collect();
+            let doc = replace_all.unwrap_or(Value::Array(list));
+            let path = dir.path().join("results.json");
+            std::fs::write(&path, doc.to_string()).unwrap();
+            let t = if segm {
+                CocoIouType::Segm
+            } else {
+                CocoIouType::Bbox
+            };
+            let _ = evaluate_results_file(&gt, &path, t);
+            Ok(())
+        },
+    );
 }
 
 /// One transform as TOML with parameters from ranges wide enough to reach the edge cases
@@ -318,12 +402,10 @@ fn fuzz_transform_pipeline() {
         any::<bool>(),
     );
     fuzz("transform pipeline", strategy, |(ts, i, seed, masks)| {
-        let mut list = vec![
-            TransformConfig::LoadImageFromFile {
-                to_float32: false,
-                backend_args: None,
-            },
-        ];
+        let mut list = vec![TransformConfig::LoadImageFromFile {
+            to_float32: false,
+            backend_args: None,
+        }];
         let text = format!(
             "p = [{{ type = \"LoadAnnotations\", with_mask = {masks} }}, {}]",
             ts.join(", ").replace('\n', ", ")
@@ -356,4 +438,3 @@ fn fuzz_transform_pipeline() {
         RAN.load(std::sync::atomic::Ordering::Relaxed)
     );
 }
-

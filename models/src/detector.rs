@@ -9,16 +9,12 @@ use densepred_heads::dense::{
     AtssHead, AtssHeadConfig, DenseHead, DenseTestConfig, DenseTrainConfig, RetinaHead,
     RetinaHeadConfig,
 };
-use densepred_necks::fpn::{Fpn, FpnConfig};
+use densepred_necks::fpn::Fpn;
 use densepred_necks::Neck;
-use serde::{Deserialize, Serialize};
 
-fn t() -> bool {
-    true
-}
-fn one() -> usize {
-    1
-}
+use crate::config::{ModelConfig, NeckConfig};
+use densepred_core::config::defaults as d;
+use serde::{Deserialize, Serialize};
 
 /// `model.data_preprocessor` (`type = "DetDataPreprocessor"`): per-channel normalisation of 0–255
 /// RGB pixels and batch padding.
@@ -33,28 +29,15 @@ pub struct DataPreprocessorConfig {
     /// RGB standard deviations.
     pub std: [f32; 3],
     /// mmdetection converts its BGR decodes to RGB; densepred decodes RGB, so this must be true.
-    #[serde(default = "t")]
+    #[serde(default = "d::yes")]
     pub bgr_to_rgb: bool,
     /// Batch size padded up to a multiple of this.
-    #[serde(default = "one")]
+    #[serde(default = "d::one_usize")]
     pub pad_size_divisor: usize,
     /// Value of the batch padding: only 0 (mmdetection's default) is supported.
     #[serde(default)]
     pub pad_value: Option<f64>,
 }
-
-/// `model.neck` table.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "type")]
-pub enum NeckConfig {
-    /// Feature pyramid network.
-    #[serde(rename = "FPN")]
-    Fpn(FpnConfig),
-}
-
-densepred_core::deserialize_by_type!(NeckConfig {
-    "FPN" => NeckConfig::Fpn [FpnConfig],
-});
 
 /// `model.bbox_head` table of a one-stage detector.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -99,52 +82,6 @@ pub struct DetectorConfig {
     pub train_cfg: Option<DenseTrainConfig>,
     /// Post-processing settings.
     pub test_cfg: DenseTestConfig,
-}
-
-/// The `[model]` table, selected by `type`: a detector (mmdetection) or a segmentor
-/// (mmsegmentation).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "type")]
-pub enum ModelConfig {
-    /// RetinaNet (Lin et al. 2017).
-    RetinaNet(DetectorConfig),
-    /// ATSS (Zhang et al. 2020).
-    #[serde(rename = "ATSS")]
-    Atss(DetectorConfig),
-    /// mmsegmentation's encoder-decoder segmentor (UperNet, Semantic FPN).
-    EncoderDecoder(crate::segmentor::EncoderDecoderConfig),
-}
-
-densepred_core::deserialize_by_type!(ModelConfig {
-    "RetinaNet" => ModelConfig::RetinaNet [DetectorConfig],
-    "ATSS" => ModelConfig::Atss [DetectorConfig],
-    "EncoderDecoder" => ModelConfig::EncoderDecoder [crate::segmentor::EncoderDecoderConfig],
-});
-
-impl ModelConfig {
-    /// The detector body, `None` for segmentors.
-    pub fn detector(&self) -> Option<&DetectorConfig> {
-        match self {
-            Self::RetinaNet(c) | Self::Atss(c) => Some(c),
-            Self::EncoderDecoder(_) => None,
-        }
-    }
-
-    /// The segmentor body, `None` for detectors.
-    pub fn segmentor(&self) -> Option<&crate::segmentor::EncoderDecoderConfig> {
-        match self {
-            Self::EncoderDecoder(c) => Some(c),
-            _ => None,
-        }
-    }
-
-    /// The backbone table.
-    pub fn backbone(&self) -> &BackboneConfig {
-        match self {
-            Self::RetinaNet(c) | Self::Atss(c) => &c.backbone,
-            Self::EncoderDecoder(c) => &c.backbone,
-        }
-    }
 }
 
 /// A built one-stage detector. Parameters live under `backbone.*`, `neck.*` and `bbox_head.*`,

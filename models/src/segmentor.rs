@@ -3,23 +3,17 @@
 //! table with mmseg's vocabulary and parameter names (`backbone.`, `neck.`, `decode_head.`,
 //! `auxiliary_head.`).
 
-use crate::detector::{ModelConfig, NeckConfig};
+use crate::config::{ModelConfig, NeckConfig};
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use densepred_backbones::{AnyBackbone, Backbone, BackboneConfig};
+use densepred_core::config::defaults as d;
 use densepred_heads::seg::{
     seg_loss, FcnHead, FcnHeadConfig, FpnHead, FpnHeadConfig, UperHead, UperHeadConfig,
 };
 use densepred_necks::fpn::Fpn;
 use densepred_necks::Neck;
 use serde::{Deserialize, Serialize};
-
-fn t() -> bool {
-    true
-}
-fn seg_pad() -> u8 {
-    255
-}
 
 /// mmseg `SegDataPreProcessor`: normalisation, channel order and the padding of images and labels.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -33,13 +27,13 @@ pub struct SegDataPreprocessorConfig {
     /// Per-channel std.
     pub std: [f32; 3],
     /// Must be true (images are decoded as RGB).
-    #[serde(default = "t")]
+    #[serde(default = "d::yes")]
     pub bgr_to_rgb: bool,
     /// Image padding value (after normalisation, as mmseg's `stack_batch`): only 0.
     #[serde(default)]
     pub pad_val: f64,
     /// Label padding value (the ignore index): only 255.
-    #[serde(default = "seg_pad")]
+    #[serde(default = "d::ignore_255")]
     pub seg_pad_val: u8,
     /// Pad every batch to this `[h, w]` (the crop size in training).
     #[serde(default)]

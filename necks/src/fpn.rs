@@ -7,6 +7,7 @@
 
 use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
+use densepred_core::config::defaults as d;
 use densepred_core::nn::{Conv2d, ConvCfg};
 use densepred_core::ops::resize_nearest;
 use densepred_core::ShapeSpec;
@@ -35,10 +36,6 @@ enum ExtraSource {
     Output,
 }
 
-fn neg_one() -> i64 {
-    -1
-}
-
 /// `type = "FPN"` config (mmdetection's keyword arguments).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -53,7 +50,7 @@ pub struct FpnConfig {
     #[serde(default)]
     pub start_level: usize,
     /// Last input used (−1 = the last).
-    #[serde(default = "neg_one")]
+    #[serde(default = "d::neg_one_i64")]
     pub end_level: i64,
     /// Extra levels by convolutions (see [`AddExtraConvs`]).
     #[serde(default)]

@@ -308,8 +308,14 @@ impl Detector {
         overrides: Option<&Bound<'_, PyAny>>,
         strict: bool,
     ) -> PyResult<Self> {
-        let inner =
-            build_inferencer(py, &config, checkpoint.as_deref(), device, overrides, strict)?;
+        let inner = build_inferencer(
+            py,
+            &config,
+            checkpoint.as_deref(),
+            device,
+            overrides,
+            strict,
+        )?;
         if inner.is_segmentor() {
             return Err(PyValueError::new_err(format!(
                 "{}: model.type is EncoderDecoder (a segmentor); use densepred.Segmentor",
@@ -396,8 +402,14 @@ impl Segmentor {
         overrides: Option<&Bound<'_, PyAny>>,
         strict: bool,
     ) -> PyResult<Self> {
-        let inner =
-            build_inferencer(py, &config, checkpoint.as_deref(), device, overrides, strict)?;
+        let inner = build_inferencer(
+            py,
+            &config,
+            checkpoint.as_deref(),
+            device,
+            overrides,
+            strict,
+        )?;
         if !inner.is_segmentor() {
             return Err(PyValueError::new_err(format!(
                 "{}: the model is a detector; use densepred.Detector",

@@ -224,7 +224,8 @@ fn bad_input_gives_clear_errors() {
         o,
     ]);
     assert!(
-        !ok && err.contains("shape mismatch for block1.0.attn.bn.bias: model [128], checkpoint [32]")
+        !ok && err
+            .contains("shape mismatch for block1.0.attn.bn.bias: model [128], checkpoint [32]")
             && err.contains("more shape mismatches"),
         "{err}"
     );

@@ -23,7 +23,8 @@ fn train_cmd(work_dir: &Path, resume: bool, max_iters: u64) -> Command {
         .arg("--work-dir")
         .arg(work_dir)
         .arg("--no-progress");
-    c.arg("--set").arg(format!("train_cfg.max_iters={max_iters}"));
+    c.arg("--set")
+        .arg(format!("train_cfg.max_iters={max_iters}"));
     for s in [
         "train_cfg.val_interval=0",
         "default_hooks.checkpoint.interval=2",

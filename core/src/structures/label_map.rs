@@ -64,7 +64,12 @@ pub fn read_label_png(path: &Path) -> Result<(Vec<u8>, (usize, usize)), String> 
         }
     }
     if out.len() != h * w {
-        return Err(format!("label map: {} pixels decoded of {}x{}", out.len(), w, h));
+        return Err(format!(
+            "label map: {} pixels decoded of {}x{}",
+            out.len(),
+            w,
+            h
+        ));
     }
     Ok((out, (h, w)))
 }

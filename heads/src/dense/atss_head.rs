@@ -9,6 +9,7 @@ use super::common::*;
 use super::retina_head::{DenseOutputs, LevelLosses};
 use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
+use densepred_core::config::defaults as d;
 use densepred_core::losses::{
     binary_cross_entropy_with_logits, giou_loss, sigmoid_focal_loss, Reduction,
 };
@@ -16,23 +17,11 @@ use densepred_core::nn::Conv2d;
 use densepred_core::structures::{Detections, GtInstances, ImageMeta};
 use serde::{Deserialize, Serialize};
 
-fn four() -> usize {
-    4
-}
-fn c256() -> usize {
-    256
-}
 fn gn32() -> Option<NormConfig> {
     Some(NormConfig::GN {
         num_groups: 32,
         requires_grad: true,
     })
-}
-fn t() -> bool {
-    true
-}
-fn three() -> usize {
-    3
 }
 
 /// `type = "ATSSHead"` (mmdetection's keyword arguments).
@@ -44,16 +33,16 @@ pub struct AtssHeadConfig {
     /// Channels of the FPN levels.
     pub in_channels: usize,
     /// 3x3 ConvModules per tower.
-    #[serde(default = "four")]
+    #[serde(default = "d::four_usize")]
     pub stacked_convs: usize,
     /// Channels of the towers.
-    #[serde(default = "c256")]
+    #[serde(default = "d::c256")]
     pub feat_channels: usize,
     /// Tower norm (default GN with 32 groups).
     #[serde(default = "gn32")]
     pub norm_cfg: Option<NormConfig>,
     /// Kernel of the prediction convs (only 3).
-    #[serde(default = "three")]
+    #[serde(default = "d::three_usize")]
     pub pred_kernel_size: usize,
     /// Anchors (ATSS: `octave_base_scale = 8`, one ratio).
     pub anchor_generator: PriorGeneratorConfig,
@@ -66,7 +55,7 @@ pub struct AtssHeadConfig {
     /// Centerness BCE.
     pub loss_centerness: BceLossConfig,
     /// Must be true (the loss is computed on decoded boxes).
-    #[serde(default = "t")]
+    #[serde(default = "d::yes")]
     pub reg_decoded_bbox: bool,
     /// Not supported: the head is initialised as mmdetection's ATSSHead default (N(0, 0.01),
     /// classification bias from prior probability 0.01).

@@ -7,25 +7,14 @@ use crate::task::coder::{DeltaXYWHBBoxCoder, WH_RATIO_CLIP};
 use crate::task::prior_generator::AnchorGenerator;
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Init, Module, VarBuilder};
+use densepred_core::config::defaults as d;
 use densepred_core::nn::{Conv2d, ConvCfg};
 use densepred_core::ops::nms::batched_nms;
 use densepred_core::structures::{Detections, GtInstances, ImageMeta};
 use serde::{Deserialize, Serialize};
 
-fn one() -> f64 {
-    1.0
-}
-fn t() -> bool {
-    true
-}
-fn gamma() -> f64 {
-    2.0
-}
 fn alpha() -> f64 {
     0.25
-}
-fn neg_one() -> f64 {
-    -1.0
 }
 fn eps6() -> f64 {
     1e-6
@@ -88,16 +77,16 @@ pub enum ClsLossConfig {
     /// Sigmoid focal loss (Lin et al. 2017, eq. 5).
     FocalLoss {
         /// Must be true (softmax focal loss is not provided).
-        #[serde(default = "t")]
+        #[serde(default = "d::yes")]
         use_sigmoid: bool,
         /// Focusing parameter γ.
-        #[serde(default = "gamma")]
+        #[serde(default = "d::two_f64")]
         gamma: f64,
         /// Positive-class weight α.
         #[serde(default = "alpha")]
         alpha: f64,
         /// Multiplier of the loss.
-        #[serde(default = "one")]
+        #[serde(default = "d::one_f64")]
         loss_weight: f64,
     },
 }
@@ -109,16 +98,16 @@ pub enum BoxLossConfig {
     /// `|pred − target|` on encoded deltas.
     L1Loss {
         /// Multiplier of the loss.
-        #[serde(default = "one")]
+        #[serde(default = "d::one_f64")]
         loss_weight: f64,
     },
     /// Smooth L1 on encoded deltas.
     SmoothL1Loss {
         /// Transition point.
-        #[serde(default = "one")]
+        #[serde(default = "d::one_f64")]
         beta: f64,
         /// Multiplier of the loss.
-        #[serde(default = "one")]
+        #[serde(default = "d::one_f64")]
         loss_weight: f64,
     },
     /// `1 − GIoU` on decoded boxes (needs `reg_decoded_bbox`).
@@ -128,7 +117,7 @@ pub enum BoxLossConfig {
         #[serde(default = "eps6")]
         eps: f64,
         /// Multiplier of the loss.
-        #[serde(default = "one")]
+        #[serde(default = "d::one_f64")]
         loss_weight: f64,
     },
 }
@@ -167,10 +156,10 @@ pub enum BceLossConfig {
     /// Sigmoid cross-entropy.
     CrossEntropyLoss {
         /// Must be true.
-        #[serde(default = "t")]
+        #[serde(default = "d::yes")]
         use_sigmoid: bool,
         /// Multiplier of the loss.
-        #[serde(default = "one")]
+        #[serde(default = "d::one_f64")]
         loss_weight: f64,
     },
 }
@@ -184,7 +173,7 @@ pub enum NormConfig {
         /// Number of channel groups.
         num_groups: usize,
         /// Trainable affine parameters (frozen norms are not supported: must be true).
-        #[serde(default = "t")]
+        #[serde(default = "d::yes")]
         requires_grad: bool,
     },
 }
@@ -242,10 +231,10 @@ pub struct DenseTrainConfig {
     pub assigner: AssignerConfig,
     /// Anchors whose box leaves the padded image by more than this many pixels are ignored
     /// (−1: keep all anchors of valid cells). Only −1 is supported.
-    #[serde(default = "neg_one")]
+    #[serde(default = "d::neg_one_f64")]
     pub allowed_border: f64,
     /// Weight of positive anchors in the classification loss (≤ 0: 1).
-    #[serde(default = "neg_one")]
+    #[serde(default = "d::neg_one_f64")]
     pub pos_weight: f64,
     /// mmdetection's `debug` flag, which no dense head reads; either value trains the same.
     #[serde(default)]

@@ -7,17 +7,11 @@
 use super::common::*;
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
+use densepred_core::config::defaults as d;
 use densepred_core::losses::{l1_loss, sigmoid_focal_loss, smooth_l1_loss, Reduction};
 use densepred_core::nn::Conv2d;
 use densepred_core::structures::{Detections, GtInstances, ImageMeta};
 use serde::{Deserialize, Serialize};
-
-fn four() -> usize {
-    4
-}
-fn c256() -> usize {
-    256
-}
 
 /// `type = "RetinaHead"` (mmdetection's keyword arguments).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -28,10 +22,10 @@ pub struct RetinaHeadConfig {
     /// Channels of the FPN levels.
     pub in_channels: usize,
     /// 3x3 convs per tower.
-    #[serde(default = "four")]
+    #[serde(default = "d::four_usize")]
     pub stacked_convs: usize,
     /// Channels of the towers.
-    #[serde(default = "c256")]
+    #[serde(default = "d::c256")]
     pub feat_channels: usize,
     /// Anchors.
     pub anchor_generator: PriorGeneratorConfig,

@@ -9,6 +9,7 @@
 
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
+use densepred_core::config::defaults as d;
 use densepred_core::losses::{cross_entropy_resized, Reduction};
 use densepred_core::nn::{BatchNorm2d, Conv2d, ConvCfg};
 use densepred_core::ops::{adaptive_avg_pool2d, resize_bilinear};
@@ -33,7 +34,7 @@ pub struct SegLossConfig {
     #[serde(default)]
     pub use_sigmoid: bool,
     /// Multiplies the loss (0.4 for the auxiliary FCN head).
-    #[serde(default = "one")]
+    #[serde(default = "d::one_f64")]
     pub loss_weight: f64,
     /// Per-class weights `(num_classes,)`, PyTorch's `weight=`.
     #[serde(default)]
@@ -44,10 +45,6 @@ pub struct SegLossConfig {
     /// mmseg's name for the loss (`loss_ce`).
     #[serde(default = "loss_ce")]
     pub loss_name: String,
-}
-
-fn one() -> f64 {
-    1.0
 }
 
 fn loss_ce() -> String {
@@ -75,13 +72,15 @@ pub struct SegNormConfig {
     #[serde(rename = "type")]
     pub kind: String,
     /// Norm parameters are trained (only `true`, mmseg's default, is supported).
-    #[serde(default = "yes", deserialize_with = "requires_grad_true")]
+    #[serde(default = "d::yes", deserialize_with = "requires_grad_true")]
     pub requires_grad: bool,
 }
 
 /// `norm_cfg.requires_grad`: only `true` (the message names the key, since the decode heads'
 /// flattened tables lose the key path).
-fn requires_grad_true<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
+fn requires_grad_true<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<bool, D::Error> {
     if bool::deserialize(d)? {
         Ok(true)
     } else {
@@ -418,27 +417,17 @@ pub struct FcnHeadConfig {
     #[serde(flatten)]
     pub common: DecodeCommon,
     /// Stacked 3x3 ConvModules (1 in the SMT configs).
-    #[serde(default = "two")]
+    #[serde(default = "d::two_usize")]
     pub num_convs: usize,
     /// Concatenate the input with the convs' output before `conv_seg` (through `conv_cat`).
-    #[serde(default = "yes")]
+    #[serde(default = "d::yes")]
     pub concat_input: bool,
     /// Kernel size of the convs.
-    #[serde(default = "three")]
+    #[serde(default = "d::three_usize")]
     pub kernel_size: usize,
     /// Keys of neither the head nor [`DecodeCommon`] are refused.
     #[serde(flatten)]
     pub unknown_keys: densepred_core::config::DenyRest,
-}
-
-fn two() -> usize {
-    2
-}
-fn three() -> usize {
-    3
-}
-fn yes() -> bool {
-    true
 }
 
 /// FCN head: `num_convs` ConvModules (`convs.{i}`), optional `conv_cat`, then `conv_seg`.

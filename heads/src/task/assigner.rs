@@ -3,6 +3,7 @@
 //! CPU per image (the IoU matrix through [`bbox_overlaps`]).
 
 use candle_core::{DType, Device, Result, Tensor};
+use densepred_core::config::defaults as d;
 use densepred_core::ops::iou::{bbox_overlaps, OverlapMode};
 use serde::{Deserialize, Serialize};
 
@@ -59,13 +60,6 @@ pub enum NegIouThr {
     Range([f64; 2]),
 }
 
-fn default_true() -> bool {
-    true
-}
-fn default_neg_one() -> f64 {
-    -1.0
-}
-
 /// `type = "MaxIoUAssigner"`: each prior takes the gt of highest IoU when that IoU ≥
 /// `pos_iou_thr`, is negative below `neg_iou_thr`, ignored in between; with
 /// `match_low_quality`, every gt also claims its best prior(s) if that IoU ≥ `min_pos_iou`.
@@ -80,16 +74,16 @@ pub struct MaxIoUAssigner {
     #[serde(default)]
     pub min_pos_iou: f64,
     /// A gt's low-quality match takes every prior tied at its maximum IoU (not only the first).
-    #[serde(default = "default_true")]
+    #[serde(default = "d::yes")]
     pub gt_max_assign_all: bool,
     /// Priors whose IoF with an ignored (crowd) box exceeds this are ignored (−1: off).
-    #[serde(default = "default_neg_one")]
+    #[serde(default = "d::neg_one_f64")]
     pub ignore_iof_thr: f64,
     /// Compute that IoF as prior-over-ignored-box (mmdetection's default).
-    #[serde(default = "default_true")]
+    #[serde(default = "d::yes")]
     pub ignore_wrt_candidates: bool,
     /// Allow low-quality matches.
-    #[serde(default = "default_true")]
+    #[serde(default = "d::yes")]
     pub match_low_quality: bool,
 }
 

@@ -2,6 +2,7 @@
 //! Girshick et al., R-CNN box regression): boxes ↔ normalised deltas `(dx, dy, dw, dh)`.
 
 use candle_core::{Result, Tensor};
+use densepred_core::config::defaults as d;
 use densepred_core::ops::iou::columns;
 use serde::{Deserialize, Serialize};
 
@@ -10,9 +11,6 @@ fn default_means() -> [f64; 4] {
 }
 fn default_stds() -> [f64; 4] {
     [1.0; 4]
-}
-fn default_true() -> bool {
-    true
 }
 fn default_ctr_clamp() -> f64 {
     32.0
@@ -29,7 +27,7 @@ pub struct DeltaXYWHBBoxCoder {
     #[serde(default = "default_stds")]
     pub target_stds: [f64; 4],
     /// Clip decoded boxes to the image when a shape is given.
-    #[serde(default = "default_true")]
+    #[serde(default = "d::yes")]
     pub clip_border: bool,
     /// Clamp the centre shift to ±`ctr_clamp` pixels and dw/dh only from above (YOLOF's variant).
     #[serde(default)]

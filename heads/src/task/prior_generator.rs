@@ -7,11 +7,8 @@
 //! anchors agree to the bit.
 
 use candle_core::{Device, Result, Tensor};
+use densepred_core::config::defaults as d;
 use serde::{Deserialize, Serialize};
-
-fn default_true() -> bool {
-    true
-}
 
 /// `type = "AnchorGenerator"` config; field names are mmdetection's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -28,7 +25,7 @@ pub struct AnchorGenerator {
     #[serde(default)]
     pub base_sizes: Option<Vec<f64>>,
     /// Order anchors ratio-major with scales varying fastest (mmdetection's default).
-    #[serde(default = "default_true")]
+    #[serde(default = "d::yes")]
     pub scale_major: bool,
     /// RetinaNet: 4.
     #[serde(default)]

@@ -1,6 +1,7 @@
 //! Samplers: which assigned priors enter the loss (mmdetection `PseudoSampler`, `RandomSampler`).
 
 use super::assigner::AssignResult;
+use densepred_core::config::defaults as d;
 use rand::seq::SliceRandom;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -37,13 +38,6 @@ pub fn pseudo_sample(a: &AssignResult) -> SamplingResult {
     }
 }
 
-fn default_neg_pos_ub() -> f64 {
-    -1.0
-}
-fn default_true() -> bool {
-    true
-}
-
 /// `type = "RandomSampler"`: at most `num · pos_fraction` positives chosen uniformly, the rest of
 /// `num` negatives (at most `neg_pos_ub · max(1, #pos)` when `neg_pos_ub ≥ 0`); with
 /// `add_gt_as_proposals` the gt boxes are prepended to the priors as positives.
@@ -55,10 +49,10 @@ pub struct RandomSampler {
     /// Target fraction of positives.
     pub pos_fraction: f64,
     /// Upper bound of negatives per positive (−1: none).
-    #[serde(default = "default_neg_pos_ub")]
+    #[serde(default = "d::neg_one_f64")]
     pub neg_pos_ub: f64,
     /// Prepend the gt boxes to the priors.
-    #[serde(default = "default_true")]
+    #[serde(default = "d::yes")]
     pub add_gt_as_proposals: bool,
 }
 

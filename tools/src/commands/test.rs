@@ -76,7 +76,10 @@ pub fn run(a: Args) -> Result<()> {
         TestRun::Detection(out) => out,
     };
     if out.skipped > 0 {
-        println!("skip_invalid: {} images could not be loaded and are not in the metrics", out.skipped);
+        println!(
+            "skip_invalid: {} images could not be loaded and are not in the metrics",
+            out.skipped
+        );
     }
     if let Some(p) = &a.out {
         let text = serde_json::to_string(&out.records)?;
@@ -133,7 +136,10 @@ fn report_seg(
 ) -> Result<()> {
     use densepred_engine::tester::mmseg_keys;
     if out.skipped > 0 {
-        println!("skip_invalid: {} images could not be loaded and are not in the metrics", out.skipped);
+        println!(
+            "skip_invalid: {} images could not be loaded and are not in the metrics",
+            out.skipped
+        );
     }
     if let Some(dir) = &a.out_dir {
         let palette = dl.dataset.palette();
