@@ -4,6 +4,7 @@
 pub mod backbone;
 pub mod config;
 pub mod curves;
+pub mod device;
 pub mod inference;
 pub mod optim;
 pub mod runner;

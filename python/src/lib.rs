@@ -106,17 +106,9 @@ fn require_dir(path: &Path, what: &str) -> PyResult<()> {
 // ---------------------------------------------------------------------------------------------
 // Arguments
 
-/// The device named by `device`: `"cpu"` (CUDA builds are not available yet).
+/// The device named by `device` (`"cpu"`, `"cuda"`, `"cuda:N"`), as the CLI's `--device`.
 fn parse_device(device: &str) -> PyResult<Device> {
-    match device.trim().to_ascii_lowercase().as_str() {
-        "cpu" => Ok(Device::Cpu),
-        d if d == "cuda" || d.starts_with("cuda:") => Err(PyValueError::new_err(format!(
-            "device {device:?}: this build of densepred has no CUDA support; use device=\"cpu\""
-        ))),
-        _ => Err(PyValueError::new_err(format!(
-            "device {device:?}: expected \"cpu\""
-        ))),
-    }
+    densepred_engine::device::parse_device(device).map_err(engine_err)
 }
 
 /// A Python value as a TOML literal for a `--set key=value` override.

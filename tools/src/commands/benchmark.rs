@@ -116,7 +116,7 @@ fn model_bench(a: ModelArgs, train: bool) -> Result<()> {
         (false, false) => (Some(model.inference_detector()?), None),
         (false, true) => (None, Some(model.inference_segmentor()?)),
     };
-    let mut step = || -> Result<()> {
+    let step = || -> Result<()> {
         if let Some(opt) = opt.as_mut() {
             let losses = match &seg_labels {
                 Some(l) => model.segmentor()?.loss(&x, l)?,
@@ -140,14 +140,7 @@ fn model_bench(a: ModelArgs, train: bool) -> Result<()> {
         }
         Ok(())
     };
-    step()?;
-    let mut times = Vec::new();
-    for _ in 0..a.iters.max(1) {
-        let t = Instant::now();
-        step()?;
-        times.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    times.sort_by(|p, q| p.total_cmp(q));
+    let times = timed_ms(1, a.iters, step)?;
     let median = times[times.len() / 2];
     let peak = peak_rss_mb();
     println!("{} {}x{} batch {batch}: median {median:.1} ms over {} iterations (min {:.1}), peak RSS {peak:.0} MiB, {params} parameters", if train { "train" } else { "infer" }, h, w, times.len(), times[0]);
@@ -231,9 +224,9 @@ pub struct OpArgs {
     train: bool,
 }
 
-/// Runs `f` 3 times to warm up, then `iters` (≥ 1) timed times: the times in ms, sorted.
-fn timed_ms(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
-    for _ in 0..3 {
+/// Runs `f` `warmup` times, then `iters` (≥ 1) timed times: the times in ms, sorted.
+fn timed_ms(warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    for _ in 0..warmup {
         f()?;
     }
     let mut times = Vec::with_capacity(iters.max(1));
@@ -247,7 +240,7 @@ fn timed_ms(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>>
 }
 
 fn median_ms(iters: usize, f: impl FnMut() -> Result<()>) -> Result<f64> {
-    let times = timed_ms(iters, f)?;
+    let times = timed_ms(3, iters, f)?;
     Ok(times[times.len() / 2])
 }
 
@@ -397,22 +390,11 @@ pub struct BackboneArgs {
     device: String,
 }
 
-/// Parses `cpu`, `cuda` or `cuda:N`.
+/// Parses `cpu`, `cuda` or `cuda:N` ([`densepred_engine::device::parse_device`]).
 ///
-/// Errors: another spelling, or a CUDA device that does not open (no GPU, or a binary built
-/// without the `cuda` feature).
+/// Errors: another spelling, or a CUDA device that does not open.
 pub fn parse_device(s: &str) -> Result<Device> {
-    let ordinal = match s.trim() {
-        "cpu" => return Ok(Device::Cpu),
-        "cuda" => 0,
-        other => other
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse::<usize>().ok())
-            .with_context(|| format!("--device must be cpu, cuda or cuda:N, got {s:?}"))?,
-    };
-    Device::new_cuda(ordinal).with_context(|| {
-        format!("--device {s}: CUDA device {ordinal} did not open (is this a --features cuda build on a GPU machine?)")
-    })
+    Ok(densepred_engine::device::parse_device(s)?)
 }
 
 /// Parses `HxW`.
@@ -482,7 +464,7 @@ fn backbone(a: BackboneArgs) -> Result<()> {
         device.synchronize()?;
         Ok(())
     };
-    let times = timed_ms(a.iters, step)?;
+    let times = timed_ms(3, a.iters, step)?;
     let median = times[times.len() / 2];
     let peak = peak_rss_mb();
     println!(
