@@ -66,17 +66,7 @@ impl Inferencer {
         strict: bool,
         device: &Device,
     ) -> Result<Self, EngineError> {
-        let dl = cfg
-            .test_dataloader
-            .as_ref()
-            .or(cfg.val_dataloader.as_ref())
-            .ok_or_else(|| {
-                EngineError::Config(
-                    "the config has neither test_dataloader nor val_dataloader (its pipeline is \
-                     needed)"
-                        .into(),
-                )
-            })?;
+        let dl = cfg.test_loader()?;
         let model = build_model(&cfg.model, cfg.seed(), device)?;
         if let Some(ck) = checkpoint {
             load_checkpoint(&model, ck, strict)?;

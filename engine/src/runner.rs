@@ -373,15 +373,6 @@ impl RunConfig {
     ///
     /// Errors: [`EngineError::Config`] when neither is there.
     pub fn test_split(&self) -> Result<(&DataloaderConfig, &EvaluatorConfig), EngineError> {
-        let dl = self
-            .test_dataloader
-            .as_ref()
-            .or(self.val_dataloader.as_ref())
-            .ok_or_else(|| {
-                EngineError::Config(
-                    "the config has neither test_dataloader nor val_dataloader".into(),
-                )
-            })?;
         let ev = self
             .test_evaluator
             .as_ref()
@@ -391,7 +382,21 @@ impl RunConfig {
                     "the config has neither test_evaluator nor val_evaluator".into(),
                 )
             })?;
-        Ok((dl, ev))
+        Ok((self.test_loader()?, ev))
+    }
+
+    /// `test_dataloader`, else `val_dataloader` (the test pipeline, which inference uses too).
+    ///
+    /// Errors: [`EngineError::Config`] when neither is there.
+    pub fn test_loader(&self) -> Result<&DataloaderConfig, EngineError> {
+        self.test_dataloader
+            .as_ref()
+            .or(self.val_dataloader.as_ref())
+            .ok_or_else(|| {
+                EngineError::Config(
+                    "the config has neither test_dataloader nor val_dataloader".into(),
+                )
+            })
     }
 
     /// The seed (`randomness.seed`, default 0).

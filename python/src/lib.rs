@@ -220,14 +220,14 @@ fn json_to_py<'py>(py: Python<'py>, v: &serde_json::Value) -> PyResult<Bound<'py
 // ---------------------------------------------------------------------------------------------
 // Detector / Segmentor
 
-/// Builds an inferencer with the GIL released.
+/// Builds an inferencer with the GIL released (`opts`: device, overrides, strict loading) and
+/// checks that the config builds a segmentor (`segmentor`) or a detector.
 fn build_inferencer(
     py: Python<'_>,
     config: &Path,
     checkpoint: Option<&Path>,
-    device: &str,
-    overrides: Option<&Bound<'_, PyAny>>,
-    strict: bool,
+    (device, overrides, strict): (&str, Option<&Bound<'_, PyAny>>, bool),
+    segmentor: bool,
 ) -> PyResult<Inferencer> {
     let dev = parse_device(device)?;
     let overrides = override_strings(overrides)?;
@@ -235,8 +235,20 @@ fn build_inferencer(
     if let Some(c) = checkpoint {
         require_file(c, "checkpoint")?;
     }
-    py.detach(|| Inferencer::new(&cfg, checkpoint, strict, &dev))
-        .map_err(engine_err)
+    let inner = py
+        .detach(|| Inferencer::new(&cfg, checkpoint, strict, &dev))
+        .map_err(engine_err)?;
+    match (segmentor, inner.is_segmentor()) {
+        (false, true) => Err(PyValueError::new_err(format!(
+            "{}: model.type is EncoderDecoder (a segmentor); use densepred.Segmentor",
+            config.display()
+        ))),
+        (true, false) => Err(PyValueError::new_err(format!(
+            "{}: the model is a detector; use densepred.Detector",
+            config.display()
+        ))),
+        _ => Ok(inner),
+    }
 }
 
 /// An object detector built from a config: `Detector(config, checkpoint=None, device="cpu",
@@ -300,20 +312,8 @@ impl Detector {
         overrides: Option<&Bound<'_, PyAny>>,
         strict: bool,
     ) -> PyResult<Self> {
-        let inner = build_inferencer(
-            py,
-            &config,
-            checkpoint.as_deref(),
-            device,
-            overrides,
-            strict,
-        )?;
-        if inner.is_segmentor() {
-            return Err(PyValueError::new_err(format!(
-                "{}: model.type is EncoderDecoder (a segmentor); use densepred.Segmentor",
-                config.display()
-            )));
-        }
+        let opts = (device, overrides, strict);
+        let inner = build_inferencer(py, &config, checkpoint.as_deref(), opts, false)?;
         Ok(Self { inner, config })
     }
 
@@ -394,20 +394,8 @@ impl Segmentor {
         overrides: Option<&Bound<'_, PyAny>>,
         strict: bool,
     ) -> PyResult<Self> {
-        let inner = build_inferencer(
-            py,
-            &config,
-            checkpoint.as_deref(),
-            device,
-            overrides,
-            strict,
-        )?;
-        if !inner.is_segmentor() {
-            return Err(PyValueError::new_err(format!(
-                "{}: the model is a detector; use densepred.Detector",
-                config.display()
-            )));
-        }
+        let opts = (device, overrides, strict);
+        let inner = build_inferencer(py, &config, checkpoint.as_deref(), opts, true)?;
         Ok(Self { inner, config })
     }
 
