@@ -3,20 +3,19 @@
 //! `metrics.jsonl`, atomic checkpoints, resume, periodic validation (COCO bbox mAP or mIoU) and
 //! the final curve plot.
 
-use crate::curves::plot_curves;
+use crate::hooks::{
+    CheckpointHook, Hook, IterTimerHook, LoggerHook, LoopState, ParamSchedulerHook,
+};
+use crate::loops::TrainLoop;
 use crate::optim::{param_groups, Optimizer};
 use crate::runner::*;
-use crate::schedule::lr_at;
-use crate::tester::{progress_bar, validate};
-use candle_core::{Device, Tensor};
+use crate::tester::progress_bar;
+use candle_core::Device;
 use densepred_core::io::write_atomic;
-use densepred_core::weights::{read_checkpoint, save_safetensors_atomic};
-use std::collections::BTreeMap;
-use std::io::Write;
+use densepred_core::weights::read_checkpoint;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Instant;
 
 /// How to run [`train`].
 #[derive(Clone)]
@@ -45,58 +44,11 @@ pub struct TrainSummary {
     pub last_val: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
-fn mix(a: u64, b: u64) -> u64 {
-    let mut z = a ^ b.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 fn file_err(path: &Path, e: impl std::fmt::Display) -> EngineError {
     EngineError::File {
         path: path.to_path_buf(),
         reason: e.to_string(),
     }
-}
-
-fn memory_mb() -> f64 {
-    memory_stats::memory_stats()
-        .map(|m| m.physical_mem as f64 / 1048576.0)
-        .unwrap_or(0.0)
-}
-
-/// Writes `stem.safetensors` (weights), `stem.optim.safetensors` and `stem.json` (meta), each
-/// atomically, then points `last_checkpoint` at it.
-fn save_checkpoint(
-    work_dir: &Path,
-    stem: &str,
-    model: &BuiltModel,
-    opt: &Optimizer,
-    meta: serde_json::Value,
-) -> Result<PathBuf, EngineError> {
-    let weights: BTreeMap<String, Tensor> = model
-        .vars
-        .named_vars()
-        .into_iter()
-        .map(|(k, v)| (k, v.as_tensor().clone()))
-        .collect();
-    let wpath = work_dir.join(format!("{stem}.safetensors"));
-    save_safetensors_atomic(&weights, &wpath).map_err(|e| file_err(&wpath, e))?;
-    let opath = work_dir.join(format!("{stem}.optim.safetensors"));
-    save_safetensors_atomic(&opt.state_tensors().ctx("optimizer state")?, &opath)
-        .map_err(|e| file_err(&opath, e))?;
-    let mpath = work_dir.join(format!("{stem}.json"));
-    let text = serde_json::to_string_pretty(&meta).map_err(|e| file_err(&mpath, e))?;
-    write_atomic(&mpath, |p| {
-        std::fs::write(p, &text).map_err(|e| e.to_string())
-    })
-    .map_err(|e| file_err(&mpath, e))?;
-    let last = work_dir.join("last_checkpoint");
-    write_atomic(&last, |p| {
-        std::fs::write(p, format!("{stem}\n")).map_err(|e| e.to_string())
-    })
-    .map_err(|e| file_err(&last, e))?;
-    Ok(wpath)
 }
 
 /// Trains the detector or segmentor of `cfg` (`table` is the resolved config, stored in checkpoints and the
@@ -245,233 +197,49 @@ pub fn train(
         }
         _ => None,
     };
-    let ckpt = cfg.default_hooks.checkpoint.clone();
-    let ckpt_by_epoch = ckpt.as_ref().and_then(|c| c.by_epoch).unwrap_or(by_epoch);
-    let log_interval = cfg
-        .default_hooks
-        .logger
-        .as_ref()
-        .map(|l| l.interval)
-        .unwrap_or(50)
-        .max(1);
-    let metrics_path = wd.join("metrics.jsonl");
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .map_err(|e| file_err(&metrics_path, e))?;
-    let mut log = |v: serde_json::Value| -> Result<(), EngineError> {
-        writeln!(metrics, "{v}").map_err(|e| file_err(&metrics_path, e))
+    let mut hooks: Vec<Box<dyn Hook>> = vec![
+        Box::new(ParamSchedulerHook {
+            schedulers: cfg.param_scheduler.clone(),
+            base_lr,
+        }),
+        Box::new(IterTimerHook::default()),
+        Box::new(LoggerHook::new(
+            wd,
+            cfg.default_hooks.logger.as_ref().map_or(50, |l| l.interval),
+        )?),
+        Box::new(CheckpointHook::new(
+            cfg.default_hooks.checkpoint.as_ref(),
+            by_epoch,
+        )),
+    ];
+    let mut st = LoopState {
+        iter: start_iter,
+        epoch_len,
+        max_iters,
+        by_epoch,
+        lr: base_lr,
+        losses: Vec::new(),
+        grad_norm: None,
+        data_time: 0.0,
+        iter_time: 0.0,
+        last_val: None,
+        last_checkpoint: None,
+        progress: progress_bar(max_iters, opts.progress, "train"),
     };
-
-    let pb = progress_bar(max_iters, opts.progress, "train");
-    pb.set_position(start_iter);
-    let mut last_checkpoint = None;
-    let mut last_val = None;
-    let mut kept: Vec<String> = Vec::new();
-    let mut window: BTreeMap<String, (f64, u64)> = BTreeMap::new();
-    let mut grads: Option<candle_core::backprop::GradStore> = None;
-    let mut it = start_iter;
-    let mut t_data = Instant::now();
-    'outer: while it < max_iters {
-        let epoch = it / epoch_len;
-        let skip = (it % epoch_len) as usize;
-        let epoch_start = it;
-        for batch in loader.epoch_from(epoch, skip) {
-            if it >= max_iters {
-                break 'outer;
-            }
-            let data_time = t_data.elapsed().as_secs_f64();
-            let t_iter = Instant::now();
-            let batch = to_batch(&model, batch?, dev, true)?;
-            let lr = lr_at(&cfg.param_scheduler, base_lr, it, epoch_len, max_iters);
-            densepred_core::rng::seed(mix(seed, it));
-            let losses = model.loss(&batch).map_err(|e| match e {
-                EngineError::Candle { context, source } => EngineError::Candle {
-                    context: format!("iteration {}: {context}", it + 1),
-                    source,
-                },
-                o => o,
-            })?;
-            let mut total: Option<Tensor> = None;
-            for (name, v) in &losses {
-                let f = v.to_scalar::<f32>().ctx("loss value")? as f64;
-                if !f.is_finite() {
-                    return Err(EngineError::Config(format!(
-                        "iteration {}: {name} is {f} (diverged); lower the learning rate",
-                        it + 1
-                    )));
-                }
-                let e = window.entry(name.clone()).or_insert((0.0, 0));
-                e.0 += f;
-                e.1 += 1;
-                total = Some(match total {
-                    None => v.clone(),
-                    Some(t) => (t + v).ctx("loss sum")?,
-                });
-            }
-            let total =
-                total.ok_or_else(|| EngineError::Config("the model returned no loss".into()))?;
-            let total_v = total.to_scalar::<f32>().ctx("loss value")? as f64;
-            let e = window.entry("loss".into()).or_insert((0.0, 0));
-            e.0 += total_v;
-            e.1 += 1;
-            let scaled = if accum > 1 {
-                (total / accum as f64).ctx("loss scale")?
-            } else {
-                total
-            };
-            let g = scaled
-                .backward()
-                .ctx(&format!("iteration {}: backward", it + 1))?;
-            grads = Some(match grads.take() {
-                None => g,
-                Some(mut acc) => {
-                    for p in &opt.params {
-                        if let Some(new) = g.get(p.var.as_tensor()) {
-                            let sum = match acc.get(p.var.as_tensor()) {
-                                Some(old) => (old + new).ctx("gradient accumulation")?,
-                                None => new.clone(),
-                            };
-                            acc.insert(p.var.as_tensor(), sum);
-                        }
-                    }
-                    acc
-                }
-            });
-            let mut grad_norm = None;
-            if (it + 1) % accum == 0 || it + 1 == max_iters {
-                let gs = grads.take().expect("set above");
-                let mut scale = 1.0;
-                if let Some(c) = &ow.clip_grad {
-                    let n = opt.grad_norm(&gs).ctx("gradient norm")?;
-                    grad_norm = Some(n);
-                    if n > c.max_norm {
-                        scale = c.max_norm / (n + 1e-6);
-                    }
-                }
-                opt.step(&gs, lr, scale).ctx("optimizer step")?;
-            }
-            it += 1;
-            pb.inc(1);
-            pb.set_message(format!("loss {total_v:.4} lr {lr:.2e}"));
-            let iter_time = t_iter.elapsed().as_secs_f64();
-            if it % log_interval == 0 || it == max_iters {
-                let mut rec = serde_json::Map::new();
-                rec.insert("mode".into(), "train".into());
-                rec.insert("iter".into(), it.into());
-                rec.insert("epoch".into(), (epoch + 1).into());
-                rec.insert("lr".into(), lr.into());
-                for (k, (s, n)) in std::mem::take(&mut window) {
-                    rec.insert(k, (s / n as f64).into());
-                }
-                if let Some(n) = grad_norm {
-                    rec.insert("grad_norm".into(), n.into());
-                }
-                rec.insert("data_time".into(), data_time.into());
-                rec.insert("time".into(), iter_time.into());
-                rec.insert("memory".into(), memory_mb().round().into());
-                tracing::info!(
-                    "epoch {} iter {it}/{max_iters} lr {lr:.3e} loss {:.4} ({:.2} s/iter)",
-                    epoch + 1,
-                    rec["loss"].as_f64().unwrap_or(f64::NAN),
-                    iter_time
-                );
-                log(serde_json::Value::Object(rec))?;
-            }
-            let epoch_end = it % epoch_len == 0;
-            let interval = ckpt.as_ref().map(|c| c.interval).unwrap_or(1).max(1);
-            let save = if ckpt_by_epoch {
-                epoch_end && (it / epoch_len) % interval == 0
-            } else {
-                it % interval == 0
-            };
-            if save || it == max_iters {
-                let stem = if ckpt_by_epoch && epoch_end {
-                    format!("epoch_{}", it / epoch_len)
-                } else {
-                    format!("iter_{it}")
-                };
-                let meta = serde_json::json!({
-                    "iter": it, "epoch": it / epoch_len, "config": table,
-                    "optimizer": format!("{stem}.optim.safetensors"), "metrics": last_val,
-                });
-                last_checkpoint = Some(save_checkpoint(wd, &stem, &model, &opt, meta)?);
-                if !kept.contains(&stem) {
-                    kept.push(stem);
-                }
-                if let Some(max_keep) = ckpt
-                    .as_ref()
-                    .and_then(|c| c.max_keep_ckpts)
-                    .filter(|&m| m > 0)
-                {
-                    while kept.len() > max_keep as usize {
-                        let old = kept.remove(0);
-                        for ext in ["safetensors", "optim.safetensors", "json"] {
-                            let _ = std::fs::remove_file(wd.join(format!("{old}.{ext}")));
-                        }
-                    }
-                }
-            }
-            let do_val = match &val {
-                Some(_) if by_epoch => {
-                    epoch_end
-                        && (it / epoch_len) % loop_cfg.val_interval == 0
-                        && it / epoch_len >= loop_cfg.val_begin
-                }
-                Some(_) => it % loop_cfg.val_interval == 0 && it >= loop_cfg.val_begin,
-                None => false,
-            } || (val.is_some() && it == max_iters);
-            if do_val {
-                let (
-                    Loader {
-                        loader: vl,
-                        dataset: vd,
-                    },
-                    ev,
-                ) = val.as_ref().expect("checked");
-                pb.suspend(|| tracing::info!("evaluating on {} images", vd.len()));
-                if let Some((lines, mut rec)) = validate(&model, vl, vd.as_ref(), ev, dev)? {
-                    pb.suspend(|| {
-                        for l in &lines {
-                            eprintln!("{l}");
-                        }
-                    });
-                    rec.insert("mode".into(), "val".into());
-                    rec.insert("iter".into(), it.into());
-                    rec.insert("epoch".into(), (it.div_ceil(epoch_len)).into());
-                    log(serde_json::Value::Object(rec.clone()))?;
-                    last_val = Some(rec);
-                }
-            }
-            if opts
-                .interrupt
-                .as_ref()
-                .is_some_and(|f| f.load(Ordering::SeqCst))
-            {
-                pb.abandon();
-                return Err(EngineError::Interrupted);
-            }
-            t_data = Instant::now();
-        }
-        if it == epoch_start && it < max_iters {
-            // Defensive: the loader reports every failure as an error, so an epoch that ends
-            // without a batch would otherwise restart forever.
-            return Err(EngineError::Data(densepred_datasets::DataError::Loader(
-                format!("epoch {} yielded no batch", epoch + 1),
-            )));
-        }
-    }
-    pb.finish_and_clear();
-    drop(log);
-    let png = wd.join("loss_curve.png");
-    match plot_curves(&metrics_path, &png) {
-        Ok(()) => tracing::info!("curves: {}", png.display()),
-        Err(e) => tracing::warn!("could not draw the curves: {e}"),
-    }
+    st.progress.set_position(start_iter);
+    let train_loop = TrainLoop {
+        loader: &loader,
+        val: val.as_ref().map(|(l, e)| (l, e, loop_cfg)),
+        accumulate: accum,
+        clip_grad: ow.clip_grad.as_ref().map(|c| c.max_norm),
+        seed,
+        device: dev,
+        interrupt: opts.interrupt.as_deref(),
+    };
+    train_loop.run(&model, &mut opt, table, wd, &mut hooks, &mut st)?;
     Ok(TrainSummary {
-        iters: it,
-        last_checkpoint,
-        last_val,
+        iters: st.iter,
+        last_checkpoint: st.last_checkpoint,
+        last_val: st.last_val,
     })
 }
