@@ -1,11 +1,12 @@
-//! densepred-backbones: SMT (and later Conv2Former, MCGA), each with its variant presets and the
-//! official checkpoint key mapping.
+//! densepred-backbones: SMT and Conv2Former (MCGA to come), each with its variant presets and
+//! the official checkpoint key mapping.
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use densepred_core::ShapeSpec;
 use serde::Serialize;
 
+pub mod conv2former;
 pub mod smt;
 
 /// A backbone: image batch in, multi-scale feature maps out.
@@ -25,16 +26,21 @@ pub enum BackboneConfig {
     /// Scale-Aware Modulation Transformer.
     #[serde(rename = "SMT")]
     Smt(smt::SmtConfig),
+    /// Conv2Former (convolutional modulation).
+    Conv2Former(conv2former::Conv2FormerConfig),
 }
 
 densepred_core::deserialize_by_type!(BackboneConfig {
     "SMT" => BackboneConfig::Smt [smt::SmtConfig],
+    "Conv2Former" => BackboneConfig::Conv2Former [conv2former::Conv2FormerConfig],
 });
 
 /// A built backbone of any supported type.
 pub enum AnyBackbone {
     /// SMT.
     Smt(smt::Smt),
+    /// Conv2Former.
+    Conv2Former(conv2former::Conv2Former),
 }
 
 impl AnyBackbone {
@@ -44,6 +50,9 @@ impl AnyBackbone {
     pub fn new(vb: VarBuilder, cfg: &BackboneConfig) -> Result<Self> {
         match cfg {
             BackboneConfig::Smt(c) => Ok(Self::Smt(smt::Smt::new(vb, c)?)),
+            BackboneConfig::Conv2Former(c) => {
+                Ok(Self::Conv2Former(conv2former::Conv2Former::new(vb, c)?))
+            }
         }
     }
 
@@ -51,6 +60,7 @@ impl AnyBackbone {
     pub fn map_checkpoint_key(&self, key: &str) -> String {
         match self {
             Self::Smt(_) => smt::map_checkpoint_key(key),
+            Self::Conv2Former(_) => conv2former::map_checkpoint_key(key),
         }
     }
 
@@ -59,7 +69,8 @@ impl AnyBackbone {
     pub fn classify(&self, last: &Tensor) -> Result<Option<Tensor>> {
         match self {
             Self::Smt(m) if m.has_head() => m.classify(last).map(Some),
-            Self::Smt(_) => Ok(None),
+            Self::Conv2Former(m) if m.has_head() => m.classify(last).map(Some),
+            Self::Smt(_) | Self::Conv2Former(_) => Ok(None),
         }
     }
 
@@ -67,6 +78,7 @@ impl AnyBackbone {
     pub fn forward_stages(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
         match self {
             Self::Smt(m) => Ok(m.forward_all(x, train, false)?.0),
+            Self::Conv2Former(m) => m.forward_stages(x, train),
         }
     }
 }
@@ -75,12 +87,14 @@ impl Backbone for AnyBackbone {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
         match self {
             Self::Smt(m) => m.forward(x, train),
+            Self::Conv2Former(m) => m.forward(x, train),
         }
     }
 
     fn out_shapes(&self) -> Vec<ShapeSpec> {
         match self {
             Self::Smt(m) => m.out_shapes(),
+            Self::Conv2Former(m) => m.out_shapes(),
         }
     }
 }

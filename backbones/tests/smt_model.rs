@@ -60,7 +60,10 @@ fn variant_presets_match_official_parameter_counts() {
         );
         // The preset resolves to the official constructor arguments.
         let BackboneConfig::Smt(c) =
-            parse(&format!("[backbone]\ntype = \"SMT\"\nvariant = \"{v}\"\n"));
+            parse(&format!("[backbone]\ntype = \"SMT\"\nvariant = \"{v}\"\n"))
+        else {
+            panic!("an SMT config")
+        };
         let p = c.resolve().unwrap();
         let oc = &official["config"];
         let ints = |k: &str| -> Vec<i64> {
@@ -92,7 +95,9 @@ fn variant_presets_match_official_parameter_counts() {
 
 #[test]
 fn explicit_fields_override_the_preset_and_typos_are_errors() {
-    let BackboneConfig::Smt(c) = parse("[backbone]\ntype = \"SMT\"\nvariant = \"t\"\ndepths = [1, 1, 2, 1]\nout_indices = [1, 2, 3]\n");
+    let BackboneConfig::Smt(c) = parse("[backbone]\ntype = \"SMT\"\nvariant = \"t\"\ndepths = [1, 1, 2, 1]\nout_indices = [1, 2, 3]\n") else {
+        panic!("an SMT config")
+    };
     let p = c.resolve().unwrap();
     assert_eq!(p.depths, [1, 1, 2, 1]);
     assert_eq!(p.embed_dims, [64, 128, 256, 512]);
