@@ -45,11 +45,7 @@ fn stats<T: num_traits::Float + Send + Sync>(
         .collect()
 }
 
-/// Raw pointer for disjoint per-channel writes from rayon tasks.
-#[derive(Clone, Copy)]
-struct SyncPtr<T>(*mut T);
-unsafe impl<T> Send for SyncPtr<T> {}
-unsafe impl<T> Sync for SyncPtr<T> {}
+use super::SyncPtr;
 
 fn dims(shape: &Shape) -> Result<(usize, usize, usize)> {
     let d = shape.dims();

@@ -217,8 +217,316 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 /// LayerNorm over the channel dimension of an NCHW map (the "channels_first" LayerNorm of
 /// ConvNeXt / Conv2Former): `x` `(B, C, H, W)`, `weight`, `bias` `(C,)`; returns `(B, C, H, W)`.
 ///
+/// On CPU with f32/f64 this is one kernel on the NCHW layout (statistics over `C` at every
+/// position, no transposed copies) with the closed-form backward of the module doc; elsewhere it
+/// is [`layer_norm`] between two permutes.
+///
 /// Errors: as [`layer_norm`], plus a non-4-D `x`.
 pub fn layer_norm_channels(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    x.dims4()?;
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        x.contiguous()?
+            .apply_op3(weight, bias, LayerNormChannels { eps })
+    } else {
+        layer_norm_channels_permuted(x, weight, bias, eps)
+    }
+}
+
+/// [`layer_norm_channels`] as [`layer_norm`] over the last dimension between two permutes (the
+/// fallback, and the reference of the tests).
+pub fn layer_norm_channels_permuted(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
     let y = layer_norm(&x.permute((0, 2, 3, 1))?, weight, bias, eps)?;
     y.permute((0, 3, 1, 2))?.contiguous()
+}
+
+struct LayerNormChannels {
+    eps: f64,
+}
+
+/// Spatial positions per parallel task of the channel kernels.
+const POS: usize = 128;
+
+/// `(B, C, H·W)` of an NCHW shape.
+fn bchw(shape: &Shape) -> Result<(usize, usize, usize)> {
+    let (b, c, h, w) = shape.dims4()?;
+    Ok((b, c, h * w))
+}
+
+/// Mean and `rstd` over the channels at positions `p0..p0 + len` of image `img` (`x` row-major
+/// `(B, C, HW)`), into the first `len` entries of `mean` / `rstd`.
+#[allow(clippy::too_many_arguments)]
+fn channel_stats<T: Float>(
+    x: &[T],
+    (c, hw): (usize, usize),
+    img: usize,
+    p0: usize,
+    len: usize,
+    eps: T,
+    mean: &mut [T; POS],
+    rstd: &mut [T; POS],
+) {
+    let n = T::from(c).unwrap_or_else(T::one);
+    let base = img * c * hw + p0;
+    mean[..len].fill(T::zero());
+    rstd[..len].fill(T::zero());
+    for ch in 0..c {
+        let row = &x[base + ch * hw..base + ch * hw + len];
+        for i in 0..len {
+            mean[i] = mean[i] + row[i];
+        }
+    }
+    for m in mean[..len].iter_mut() {
+        *m = *m / n;
+    }
+    for ch in 0..c {
+        let row = &x[base + ch * hw..base + ch * hw + len];
+        for i in 0..len {
+            let d = row[i] - mean[i];
+            rstd[i] = rstd[i] + d * d;
+        }
+    }
+    for r in rstd[..len].iter_mut() {
+        *r = (*r / n + eps).sqrt().recip();
+    }
+}
+
+fn lnc_forward<T: Float + Send + Sync>(
+    x: &[T],
+    g: &[T],
+    b: &[T],
+    (batch, c, hw): (usize, usize, usize),
+    eps: f64,
+) -> Vec<T> {
+    let mut out: Vec<T> = super::zeroed(x.len());
+    let ptr = super::SyncPtr(out.as_mut_ptr());
+    let eps = T::from(eps).unwrap_or_else(T::zero);
+    let chunks = hw.div_ceil(POS);
+    (0..batch * chunks).into_par_iter().for_each(|t| {
+        let (img, p0) = (t / chunks, (t % chunks) * POS);
+        let len = POS.min(hw - p0);
+        let (mut mean, mut rstd) = ([T::zero(); POS], [T::zero(); POS]);
+        channel_stats(x, (c, hw), img, p0, len, eps, &mut mean, &mut rstd);
+        for ch in 0..c {
+            let at = img * c * hw + ch * hw + p0;
+            // SAFETY: task `t` writes positions `p0..p0 + len` of image `img` in every channel:
+            // the tasks' ranges are disjoint and inside `out`.
+            let o = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(at), len) };
+            let row = &x[at..at + len];
+            for i in 0..len {
+                o[i] = (row[i] - mean[i]) * rstd[i] * g[ch] + b[ch];
+            }
+        }
+    });
+    out
+}
+
+/// The closed-form gradients (module doc) with the statistics over the channels: `x`, `dy`
+/// `(B, C, HW)`, `g` `(C,)`. Returns `(dx, dgamma (C,), dbeta (C,))`.
+fn lnc_backward<T: Float + Send + Sync>(
+    x: &[T],
+    g: &[T],
+    dy: &[T],
+    (batch, c, hw): (usize, usize, usize),
+    eps: f64,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let mut dx: Vec<T> = super::zeroed(x.len());
+    let ptr = super::SyncPtr(dx.as_mut_ptr());
+    let n = T::from(c).unwrap_or_else(T::one);
+    let eps = T::from(eps).unwrap_or_else(T::zero);
+    let chunks = hw.div_ceil(POS);
+    let zeros = || (vec![T::zero(); c], vec![T::zero(); c]);
+    let (dg, db) = (0..batch * chunks)
+        .into_par_iter()
+        .fold(zeros, |(mut dg, mut db), t| {
+            let (img, p0) = (t / chunks, (t % chunks) * POS);
+            let len = POS.min(hw - p0);
+            let (mut mean, mut rstd) = ([T::zero(); POS], [T::zero(); POS]);
+            channel_stats(x, (c, hw), img, p0, len, eps, &mut mean, &mut rstd);
+            // Σ_c g·dy and Σ_c g·dy·x̂ per position, and the parameter sums.
+            let (mut s1, mut s2) = ([T::zero(); POS], [T::zero(); POS]);
+            for ch in 0..c {
+                let at = img * c * hw + ch * hw + p0;
+                let (xr, dr) = (&x[at..at + len], &dy[at..at + len]);
+                let (mut sg, mut sb) = (T::zero(), T::zero());
+                for i in 0..len {
+                    let xh = (xr[i] - mean[i]) * rstd[i];
+                    let gd = dr[i] * g[ch];
+                    s1[i] = s1[i] + gd;
+                    s2[i] = s2[i] + gd * xh;
+                    sg = sg + dr[i] * xh;
+                    sb = sb + dr[i];
+                }
+                dg[ch] = dg[ch] + sg;
+                db[ch] = db[ch] + sb;
+            }
+            for ch in 0..c {
+                let at = img * c * hw + ch * hw + p0;
+                let (xr, dr) = (&x[at..at + len], &dy[at..at + len]);
+                // SAFETY: as in `lnc_forward`, disjoint position ranges per task.
+                let o = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(at), len) };
+                for i in 0..len {
+                    let xh = (xr[i] - mean[i]) * rstd[i];
+                    o[i] = rstd[i] * (dr[i] * g[ch] - s1[i] / n - xh * s2[i] / n);
+                }
+            }
+            (dg, db)
+        })
+        .reduce(zeros, |(mut a, mut b), (c2, d2)| {
+            for i in 0..a.len() {
+                a[i] = a[i] + c2[i];
+                b[i] = b[i] + d2[i];
+            }
+            (a, b)
+        });
+    (dx, dg, db)
+}
+
+impl CustomOp3 for LayerNormChannels {
+    fn name(&self) -> &'static str {
+        "layer-norm-channels"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = bchw(l1.shape())?;
+        if l2.shape().elem_count() != dims.1 || l3.shape().elem_count() != dims.1 || dims.1 == 0 {
+            candle_core::bail!(
+                "layer_norm_channels: weight {:?} / bias {:?} must have the channels of x {:?}",
+                l2.shape(),
+                l3.shape(),
+                l1.shape()
+            );
+        }
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(b)) => CpuStorage::F32(
+                lnc_forward(slice(x, l1)?, slice(g, l2)?, slice(b, l3)?, dims, self.eps),
+            ),
+            (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(b)) => CpuStorage::F64(
+                lnc_forward(slice(x, l1)?, slice(g, l2)?, slice(b, l3)?, dims, self.eps),
+            ),
+            _ => candle_core::bail!(
+                "layer_norm_channels: expected f32 or f64 inputs of one dtype, got {:?}",
+                s1.dtype()
+            ),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let what = "layer_norm_channels backward";
+        let dims = bchw(x.shape())?;
+        macro_rules! run {
+            ($t:ty) => {{
+                let (xs, xl) = x.storage_and_layout();
+                let (gs, gl) = gamma.storage_and_layout();
+                let (ds, dl) = dy.storage_and_layout();
+                let (dx, dg, db) = match (&*xs, &*gs, &*ds) {
+                    (Storage::Cpu(xc), Storage::Cpu(gc), Storage::Cpu(dc)) => lnc_backward::<$t>(
+                        slice(xc.as_slice::<$t>()?, xl)?,
+                        slice(gc.as_slice::<$t>()?, gl)?,
+                        slice(dc.as_slice::<$t>()?, dl)?,
+                        dims,
+                        self.eps,
+                    ),
+                    _ => candle_core::bail!("{what}: expected CPU tensors"),
+                };
+                drop((xs, gs, ds));
+                (
+                    Tensor::from_vec(dx, x.shape(), x.device())?,
+                    Tensor::from_vec(dg, gamma.shape(), x.device())?,
+                    Tensor::from_vec(db, gamma.shape(), x.device())?,
+                )
+            }};
+        }
+        let (dx, dg, db) = match x.dtype() {
+            DType::F32 => run!(f32),
+            DType::F64 => run!(f64),
+            t => candle_core::bail!("{what}: unsupported dtype {t:?}"),
+        };
+        Ok((Some(dx), Some(dg), Some(db)))
+    }
+}
+
+#[cfg(test)]
+mod channel_tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn values(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut s = seed | 1;
+        let v: Vec<f64> = (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// Values and all three gradients equal the permute + last-dim LayerNorm composition in f64,
+    /// on shapes whose positions span several tasks and end in a partial one.
+    #[test]
+    fn matches_the_permuted_composition_f64() {
+        for (shape, seed) in [
+            ([2, 5, 7, 3], 1u64),
+            ([1, 16, 20, 13], 2),
+            ([3, 1, 4, 4], 3),
+        ] {
+            let x = Var::from_tensor(&values(&shape, seed)).unwrap();
+            let g = Var::from_tensor(&values(&[shape[1]], seed + 10)).unwrap();
+            let b = Var::from_tensor(&values(&[shape[1]], seed + 20)).unwrap();
+            let proj = values(&shape, seed + 30);
+            let run = |f: &dyn Fn(&Tensor, &Tensor, &Tensor, f64) -> Result<Tensor>| {
+                let y = f(x.as_tensor(), g.as_tensor(), b.as_tensor(), 1e-6).unwrap();
+                let gr = (&y * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+                let grads: Vec<Tensor> = [&x, &g, &b]
+                    .iter()
+                    .map(|v| gr.get(v.as_tensor()).unwrap().clone())
+                    .collect();
+                (y, grads)
+            };
+            let (y1, g1) = run(&layer_norm_channels);
+            let (y2, g2) = run(&layer_norm_channels_permuted);
+            assert!(max_diff(&y1, &y2) < 1e-12, "{shape:?} values");
+            assert_eq!(g1.len(), g2.len());
+            for (i, (a, b)) in g1.iter().zip(&g2).enumerate() {
+                assert!(max_diff(a, b) < 1e-10, "{shape:?} gradient {i}");
+            }
+        }
+    }
 }

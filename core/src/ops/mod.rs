@@ -48,6 +48,20 @@ const ZERO_CHUNK: usize = 1 << 15;
 /// A zero-filled buffer of `n` elements for a kernel's output, zeroed by all rayon workers when
 /// it is large: `vec![0; n]` zeroes on the calling thread, and with mimalloc reusing freed
 /// blocks that memset ran alone for every op output of a training step (about 3% of an SMT-T
+/// Raw pointer for disjoint writes from rayon tasks (each task owns its own index range).
+#[derive(Clone, Copy)]
+pub(crate) struct SyncPtr<T>(pub(crate) *mut T);
+// SAFETY: only used for writes to disjoint ranges, each by one task.
+unsafe impl<T> Send for SyncPtr<T> {}
+unsafe impl<T> Sync for SyncPtr<T> {}
+
+impl<T> SyncPtr<T> {
+    /// The pointer (a method, so that closures capture the whole `Sync` wrapper).
+    pub(crate) fn get(self) -> *mut T {
+        self.0
+    }
+}
+
 /// step in `perf`, with the other worker idle).
 pub(crate) fn zeroed<T: Copy + Send + Sync + num_traits::Zero>(n: usize) -> Vec<T> {
     use rayon::prelude::*;
