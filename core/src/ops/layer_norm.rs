@@ -15,10 +15,6 @@ use candle_core::{
 use num_traits::Float;
 use rayon::prelude::*;
 
-struct LayerNormLastDim {
-    eps: f64,
-}
-
 fn slice<'a, T>(d: &'a [T], l: &Layout) -> Result<&'a [T]> {
     super::contiguous(d, l, "layer_norm: inputs")
 }
@@ -44,89 +40,6 @@ pub(super) fn ln_kernel<T: Float + Send + Sync>(
             }
         });
     out
-}
-
-impl CustomOp3 for LayerNormLastDim {
-    fn name(&self) -> &'static str {
-        "layer-norm-last-dim"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let dim = l1.shape().dims().last().copied().unwrap_or(0);
-        if l2.shape().elem_count() != dim || l3.shape().elem_count() != dim || dim == 0 {
-            candle_core::bail!(
-                "layer_norm: weight {:?} / bias {:?} must have the last dim of x {:?}",
-                l2.shape(),
-                l3.shape(),
-                l1.shape()
-            );
-        }
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(b)) => CpuStorage::F32(
-                ln_kernel(slice(x, l1)?, slice(g, l2)?, slice(b, l3)?, dim, self.eps),
-            ),
-            (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(b)) => CpuStorage::F64(
-                ln_kernel(slice(x, l1)?, slice(g, l2)?, slice(b, l3)?, dim, self.eps),
-            ),
-            _ => candle_core::bail!(
-                "layer_norm: expected f32 or f64 inputs of one dtype, got {:?}",
-                s1.dtype()
-            ),
-        };
-        Ok((out, l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        gamma: &Tensor,
-        _beta: &Tensor,
-        _res: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
-        let what = "layer_norm backward";
-        let dim = gamma.elem_count();
-        macro_rules! run {
-            ($t:ty) => {{
-                // Read through the storage locks (no copies); the results are new tensors with
-                // no graph of their own.
-                let (xs, xl) = x.storage_and_layout();
-                let (gs, gl) = gamma.storage_and_layout();
-                let (ds, dl) = dy.storage_and_layout();
-                let (dx, dg, db) = match (&*xs, &*gs, &*ds) {
-                    (Storage::Cpu(xc), Storage::Cpu(gc), Storage::Cpu(dc)) => ln_backward::<$t>(
-                        slice(xc.as_slice::<$t>()?, xl)?,
-                        slice(gc.as_slice::<$t>()?, gl)?,
-                        slice(dc.as_slice::<$t>()?, dl)?,
-                        dim,
-                        self.eps,
-                    ),
-                    _ => candle_core::bail!("{what}: expected CPU tensors"),
-                };
-                drop((xs, gs, ds));
-                (
-                    Tensor::from_vec(dx, x.shape(), x.device())?,
-                    Tensor::from_vec(dg, gamma.shape(), x.device())?,
-                    Tensor::from_vec(db, gamma.shape(), x.device())?,
-                )
-            }};
-        }
-        let (dx, dg, db) = match x.dtype() {
-            DType::F32 => run!(f32),
-            DType::F64 => run!(f64),
-            t => candle_core::bail!("{what}: unsupported dtype {t:?}"),
-        };
-        Ok((Some(dx), Some(dg), Some(db)))
-    }
 }
 
 /// Rows per parallel task of [`ln_backward`] (each task also keeps its own `dgamma`/`dbeta`).
@@ -207,7 +120,7 @@ fn normalize(x: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
         x.contiguous()?
-            .apply_op3(weight, bias, LayerNormLastDim { eps })
+            .apply_op3(weight, bias, LayerNormOp::<LastDim>::new(eps))
     } else {
         let (xh, _) = normalize(x, eps)?;
         xh.broadcast_mul(weight)?.broadcast_add(bias)
@@ -226,7 +139,7 @@ pub fn layer_norm_channels(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64)
     x.dims4()?;
     if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
         x.contiguous()?
-            .apply_op3(weight, bias, LayerNormChannels { eps })
+            .apply_op3(weight, bias, LayerNormOp::<Channels>::new(eps))
     } else {
         layer_norm_channels_permuted(x, weight, bias, eps)
     }
@@ -244,18 +157,8 @@ pub fn layer_norm_channels_permuted(
     y.permute((0, 3, 1, 2))?.contiguous()
 }
 
-struct LayerNormChannels {
-    eps: f64,
-}
-
 /// Spatial positions per parallel task of the channel kernels.
 const POS: usize = 128;
-
-/// `(B, C, H·W)` of an NCHW shape.
-fn bchw(shape: &Shape) -> Result<(usize, usize, usize)> {
-    let (b, c, h, w) = shape.dims4()?;
-    Ok((b, c, h * w))
-}
 
 /// Mean and `rstd` over the channels at positions `p0..p0 + len` of image `img` (`x` row-major
 /// `(B, C, HW)`), into the first `len` entries of `mean` / `rstd`.
@@ -386,9 +289,109 @@ fn lnc_backward<T: Float + Send + Sync>(
     (dx, dg, db)
 }
 
-impl CustomOp3 for LayerNormChannels {
+/// Where a LayerNorm takes its statistics, with its CPU kernels: over the last dimension
+/// ([`LastDim`]) or over the channels of an NCHW map ([`Channels`]). One [`LayerNormOp`] serves
+/// both.
+trait NormLayout: Send + Sync + 'static {
+    /// The op's name.
+    const NAME: &'static str;
+    /// The kernels' dimensions of an input shape, `(outer, normalised, inner)`.
+    fn dims(shape: &Shape) -> Result<(usize, usize, usize)>;
+    /// Forward kernel: `(x, gamma, beta)` → `y`.
+    fn forward<T: Float + Send + Sync>(
+        x: &[T],
+        g: &[T],
+        b: &[T],
+        dims: (usize, usize, usize),
+        eps: f64,
+    ) -> Vec<T>;
+    /// Backward kernel: `(x, gamma, dy)` → `(dx, dgamma, dbeta)`.
+    fn backward<T: Float + Send + Sync>(
+        x: &[T],
+        g: &[T],
+        dy: &[T],
+        dims: (usize, usize, usize),
+        eps: f64,
+    ) -> (Vec<T>, Vec<T>, Vec<T>);
+}
+
+/// Statistics over the last dimension.
+struct LastDim;
+
+impl NormLayout for LastDim {
+    const NAME: &'static str = "layer-norm-last-dim";
+    fn dims(shape: &Shape) -> Result<(usize, usize, usize)> {
+        let dim = shape.dims().last().copied().unwrap_or(0);
+        Ok((shape.elem_count() / dim.max(1), dim, 1))
+    }
+    fn forward<T: Float + Send + Sync>(
+        x: &[T],
+        g: &[T],
+        b: &[T],
+        dims: (usize, usize, usize),
+        eps: f64,
+    ) -> Vec<T> {
+        ln_kernel(x, g, b, dims.1, eps)
+    }
+    fn backward<T: Float + Send + Sync>(
+        x: &[T],
+        g: &[T],
+        dy: &[T],
+        dims: (usize, usize, usize),
+        eps: f64,
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        ln_backward(x, g, dy, dims.1, eps)
+    }
+}
+
+/// Statistics over the channels of `(B, C, H, W)`.
+struct Channels;
+
+impl NormLayout for Channels {
+    const NAME: &'static str = "layer-norm-channels";
+    fn dims(shape: &Shape) -> Result<(usize, usize, usize)> {
+        let (b, c, h, w) = shape.dims4()?;
+        Ok((b, c, h * w))
+    }
+    fn forward<T: Float + Send + Sync>(
+        x: &[T],
+        g: &[T],
+        b: &[T],
+        dims: (usize, usize, usize),
+        eps: f64,
+    ) -> Vec<T> {
+        lnc_forward(x, g, b, dims, eps)
+    }
+    fn backward<T: Float + Send + Sync>(
+        x: &[T],
+        g: &[T],
+        dy: &[T],
+        dims: (usize, usize, usize),
+        eps: f64,
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        lnc_backward(x, g, dy, dims, eps)
+    }
+}
+
+/// The LayerNorm custom op of a [`NormLayout`]: `(x, gamma, beta)` → `y`, f32 or f64 on CPU,
+/// with the closed-form backward of the module doc.
+struct LayerNormOp<L> {
+    eps: f64,
+    layout: std::marker::PhantomData<L>,
+}
+
+impl<L> LayerNormOp<L> {
+    fn new(eps: f64) -> Self {
+        Self {
+            eps,
+            layout: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<L: NormLayout> CustomOp3 for LayerNormOp<L> {
     fn name(&self) -> &'static str {
-        "layer-norm-channels"
+        L::NAME
     }
 
     fn cpu_fwd(
@@ -400,10 +403,11 @@ impl CustomOp3 for LayerNormChannels {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let dims = bchw(l1.shape())?;
+        let dims = L::dims(l1.shape())?;
         if l2.shape().elem_count() != dims.1 || l3.shape().elem_count() != dims.1 || dims.1 == 0 {
             candle_core::bail!(
-                "layer_norm_channels: weight {:?} / bias {:?} must have the channels of x {:?}",
+                "{}: weight {:?} / bias {:?} must have the normalised size of x {:?}",
+                L::NAME,
                 l2.shape(),
                 l3.shape(),
                 l1.shape()
@@ -411,13 +415,14 @@ impl CustomOp3 for LayerNormChannels {
         }
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(b)) => CpuStorage::F32(
-                lnc_forward(slice(x, l1)?, slice(g, l2)?, slice(b, l3)?, dims, self.eps),
+                L::forward(slice(x, l1)?, slice(g, l2)?, slice(b, l3)?, dims, self.eps),
             ),
             (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(b)) => CpuStorage::F64(
-                lnc_forward(slice(x, l1)?, slice(g, l2)?, slice(b, l3)?, dims, self.eps),
+                L::forward(slice(x, l1)?, slice(g, l2)?, slice(b, l3)?, dims, self.eps),
             ),
             _ => candle_core::bail!(
-                "layer_norm_channels: expected f32 or f64 inputs of one dtype, got {:?}",
+                "{}: expected f32 or f64 inputs of one dtype, got {:?}",
+                L::NAME,
                 s1.dtype()
             ),
         };
@@ -433,22 +438,23 @@ impl CustomOp3 for LayerNormChannels {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
-        let what = "layer_norm_channels backward";
-        let dims = bchw(x.shape())?;
+        let dims = L::dims(x.shape())?;
         macro_rules! run {
             ($t:ty) => {{
+                // Read through the storage locks (no copies); the results are new tensors with
+                // no graph of their own.
                 let (xs, xl) = x.storage_and_layout();
                 let (gs, gl) = gamma.storage_and_layout();
                 let (ds, dl) = dy.storage_and_layout();
                 let (dx, dg, db) = match (&*xs, &*gs, &*ds) {
-                    (Storage::Cpu(xc), Storage::Cpu(gc), Storage::Cpu(dc)) => lnc_backward::<$t>(
+                    (Storage::Cpu(xc), Storage::Cpu(gc), Storage::Cpu(dc)) => L::backward::<$t>(
                         slice(xc.as_slice::<$t>()?, xl)?,
                         slice(gc.as_slice::<$t>()?, gl)?,
                         slice(dc.as_slice::<$t>()?, dl)?,
                         dims,
                         self.eps,
                     ),
-                    _ => candle_core::bail!("{what}: expected CPU tensors"),
+                    _ => candle_core::bail!("{} backward: expected CPU tensors", L::NAME),
                 };
                 drop((xs, gs, ds));
                 (
@@ -461,7 +467,7 @@ impl CustomOp3 for LayerNormChannels {
         let (dx, dg, db) = match x.dtype() {
             DType::F32 => run!(f32),
             DType::F64 => run!(f64),
-            t => candle_core::bail!("{what}: unsupported dtype {t:?}"),
+            t => candle_core::bail!("{} backward: unsupported dtype {t:?}", L::NAME),
         };
         Ok((Some(dx), Some(dg), Some(db)))
     }
