@@ -22,7 +22,7 @@
 use crate::Backbone;
 use candle_core::{Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
-use densepred_core::nn::{gelu, BatchNorm2d, Conv2d, ConvCfg, DropPath, Linear};
+use densepred_core::nn::{drop_path_rate, gelu, BatchNorm2d, Conv2d, ConvCfg, DropPath, Linear};
 use densepred_core::ops::layer_norm_channels;
 use densepred_core::ShapeSpec;
 use serde::{Deserialize, Serialize};
@@ -202,20 +202,11 @@ fn conv(
     cfg: ConvCfg,
     bias: bool,
 ) -> Result<Conv2d> {
-    let weight = vb.get_with_hints(
-        (out_c, in_c / cfg.groups, k, k),
-        "weight",
-        Init::Randn {
-            mean: 0.0,
-            stdev: 0.02,
-        },
-    )?;
-    let bias = if bias {
-        Some(vb.get_with_hints(out_c, "bias", Init::Const(0.0))?)
-    } else {
-        None
+    let init = Init::Randn {
+        mean: 0.0,
+        stdev: 0.02,
     };
-    Ok(Conv2d { weight, bias, cfg })
+    Conv2d::with_init(vb, in_c, out_c, k, cfg, bias, init)
 }
 
 fn conv1x1(vb: VarBuilder, in_c: usize, out_c: usize) -> Result<Conv2d> {
@@ -415,14 +406,7 @@ impl Conv2Former {
     pub fn new(vb: VarBuilder, cfg: &Conv2FormerConfig) -> Result<Self> {
         let p = cfg.resolve().map_err(candle_core::Error::msg)?;
         let total: usize = p.depths.iter().sum();
-        // torch.linspace(0, rate, total).
-        let dpr = |i: usize| {
-            if total > 1 {
-                p.drop_path_rate * i as f64 / (total - 1) as f64
-            } else {
-                0.0
-            }
-        };
+        let dpr = |i: usize| drop_path_rate(p.drop_path_rate, i, total);
         let dl = vb.pp("downsample_layers");
         let mut downs = Vec::with_capacity(4);
         let mut stages = Vec::with_capacity(4);

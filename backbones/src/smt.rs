@@ -615,13 +615,7 @@ impl Smt {
     pub fn new(vb: VarBuilder, cfg: &SmtConfig) -> Result<Self> {
         let p = cfg.resolve().map_err(candle_core::Error::msg)?;
         let total: usize = p.depths.iter().sum();
-        let dpr = |i: usize| {
-            if total > 1 {
-                p.drop_path_rate * i as f64 / (total - 1) as f64
-            } else {
-                0.0
-            }
-        };
+        let dpr = |i: usize| densepred_core::nn::drop_path_rate(p.drop_path_rate, i, total);
         let mut cur = 0;
         let mut stages = Vec::with_capacity(4);
         for i in 0..4 {

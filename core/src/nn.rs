@@ -62,6 +62,30 @@ impl Conv2d {
         cfg: ConvCfg,
         bias: bool,
     ) -> Result<Self> {
+        if cfg.groups == 0 {
+            candle_core::bail!("Conv2d {}: groups must be at least 1", vb.prefix());
+        }
+        let fan_out = (k * k * out_c / cfg.groups) as f64;
+        let init = Init::Randn {
+            mean: 0.0,
+            stdev: (2.0 / fan_out).sqrt(),
+        };
+        Self::with_init(vb, in_c, out_c, k, cfg, bias, init)
+    }
+
+    /// As [`Conv2d::new`] with the weight drawn from `init` (e.g. the N(0, 0.02²) of a model
+    /// whose official `_init_weights` uses `trunc_normal_(std=.02)`); biases start at 0.
+    ///
+    /// Errors: as [`Conv2d::new`].
+    pub fn with_init(
+        vb: VarBuilder,
+        in_c: usize,
+        out_c: usize,
+        k: usize,
+        cfg: ConvCfg,
+        bias: bool,
+        init: Init,
+    ) -> Result<Self> {
         if cfg.groups == 0 || in_c % cfg.groups != 0 || out_c % cfg.groups != 0 {
             candle_core::bail!(
                 "Conv2d {}: channels {in_c}->{out_c} not divisible by groups {}",
@@ -69,15 +93,7 @@ impl Conv2d {
                 cfg.groups
             );
         }
-        let fan_out = (k * k * out_c / cfg.groups) as f64;
-        let weight = vb.get_with_hints(
-            (out_c, in_c / cfg.groups, k, k),
-            "weight",
-            Init::Randn {
-                mean: 0.0,
-                stdev: (2.0 / fan_out).sqrt(),
-            },
-        )?;
+        let weight = vb.get_with_hints((out_c, in_c / cfg.groups, k, k), "weight", init)?;
         let bias = if bias {
             Some(vb.get_with_hints(out_c, "bias", Init::Const(0.0))?)
         } else {
@@ -455,6 +471,16 @@ impl DropPath {
         shape[0] = b;
         let mask = Tensor::from_vec(mask, shape, x.device())?.to_dtype(x.dtype())?;
         x.broadcast_mul(&mask)
+    }
+}
+
+/// Stochastic-depth rate of block `i` of `total` when the rates rise linearly from 0 to `rate`
+/// (`torch.linspace(0, rate, total)[i]`, the timm / official-backbone convention).
+pub fn drop_path_rate(rate: f64, i: usize, total: usize) -> f64 {
+    if total > 1 {
+        rate * i as f64 / (total - 1) as f64
+    } else {
+        0.0
     }
 }
 
