@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use densepred_backbones::AnyBackbone;
 use densepred_core::config::defaults as d;
 use densepred_core::params::SeededVarMap;
-use densepred_core::structures::{GtInstances, ImageMeta};
+use densepred_core::structures::{BitmapMasks, GtInstances, ImageMeta};
 use densepred_core::weights::{load_into, read_checkpoint, LoadReport};
 use densepred_datasets::config::{DataloaderConfig, Empty, Unsupported};
 use densepred_datasets::loader::{
@@ -725,17 +725,26 @@ pub fn image_meta(s: &Sample) -> ImageMeta {
     }
 }
 
-/// The GT of a sample (boxes in the resized frame; `ignore` instances become ignored boxes).
+/// The GT of a sample (boxes in the resized frame; `ignore` instances become ignored boxes; the
+/// masks of the others, when loaded, as [`BitmapMasks`] of the pipeline's mask size).
 pub fn gt_instances(s: &Sample) -> GtInstances {
     let mut g = GtInstances::default();
-    for i in &s.instances {
+    let mut masks = s.masks.as_ref().map(|m| BitmapMasks {
+        size: m.first().map(|a| a.dim()).unwrap_or(s.img_shape),
+        masks: Vec::new(),
+    });
+    for (k, i) in s.instances.iter().enumerate() {
         if i.ignore {
             g.ignored.push(i.bbox);
         } else {
             g.bboxes.push(i.bbox);
             g.labels.push(i.label as i64);
+            if let (Some(out), Some(src)) = (masks.as_mut(), s.masks.as_ref()) {
+                out.masks.push(src[k].iter().copied().collect());
+            }
         }
     }
+    g.masks = masks;
     g
 }
 

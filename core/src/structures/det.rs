@@ -24,6 +24,9 @@ pub struct GtInstances {
     pub labels: Vec<i64>,
     /// Ignored (crowd) boxes, xyxy pixels.
     pub ignored: Vec<[f32; 4]>,
+    /// Instance masks parallel to `bboxes`, in the `img_shape` frame (any size at least as large
+    /// as `img_shape`, e.g. `pad_shape`; pixels outside the stored size read 0), when loaded.
+    pub masks: Option<BitmapMasks>,
 }
 
 /// Detections of one image: boxes xyxy in pixels of the **original** image (after rescale),
@@ -36,6 +39,8 @@ pub struct Detections {
     pub scores: Vec<f32>,
     /// `(N,)` 0-based class index.
     pub labels: Vec<i64>,
+    /// Binary instance masks in the original image (`ori_shape`), for instance segmentation.
+    pub masks: Option<BitmapMasks>,
 }
 
 impl Detections {
@@ -47,5 +52,35 @@ impl Detections {
     /// True without detections.
     pub fn is_empty(&self) -> bool {
         self.scores.is_empty()
+    }
+}
+
+/// Binary instance masks of one image (detectron2's `BitMasks`, mmdetection's `BitmapMasks`):
+/// `N` row-major `(h, w)` planes of 0/1 bytes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BitmapMasks {
+    /// `(h, w)` of every plane.
+    pub size: (usize, usize),
+    /// One `h·w` plane per instance.
+    pub masks: Vec<Vec<u8>>,
+}
+
+impl BitmapMasks {
+    /// Number of masks.
+    pub fn len(&self) -> usize {
+        self.masks.len()
+    }
+
+    /// True without masks.
+    pub fn is_empty(&self) -> bool {
+        self.masks.is_empty()
+    }
+
+    /// The masks with index `keep` in that order.
+    pub fn select(&self, keep: &[usize]) -> Self {
+        Self {
+            size: self.size,
+            masks: keep.iter().map(|&k| self.masks[k].clone()).collect(),
+        }
     }
 }

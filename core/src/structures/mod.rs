@@ -5,4 +5,4 @@ pub mod det;
 pub mod label_map;
 
 pub use boxes::Boxes;
-pub use det::{Detections, GtInstances, ImageMeta};
+pub use det::{BitmapMasks, Detections, GtInstances, ImageMeta};

@@ -149,6 +149,44 @@ impl BoxLossConfig {
     }
 }
 
+/// mmdetection's `CrossEntropyLoss` table in its three modes: softmax over classes (default),
+/// sigmoid per class (`use_sigmoid`), or per-pixel sigmoid of the target class's mask channel
+/// (`use_mask`). Each head checks that the mode is the one it computes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", deny_unknown_fields)]
+pub enum CrossEntropyLossConfig {
+    /// `F.cross_entropy` / `F.binary_cross_entropy_with_logits`.
+    CrossEntropyLoss {
+        /// Sigmoid (binary) instead of softmax.
+        #[serde(default)]
+        use_sigmoid: bool,
+        /// Mask loss (BCE of the target class's channel).
+        #[serde(default)]
+        use_mask: bool,
+        /// Multiplier of the loss.
+        #[serde(default = "d::one_f64")]
+        loss_weight: f64,
+    },
+}
+
+impl CrossEntropyLossConfig {
+    /// `use_sigmoid`.
+    pub fn use_sigmoid(&self) -> bool {
+        let Self::CrossEntropyLoss { use_sigmoid, .. } = self;
+        *use_sigmoid
+    }
+    /// `use_mask`.
+    pub fn use_mask(&self) -> bool {
+        let Self::CrossEntropyLoss { use_mask, .. } = self;
+        *use_mask
+    }
+    /// Multiplier of the loss.
+    pub fn loss_weight(&self) -> f64 {
+        let Self::CrossEntropyLoss { loss_weight, .. } = self;
+        *loss_weight
+    }
+}
+
 /// Binary cross-entropy table (`loss_centerness`: `type = "CrossEntropyLoss"`, `use_sigmoid = true`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", deny_unknown_fields)]
@@ -316,12 +354,25 @@ impl ConvModule {
 
 /// A 3x3 prediction conv (`retina_cls`, `atss_reg`, ...): weight N(0, 0.01), bias `bias_init`.
 pub fn pred_conv(vb: VarBuilder, cin: usize, cout: usize, bias_init: f64) -> Result<Conv2d> {
+    normal_conv(vb, cin, cout, 3, 0.01, bias_init)
+}
+
+/// A `k×k` stride-1 "same" conv with bias, weight N(0, `std`) and bias `bias_init` (mmengine's
+/// `normal_init`), under `vb` (`weight`, `bias`).
+pub fn normal_conv(
+    vb: VarBuilder,
+    cin: usize,
+    cout: usize,
+    k: usize,
+    std: f64,
+    bias_init: f64,
+) -> Result<Conv2d> {
     let weight = vb.get_with_hints(
-        (cout, cin, 3, 3),
+        (cout, cin, k, k),
         "weight",
         Init::Randn {
             mean: 0.0,
-            stdev: 0.01,
+            stdev: std,
         },
     )?;
     let bias = vb.get_with_hints(cout, "bias", Init::Const(bias_init))?;
@@ -329,7 +380,7 @@ pub fn pred_conv(vb: VarBuilder, cin: usize, cout: usize, bias_init: f64) -> Res
         weight,
         bias: Some(bias),
         cfg: ConvCfg {
-            padding: 1,
+            padding: k / 2,
             ..Default::default()
         },
     })
@@ -418,7 +469,8 @@ pub struct ImageTargets {
     pub assign: AssignResult,
 }
 
-fn boxes_tensor(b: &[[f32; 4]], device: &Device) -> Result<Tensor> {
+/// `(N, 4)` f32 tensor of xyxy rows.
+pub fn boxes_tensor(b: &[[f32; 4]], device: &Device) -> Result<Tensor> {
     Tensor::from_vec(
         b.iter().flatten().copied().collect::<Vec<f32>>(),
         (b.len(), 4),
@@ -692,6 +744,7 @@ pub fn predict_image(
         bboxes: kept.iter().map(|&k| bx[k as usize]).collect(),
         scores: kept.iter().map(|&k| scores[k as usize]).collect(),
         labels: kept.iter().map(|&k| labels[k as usize]).collect(),
+        masks: None,
     })
 }
 

@@ -1,12 +1,15 @@
-//! Dense (single-shot) detection heads: RetinaHead and ATSSHead, with mmdetection 3.x semantics.
+//! Dense detection heads: RetinaHead and ATSSHead (one-stage) and RPNHead (the first stage of
+//! two-stage detectors), with mmdetection 3.x semantics.
 
 pub mod atss_head;
 pub mod common;
 pub mod retina_head;
+pub mod rpn_head;
 
 pub use atss_head::{AtssHead, AtssHeadConfig};
 pub use common::{DenseTestConfig, DenseTrainConfig};
 pub use retina_head::{DenseOutputs, LevelLosses, RetinaHead, RetinaHeadConfig};
+pub use rpn_head::{Proposals, RpnHead, RpnHeadConfig, RpnProposalConfig, RpnTrainConfig};
 
 use candle_core::{Result, Tensor};
 use densepred_core::structures::{Detections, GtInstances, ImageMeta};

@@ -57,6 +57,35 @@ pub struct RandomSampler {
 }
 
 impl RandomSampler {
+    /// Draws the samples from the candidate positives `pos` and negatives `neg` (any index
+    /// space): at most `num · pos_fraction` positives, then at most `num − #pos` negatives
+    /// (bounded by `neg_pos_ub`), each drawn uniformly without replacement when there are more
+    /// candidates than places. Both lists come back sorted ascending, as mmdetection's
+    /// `unique()` returns them.
+    pub fn choose(
+        &self,
+        mut pos: Vec<usize>,
+        mut neg: Vec<usize>,
+        rng: &mut impl Rng,
+    ) -> (Vec<usize>, Vec<usize>) {
+        let num_pos = (self.num as f64 * self.pos_fraction) as usize;
+        if pos.len() > num_pos {
+            pos.shuffle(rng);
+            pos.truncate(num_pos);
+        }
+        let mut num_neg = self.num - pos.len();
+        if self.neg_pos_ub >= 0.0 {
+            num_neg = num_neg.min((self.neg_pos_ub * pos.len().max(1) as f64) as usize);
+        }
+        if neg.len() > num_neg {
+            neg.shuffle(rng);
+            neg.truncate(num_neg);
+        }
+        pos.sort_unstable();
+        neg.sort_unstable();
+        (pos, neg)
+    }
+
     /// Samples from `a`. With `add_gt_as_proposals` (and gts present) the returned indices refer to
     /// the priors with the `num_gts` gt boxes prepended (the caller prepends them as well), and
     /// `a` is extended accordingly (mmdetection's `add_gt_`).
@@ -79,29 +108,38 @@ impl RandomSampler {
             lb.extend_from_slice(&a.labels);
             a.labels = lb;
         }
-        let mut pos: Vec<usize> = (0..a.gt_inds.len()).filter(|&i| a.gt_inds[i] > 0).collect();
-        let num_pos = (self.num as f64 * self.pos_fraction) as usize;
-        if pos.len() > num_pos {
-            pos.shuffle(rng);
-            pos.truncate(num_pos);
-        }
-        let mut num_neg = self.num - pos.len();
-        if self.neg_pos_ub >= 0.0 {
-            num_neg = num_neg.min((self.neg_pos_ub * pos.len().max(1) as f64) as usize);
-        }
-        let mut neg: Vec<usize> = (0..a.gt_inds.len())
+        let pos: Vec<usize> = (0..a.gt_inds.len()).filter(|&i| a.gt_inds[i] > 0).collect();
+        let neg: Vec<usize> = (0..a.gt_inds.len())
             .filter(|&i| a.gt_inds[i] == 0)
             .collect();
-        if neg.len() > num_neg {
-            neg.shuffle(rng);
-            neg.truncate(num_neg);
-        }
+        let (pos, neg) = self.choose(pos, neg, rng);
         let pos_assigned_gt_inds = pos.iter().map(|&i| (a.gt_inds[i] - 1) as usize).collect();
         SamplingResult {
             pos_inds: pos,
             neg_inds: neg,
             pos_assigned_gt_inds,
             num_gts_added: added,
+        }
+    }
+}
+
+/// `train_cfg.sampler` of a sampling head (RPN, R-CNN): mmdetection's `RandomSampler`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type")]
+pub enum SamplerConfig {
+    /// mmdetection's `RandomSampler`.
+    RandomSampler(RandomSampler),
+}
+
+densepred_core::deserialize_by_type!(SamplerConfig {
+    "RandomSampler" => SamplerConfig::RandomSampler [RandomSampler],
+});
+
+impl SamplerConfig {
+    /// The sampler.
+    pub fn sampler(&self) -> &RandomSampler {
+        match self {
+            Self::RandomSampler(s) => s,
         }
     }
 }

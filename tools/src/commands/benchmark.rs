@@ -75,6 +75,7 @@ fn model_bench(a: ModelArgs, train: bool) -> Result<()> {
             .collect(),
         labels: (0..8).collect(),
         ignored: vec![],
+        masks: None,
     };
     let gts = vec![gt; batch];
     let mut opt = if train {
