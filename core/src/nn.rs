@@ -265,14 +265,23 @@ impl Linear {
     /// Creates (or fetches) `weight` (init N(0, 0.02²), the official `trunc_normal_(std=.02)` up to
     /// the ±2 truncation, which never triggers at that std) and `bias` (zeros).
     pub fn new(vb: VarBuilder, in_f: usize, out_f: usize, bias: bool) -> Result<Self> {
-        let w = vb.get_with_hints(
-            (out_f, in_f),
-            "weight",
-            Init::Randn {
-                mean: 0.0,
-                stdev: 0.02,
-            },
-        )?;
+        let init = Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
+        Self::with_init(vb, in_f, out_f, bias, init)
+    }
+
+    /// As [`Linear::new`] with the weight drawn from `init` (e.g. mmdetection's Xavier-uniform
+    /// shared FCs or N(0, 0.01²) classifiers); the bias starts at 0.
+    pub fn with_init(
+        vb: VarBuilder,
+        in_f: usize,
+        out_f: usize,
+        bias: bool,
+        init: Init,
+    ) -> Result<Self> {
+        let w = vb.get_with_hints((out_f, in_f), "weight", init)?;
         let b = if bias {
             Some(vb.get_with_hints(out_f, "bias", Init::Const(0.0))?)
         } else {

@@ -76,6 +76,31 @@ impl BitmapMasks {
         self.masks.is_empty()
     }
 
+    /// The masks zero-extended at the bottom and right to at least `(h, w)` (mmdetection pads GT
+    /// masks to the batch's padded size, `pad_mask = True`).
+    pub fn padded(&self, h: usize, w: usize) -> Self {
+        let (mh, mw) = self.size;
+        let (nh, nw) = (mh.max(h), mw.max(w));
+        if (nh, nw) == (mh, mw) {
+            return self.clone();
+        }
+        let masks = self
+            .masks
+            .iter()
+            .map(|m| {
+                let mut out = vec![0u8; nh * nw];
+                for y in 0..mh {
+                    out[y * nw..y * nw + mw].copy_from_slice(&m[y * mw..(y + 1) * mw]);
+                }
+                out
+            })
+            .collect();
+        Self {
+            size: (nh, nw),
+            masks,
+        }
+    }
+
     /// The masks with index `keep` in that order.
     pub fn select(&self, keep: &[usize]) -> Self {
         Self {
