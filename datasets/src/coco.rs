@@ -307,3 +307,19 @@ pub fn segmentation_to_mask(
         .map_err(|e| e.to_string())?;
     Ok(a.reversed_axes().as_standard_layout().to_owned())
 }
+
+/// The mask of one COCO results record whose `segmentation` is an RLE `{size: [h, w], counts}`
+/// (what `densepred test --out` writes for instance segmentation), row-major `(h, w)` 0/1.
+///
+/// Errors: a record without an RLE `segmentation`, counts that do not fit the size.
+pub fn result_record_mask(rec: &serde_json::Value) -> Result<ndarray::Array2<u8>, String> {
+    let seg: Segmentation = serde_json::from_value(rec["segmentation"].clone())
+        .map_err(|e| format!("segmentation: {e}"))?;
+    let (h, w) = match &seg {
+        Segmentation::CompressedRle { size, .. } | Segmentation::UncompressedRle { size, .. } => {
+            (size[0], size[1])
+        }
+        _ => return Err("segmentation: expected an RLE with its size".into()),
+    };
+    segmentation_to_mask(&seg, h, w)
+}

@@ -14,7 +14,7 @@ use densepred_datasets::loader::{
     aspect_ratio_groups, collate_to, Batch, DataLoader, Normalization,
 };
 use densepred_datasets::{Dataset, Sample};
-use densepred_models::{Detector, ModelConfig, Segmentor};
+use densepred_models::{Detector, ModelConfig, Segmentor, STATE_DICT_PREFIXES};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -484,7 +484,9 @@ pub fn build_model(
             )
         }
         _ => {
-            let dp = &cfg.detector().expect("a detector config").data_preprocessor;
+            let dp = cfg
+                .data_preprocessor()
+                .expect("every model but EncoderDecoder is a detector");
             let net = Net::Detector(Detector::new(vb, cfg).ctx("building model")?);
             let norm = Normalization {
                 mean: dp.mean,
@@ -552,11 +554,7 @@ impl BuiltModel {
 
     /// The config key of [`BuiltModel::num_classes`], for messages.
     pub fn num_classes_key(&self) -> &'static str {
-        if self.is_segmentor() {
-            "model.decode_head.num_classes"
-        } else {
-            "model.bbox_head.num_classes"
-        }
+        self.cfg.num_classes_key()
     }
 
     /// Named training losses of a batch (detector: boxes of the samples; segmentor: the batch's
@@ -607,8 +605,9 @@ impl BuiltModel {
     }
 }
 
-/// Loads weights into `model`: a densepred / mmdetection / mmsegmentation checkpoint (keys
-/// `backbone.*`, `neck.*`, `bbox_head.*`, `decode_head.*`, `auxiliary_head.*`; strict = false)
+/// Loads weights into `model`: a densepred / mmdetection / mmsegmentation checkpoint (keys under
+/// one of [`STATE_DICT_PREFIXES`]: `backbone.*`, `neck.*`, `bbox_head.*`, `rpn_head.*`,
+/// `roi_head.*`, `decode_head.*`, `auxiliary_head.*`)
 /// or, when no key has one of these prefixes, a backbone-only
 /// checkpoint such as the official SMT ImageNet `.pth` (keys mapped by the backbone's rename table
 /// and put under `backbone.`; the classification head is reported as unexpected).
@@ -623,17 +622,9 @@ pub fn load_weights(
         path: path.into(),
         reason: e.to_string(),
     })?;
-    let prefixed = tensors.keys().any(|k| {
-        [
-            "backbone.",
-            "neck.",
-            "bbox_head.",
-            "decode_head.",
-            "auxiliary_head.",
-        ]
-        .iter()
-        .any(|p| k.starts_with(p))
-    });
+    let prefixed = tensors
+        .keys()
+        .any(|k| STATE_DICT_PREFIXES.iter().any(|p| k.starts_with(p)));
     let bb = model.backbone();
     let map = |k: &str| -> Option<String> {
         if prefixed {

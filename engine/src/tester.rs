@@ -22,7 +22,9 @@ pub struct ImageResult {
     pub img_id: u64,
     /// Image file.
     pub img_path: PathBuf,
-    /// Detections in original-image pixels.
+    /// Detections in original-image pixels. Masks are not kept here (they would hold a full
+    /// image per detection for the whole split): they are in [`TestOutput::segm_records`], in
+    /// the same order, as COCO RLE.
     pub dets: densepred_core::structures::Detections,
 }
 
@@ -34,6 +36,11 @@ pub struct TestOutput {
     pub records: Vec<serde_json::Value>,
     /// The COCO bbox summary (absent with `format_only`).
     pub summary: Option<CocoSummary>,
+    /// Instance segmentation results records (`segmentation` as compressed RLE), for detectors
+    /// with a mask head.
+    pub segm_records: Option<Vec<serde_json::Value>>,
+    /// The COCO segm summary, when the evaluator asks for `"segm"` (absent with `format_only`).
+    pub segm_summary: Option<CocoSummary>,
     /// Class names of the dataset.
     pub classes: Vec<String>,
     /// Images left out because they failed to load (`skip_invalid`; otherwise 0).
@@ -131,27 +138,48 @@ pub fn evaluate_loader(
             )))
         }
     };
-    if metrics.iter().any(|m| m != "bbox") {
+    if let Some(m) = metrics.iter().find(|m| *m != "bbox" && *m != "segm") {
         return Err(EngineError::Config(format!(
-            "evaluator.metric {metrics:?}: only \"bbox\" is available for one-stage detectors"
+            "evaluator.metric {m:?} is not supported (\"bbox\", \"segm\")"
         )));
+    }
+    let want_segm = metrics.iter().any(|m| m == "segm");
+    if want_segm && !detector.with_mask() {
+        return Err(EngineError::Config(
+            "evaluator.metric \"segm\" needs a detector with a mask head (MaskRCNN)".into(),
+        ));
     }
     let meta = dataset.metainfo();
     let pb = progress_bar(loader.num_batches() as u64, show_progress, "test");
     let mut images = Vec::new();
-    let mut for_eval = Vec::new();
+    let mut records = Vec::new();
+    let mut segm_records: Option<Vec<serde_json::Value>> = None;
     for batch in loader.epoch(0) {
         let batch = to_batch(model, batch?, device, false)?;
         let (x, metas, _) = model_inputs(&batch);
         let dets = detector.predict(&x, &metas).ctx("inference")?;
-        for (s, d) in batch.samples.iter().zip(dets) {
-            for_eval.push(ImageDetections {
-                image_id: s.img_id,
-                boxes: d.bboxes.clone(),
-                scores: d.scores.clone(),
-                labels: d.labels.iter().map(|&l| l as usize).collect(),
-                masks: None,
+        for (s, mut d) in batch.samples.iter().zip(dets) {
+            // Masks become RLE records right away; the bitmaps are dropped.
+            let masks = d.masks.take().map(|m| {
+                let (h, w) = m.size;
+                (m.masks, (h as u32, w as u32))
             });
+            let (b, sg) = to_coco_results(
+                &[ImageDetections {
+                    image_id: s.img_id,
+                    boxes: d.bboxes.clone(),
+                    scores: d.scores.clone(),
+                    labels: d.labels.iter().map(|&l| l as usize).collect(),
+                    masks,
+                }],
+                &meta.cat_ids,
+            )?;
+            records.extend(b);
+            if let Some(sg) = sg {
+                segm_records.get_or_insert_with(Vec::new).extend(sg);
+            } else if detector.with_mask() {
+                segm_records.get_or_insert_with(Vec::new);
+            }
             images.push(ImageResult {
                 img_id: s.img_id,
                 img_path: s.img_path.clone(),
@@ -162,9 +190,8 @@ pub fn evaluate_loader(
     }
     pb.finish_and_clear();
     let skipped = check_all_evaluated(loader, images.len(), dataset.len())?;
-    let (records, _) = to_coco_results(&for_eval, &meta.cat_ids)?;
-    let summary = if evaluator.format_only {
-        None
+    let (summary, segm_summary) = if evaluator.format_only {
+        (None, None)
     } else {
         let ann = evaluator.ann_file.as_ref().ok_or_else(|| {
             EngineError::Config(
@@ -172,36 +199,70 @@ pub fn evaluate_loader(
             )
         })?;
         let gt = load_gt(ann)?;
-        Some(evaluate_records(&gt, &records, CocoIouType::Bbox)?)
+        let bbox = if metrics.iter().any(|m| m == "bbox") {
+            Some(evaluate_records(&gt, &records, CocoIouType::Bbox)?)
+        } else {
+            None
+        };
+        let segm = match (&segm_records, want_segm) {
+            (Some(r), true) => Some(evaluate_records(&gt, r, CocoIouType::Segm)?),
+            _ => None,
+        };
+        (bbox, segm)
     };
     if let Some(prefix) = &evaluator.outfile_prefix {
-        densepred_evaluation::coco::dump_results(prefix, &records, None)?;
+        densepred_evaluation::coco::dump_results(prefix, &records, segm_records.as_deref())?;
     }
     Ok(TestOutput {
         images,
         records,
         summary,
+        segm_records,
+        segm_summary,
         classes: meta.classes.clone(),
         skipped,
     })
 }
 
-/// mmdetection's log keys for a bbox summary (`coco/bbox_mAP`, `coco/bbox_mAP_50`, ...).
+impl TestOutput {
+    /// The summaries present, bbox first.
+    pub fn summaries(&self) -> Vec<&CocoSummary> {
+        self.summary.iter().chain(&self.segm_summary).collect()
+    }
+
+    /// The `--json-out` / Python metrics object: the 12 stats (`{"AP": .., ..}`) of a bbox-only
+    /// evaluation, or, with a segm summary, every stat prefixed by its IoU type (`bbox_AP`, ...,
+    /// `segm_AP`, ...). `None` without any summary.
+    pub fn stats_json(&self) -> Option<serde_json::Value> {
+        match (&self.summary, &self.segm_summary) {
+            (None, None) => None,
+            (Some(b), None) => Some(b.stats_json()),
+            _ => {
+                let mut m = serde_json::Map::new();
+                for s in self.summaries() {
+                    if let serde_json::Value::Object(o) = s.stats_json() {
+                        for (k, v) in o {
+                            m.insert(format!("{}_{k}", s.iou_type.as_str()), v);
+                        }
+                    }
+                }
+                Some(serde_json::Value::Object(m))
+            }
+        }
+    }
+}
+
+/// mmdetection's log keys for a bbox or segm summary (`coco/bbox_mAP`, `coco/bbox_mAP_50`, ...,
+/// `coco/segm_mAP`, ...).
 pub fn mmdet_keys(s: &CocoSummary) -> serde_json::Map<String, serde_json::Value> {
-    let names = [
-        "bbox_mAP",
-        "bbox_mAP_50",
-        "bbox_mAP_75",
-        "bbox_mAP_s",
-        "bbox_mAP_m",
-        "bbox_mAP_l",
-    ];
+    let names = ["mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l"];
+    let prefix = s.iou_type.as_str();
     names
         .iter()
         .zip(s.stats)
         .map(|(n, v)| {
             (
-                format!("coco/{n}"),
+                format!("coco/{prefix}_{n}"),
                 serde_json::json!((v * 1000.0).round() / 1000.0),
             )
         })
@@ -507,9 +568,21 @@ pub fn validate(
         }))
     } else {
         let out = evaluate_loader(model, loader, dataset, evaluator, device, false)?;
-        Ok(out
-            .summary
-            .map(|s| (s.summary_lines.clone(), mmdet_keys(&s))))
+        let sums = out.summaries();
+        if sums.is_empty() {
+            return Ok(None);
+        }
+        let mut lines = Vec::new();
+        let mut keys = serde_json::Map::new();
+        for s in sums {
+            lines.push(format!(
+                "Evaluate annotation type *{}*",
+                s.iou_type.as_str()
+            ));
+            lines.extend(s.summary_lines.iter().cloned());
+            keys.extend(mmdet_keys(s));
+        }
+        Ok(Some((lines, keys)))
     }
 }
 

@@ -1,6 +1,7 @@
 //! End-to-end training on real images: a tiny RetinaNet must fit a handful of mini_coco train
-//! images (bbox AP50 ≥ 0.5 on those same images), which shows that targets, losses, gradients,
-//! the optimizer and post-processing work together.
+//! images (bbox AP50 ≥ 0.5 on those same images), and a tiny Mask R-CNN as well (bbox AP50 ≥ 0.5
+//! and segm AP50 ≥ 0.4), which shows that targets, losses, gradients, the optimizer and
+//! post-processing work together.
 
 use candle_core::Device;
 use densepred_engine::runner::RunConfig;
@@ -37,37 +38,42 @@ fn subset(ids: &[u64], out: &Path) {
     std::fs::write(out, d.to_string()).unwrap();
 }
 
-#[test]
-fn tiny_retinanet_overfits_four_images() {
-    let tmp = tempfile::tempdir().unwrap();
-    let ann = tmp.path().join("four.json");
-    // Four train images with one or two large objects each (7 boxes, 6 classes).
-    subset(&[263, 36, 514, 42], &ann);
+/// The overrides that point a tiny overfit config at the images `ids` of mini_coco's train split
+/// (annotations written under `tmp`).
+fn four_image_overrides(tmp: &Path, ids: &[u64]) -> Vec<String> {
+    let ann = tmp.join("four.json");
+    subset(ids, &ann);
     let a = ann.display().to_string();
-    let r = root();
-    let over = [
+    let data_root = root().join("assets/mini_coco").display().to_string();
+    vec![
         format!("train_dataloader.dataset.ann_file={a}"),
         format!("val_dataloader.dataset.ann_file={a}"),
         format!("val_evaluator.ann_file={a}"),
-        format!(
-            "train_dataloader.dataset.data_root={}",
-            r.join("assets/mini_coco").display()
-        ),
-        format!(
-            "val_dataloader.dataset.data_root={}",
-            r.join("assets/mini_coco").display()
-        ),
-    ];
-    let (cfg, table) =
-        RunConfig::load(&r.join("tests/configs/retinanet_tiny_overfit.toml"), &over).unwrap();
-    let opts = TrainOptions {
-        work_dir: tmp.path().join("work"),
+        format!("train_dataloader.dataset.data_root={data_root}"),
+        format!("val_dataloader.dataset.data_root={data_root}"),
+    ]
+}
+
+fn train_options(tmp: &Path) -> TrainOptions {
+    TrainOptions {
+        work_dir: tmp.join("work"),
         resume: false,
         load_from: None,
         device: Device::Cpu,
         progress: false,
         interrupt: None,
-    };
+    }
+}
+
+#[test]
+fn tiny_retinanet_overfits_four_images() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Four train images with one or two large objects each (7 boxes, 6 classes).
+    let over = four_image_overrides(tmp.path(), &[263, 36, 514, 42]);
+    let r = root();
+    let (cfg, table) =
+        RunConfig::load(&r.join("tests/configs/retinanet_tiny_overfit.toml"), &over).unwrap();
+    let opts = train_options(tmp.path());
     let s = train(&cfg, &table, &opts).unwrap();
     assert_eq!(s.iters, 300);
     let val = s.last_val.expect("validation ran at the end");
@@ -87,4 +93,30 @@ fn tiny_retinanet_overfits_four_images() {
     ] {
         assert!(opts.work_dir.join(f).exists(), "{f} missing");
     }
+}
+
+#[test]
+fn tiny_mask_rcnn_overfits_four_images() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The same four images, with their polygon masks.
+    let over = four_image_overrides(tmp.path(), &[263, 36, 514, 42]);
+    let (cfg, table) = RunConfig::load(
+        &root().join("tests/configs/mask_rcnn_tiny_overfit.toml"),
+        &over,
+    )
+    .unwrap();
+    let opts = train_options(tmp.path());
+    let s = train(&cfg, &table, &opts).unwrap();
+    assert_eq!(s.iters, 300);
+    let val = s.last_val.expect("validation ran at the end");
+    let bbox = val["coco/bbox_mAP_50"].as_f64().unwrap();
+    let segm = val["coco/segm_mAP_50"].as_f64().unwrap();
+    assert!(
+        bbox >= 0.5,
+        "bbox AP50 on the training images = {bbox} ({val:?})"
+    );
+    assert!(
+        segm >= 0.4,
+        "segm AP50 on the training images = {segm} ({val:?})"
+    );
 }

@@ -23,6 +23,16 @@ pub enum CocoIouType {
     Segm,
 }
 
+impl CocoIouType {
+    /// `"bbox"` or `"segm"` (pycocotools' `iouType`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Bbox => "bbox",
+            Self::Segm => "segm",
+        }
+    }
+}
+
 impl std::str::FromStr for CocoIouType {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

@@ -4,6 +4,9 @@ pub mod config;
 pub mod detector;
 pub mod segmentor;
 
-pub use config::{ModelConfig, NeckConfig};
-pub use detector::{DataPreprocessorConfig, Detector, DetectorConfig};
+pub use config::{ModelConfig, NeckConfig, STATE_DICT_PREFIXES};
+pub use detector::{
+    DataPreprocessorConfig, Detector, DetectorConfig, TwoStageDetectorConfig, TwoStageTestConfig,
+    TwoStageTrainConfig,
+};
 pub use segmentor::{slide_windows, EncoderDecoderConfig, Segmentor};

@@ -11,7 +11,6 @@ use densepred_core::config::defaults as d;
 use densepred_heads::seg::{
     seg_loss, FcnHead, FcnHeadConfig, FpnHead, FpnHeadConfig, UperHead, UperHeadConfig,
 };
-use densepred_necks::fpn::Fpn;
 use densepred_necks::Neck;
 use serde::{Deserialize, Serialize};
 
@@ -198,17 +197,7 @@ impl Segmentor {
         let backbone = AnyBackbone::new(vb.pp("backbone"), &c.backbone)?;
         let neck: Option<Box<dyn Neck>> = match &c.neck {
             None => None,
-            Some(NeckConfig::Fpn(f)) => {
-                let got: Vec<usize> = backbone.out_shapes().iter().map(|s| s.channels).collect();
-                if got != f.in_channels {
-                    candle_core::bail!(
-                        "model.neck.in_channels {:?} do not match the backbone's output channels {:?}",
-                        f.in_channels,
-                        got
-                    );
-                }
-                Some(Box::new(Fpn::new(vb.pp("neck"), f)?))
-            }
+            Some(n) => Some(n.build(vb.pp("neck"), &backbone)?),
         };
         let decode_head = SegHead::new(vb.pp("decode_head"), &c.decode_head)?;
         let auxiliary_head = match &c.auxiliary_head {

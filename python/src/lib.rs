@@ -285,6 +285,14 @@ impl Detector {
         out.set_item("scores", d.scores.clone().into_pyarray(py))?;
         out.set_item("labels", d.labels.clone().into_pyarray(py))?;
         out.set_item("class_names", names)?;
+        if let Some(m) = &d.masks {
+            // (N, H, W) bool in the original frame.
+            let (h, w) = m.size;
+            let flat: Vec<bool> = m.masks.iter().flatten().map(|&v| v != 0).collect();
+            let masks = ndarray::Array3::from_shape_vec((m.len(), h, w), flat)
+                .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+            out.set_item("masks", masks.into_pyarray(py))?;
+        }
         Ok(out)
     }
 
@@ -691,13 +699,15 @@ fn test_impl(
                 "the test split has no label maps: nothing to evaluate".into(),
             )),
         },
-        TestRun::Detection(out) => match &out.summary {
-            Some(s) => {
-                println!("Evaluate annotation type *bbox*");
-                for l in &s.summary_lines {
-                    println!("{l}");
+        TestRun::Detection(out) => match out.stats_json() {
+            Some(stats) => {
+                for s in out.summaries() {
+                    println!("Evaluate annotation type *{}*", s.iou_type.as_str());
+                    for l in &s.summary_lines {
+                        println!("{l}");
+                    }
                 }
-                Ok(s.stats_json())
+                Ok(stats)
             }
             None => Err(EngineError::Config(
                 "the test split has no annotation file: nothing to evaluate".into(),

@@ -9,7 +9,9 @@ pub mod rpn_head;
 pub use atss_head::{AtssHead, AtssHeadConfig};
 pub use common::{DenseTestConfig, DenseTrainConfig};
 pub use retina_head::{DenseOutputs, LevelLosses, RetinaHead, RetinaHeadConfig};
-pub use rpn_head::{Proposals, RpnHead, RpnHeadConfig, RpnProposalConfig, RpnTrainConfig};
+pub use rpn_head::{
+    Proposals, RpnHead, RpnHeadConfig, RpnHeadType, RpnProposalConfig, RpnTrainConfig,
+};
 
 use candle_core::{Result, Tensor};
 use densepred_core::structures::{Detections, GtInstances, ImageMeta};

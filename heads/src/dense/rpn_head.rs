@@ -412,3 +412,25 @@ pub fn keep_samples(t: &mut ImageTargets, pos: &[usize], neg: &[usize]) {
     t.pos_inds = pi;
     t.pos_gt_bboxes = pg;
 }
+
+/// `model.rpn_head` table, selected by `type`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type")]
+pub enum RpnHeadType {
+    /// mmdetection's `RPNHead`.
+    #[serde(rename = "RPNHead")]
+    Rpn(RpnHeadConfig),
+}
+
+densepred_core::deserialize_by_type!(RpnHeadType {
+    "RPNHead" => RpnHeadType::Rpn [RpnHeadConfig],
+});
+
+impl RpnHeadType {
+    /// The body.
+    pub fn body(&self) -> &RpnHeadConfig {
+        match self {
+            Self::Rpn(c) => c,
+        }
+    }
+}

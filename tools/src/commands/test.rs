@@ -1,5 +1,5 @@
 //! `densepred test CONFIG --checkpoint CK`: mmdetection's / mmsegmentation's `tools/test.py`
-//! (detectors: COCO bbox summary and per-class AP; segmentors: per-class IoU / Acc table with
+//! (detectors: COCO bbox and, with masks, segm summaries and per-class AP; segmentors: per-class IoU / Acc table with
 //! `mIoU`, `mAcc`, `aAcc`).
 
 use crate::visualize::{draw_detections, save_png, write_seg_prediction};
@@ -18,7 +18,8 @@ pub struct Args {
     /// Weights (`.safetensors` written by `densepred train`, or an mmdetection `.pth`).
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// Write the COCO results (original-image xywh, original category ids) here.
+    /// Write the COCO bbox results (original-image xywh, original category ids) here; detectors
+    /// with masks also write the segm results (RLE) beside it as `<stem>.segm.json`.
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Draw the detections on each image into this folder.
@@ -27,8 +28,9 @@ pub struct Args {
     /// Score threshold of the drawings.
     #[arg(long, default_value_t = 0.3)]
     pub show_score_thr: f32,
-    /// Write the metrics as JSON here (detectors: the 12 COCO stats; segmentors: mIoU, mAcc,
-    /// aAcc and the per-class IoU / Acc, fractions, NaN as null).
+    /// Write the metrics as JSON here (detectors: the 12 COCO stats, prefixed `bbox_` / `segm_`
+    /// when masks are evaluated too; segmentors: mIoU, mAcc, aAcc and the per-class IoU / Acc,
+    /// fractions, NaN as null).
     #[arg(long)]
     pub json_out: Option<PathBuf>,
     /// Segmentors: write label PNGs (`D/labels`, ADE20K value convention) and colour overlays
@@ -82,24 +84,49 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     if let Some(p) = &a.out {
-        let text = serde_json::to_string(&out.records)?;
-        densepred_core::io::write_atomic(p, |t| {
-            std::fs::write(t, &text).map_err(|e| e.to_string())
-        })
-        .map_err(anyhow::Error::msg)?;
+        write_json(p, &out.records)?;
         println!(
             "results: {} ({} detections)",
             p.display(),
             out.records.len()
         );
+        if let Some(segm) = &out.segm_records {
+            let sp = segm_path(p);
+            write_json(&sp, segm)?;
+            println!(
+                "segm results: {} ({} masks; densepred eval coco --iou-type segm)",
+                sp.display(),
+                segm.len()
+            );
+        }
     }
     if let Some(dir) = &a.show_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        // Masks come back from the RLE records (the test keeps no bitmaps), in detection order.
+        let mut by_image: std::collections::HashMap<u64, Vec<&serde_json::Value>> =
+            Default::default();
+        for r in out.segm_records.iter().flatten() {
+            by_image
+                .entry(r["image_id"].as_u64().unwrap_or(u64::MAX))
+                .or_default()
+                .push(r);
+        }
         for r in &out.images {
             let mut img = image::open(&r.img_path)
                 .with_context(|| format!("reading {}", r.img_path.display()))?
                 .to_rgb8();
-            draw_detections(&mut img, &r.dets, &out.classes, a.show_score_thr);
+            let mut dets = r.dets.clone();
+            if let Some(recs) = by_image.get(&r.img_id) {
+                let mut masks = densepred_core::structures::BitmapMasks::default();
+                for rec in recs {
+                    let m = densepred_datasets::coco::result_record_mask(rec)
+                        .map_err(anyhow::Error::msg)?;
+                    masks.size = m.dim();
+                    masks.masks.push(m.into_raw_vec_and_offset().0);
+                }
+                dets.masks = Some(masks);
+            }
+            draw_detections(&mut img, &dets, &out.classes, a.show_score_thr);
             let name = r
                 .img_path
                 .file_stem()
@@ -109,23 +136,44 @@ pub fn run(a: Args) -> Result<()> {
         }
         println!("drawings: {}", dir.display());
     }
-    if let Some(s) = &out.summary {
-        println!("Evaluate annotation type *bbox*");
+    let mut keys = serde_json::Map::new();
+    for s in out.summaries() {
+        println!("Evaluate annotation type *{}*", s.iou_type.as_str());
         for l in &s.summary_lines {
             println!("{l}");
         }
         println!("\n{}", s.per_category_table());
-        let keys = densepred_engine::tester::mmdet_keys(s);
+        keys.extend(densepred_engine::tester::mmdet_keys(s));
+    }
+    if !keys.is_empty() {
         println!("{}", serde_json::Value::Object(keys));
-        if let Some(p) = &a.json_out {
-            let text = serde_json::to_string_pretty(&s.stats_json())?;
-            densepred_core::io::write_atomic(p, |t| {
-                std::fs::write(t, &text).map_err(|e| e.to_string())
-            })
-            .map_err(anyhow::Error::msg)?;
-        }
+    }
+    if let (Some(p), Some(stats)) = (&a.json_out, out.stats_json()) {
+        let text = serde_json::to_string_pretty(&stats)?;
+        densepred_core::io::write_atomic(p, |t| {
+            std::fs::write(t, &text).map_err(|e| e.to_string())
+        })
+        .map_err(anyhow::Error::msg)?;
     }
     Ok(())
+}
+
+/// Writes `value` as JSON to `path` atomically.
+fn write_json<T: serde::Serialize>(path: &std::path::Path, value: &T) -> Result<()> {
+    let text = serde_json::to_string(value)?;
+    densepred_core::io::write_atomic(path, |t| {
+        std::fs::write(t, &text).map_err(|e| e.to_string())
+    })
+    .map_err(anyhow::Error::msg)
+}
+
+/// `results.json` → `results.segm.json` (mmdetection's `<prefix>.segm.json` beside the boxes).
+fn segm_path(p: &std::path::Path) -> PathBuf {
+    let stem = p
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "results".into());
+    p.with_file_name(format!("{stem}.segm.json"))
 }
 
 /// The segmentation test's outputs: IoU table, metrics, optional label PNGs and overlays.
