@@ -502,20 +502,31 @@ fn apply_one(
             }
             if *with_mask {
                 let mut masks = Vec::with_capacity(s.instances.len());
+                if s.segmentations.len() != s.instances.len() {
+                    return Err(DataError::Config(format!(
+                        "{}: LoadAnnotations(with_mask): {} instances but {} segmentations",
+                        s.img_path.display(),
+                        s.instances.len(),
+                        s.segmentations.len()
+                    )));
+                }
                 for (inst, seg) in s.instances.iter().zip(&s.segmentations) {
-                    let m = match seg {
-                        Some(seg) => {
-                            segmentation_to_mask(seg, h as u32, w as u32).map_err(|reason| {
-                                DataError::Record {
-                                    path: s.img_path.clone(),
-                                    record: format!("annotation id {}", inst.ann_id),
-                                    field: "segmentation".into(),
-                                    reason,
-                                }
-                            })?
+                    let record = || format!("image id {}, annotation id {}", s.img_id, inst.ann_id);
+                    // mmdetection fails on an instance without a mask as well (KeyError).
+                    let seg = seg.as_ref().ok_or_else(|| DataError::Record {
+                        path: s.img_path.clone(),
+                        record: record(),
+                        field: "segmentation".into(),
+                        reason: "missing, and LoadAnnotations has with_mask = true".into(),
+                    })?;
+                    let m = segmentation_to_mask(seg, h as u32, w as u32).map_err(|reason| {
+                        DataError::Record {
+                            path: s.img_path.clone(),
+                            record: record(),
+                            field: "segmentation".into(),
+                            reason,
                         }
-                        None => Array2::zeros((h, w)),
-                    };
+                    })?;
                     masks.push(m);
                 }
                 s.masks = Some(masks);

@@ -359,3 +359,64 @@ fn palette_label_maps_read_as_indices() {
     let err = load_label(&rgb).unwrap_err().to_string();
     assert!(err.contains("rgb.png") && err.contains("Rgb"), "{err}");
 }
+
+/// A sample of a real image with one instance whose raw segmentation is `seg`.
+fn sample_with_segmentation(seg: Option<serde_json::Value>) -> Sample {
+    let mut s = Sample::new(assets().join("mini_coco/images/000000000009.jpg"), 9);
+    s.ann_instances = vec![densepred_datasets::Instance {
+        bbox: [10.0, 10.0, 50.0, 50.0],
+        label: 0,
+        ignore: false,
+        ann_id: 4242,
+    }];
+    s.segmentations = vec![seg.map(|v| serde_json::from_value(v).unwrap())];
+    s
+}
+
+fn load_masks(s: Sample) -> Result<Sample, DataError> {
+    let p: Vec<TransformConfig> = serde_json::from_value(serde_json::json!([
+        {"type": "LoadImageFromFile"},
+        {"type": "LoadAnnotations", "with_bbox": true, "with_mask": true},
+    ]))
+    .unwrap();
+    Pipeline(p).apply(
+        s,
+        &mut <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0),
+    )
+}
+
+#[test]
+fn bad_instance_masks_are_errors_naming_file_image_and_annotation() {
+    // No segmentation at all.
+    let e = load_masks(sample_with_segmentation(None))
+        .unwrap_err()
+        .to_string();
+    for want in [
+        "000000000009.jpg",
+        "image id 9",
+        "annotation id 4242",
+        "segmentation",
+        "missing",
+    ] {
+        assert!(e.contains(want), "{want:?} not in {e:?}");
+    }
+    // An RLE whose size disagrees with the image (480x640).
+    let rle = serde_json::json!({"size": [10, 10], "counts": [100]});
+    let e = load_masks(sample_with_segmentation(Some(rle)))
+        .unwrap_err()
+        .to_string();
+    for want in [
+        "000000000009.jpg",
+        "image id 9",
+        "annotation id 4242",
+        "RLE size",
+    ] {
+        assert!(e.contains(want), "{want:?} not in {e:?}");
+    }
+    // A valid polygon rasterises.
+    let poly = serde_json::json!([[10.0, 10.0, 50.0, 10.0, 50.0, 50.0]]);
+    let s = load_masks(sample_with_segmentation(Some(poly))).unwrap();
+    let m = &s.masks.as_ref().unwrap()[0];
+    assert_eq!(m.dim(), (480, 640));
+    assert!(m.iter().filter(|&&v| v == 1).count() > 500);
+}
