@@ -40,7 +40,7 @@ pub struct ModelArgs {
 }
 
 /// Runs the model of `a.config` on a random batch: per iteration either a training step
-/// (AdamW/SGD from the config; detectors: 8 fixed GT boxes per image; segmentors: a fixed label
+/// (AdamW/SGD from the config; detectors: 8 fixed GT boxes per image, each filled as its mask; segmentors: a fixed label
 /// map of class bands) or inference (segmentors: the config's `test_cfg` mode, argmax included).
 fn model_bench(a: ModelArgs, train: bool) -> Result<()> {
     use densepred_core::structures::{GtInstances, ImageMeta};
@@ -76,6 +76,26 @@ fn model_bench(a: ModelArgs, train: bool) -> Result<()> {
         labels: (0..8).collect(),
         ignored: vec![],
         masks: None,
+    };
+    // Each box filled as its mask (read only by detectors with a mask head).
+    let masks = densepred_core::structures::BitmapMasks {
+        size: (h, w),
+        masks: gt
+            .bboxes
+            .iter()
+            .map(|b| {
+                (0..h * w)
+                    .map(|i| {
+                        let (y, x) = ((i / w) as f32 + 0.5, (i % w) as f32 + 0.5);
+                        u8::from(x >= b[0] && x < b[2] && y >= b[1] && y < b[3])
+                    })
+                    .collect()
+            })
+            .collect(),
+    };
+    let gt = GtInstances {
+        masks: Some(masks),
+        ..gt
     };
     let gts = vec![gt; batch];
     let mut opt = if train {
