@@ -62,7 +62,9 @@ class Detector:
             ``boxes`` ``(N, 4)`` float32, xyxy in pixels of the original image;
             ``scores`` ``(N,)`` float32 in [0, 1], sorted by the test_cfg's selection;
             ``labels`` ``(N,)`` int64, 0-based indices into ``classes``;
-            ``class_names`` a list of N str (the class of each detection).
+            ``class_names`` a list of N str (the class of each detection);
+            with a mask head (Mask R-CNN) also ``masks`` ``(N, H, W)`` bool, each instance's
+            mask in the original image.
 
         Raises:
             FileNotFoundError: a missing image file.

@@ -18,6 +18,7 @@ from conftest import ROOT
 RETINA_MINI = "configs/retinanet/retinanet_smt-t_fpn_mini-coco.toml"
 UPER_MINI = "configs/upernet/upernet_smt-t_mini-ade.toml"
 RETINA_TINY = "tests/configs/retinanet_tiny_overfit.toml"
+MASK_RCNN_MINI = "configs/mask_rcnn/mask_rcnn_smt-t_fpn_mini-coco.toml"
 UPER_TINY = "tests/configs/upernet_tiny_overfit.toml"
 COCO_IMG = ROOT / "assets/mini_coco/images/000000000009.jpg"
 ADE_IMG = ROOT / "assets/mini_ade/images/validation/000000000724.jpg"
@@ -72,6 +73,17 @@ def test_detector_predicts_on_assets(detector):
     assert check_detections(d, classes, img.shape[:2]) == 100
     d2 = detector.predict(str(COCO_IMG))
     np.testing.assert_array_equal(d["boxes"], d2["boxes"])
+
+
+def test_mask_rcnn_returns_masks_in_the_original_frame():
+    # Fresh weights, every candidate kept: Mask R-CNN adds an (N, H, W) bool "masks" entry.
+    det = densepred.Detector(MASK_RCNN_MINI, overrides={"model.test_cfg.rcnn.score_thr": 0.0})
+    img = np.asarray(Image.open(COCO_IMG).convert("RGB"))
+    d = det.predict(COCO_IMG)
+    masks = d.pop("masks")
+    n = check_detections(d, det.classes, img.shape[:2])
+    assert n > 0
+    assert masks.dtype == np.bool_ and masks.shape == (n, *img.shape[:2])
 
 
 def test_detector_array_equals_png_path(detector, tmp_path):
