@@ -101,6 +101,7 @@ fn conv2former_detectors_train_and_test() {
     for config in [
         "configs/retinanet/retinanet_conv2former-n_fpn_mini-coco.toml",
         "configs/atss/atss_conv2former-n_fpn_mini-coco.toml",
+        "configs/mask_rcnn/mask_rcnn_conv2former-n_fpn_mini-coco.toml",
     ] {
         let mut sets = Vec::new();
         for split in ["train", "val", "test"] {
@@ -118,6 +119,10 @@ fn conv2former_detectors_train_and_test() {
                 let s = out.summary.expect("a COCO summary");
                 assert_eq!(s.summary_lines.len(), 12, "{config}");
                 assert_eq!(out.images.len(), 2);
+                if config.contains("mask_rcnn") {
+                    let m = out.segm_summary.expect("a segm summary for Mask R-CNN");
+                    assert_eq!(m.summary_lines.len(), 12, "{config}");
+                }
             }
             TestRun::Segmentation(_) => panic!("{config} is a detector"),
         }
