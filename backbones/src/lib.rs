@@ -1,5 +1,5 @@
-//! densepred-backbones: SMT and Conv2Former (MCGA to come), each with its variant presets and
-//! the official checkpoint key mapping.
+//! densepred-backbones: SMT, Conv2Former and MCGA, each with its variant presets and the
+//! checkpoint key mapping.
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
@@ -7,6 +7,7 @@ use densepred_core::ShapeSpec;
 use serde::Serialize;
 
 pub mod conv2former;
+pub mod mcga;
 pub mod smt;
 
 /// A backbone: image batch in, multi-scale feature maps out.
@@ -28,11 +29,15 @@ pub enum BackboneConfig {
     Smt(smt::SmtConfig),
     /// Conv2Former (convolutional modulation).
     Conv2Former(conv2former::Conv2FormerConfig),
+    /// MCGA (multi-scale convolutions meet group attention).
+    #[serde(rename = "MCGA")]
+    Mcga(mcga::McgaConfig),
 }
 
 densepred_core::deserialize_by_type!(BackboneConfig {
     "SMT" => BackboneConfig::Smt [smt::SmtConfig],
     "Conv2Former" => BackboneConfig::Conv2Former [conv2former::Conv2FormerConfig],
+    "MCGA" => BackboneConfig::Mcga [mcga::McgaConfig],
 });
 
 /// A built backbone of any supported type.
@@ -41,6 +46,8 @@ pub enum AnyBackbone {
     Smt(smt::Smt),
     /// Conv2Former.
     Conv2Former(conv2former::Conv2Former),
+    /// MCGA.
+    Mcga(mcga::Mcga),
 }
 
 impl AnyBackbone {
@@ -53,6 +60,7 @@ impl AnyBackbone {
             BackboneConfig::Conv2Former(c) => {
                 Ok(Self::Conv2Former(conv2former::Conv2Former::new(vb, c)?))
             }
+            BackboneConfig::Mcga(c) => Ok(Self::Mcga(mcga::Mcga::new(vb, c)?)),
         }
     }
 
@@ -61,6 +69,7 @@ impl AnyBackbone {
         match self {
             Self::Smt(_) => smt::map_checkpoint_key(key),
             Self::Conv2Former(_) => conv2former::map_checkpoint_key(key),
+            Self::Mcga(_) => mcga::map_checkpoint_key(key),
         }
     }
 
@@ -70,7 +79,8 @@ impl AnyBackbone {
         match self {
             Self::Smt(m) if m.has_head() => m.classify(last).map(Some),
             Self::Conv2Former(m) if m.has_head() => m.classify(last).map(Some),
-            Self::Smt(_) | Self::Conv2Former(_) => Ok(None),
+            Self::Mcga(m) if m.has_head() => m.classify(last).map(Some),
+            Self::Smt(_) | Self::Conv2Former(_) | Self::Mcga(_) => Ok(None),
         }
     }
 
@@ -79,6 +89,7 @@ impl AnyBackbone {
         match self {
             Self::Smt(m) => Ok(m.forward_all(x, train, false)?.0),
             Self::Conv2Former(m) => m.forward_stages(x, train),
+            Self::Mcga(m) => m.forward_stages(x, train),
         }
     }
 }
@@ -88,6 +99,7 @@ impl Backbone for AnyBackbone {
         match self {
             Self::Smt(m) => m.forward(x, train),
             Self::Conv2Former(m) => m.forward(x, train),
+            Self::Mcga(m) => m.forward(x, train),
         }
     }
 
@@ -95,6 +107,7 @@ impl Backbone for AnyBackbone {
         match self {
             Self::Smt(m) => m.out_shapes(),
             Self::Conv2Former(m) => m.out_shapes(),
+            Self::Mcga(m) => m.out_shapes(),
         }
     }
 }

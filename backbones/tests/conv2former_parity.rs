@@ -14,6 +14,8 @@ use densepred_core::params::SeededVarMap;
 use densepred_core::weights::{load_into, read_checkpoint};
 use std::path::PathBuf;
 
+mod common;
+
 const TOL: f32 = 2.5e-5;
 
 fn fixture_dir() -> PathBuf {
@@ -133,27 +135,8 @@ fn configs_are_checked() {
     assert!(toml::from_str::<Conv2FormerConfig>("variant = \"n\"\nkernel = 7").is_err());
 }
 
-/// Deterministic values in [-1, 1) of `shape` (f64).
-fn uniform(shape: &[usize], seed: u64) -> Tensor {
-    let n: usize = shape.iter().product();
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let v: Vec<f64> = (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-        })
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
 /// The backward pass of the whole network (autograd through our ops) against central finite
-/// differences in f64: the gradient of `Σ_i <stage_i, P_i> + <logits, P>` (fixed random `P`)
-/// with respect to the input and to every parameter (a spread of elements of each), in eval
-/// mode. Step 1e-5: the truncation error (~h²) and rounding (~1e-16/h) are both far below the
-/// gate, 1e-6 relative to the largest gradient entry of the tensor, while an indexing or sign
-/// error is O(1).
+/// differences in f64 ([`common::assert_gradients_match_finite_differences`]), in eval mode.
 #[test]
 fn gradients_match_finite_differences_in_f64() {
     let cfg: Conv2FormerConfig = toml::from_str(
@@ -164,86 +147,16 @@ fn gradients_match_finite_differences_in_f64() {
     let vars = SeededVarMap::new(3);
     let model = Conv2Former::new(vars.var_builder(DType::F64, &Device::Cpu), &cfg).unwrap();
     // O(1) values everywhere (layer scales start at 1e-6, which would hide the branches).
-    let named = vars.named_vars();
-    for (i, (name, v)) in named.iter().enumerate() {
-        let t = uniform(v.as_tensor().dims(), 100 + i as u64);
-        let t = if name.contains("running_var") || name.ends_with("norm.weight") {
-            t.affine(0.25, 1.0).unwrap()
-        } else {
-            t
-        };
-        v.set(&t).unwrap();
-    }
-    let x = candle_core::Var::from_tensor(&uniform(&[1, 3, 40, 48], 7)).unwrap();
-    let probes: Vec<Tensor> = {
-        let s = model.forward_stages(x.as_tensor(), false).unwrap();
+    common::set_uniform(&vars, |name| {
+        name.contains("running_var") || name.ends_with("norm.weight")
+    });
+    let outputs = |x: &Tensor| -> Vec<Tensor> {
+        let mut s = model.forward_stages(x, false).unwrap();
         let l = model.classify(&s[3]).unwrap();
-        s.iter()
-            .chain(std::iter::once(&l))
-            .enumerate()
-            .map(|(i, t)| uniform(t.dims(), 50 + i as u64))
-            .collect()
+        s.push(l);
+        s
     };
-    let loss = |input: &Tensor| -> Tensor {
-        let s = model.forward_stages(input, false).unwrap();
-        let l = model.classify(&s[3]).unwrap();
-        s.iter()
-            .chain(std::iter::once(&l))
-            .zip(&probes)
-            .map(|(t, p)| (t * p).unwrap().sum_all().unwrap())
-            .reduce(|a, b| (a + b).unwrap())
-            .unwrap()
-    };
-    let grads = loss(x.as_tensor()).backward().unwrap();
-    let h = 1e-5;
-    let check = |what: &str, var: &candle_core::Var, input: bool| {
-        let g = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("{what}: no gradient"));
-        let ana: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
-        let base = var.as_tensor().copy().unwrap();
-        let flat: Vec<f64> = base.flatten_all().unwrap().to_vec1().unwrap();
-        assert_eq!(ana.len(), flat.len(), "{what}");
-        let scale = ana.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
-        let n = flat.len();
-        let picks: Vec<usize> = if n <= 6 {
-            (0..n).collect()
-        } else {
-            (0..6).map(|k| k * (n - 1) / 5).collect()
-        };
-        let eval = |vals: Vec<f64>| -> f64 {
-            let t = Tensor::from_vec(vals, base.dims(), &Device::Cpu).unwrap();
-            if input {
-                loss(&t).to_scalar::<f64>().unwrap()
-            } else {
-                var.set(&t).unwrap();
-                let v = loss(x.as_tensor()).to_scalar::<f64>().unwrap();
-                var.set(&base).unwrap();
-                v
-            }
-        };
-        for i in picks {
-            let mut p = flat.clone();
-            p[i] += h;
-            let fp = eval(p.clone());
-            p[i] -= 2.0 * h;
-            let fm = eval(p);
-            let num = (fp - fm) / (2.0 * h);
-            assert!(
-                (num - ana[i]).abs() <= 1e-6 * scale,
-                "{what}[{i}]: autograd {} vs finite difference {num} (scale {scale})",
-                ana[i]
-            );
-        }
-    };
-    check("input", &x, true);
-    let mut checked = 0;
-    for (name, v) in &named {
-        if name.contains("running_") {
-            continue; // buffers
-        }
-        check(name, v, false);
-        checked += 1;
-    }
+    let checked =
+        common::assert_gradients_match_finite_differences(&vars, &outputs, &[1, 3, 40, 48]);
     assert!(checked > 40, "{checked} parameters checked");
 }
