@@ -48,6 +48,7 @@
 use crate::Backbone;
 use candle_core::{Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
+use densepred_core::flops;
 use densepred_core::nn::{drop_path_rate, gelu, Conv2d, ConvCfg, DropPath, LayerNorm, Linear};
 use densepred_core::ops::{token_attention, token_dwconv, LocalMode};
 use densepred_core::ShapeSpec;
@@ -259,6 +260,7 @@ impl TokenDw {
     }
 
     fn forward(&self, x: &Tensor, hw: (usize, usize)) -> Result<Tensor> {
+        flops::count_token_dwconv(x, self.weight.dim(2)?);
         token_dwconv(x, &self.weight, &self.bias, hw, LocalMode::Plain)
     }
 }
@@ -342,7 +344,9 @@ impl McgaAttention {
             .unsqueeze(0)?
             .broadcast_as((b, g, d))?
             .contiguous()?;
-        let ga = token_attention(&q, &self.kv_i.forward(x)?, self.heads, self.scale)?;
+        let kv_i = self.kv_i.forward(x)?;
+        flops::count_token_attention(&q, &kv_i);
+        let ga = token_attention(&q, &kv_i, self.heads, self.scale)?;
         // 3. token mixing over the groups.
         let m = self.mixer.forward(&ga)?;
         // 1. + 4. local queries attend the mixed groups.
@@ -353,6 +357,8 @@ impl McgaAttention {
             Some(l) => l.forward(&m)?,
             None => kv3.clone(),
         };
+        flops::count_token_attention(&q3, &kv3);
+        flops::count_token_attention(&q5, &kv5);
         let o3 = token_attention(&q3, &kv3, self.heads, self.scale)?;
         let o5 = token_attention(&q5, &kv5, self.heads, self.scale)?;
         // 5. fusion.

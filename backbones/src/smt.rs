@@ -18,6 +18,7 @@
 use crate::Backbone;
 use candle_core::{Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
+use densepred_core::flops;
 use densepred_core::nn::{gelu, BatchNorm2d, Conv2d, ConvCfg, DropPath, LayerNorm, Linear};
 use densepred_core::ops::{
     detail_ffn, mul_scale_last, multi_head_mixed_conv, pre_norm_ffn_residual, token_attention,
@@ -331,6 +332,7 @@ impl DwConv {
     /// The same convolution applied to tokens `(B, h·w, C)` directly (channels-last), followed by
     /// `mode`.
     fn forward_tokens(&self, x: &Tensor, h: usize, w: usize, mode: LocalMode) -> Result<Tensor> {
+        flops::count_token_dwconv(x, self.weight.dim(2)?);
         token_dwconv(x, &self.weight, &self.bias, (h, w), mode)
     }
 }
@@ -381,6 +383,13 @@ impl Sam {
         // SAA's proj0 then sees one channel of every head (the paper's "scale-aware" mixing).
         let weights: Vec<Tensor> = self.local_convs.iter().map(|c| c.weight.clone()).collect();
         let biases: Vec<Tensor> = self.local_convs.iter().map(|c| c.bias.clone()).collect();
+        if flops::active() {
+            let per_head = s.elem_count() / weights.len().max(1);
+            for wt in &weights {
+                let k = wt.dim(2)?;
+                flops::count("conv", (per_head * k * k) as u64);
+            }
+        }
         let mixed = multi_head_mixed_conv(&s, &weights, &biases)?;
         // SAA: grouped 1x1 (W_intra) -> BN -> GELU -> dense 1x1 (W_inter).
         let m = self.bn.forward(&self.proj0.forward(&mixed)?, train)?;
@@ -429,6 +438,7 @@ impl Msa {
         // kv (B, N, 2C): keys in channels 0..C, values in C..2C (the official
         // reshape(B, N, 2, heads, d)); the attention reads the heads in place.
         let kv = self.kv.forward(x)?;
+        flops::count_token_attention(&q, &kv);
         let o = token_attention(&q, &kv, self.heads, self.scale)?;
         // The local branch: DW3x3 on v in token layout (v.transpose(1, 2).reshape(B, N, C)).
         let v_tokens = kv.narrow(2, c, c)?;
@@ -463,6 +473,7 @@ impl Mlp {
     fn forward(&self, x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
         // fc1 → GELU(h + DW3x3(h)) → fc2 on tokens; one op when training on the CPU.
         let (b1, b2) = self.biases()?;
+        self.count(x);
         detail_ffn(
             x,
             &self.fc1.weight,
@@ -473,6 +484,15 @@ impl Mlp {
             b2,
             (h, w),
         )
+    }
+
+    /// Counts the fused FFN's layers (fc1, the 3×3 depthwise conv, fc2) for tokens `x`.
+    fn count(&self, x: &Tensor) {
+        if let (Ok((hidden, c)), Ok(co)) = (self.fc1.weight.dims2(), self.fc2.weight.dim(0)) {
+            let rows = x.elem_count() / c.max(1);
+            flops::count("linear", (rows * c * hidden + rows * hidden * co) as u64);
+            flops::count("conv", (rows * hidden * 9) as u64);
+        }
     }
 
     /// `(fc1.bias, fc2.bias)`: the official `Mlp` always has both.
@@ -492,6 +512,8 @@ impl Mlp {
         w: usize,
     ) -> Result<Tensor> {
         let (b1, b2) = self.biases()?;
+        flops::count("layer_norm", 5 * x.elem_count() as u64);
+        self.count(x);
         pre_norm_ffn_residual(
             x,
             &norm.weight,

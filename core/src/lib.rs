@@ -2,6 +2,7 @@
 //! (see `DESIGN.md` for the layout).
 
 pub mod config;
+pub mod flops;
 pub mod io;
 pub mod losses;
 pub mod nn;

@@ -104,6 +104,15 @@ impl Conv2d {
 
     /// `(B, C_in, H, W)` → `(B, C_out, OH, OW)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.forward_uncounted(x)?;
+        if crate::flops::active() {
+            let (_, in_per_g, k, _) = self.weight.dims4()?;
+            crate::flops::count("conv", (y.elem_count() * in_per_g * k * k) as u64);
+        }
+        Ok(y)
+    }
+
+    fn forward_uncounted(&self, x: &Tensor) -> Result<Tensor> {
         let (out_c, in_per_g, k, _) = self.weight.dims4()?;
         let c = self.cfg;
         let in_c = x.dim(1)?;
@@ -297,6 +306,10 @@ impl Linear {
         let in_f = *dims
             .last()
             .ok_or_else(|| candle_core::Error::msg("Linear: scalar input"))?;
+        if crate::flops::active() {
+            let rows = x.elem_count() / in_f.max(1);
+            crate::flops::count("linear", (rows * in_f * self.weight.dim(0)?) as u64);
+        }
         if let Some(b) = &self.bias {
             // Any rank, without reshape nodes in the graph.
             return crate::ops::bias::linear_bias(x, &self.weight, b);
@@ -332,6 +345,7 @@ impl LayerNorm {
 
     /// `(..., C)` → `(..., C)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        crate::flops::count("layer_norm", 5 * x.elem_count() as u64);
         layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
@@ -373,7 +387,14 @@ impl BatchNorm2d {
     ///
     /// Errors: a batch with a single value per channel in training (variance undefined).
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.count(x, train);
         self.forward_act(x, train, false)
+    }
+
+    /// fvcore's count: `2·numel` in evaluation, `5·numel` in training.
+    fn count(&self, x: &Tensor, train: bool) {
+        let per = if train { 5 } else { 2 };
+        crate::flops::count("batch_norm", per * x.elem_count() as u64);
     }
 
     /// `relu(self.forward(x, train))` (conv → BN → ReLU of mmcv's `ConvModule`); in training on
@@ -382,6 +403,7 @@ impl BatchNorm2d {
     ///
     /// Errors: as [`BatchNorm2d::forward`].
     pub fn forward_relu(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.count(x, train);
         self.forward_act(x, train, true)
     }
 

@@ -15,10 +15,46 @@ pub enum Analyze {
         /// Config with a `[backbone]` (or `[model.backbone]`) table.
         config: PathBuf,
     },
+    /// Count the multiply-accumulates of one forward pass of a backbone config (batch 1, eval
+    /// mode, classifier included when the config has one) with fvcore's rules
+    /// (`densepred_core::flops`): one line per kind in GMACs, the total with the attention
+    /// products (fvcore's figure), then `total_gmacs X` without them (ptflops's figure, which
+    /// the SMT and MCGA papers report).
+    Flops {
+        /// Backbone config (a `[backbone]` table).
+        config: PathBuf,
+        /// Input `HxW`.
+        #[arg(long, default_value = "224x224")]
+        shape: String,
+    },
 }
 
 pub fn run(a: Analyze) -> Result<()> {
     match a {
+        Analyze::Flops { config, shape } => {
+            let (h, w) = super::benchmark::parse_shape(&shape)?;
+            let loaded = backbone_config::build_backbone(&config, None, &Device::Cpu)?;
+            let x =
+                candle_core::Tensor::zeros((1, 3, h, w), candle_core::DType::F32, &Device::Cpu)?;
+            let (out, counts) = densepred_core::flops::measure(|| -> candle_core::Result<()> {
+                let stages = loaded.inference.forward_stages(&x, false)?;
+                loaded.inference.classify(&stages[3])?;
+                Ok(())
+            });
+            out?;
+            let g = |v: u64| v as f64 / 1e9;
+            for (k, v) in &counts {
+                println!("{k:<12} {:>9.4}", g(*v));
+            }
+            let all: u64 = counts.values().sum();
+            let matmul = counts
+                .get(densepred_core::flops::MATMUL)
+                .copied()
+                .unwrap_or(0);
+            println!("total_gmacs_with_attention_matmul {:.4}", g(all));
+            println!("total_gmacs {:.4}", g(all - matmul));
+            Ok(())
+        }
         Analyze::Params { config } => {
             let table = densepred_engine::config::load(&config)?;
             if table.contains_key("model") {

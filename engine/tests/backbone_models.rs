@@ -1,6 +1,7 @@
-//! Conv2Former in every detector and segmentor that configs build: each mini config
-//! (`*_conv2former-n_*mini-*.toml`) trains a few iterations on two real images with its loss
-//! falling, and `test` on the checkpoint gives the COCO summary / the mIoU table.
+//! Conv2Former and MCGA in every detector and segmentor that configs build: each mini config
+//! (`*_conv2former-n_*mini-*.toml`, `*_mcga-tiny_*mini-*.toml`) trains a few iterations on two
+//! real images with its loss falling, and `test` on the checkpoint gives the COCO summary (and
+//! the segm summary for Mask R-CNN) / the mIoU table.
 
 use candle_core::Device;
 use densepred_engine::runner::RunConfig;
@@ -91,7 +92,7 @@ fn two_coco_images(out: &Path) {
 }
 
 #[test]
-fn conv2former_detectors_train_and_test() {
+fn detectors_train_and_test() {
     let tmp = tempfile::tempdir().unwrap();
     let ann = tmp.path().join("two.json");
     two_coco_images(&ann);
@@ -102,6 +103,8 @@ fn conv2former_detectors_train_and_test() {
         "configs/retinanet/retinanet_conv2former-n_fpn_mini-coco.toml",
         "configs/atss/atss_conv2former-n_fpn_mini-coco.toml",
         "configs/mask_rcnn/mask_rcnn_conv2former-n_fpn_mini-coco.toml",
+        "configs/retinanet/retinanet_mcga-tiny_fpn_mini-coco.toml",
+        "configs/mask_rcnn/mask_rcnn_mcga-tiny_fpn_mini-coco.toml",
     ] {
         let mut sets = Vec::new();
         for split in ["train", "val", "test"] {
@@ -130,7 +133,7 @@ fn conv2former_detectors_train_and_test() {
 }
 
 #[test]
-fn conv2former_segmentors_train_and_test() {
+fn segmentors_train_and_test() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let src = root().join("assets/mini_ade");
@@ -148,6 +151,7 @@ fn conv2former_segmentors_train_and_test() {
     for config in [
         "configs/upernet/upernet_conv2former-n_mini-ade.toml",
         "configs/sem_fpn/fpn_conv2former-n_mini-ade.toml",
+        "configs/sem_fpn/fpn_mcga-tiny_mini-ade.toml",
     ] {
         let prefix = "{ img_path = \"images/training\", seg_map_path = \"annotations/training\" }";
         let mut sets = Vec::new();
