@@ -141,10 +141,12 @@ def train(
     overrides: Overrides = None,
     load_from: Optional[PathLike] = None,
     progress: bool = True,
+    device: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Trains the config's model as ``densepred train`` does (same logs, progress bars,
     checkpoints, ``metrics.jsonl`` and curves in the work dir; default work dir: the config's
-    ``work_dir``, else ``work_dirs/<config name>``).
+    ``work_dir``, else ``work_dirs/<config name>``). ``device``: ``"cpu"``, ``"cuda"`` or
+    ``"cuda:N"`` (default: the config's ``device`` key, else the CPU).
 
     Ctrl-C stops after the iteration in flight and raises ``KeyboardInterrupt``; the checkpoints
     written so far stay intact (``resume=True`` continues).
@@ -160,13 +162,15 @@ def test(
     overrides: Overrides = None,
     progress: bool = True,
     strict: bool = True,
+    device: Optional[str] = None,
 ) -> Dict[str, Any]:
-    """Evaluates ``checkpoint`` on the config's test split, as ``densepred test`` (``strict`` as
-    for ``Detector``).
+    """Evaluates ``checkpoint`` on the config's test split, as ``densepred test`` (``strict`` and
+    ``device`` as for ``Detector`` / ``train``).
 
     Returns:
         detectors: the 12 COCO stats ``AP``, ``AP50``, ``AP75``, ``APs``, ``APm``, ``APl``,
-        ``AR1``, ``AR10``, ``AR100``, ``ARs``, ``ARm``, ``ARl`` (fractions, -1 where undefined);
+        ``AR1``, ``AR10``, ``AR100``, ``ARs``, ``ARm``, ``ARl`` (fractions, -1 where undefined),
+        each prefixed ``bbox_`` / ``segm_`` for detectors with masks;
         segmentors: ``mIoU``, ``mAcc``, ``aAcc`` (fractions) and per-class ``IoU`` / ``Acc`` lists
         (None for classes absent from the ground truth).
     """

@@ -27,6 +27,17 @@ pub fn parse_device(s: &str) -> Result<Device, EngineError> {
     })
 }
 
+/// The device of a run: `flag` (the CLI's `--device`, Python's `device=`) if given, else the
+/// config's `device` key, else the CPU.
+///
+/// Errors: as [`parse_device`].
+pub fn resolve_device(
+    flag: Option<&str>,
+    cfg: &crate::runner::RunConfig,
+) -> Result<Device, EngineError> {
+    parse_device(flag.or(cfg.device.as_deref()).unwrap_or("cpu"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

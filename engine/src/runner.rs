@@ -298,6 +298,10 @@ pub struct RunConfig {
     /// Output folder (default `work_dirs/<config name>`).
     #[serde(default)]
     pub work_dir: Option<PathBuf>,
+    /// densepred's runtime key for where the model runs: `"cpu"` (default), `"cuda"` or
+    /// `"cuda:N"`; the CLI's `--device` and Python's `device=` override it.
+    #[serde(default)]
+    pub device: Option<String>,
     /// Weights to start from.
     #[serde(default)]
     pub load_from: Option<PathBuf>,

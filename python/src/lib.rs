@@ -605,7 +605,8 @@ fn run_interruptible<T: Send>(
 /// work dir. Returns a dict: `work_dir`, `iters`, `last_checkpoint` (path or None), `metrics`
 /// (the last validation metrics or None).
 #[pyfunction]
-#[pyo3(signature = (config, work_dir=None, resume=false, overrides=None, load_from=None, progress=true))]
+#[pyo3(signature = (config, work_dir=None, resume=false, overrides=None, load_from=None, progress=true, device=None))]
+#[allow(clippy::too_many_arguments)]
 fn train<'py>(
     py: Python<'py>,
     config: PathBuf,
@@ -614,6 +615,7 @@ fn train<'py>(
     overrides: Option<&Bound<'py, PyAny>>,
     load_from: Option<PathBuf>,
     progress: bool,
+    device: Option<&str>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let overrides = override_strings(overrides)?;
     let (cfg, table) = load_config(&config, &overrides)?;
@@ -626,7 +628,7 @@ fn train<'py>(
         work_dir: work_dir.clone(),
         resume: resume || cfg.resume,
         load_from,
-        device: Device::Cpu,
+        device: densepred_engine::device::resolve_device(device, &cfg).map_err(engine_err)?,
         progress,
         interrupt: Some(flag.clone()),
     };
@@ -656,7 +658,7 @@ fn train<'py>(
 /// fractions, −1 where undefined); segmentors: `mIoU`, `mAcc`, `aAcc` and per-class `IoU` /
 /// `Acc` lists (fractions, NaN as None).
 #[pyfunction]
-#[pyo3(signature = (config, checkpoint, overrides=None, progress=true, strict=true))]
+#[pyo3(signature = (config, checkpoint, overrides=None, progress=true, strict=true, device=None))]
 fn test<'py>(
     py: Python<'py>,
     config: PathBuf,
@@ -664,12 +666,14 @@ fn test<'py>(
     overrides: Option<&Bound<'py, PyAny>>,
     progress: bool,
     strict: bool,
+    device: Option<&str>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let overrides = override_strings(overrides)?;
     let (cfg, _) = load_config(&config, &overrides)?;
     require_file(&checkpoint, "checkpoint")?;
+    let dev = densepred_engine::device::resolve_device(device, &cfg).map_err(engine_err)?;
     let metrics = py
-        .detach(|| run_on_pool(|| test_impl(&cfg, &checkpoint, progress, strict)))
+        .detach(|| run_on_pool(|| test_impl(&cfg, &checkpoint, progress, strict, &dev)))
         .map_err(engine_err)?;
     json_to_py(py, &metrics)
 }
@@ -680,6 +684,7 @@ fn test_impl(
     checkpoint: &Path,
     progress: bool,
     strict: bool,
+    device: &Device,
 ) -> Result<serde_json::Value, EngineError> {
     use densepred_engine::tester::{test_checkpoint, SegTestOptions, TestRun, TestRunOptions};
     let opts = TestRunOptions {
@@ -689,7 +694,7 @@ fn test_impl(
             ..SegTestOptions::default()
         },
     };
-    match test_checkpoint(cfg, checkpoint, &opts, &Device::Cpu)? {
+    match test_checkpoint(cfg, checkpoint, &opts, device)? {
         TestRun::Segmentation(out) => match &out.metrics {
             Some(m) => {
                 println!("per class results:\n{}", m.table(Some(&out.classes)));

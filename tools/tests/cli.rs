@@ -488,3 +488,82 @@ fn analyze_params_matches_mmdet_for_paper_detectors() {
         );
     }
 }
+
+/// `--device` on every command that runs a model: a CUDA device that does not open (no GPU here,
+/// or a CPU-only build) and a misspelt device are clean errors naming what was asked, never a
+/// panic; the config's `device` key is read the same way and the flag overrides it.
+#[test]
+fn device_flags_fail_cleanly_without_a_gpu() {
+    let r = root();
+    let cfg = r.join("configs/retinanet/retinanet_smt-t_fpn_mini-coco.toml");
+    let cfg = cfg.to_str().unwrap();
+    let bb = r.join("configs/backbones/smt-t.toml");
+    let bb = bb.to_str().unwrap();
+    let img = r.join("assets/mini_coco/images/000000000009.jpg");
+    let img = img.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("f.safetensors");
+    let runs: Vec<Vec<&str>> = vec![
+        vec!["train", cfg, "--device", "cuda:4096"],
+        vec![
+            "test",
+            cfg,
+            "--checkpoint",
+            "missing.safetensors",
+            "--device",
+            "cuda:4096",
+        ],
+        vec![
+            "infer",
+            cfg,
+            "--checkpoint",
+            "missing.safetensors",
+            img,
+            "--out-dir",
+            "x",
+            "--device",
+            "cuda:4096",
+        ],
+        vec!["benchmark", "train", cfg, "--device", "cuda:4096"],
+        vec!["benchmark", "infer", cfg, "--device", "cuda:4096"],
+        vec!["benchmark", "backbone", bb, "--device", "cuda:4096"],
+        vec![
+            "features",
+            "--backbone",
+            bb,
+            "--image",
+            img,
+            "--out",
+            out.to_str().unwrap(),
+            "--device",
+            "cuda:4096",
+        ],
+        vec!["train", cfg, "--set", "device=\"cuda:4096\""],
+    ];
+    for args in runs {
+        let (ok, _, err) = densepred(&args);
+        assert!(!ok, "{args:?} succeeded");
+        assert!(
+            err.contains("CUDA device 4096 did not open"),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    let (ok, _, err) = densepred(&["train", cfg, "--device", "gpu0"]);
+    assert!(
+        !ok && err.contains("cpu, cuda or cuda:N") && err.contains("gpu0"),
+        "{err}"
+    );
+    // The flag wins over the config key: a CPU run reaches the next error (a missing checkpoint).
+    let (ok, _, err) = densepred(&[
+        "test",
+        cfg,
+        "--checkpoint",
+        "missing.safetensors",
+        "--set",
+        "device=\"cuda:4096\"",
+        "--device",
+        "cpu",
+    ]);
+    assert!(!ok && err.contains("missing.safetensors"), "{err}");
+}

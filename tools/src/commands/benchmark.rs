@@ -37,6 +37,10 @@ pub struct ModelArgs {
     /// Print one JSON object `{"median_ms", "peak_mb", "params"}` as the last line.
     #[arg(long)]
     json: bool,
+    /// `cpu`, or `cuda` / `cuda:N` (a binary built with `--features cuda`); default: the
+    /// config's `device` key, else `cpu`.
+    #[arg(long)]
+    device: Option<String>,
 }
 
 /// Runs the model of `a.config` on a random batch: per iteration either a training step
@@ -49,7 +53,7 @@ fn model_bench(a: ModelArgs, train: bool) -> Result<()> {
     let (h, w) = parse_shape(&a.shape)?;
     let batch = a.batch.unwrap_or(if train { 2 } else { 1 });
     let (cfg, _) = RunConfig::load(&a.config, &[])?;
-    let device = Device::Cpu;
+    let device = densepred_engine::device::resolve_device(a.device.as_deref(), &cfg)?;
     let model = build_model(&cfg.model, cfg.seed(), &device)?;
     let params = model.vars.num_parameters();
     let x = Tensor::randn(0f32, 1.0, (batch, 3, h, w), &device)?;

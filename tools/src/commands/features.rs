@@ -29,6 +29,9 @@ pub struct Args {
     /// Output safetensors file.
     #[arg(long)]
     out: PathBuf,
+    /// `cpu`, `cuda` or `cuda:N` (CUDA needs a binary built with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 /// mmdetection's default `data_preprocessor` normalisation (RGB mean / std, 0–255 pixels).
@@ -39,14 +42,14 @@ const IMAGENET: Normalization = Normalization {
 
 /// `(1, 3, H, W)` normalised tensor of an image file, decoded and normalised exactly as the data
 /// pipeline does (`LoadImageFromFile`, then the data preprocessor).
-fn image_tensor(path: &std::path::Path) -> Result<Tensor> {
+fn image_tensor(path: &std::path::Path, device: &Device) -> Result<Tensor> {
     let mut sample = Sample::new(path.to_path_buf(), 0);
     sample.img = Some(load_rgb(path)?);
-    Ok(collate(vec![sample], Some(&IMAGENET), 1, &Device::Cpu)?.images)
+    Ok(collate(vec![sample], Some(&IMAGENET), 1, device)?.images)
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let device = Device::Cpu;
+    let device = densepred_engine::device::parse_device(&a.device)?;
     let loaded = backbone_config::build_backbone(&a.backbone, a.weights.as_deref(), &device)?;
     if let Some(r) = &loaded.report {
         eprintln!("weights: {}", r.to_string().trim_end());
@@ -67,7 +70,7 @@ pub fn run(a: Args) -> Result<()> {
             }
             x.to_dtype(DType::F32)?
         }
-        (None, Some(p)) => image_tensor(p)?,
+        (None, Some(p)) => image_tensor(p, &device)?,
         _ => bail!("give exactly one of --input or --image"),
     };
     let stages = loaded.inference.forward_stages(&x, false)?;

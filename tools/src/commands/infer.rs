@@ -4,7 +4,6 @@
 
 use crate::visualize::{draw_detections, save_png, write_seg_prediction};
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use clap::Parser;
 use densepred_engine::inference::{ImageInput, Inferencer};
 use densepred_engine::runner::RunConfig;
@@ -33,6 +32,10 @@ pub struct Args {
     /// Load the checkpoint strictly (`--strict false`: load what matches and warn about the rest).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub strict: bool,
+    /// `cpu`, `cuda` or `cuda:N` (CUDA needs a binary built with `--features cuda`); default:
+    /// the config's `device` key, else `cpu`.
+    #[arg(long)]
+    pub device: Option<String>,
 }
 
 fn collect_images(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
@@ -66,7 +69,7 @@ fn collect_images(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
 
 pub fn run(a: Args) -> Result<()> {
     let (cfg, _) = RunConfig::load(&a.config, &a.overrides)?;
-    let dev = Device::Cpu;
+    let dev = densepred_engine::device::resolve_device(a.device.as_deref(), &cfg)?;
     let inf = Inferencer::new(&cfg, Some(&a.checkpoint), a.strict, &dev)?;
     let classes = inf.classes().to_vec();
     let images = collect_images(&a.inputs)?;

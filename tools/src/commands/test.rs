@@ -4,7 +4,6 @@
 
 use crate::visualize::{draw_detections, save_png, write_seg_prediction};
 use anyhow::{Context, Result};
-use candle_core::Device;
 use clap::Parser;
 use densepred_engine::runner::RunConfig;
 use densepred_engine::tester::{test_checkpoint, SegTestOptions, TestRun, TestRunOptions};
@@ -49,12 +48,16 @@ pub struct Args {
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// `cpu`, `cuda` or `cuda:N` (CUDA needs a binary built with `--features cuda`); default:
+    /// the config's `device` key, else `cpu`.
+    #[arg(long)]
+    pub device: Option<String>,
 }
 
 pub fn run(a: Args) -> Result<()> {
     let (cfg, _) = RunConfig::load(&a.config, &a.overrides)?;
     let (dl, _) = cfg.test_split()?;
-    let dev = Device::Cpu;
+    let dev = densepred_engine::device::resolve_device(a.device.as_deref(), &cfg)?;
     let is_segmentor = cfg.model.segmentor().is_some();
     if is_segmentor && (a.out.is_some() || a.show_dir.is_some()) {
         anyhow::bail!("--out and --show-dir are for detectors; segmentors use --out-dir");

@@ -1,7 +1,6 @@
 //! `densepred train CONFIG`: mmdetection's `tools/train.py`.
 
 use anyhow::{Context, Result};
-use candle_core::Device;
 use clap::Parser;
 use densepred_engine::runner::{work_dir_for, RunConfig};
 use densepred_engine::trainer::{train, TrainOptions};
@@ -30,6 +29,10 @@ pub struct Args {
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// `cpu`, `cuda` or `cuda:N` (CUDA needs a binary built with `--features cuda`); default:
+    /// the config's `device` key, else `cpu`.
+    #[arg(long)]
+    pub device: Option<String>,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -48,7 +51,7 @@ pub fn run(a: Args) -> Result<()> {
         work_dir: work_dir.clone(),
         resume: a.resume || cfg.resume,
         load_from: a.load_from,
-        device: Device::Cpu,
+        device: densepred_engine::device::resolve_device(a.device.as_deref(), &cfg)?,
         progress: !a.no_progress,
         interrupt: Some(flag),
     };
