@@ -25,9 +25,7 @@ another count.
 import argparse
 import os
 import resource
-import statistics
 import sys
-import time
 import types
 
 import torch
@@ -178,17 +176,6 @@ def gt_sample(h, w, with_gt):
     return s
 
 
-def timed(step, iters):
-    for _ in range(3):
-        step()
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times), min(times)
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--smt", required=True, help="the official models/smt.py")
@@ -196,6 +183,9 @@ def main():
     p.add_argument("--size", type=int, default=640)
     p.add_argument("--iters", type=int, default=3)
     a = p.parse_args()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from official_backbone import timed  # our helper beside this file
+
     install_ext_shim()
     import mmdet
     from mmdet.registry import MODELS

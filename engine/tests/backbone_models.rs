@@ -4,14 +4,13 @@
 //! the segm summary for Mask R-CNN) / the mIoU table.
 
 use candle_core::Device;
+use common::root;
 use densepred_engine::runner::RunConfig;
 use densepred_engine::tester::{test_checkpoint, TestRun, TestRunOptions};
 use densepred_engine::trainer::{train, TrainOptions};
 use std::path::{Path, PathBuf};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+mod common;
 
 const ITERS: u64 = 12;
 
@@ -64,38 +63,11 @@ fn assert_falls(config: &str, losses: &[f64]) {
     assert!(last < first, "{config}: loss did not fall: {losses:?}");
 }
 
-/// Two mini_coco train images (all their instances) as an annotation file.
-fn two_coco_images(out: &Path) {
-    let src = root().join("assets/mini_coco/annotations/instances_train.json");
-    let mut d: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(src).unwrap()).unwrap();
-    let ids = [263u64, 514];
-    let keep = |v: &serde_json::Value, k: &str| ids.contains(&v[k].as_u64().unwrap());
-    let images: Vec<_> = d["images"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|v| keep(v, "id"))
-        .cloned()
-        .collect();
-    assert_eq!(images.len(), 2);
-    let anns: Vec<_> = d["annotations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|v| keep(v, "image_id"))
-        .cloned()
-        .collect();
-    d["images"] = images.into();
-    d["annotations"] = anns.into();
-    std::fs::write(out, d.to_string()).unwrap();
-}
-
 #[test]
 fn detectors_train_and_test() {
     let tmp = tempfile::tempdir().unwrap();
     let ann = tmp.path().join("two.json");
-    two_coco_images(&ann);
+    common::coco_subset(&[263, 514], &ann);
     let a = ann.display();
     let data_root = root().join("assets/mini_coco");
     let r = data_root.display();

@@ -4,45 +4,18 @@
 //! post-processing work together.
 
 use candle_core::Device;
+use common::root;
 use densepred_engine::runner::RunConfig;
 use densepred_engine::trainer::{train, TrainOptions};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// Writes the annotations of `ids` (all their instances, all categories) to `out`.
-fn subset(ids: &[u64], out: &Path) {
-    let src = root().join("assets/mini_coco/annotations/instances_train.json");
-    let mut d: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(src).unwrap()).unwrap();
-    let keep = |v: &serde_json::Value, key: &str| ids.contains(&v[key].as_u64().unwrap());
-    let images: Vec<_> = d["images"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|v| keep(v, "id"))
-        .cloned()
-        .collect();
-    let anns: Vec<_> = d["annotations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|v| keep(v, "image_id"))
-        .cloned()
-        .collect();
-    assert_eq!(images.len(), ids.len());
-    d["images"] = images.into();
-    d["annotations"] = anns.into();
-    std::fs::write(out, d.to_string()).unwrap();
-}
+mod common;
 
 /// The overrides that point a tiny overfit config at the images `ids` of mini_coco's train split
 /// (annotations written under `tmp`).
 fn four_image_overrides(tmp: &Path, ids: &[u64]) -> Vec<String> {
     let ann = tmp.join("four.json");
-    subset(ids, &ann);
+    common::coco_subset(ids, &ann);
     let a = ann.display().to_string();
     let data_root = root().join("assets/mini_coco").display().to_string();
     vec![
