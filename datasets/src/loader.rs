@@ -42,6 +42,45 @@ pub struct DataLoader {
     /// Count of the samples skipped so far (shared by clones; read with
     /// [`DataLoader::skipped`]).
     pub skipped: Arc<std::sync::atomic::AtomicUsize>,
+    /// This process's part of each epoch in data-parallel runs (rank 0 of 1: everything).
+    pub shard: Shard,
+}
+
+/// The part of each epoch that one rank of a data-parallel run loads, as mmengine's
+/// `DefaultSampler`: the epoch order (the same on every rank: seeded by `seed + epoch`) padded
+/// by repeating its head to a multiple of `world`, then every `world`-th index from `rank`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// This process's rank, `0..world`.
+    pub rank: usize,
+    /// Number of processes.
+    pub world: usize,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Self { rank: 0, world: 1 }
+    }
+}
+
+impl Shard {
+    /// The indices of `order` this rank takes.
+    pub fn take(&self, order: &[usize]) -> Vec<usize> {
+        let world = self.world.max(1);
+        if world == 1 || order.is_empty() {
+            return order.to_vec();
+        }
+        let total = order.len().div_ceil(world) * world;
+        (self.rank..total)
+            .step_by(world)
+            .map(|i| order[i % order.len()])
+            .collect()
+    }
+
+    /// Samples per rank and epoch for a dataset of `n`.
+    pub fn len(&self, n: usize) -> usize {
+        n.div_ceil(self.world.max(1))
+    }
 }
 
 fn mix(a: u64, b: u64) -> u64 {
@@ -53,12 +92,22 @@ fn mix(a: u64, b: u64) -> u64 {
 }
 
 impl DataLoader {
-    /// Number of batches per epoch.
+    /// Number of batches per epoch (of this rank's [`Shard`]).
     pub fn num_batches(&self) -> usize {
         let b = self.batch_size.max(1);
         let chunks = |n: usize| if self.drop_last { n / b } else { n.div_ceil(b) };
         match &self.aspect_groups {
-            None => chunks(self.dataset.len()),
+            None => chunks(self.shard.len(self.dataset.len())),
+            Some(g) if self.shard.world > 1 => {
+                // A rank's shard mixes the two groups differently every epoch, so its count of
+                // batches can differ by one between epochs: this is epoch 0's (used to size
+                // schedules and progress bars, as mmengine's length of a sharded
+                // `AspectRatioBatchSampler`); `epoch` yields each epoch's exact batches.
+                let mine = self.shard.take(&self.order_unsharded(0));
+                let portrait = mine.iter().filter(|&&i| g.get(i) == Some(&0)).count();
+                let landscape = mine.len() - portrait;
+                portrait / b + landscape / b + chunks(portrait % b + landscape % b)
+            }
             Some(g) => {
                 let portrait = g.iter().filter(|&&x| x == 0).count();
                 let landscape = g.len() - portrait;
@@ -95,8 +144,13 @@ impl DataLoader {
         out
     }
 
-    /// Sample indices of epoch `epoch`, in order.
+    /// Sample indices of epoch `epoch` for this rank ([`Shard`]), in order.
     pub fn order(&self, epoch: u64) -> Vec<usize> {
+        self.shard.take(&self.order_unsharded(epoch))
+    }
+
+    /// The whole epoch's order, the same on every rank.
+    fn order_unsharded(&self, epoch: u64) -> Vec<usize> {
         let mut idx: Vec<usize> = (0..self.dataset.len()).collect();
         if self.shuffle {
             idx.shuffle(&mut StdRng::seed_from_u64(mix(self.seed, epoch)));
@@ -127,7 +181,7 @@ impl DataLoader {
     pub fn epoch_from(&self, epoch: u64, skip: usize) -> EpochBatches {
         let (tx, rx) = crossbeam_channel::bounded(self.prefetch.max(1));
         let this = self.clone();
-        let expected = self.num_batches().saturating_sub(skip);
+        let expected = self.batches(epoch).len().saturating_sub(skip);
         let handle = std::thread::spawn(move || {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(this.num_workers.max(1))

@@ -325,6 +325,7 @@ type = "RandomFlip"
         skip_invalid: skip,
         aspect_groups: None,
         skipped: Default::default(),
+        shard: Default::default(),
     };
     let summary = |l: &DataLoader, epoch: u64| -> Vec<(u64, (usize, usize), bool)> {
         l.epoch(epoch)
@@ -581,4 +582,37 @@ fn bilinear_resize_conventions() {
         );
     }
     assert!(resize_bilinear(&ndarray::Array3::zeros((3, 3, 1)), 2, 2).is_err());
+}
+
+/// mmengine's `DefaultSampler` across ranks: every rank draws the same epoch order (seeded by
+/// seed and epoch), padded by repeating its head to a multiple of the world size; rank `r` takes
+/// every `world`-th index from `r`. The shards of one epoch are disjoint apart from the padding
+/// and together cover the dataset; the order changes with the epoch.
+#[test]
+fn shards_of_an_epoch_are_disjoint_and_cover_the_dataset() {
+    use densepred_datasets::loader::Shard;
+    for (n, world) in [(10usize, 2usize), (11, 2), (7, 3), (5, 8), (12, 1)] {
+        let order: Vec<usize> = (0..n).rev().collect();
+        let shards: Vec<Vec<usize>> = (0..world)
+            .map(|rank| Shard { rank, world }.take(&order))
+            .collect();
+        let per = n.div_ceil(world);
+        assert!(shards.iter().all(|s| s.len() == per), "{n} {world}");
+        // Interleaved back together: the order, then the padding from its head.
+        let mut joined = Vec::new();
+        for i in 0..per {
+            for s in &shards {
+                joined.push(s[i]);
+            }
+        }
+        let padded: Vec<usize> = (0..per * world).map(|i| order[i % n]).collect();
+        assert_eq!(joined, padded, "{n} {world}");
+        let mut all: Vec<usize> = joined[..n].to_vec();
+        all.sort_unstable();
+        assert_eq!(
+            all,
+            (0..n).collect::<Vec<_>>(),
+            "{n} {world}: cover without overlap"
+        );
+    }
 }

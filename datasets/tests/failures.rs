@@ -69,6 +69,7 @@ fn loader(
         skip_invalid: false,
         aspect_groups: None,
         skipped: Default::default(),
+        shard: Default::default(),
     }
 }
 

@@ -706,6 +706,7 @@ pub fn build_loader(dl: &DataloaderConfig, seed: u64, train: bool) -> Result<Loa
         skip_invalid,
         aspect_groups,
         skipped: Default::default(),
+        shard: Default::default(),
     };
     Ok(Loader { loader, dataset })
 }

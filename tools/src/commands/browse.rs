@@ -47,6 +47,7 @@ pub fn run(a: Args) -> Result<()> {
         skip_invalid,
         aspect_groups: None,
         skipped: Default::default(),
+        shard: Default::default(),
     };
     std::fs::create_dir_all(&a.out_dir)
         .with_context(|| format!("creating {}", a.out_dir.display()))?;
