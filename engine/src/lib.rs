@@ -5,6 +5,7 @@ pub mod backbone;
 pub mod config;
 pub mod curves;
 pub mod device;
+pub mod dist;
 pub mod hooks;
 pub mod inference;
 pub mod loops;

@@ -34,6 +34,8 @@ pub struct TrainLoop<'a> {
     pub seed: u64,
     pub device: &'a Device,
     pub interrupt: Option<&'a AtomicBool>,
+    /// The data-parallel run (gradients are averaged across its ranks before each step).
+    pub dist: &'a crate::dist::Dist,
 }
 
 impl TrainLoop<'_> {
@@ -205,7 +207,9 @@ impl TrainLoop<'_> {
         });
         st.grad_norm = None;
         if (it + 1) % self.accumulate == 0 || it + 1 == st.max_iters {
-            let gs = grads.take().expect("set above");
+            let mut gs = grads.take().expect("set above");
+            let params: Vec<&Tensor> = opt.params.iter().map(|p| p.var.as_tensor()).collect();
+            self.dist.average_gradients(&params, &mut gs)?;
             let mut scale = 1.0;
             if let Some(max_norm) = self.clip_grad {
                 let n = opt.grad_norm(&gs).ctx("gradient norm")?;

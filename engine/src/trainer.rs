@@ -32,6 +32,11 @@ pub struct TrainOptions {
     pub progress: bool,
     /// Set to stop after the current iteration (Ctrl-C).
     pub interrupt: Option<Arc<AtomicBool>>,
+    /// The data-parallel run this process belongs to (`None`: a single process). Every rank
+    /// loads its shard of each epoch, starts from rank 0's weights and averages its gradients
+    /// with the others before each optimizer step; only rank 0 writes the work dir and runs the
+    /// validation.
+    pub dist: Option<Arc<crate::dist::Dist>>,
 }
 
 /// What a finished run returns.
@@ -64,13 +69,18 @@ pub fn train(
     let seed = cfg.seed();
     let dev = &opts.device;
     let wd = &opts.work_dir;
-    std::fs::create_dir_all(wd).map_err(|e| file_err(wd, e))?;
-    let cfg_text = toml::to_string(table).map_err(|e| EngineError::Config(e.to_string()))?;
-    let cfg_path = wd.join("config.toml");
-    write_atomic(&cfg_path, |p| {
-        std::fs::write(p, &cfg_text).map_err(|e| e.to_string())
-    })
-    .map_err(|e| file_err(&cfg_path, e))?;
+    let single = Arc::new(crate::dist::Dist::single());
+    let dist = opts.dist.as_ref().unwrap_or(&single);
+    let main = dist.is_main();
+    if main {
+        std::fs::create_dir_all(wd).map_err(|e| file_err(wd, e))?;
+        let cfg_text = toml::to_string(table).map_err(|e| EngineError::Config(e.to_string()))?;
+        let cfg_path = wd.join("config.toml");
+        write_atomic(&cfg_path, |p| {
+            std::fs::write(p, &cfg_text).map_err(|e| e.to_string())
+        })
+        .map_err(|e| file_err(&cfg_path, e))?;
+    }
 
     let train_dl = cfg
         .train_dataloader
@@ -93,7 +103,14 @@ pub fn train(
     let accum = ow.accumulative_counts.max(1) as u64;
 
     let model = build_model(&cfg.model, seed, dev)?;
-    let Loader { loader, dataset } = build_loader(train_dl, seed, true)?;
+    let Loader {
+        mut loader,
+        dataset,
+    } = build_loader(train_dl, seed, true)?;
+    loader.shard = densepred_datasets::loader::Shard {
+        rank: dist.rank,
+        world: dist.world,
+    };
     let classes = &dataset.metainfo().classes;
     if classes.len() != model.num_classes() {
         return Err(EngineError::Config(format!(
@@ -131,11 +148,12 @@ pub fn train(
 
     let mut opt_cfg = ow.optimizer.clone();
     if let Some(a) = cfg.auto_scale_lr.as_ref().filter(|a| a.enable) {
-        let scaled = opt_cfg.lr() * (train_dl.batch_size as f64) / (a.base_batch_size as f64);
+        // mmengine scales by the total batch: per-rank batch × ranks.
+        let total = train_dl.batch_size * dist.world;
+        let scaled = opt_cfg.lr() * (total as f64) / (a.base_batch_size as f64);
         tracing::info!(
-            "auto_scale_lr: lr {} → {scaled} (batch {} / base {})",
+            "auto_scale_lr: lr {} → {scaled} (batch {total} / base {})",
             opt_cfg.lr(),
-            train_dl.batch_size,
             a.base_batch_size
         );
         opt_cfg.set_lr(scaled);
@@ -191,8 +209,9 @@ pub fn train(
         tracing::debug!("{report}");
     }
 
+    dist.broadcast_vars(&model.vars)?;
     let val = match (&cfg.val_dataloader, &cfg.val_evaluator) {
-        (Some(d), Some(e)) if loop_cfg.val_interval > 0 => {
+        (Some(d), Some(e)) if loop_cfg.val_interval > 0 && main => {
             Some((build_loader(d, seed, false)?, e.clone()))
         }
         _ => None,
@@ -203,15 +222,17 @@ pub fn train(
             base_lr,
         }),
         Box::new(IterTimerHook::default()),
-        Box::new(LoggerHook::new(
+    ];
+    if main {
+        hooks.push(Box::new(LoggerHook::new(
             wd,
             cfg.default_hooks.logger.as_ref().map_or(50, |l| l.interval),
-        )?),
-        Box::new(CheckpointHook::new(
+        )?));
+        hooks.push(Box::new(CheckpointHook::new(
             cfg.default_hooks.checkpoint.as_ref(),
             by_epoch,
-        )),
-    ];
+        )));
+    }
     let mut st = LoopState {
         iter: start_iter,
         epoch_len,
@@ -224,7 +245,7 @@ pub fn train(
         iter_time: 0.0,
         last_val: None,
         last_checkpoint: None,
-        progress: progress_bar(max_iters, opts.progress, "train"),
+        progress: progress_bar(max_iters, opts.progress && main, "train"),
     };
     st.progress.set_position(start_iter);
     let train_loop = TrainLoop {
@@ -235,6 +256,7 @@ pub fn train(
         seed,
         device: dev,
         interrupt: opts.interrupt.as_deref(),
+        dist,
     };
     train_loop.run(&model, &mut opt, table, wd, &mut hooks, &mut st)?;
     Ok(TrainSummary {

@@ -32,6 +32,7 @@ fn train_briefly(config: &str, sets: Vec<String>, work: &Path) -> (RunConfig, Ve
         device: Device::Cpu,
         progress: false,
         interrupt: None,
+        dist: None,
     };
     let s = train(&cfg, &table, &opts).unwrap_or_else(|e| panic!("{config}: {e}"));
     assert_eq!(s.iters, ITERS, "{config}");

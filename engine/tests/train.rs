@@ -35,6 +35,7 @@ fn train_options(tmp: &Path) -> TrainOptions {
         device: Device::Cpu,
         progress: false,
         interrupt: None,
+        dist: None,
     }
 }
 

@@ -48,6 +48,7 @@ fn tiny_upernet_overfits_four_images() {
         device: Device::Cpu,
         progress: false,
         interrupt: None,
+        dist: None,
     };
     let s = train(&cfg, &table, &opts).unwrap();
     assert_eq!(s.iters, 150);

@@ -631,6 +631,7 @@ fn train<'py>(
         device: densepred_engine::device::resolve_device(device, &cfg).map_err(engine_err)?,
         progress,
         interrupt: Some(flag.clone()),
+        dist: None,
     };
     tracing::info!("work dir: {}", work_dir.display());
     let summary = run_interruptible(py, flag, || {

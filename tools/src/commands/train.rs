@@ -29,6 +29,11 @@ pub struct Args {
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// `none` (one process) or `mpi` (every rank of `mpirun -np N` / `srun --mpi=pmix` trains on
+    /// its shard of the data; gradients are averaged over the ranks; rank 0 writes the work dir).
+    /// `mpi` needs a build with `--features mpi`.
+    #[arg(long, default_value = "none")]
+    pub launcher: densepred_engine::dist::Launcher,
     /// `cpu`, `cuda` or `cuda:N` (CUDA needs a binary built with `--features cuda`); default:
     /// the config's `device` key, else `cpu`.
     #[arg(long)]
@@ -36,6 +41,22 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    let dist = std::sync::Arc::new(densepred_engine::dist::Dist::init(a.launcher)?);
+    let r = run_rank(a, dist.clone());
+    if let Err(e) = &r {
+        // Every rank stops (MPI_Abort) instead of waiting in the next all-reduce.
+        if let Some(e) = e.downcast_ref::<densepred_engine::runner::EngineError>() {
+            dist.abort_on(e);
+        } else if dist.world > 1 {
+            dist.abort_on(&densepred_engine::runner::EngineError::Config(format!(
+                "{e:#}"
+            )));
+        }
+    }
+    r
+}
+
+fn run_rank(a: Args, dist: Arc<densepred_engine::dist::Dist>) -> Result<()> {
     let (cfg, table) = RunConfig::load(&a.config, &a.overrides)?;
     let work_dir = work_dir_for(&cfg, &a.config, a.work_dir.as_deref());
     let flag = Arc::new(AtomicBool::new(false));
@@ -54,9 +75,21 @@ pub fn run(a: Args) -> Result<()> {
         device: densepred_engine::device::resolve_device(a.device.as_deref(), &cfg)?,
         progress: !a.no_progress,
         interrupt: Some(flag),
+        dist: Some(dist.clone()),
     };
     tracing::info!("work dir: {}", work_dir.display());
+    if dist.world > 1 {
+        tracing::info!(
+            "rank {} of {} (local rank {})",
+            dist.rank,
+            dist.world,
+            dist.local_rank
+        );
+    }
     let s = train(&cfg, &table, &opts)?;
+    if !dist.is_main() {
+        return Ok(());
+    }
     if let Some(c) = &s.last_checkpoint {
         println!("checkpoint: {}", c.display());
     }

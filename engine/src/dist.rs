@@ -1,0 +1,218 @@
+//! Data-parallel runs (mmengine's launchers and `MMDistributedDataParallel`, on MPI): the rank
+//! and world of this process, the broadcast of the starting weights from rank 0, and the
+//! averaging of the gradients across ranks in flat buckets. Without the `mpi` cargo feature
+//! only the single-process launcher exists.
+
+use crate::runner::{CandleContext, EngineError};
+use candle_core::{backprop::GradStore, DType, Tensor};
+use densepred_core::params::SeededVarMap;
+
+/// `--launcher` (mmengine's `launcher`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Launcher {
+    /// One process.
+    #[default]
+    None,
+    /// The ranks of `mpirun -np N` or Slurm's `srun --mpi=pmix`.
+    Mpi,
+}
+
+impl std::str::FromStr for Launcher {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Self::None),
+            "mpi" => Ok(Self::Mpi),
+            o => Err(format!("launcher must be none or mpi, got {o:?}")),
+        }
+    }
+}
+
+/// Gradients are all-reduced in flat buckets of at most this many values (25 M floats = 100 MB,
+/// PyTorch DDP's default bucket of 25 MB is in bytes; larger buckets mean fewer calls).
+pub const BUCKET: usize = 25 << 20;
+
+/// This process's place in a data-parallel run.
+pub struct Dist {
+    /// Rank, `0..world`.
+    pub rank: usize,
+    /// Number of ranks.
+    pub world: usize,
+    /// Rank among the processes of this machine (the GPU a rank takes).
+    pub local_rank: usize,
+    #[cfg(feature = "mpi")]
+    universe: Option<mpi::environment::Universe>,
+}
+
+impl Dist {
+    /// A single process (rank 0 of 1).
+    pub fn single() -> Self {
+        Self {
+            rank: 0,
+            world: 1,
+            local_rank: 0,
+            #[cfg(feature = "mpi")]
+            universe: None,
+        }
+    }
+
+    /// Joins the run that `launcher` starts.
+    ///
+    /// Errors: `mpi` in a build without the `mpi` feature, or an MPI that does not initialise.
+    pub fn init(launcher: Launcher) -> Result<Self, EngineError> {
+        match launcher {
+            Launcher::None => Ok(Self::single()),
+            #[cfg(feature = "mpi")]
+            Launcher::Mpi => {
+                use mpi::traits::Communicator;
+                let universe = mpi::initialize().ok_or_else(|| {
+                    EngineError::Config("--launcher mpi: MPI was already initialised".into())
+                })?;
+                let world = universe.world();
+                let local_rank = std::env::var("OMPI_COMM_WORLD_LOCAL_RANK")
+                    .or_else(|_| std::env::var("SLURM_LOCALID"))
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                Ok(Self {
+                    rank: world.rank() as usize,
+                    world: world.size() as usize,
+                    local_rank,
+                    universe: Some(universe),
+                })
+            }
+            #[cfg(not(feature = "mpi"))]
+            Launcher::Mpi => Err(EngineError::Config(
+                "--launcher mpi needs a build with the `mpi` feature (cargo build --release -p \
+                 densepred-cli --features mpi)"
+                    .into(),
+            )),
+        }
+    }
+
+    /// Whether this rank writes logs, metrics and checkpoints (rank 0).
+    pub fn is_main(&self) -> bool {
+        self.rank == 0
+    }
+
+    /// Sums `buf` over the ranks in place.
+    fn all_reduce_sum(&self, buf: &mut [f32]) {
+        #[cfg(feature = "mpi")]
+        if let Some(u) = &self.universe {
+            use mpi::collective::SystemOperation;
+            use mpi::traits::CommunicatorCollectives;
+            let send = buf.to_vec();
+            u.world()
+                .all_reduce_into(&send[..], buf, SystemOperation::sum());
+        }
+        let _ = buf;
+    }
+
+    /// Overwrites `buf` with rank 0's values.
+    fn broadcast(&self, buf: &mut [f32]) {
+        #[cfg(feature = "mpi")]
+        if let Some(u) = &self.universe {
+            use mpi::traits::{Communicator, Root};
+            u.world().process_at_rank(0).broadcast_into(buf);
+        }
+        let _ = buf;
+    }
+
+    /// Stops every rank after this one failed with `e` (MPI_Abort), so that no rank waits
+    /// forever in a collective; a no-op in a single-process run.
+    pub fn abort_on(&self, e: &EngineError) {
+        #[cfg(feature = "mpi")]
+        if let Some(u) = &self.universe {
+            use mpi::traits::Communicator;
+            eprintln!("rank {} of {}: {e}", self.rank, self.world);
+            u.world().abort(1);
+        }
+        let _ = e;
+    }
+
+    /// Makes every rank start from rank 0's parameters and buffers (mmengine broadcasts them
+    /// before the first step), in one flat buffer in name order.
+    ///
+    /// Errors: candle errors.
+    pub fn broadcast_vars(&self, vars: &SeededVarMap) -> Result<(), EngineError> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        let mut named = vars.named_vars();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut flat = Vec::new();
+        for (_, v) in &named {
+            let t = v.as_tensor().to_dtype(DType::F32).ctx("broadcast")?;
+            flat.extend(
+                t.flatten_all()
+                    .ctx("broadcast")?
+                    .to_vec1::<f32>()
+                    .ctx("broadcast")?,
+            );
+        }
+        self.broadcast(&mut flat);
+        let mut at = 0;
+        for (_, v) in &named {
+            let t = v.as_tensor();
+            let n = t.elem_count();
+            let new = Tensor::from_slice(&flat[at..at + n], t.shape(), t.device())
+                .and_then(|x| x.to_dtype(t.dtype()))
+                .ctx("broadcast")?;
+            v.set(&new).ctx("broadcast")?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Replaces each gradient in `grads` of `params` by its mean over the ranks (a rank without
+    /// a gradient for a parameter contributes zeros), all-reduced in buckets of at most
+    /// [`BUCKET`] values. Returns the number of values all-reduced.
+    ///
+    /// Errors: candle errors.
+    pub fn average_gradients(
+        &self,
+        params: &[&Tensor],
+        grads: &mut GradStore,
+    ) -> Result<usize, EngineError> {
+        if self.world == 1 {
+            return Ok(0);
+        }
+        let mut total = 0;
+        let mut start = 0;
+        while start < params.len() {
+            let mut end = start;
+            let mut n = 0;
+            while end < params.len() && (n == 0 || n + params[end].elem_count() <= BUCKET) {
+                n += params[end].elem_count();
+                end += 1;
+            }
+            let mut flat = Vec::with_capacity(n);
+            for p in &params[start..end] {
+                match grads.get(p) {
+                    Some(g) => flat.extend(
+                        g.to_dtype(DType::F32)
+                            .and_then(|g| g.flatten_all())
+                            .and_then(|g| g.to_vec1::<f32>())
+                            .ctx("gradient all-reduce")?,
+                    ),
+                    None => flat.extend(std::iter::repeat_n(0f32, p.elem_count())),
+                }
+            }
+            self.all_reduce_sum(&mut flat);
+            let inv = 1.0 / self.world as f32;
+            let mut at = 0;
+            for p in &params[start..end] {
+                let k = p.elem_count();
+                let avg: Vec<f32> = flat[at..at + k].iter().map(|v| v * inv).collect();
+                let g = Tensor::from_vec(avg, p.shape(), p.device())
+                    .and_then(|g| g.to_dtype(p.dtype()))
+                    .ctx("gradient all-reduce")?;
+                grads.insert(p, g);
+                at += k;
+            }
+            total += n;
+            start = end;
+        }
+        Ok(total)
+    }
+}
