@@ -140,14 +140,15 @@ pub fn draw_detections(
     classes: &[String],
     score_thr: f32,
 ) {
-    // Masks first (alpha 0.5, the instance's class colour), then boxes and labels on top.
+    // Masks first (alpha 0.5, each instance in its own colour, so that touching instances of one
+    // class stay apart), then boxes and labels (class colours) on top.
     if let Some(m) = &dets.masks {
         for i in (0..dets.len().min(m.len())).rev() {
             if dets.scores[i] < score_thr {
                 continue;
             }
             if let Ok(a) = Array2::from_shape_vec(m.size, m.masks[i].clone()) {
-                blend_mask(img, &a, palette(dets.labels[i].max(0) as usize), 0.5);
+                blend_mask(img, &a, palette(i), 0.5);
             }
         }
     }
