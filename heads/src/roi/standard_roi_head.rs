@@ -236,6 +236,12 @@ impl StandardRoIHead {
             .mask
             .as_ref()
             .ok_or_else(|| candle_core::Error::msg("roi_head has no mask head"))?;
+        if rois.dim(0)? == 0 {
+            // No RoI (a batch without positives): no work, an empty result.
+            let side = 2 * e.output_size();
+            let n = h.config().num_classes;
+            return Tensor::zeros((0, n, side, side), feats[0].dtype(), feats[0].device());
+        }
         h.forward(&e.forward(feats, rois)?)
     }
 
