@@ -6,7 +6,7 @@
 use crate::ops::{
     add_bias_channels, depthwise_conv2d, layer_norm, mul_scale_channels, DwConvParams,
 };
-use candle_core::{DType, Result, Tensor, Var, D};
+use candle_core::{Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
 /// Conv2d hyper-parameters (square kernel; `(h, w)`-equal stride, padding and dilation).
@@ -130,8 +130,7 @@ impl Conv2d {
             };
             return depthwise_conv2d(x, &self.weight, self.bias.as_ref(), p);
         }
-        let fused = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
-        if k == 1 && c.stride == 1 && c.padding == 0 && fused {
+        if k == 1 && c.stride == 1 && c.padding == 0 {
             let (b, _, h, wd) = x.dims4()?;
             let wg = self
                 .weight
@@ -140,11 +139,7 @@ impl Conv2d {
             return crate::ops::bias::pointwise_conv_bias(&x3, &wg, self.bias.as_ref())?
                 .reshape((b, out_c, h, wd));
         }
-        let y = if k == 1 && c.stride == 1 && c.padding == 0 {
-            pointwise_conv(x, &self.weight, c.groups)?
-        } else {
-            strided_conv2d(x, &self.weight, c)?
-        };
+        let y = strided_conv2d(x, &self.weight, c)?;
         match &self.bias {
             Some(b) => add_bias_channels(&y, b),
             None => Ok(y),
@@ -154,9 +149,9 @@ impl Conv2d {
 
 impl Conv2d {
     /// [`Conv2d::forward`] of the channel concatenation of `xs` (each `(B, C_j, H, W)`,
-    /// `Σ C_j = C_in`): dense CPU convolutions run part by part
-    /// ([`crate::ops::conv2d_gemm_cat`]) without building the concatenation; other cases
-    /// concatenate and call [`Conv2d::forward`].
+    /// `Σ C_j = C_in`): dense convolutions run part by part
+    /// ([`crate::ops::conv2d_gemm_cat`]) without building the concatenation where our kernel
+    /// runs; other cases concatenate and call [`Conv2d::forward`].
     ///
     /// Errors: channel counts that do not add up to `C_in`; candle errors.
     pub fn forward_cat(&self, xs: &[Tensor]) -> Result<Tensor> {
@@ -164,7 +159,7 @@ impl Conv2d {
     }
 
     /// [`Conv2d::forward_cat`] of the parts each resized bilinearly to `size = (H, W)` first
-    /// ([`crate::ops::resize_bilinear`]); dense CPU convolutions resize inside the op
+    /// ([`crate::ops::resize_bilinear`]); dense convolutions resize inside the op
     /// ([`crate::ops::conv2d_gemm_cat_resized`]), so the resized parts are not kept.
     ///
     /// Errors: as [`Conv2d::forward_cat`], plus the resize errors.
@@ -180,11 +175,7 @@ impl Conv2d {
     fn cat_conv(&self, xs: &[Tensor], resize: Option<((usize, usize), bool)>) -> Result<Tensor> {
         let c = self.cfg;
         let k = self.weight.dim(2)?;
-        let dense = c.groups == 1
-            && k > 1
-            && xs.first().is_some_and(|x| {
-                x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
-            });
+        let dense = c.groups == 1 && k > 1 && !xs.is_empty();
         if !dense {
             let parts = match resize {
                 Some(((h, w), ac)) => xs
@@ -209,55 +200,13 @@ impl Conv2d {
     }
 }
 
-/// candle's `conv2d`, made safe for training when the stride leaves trailing input rows/columns
-/// unread (`(L + 2p - span) % s != 0`, e.g. a 3x3/2 conv on an odd map): candle 0.11's backward
-/// then produces a gradient of the wrong shape. Those rows never influence the output, so they are
-/// cropped off first (explicit zero padding, then a narrow); the output is unchanged and the
-/// gradient of the cropped rows is 0, as PyTorch computes it.
+/// A dense convolution ([`crate::ops::conv2d_gemm`]) or a grouped one (candle's `conv2d`,
+/// through [`crate::ops::im2col::candle_conv2d`]).
 fn strided_conv2d(x: &Tensor, w: &Tensor, c: ConvCfg) -> Result<Tensor> {
-    if c.groups == 1 && x.device().is_cpu() {
+    if c.groups == 1 {
         return crate::ops::conv2d_gemm(x, w, c.stride, c.padding, c.dilation);
     }
-    let (_, _, h, wd) = x.dims4()?;
-    let k = w.dim(2)?;
-    let span = c.dilation * (k - 1) + 1;
-    let unread = |len: usize| {
-        if len + 2 * c.padding >= span {
-            (len + 2 * c.padding - span) % c.stride
-        } else {
-            0
-        }
-    };
-    let (rh, rw) = (unread(h), unread(wd));
-    if rh == 0 && rw == 0 {
-        return x.conv2d(w, c.padding, c.stride, c.dilation, c.groups);
-    }
-    let xp = x
-        .pad_with_zeros(2, c.padding, c.padding)?
-        .pad_with_zeros(3, c.padding, c.padding)?;
-    let xp = xp
-        .narrow(2, 0, h + 2 * c.padding - rh)?
-        .narrow(3, 0, wd + 2 * c.padding - rw)?;
-    xp.conv2d(w, 0, c.stride, c.dilation, c.groups)
-}
-
-/// 1x1 convolution with `groups` groups as a batched matmul: `x` `(B, C_in, H, W)`, `w`
-/// `(C_out, C_in / groups, 1, 1)` → `(B, C_out, H, W)`; output channel `o` of group `g =
-/// o / (C_out / groups)` reads input channels `[g * C_in/groups, (g+1) * C_in/groups)`, as PyTorch.
-pub fn pointwise_conv(x: &Tensor, w: &Tensor, groups: usize) -> Result<Tensor> {
-    let (b, in_c, h, wd) = x.dims4()?;
-    let out_c = w.dim(0)?;
-    let (ig, og) = (in_c / groups, out_c / groups);
-    // One matmul per image: a weight broadcast over the batch would make its gradient a slow
-    // leading-dimension reduction in candle.
-    let wg = w.reshape((groups, og, ig))?;
-    let per_image = (0..b)
-        .map(|i| {
-            wg.matmul(&x.get(i)?.reshape((groups, ig, h * wd))?)?
-                .reshape((out_c, h, wd))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Tensor::stack(&per_image, 0)
+    crate::ops::im2col::candle_conv2d(x, w, c.stride, c.padding, c.dilation, c.groups)
 }
 
 /// Fully connected layer, `torch.nn.Linear`: `(..., in)` → `(..., out)`, `y = x Wᵀ + b`.
@@ -424,47 +373,21 @@ impl BatchNorm2d {
                 x.dims()
             );
         }
-        let fused = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
-        if fused {
-            let (y, mean, var) = if relu {
-                crate::ops::batch_norm_relu_train(x, &self.weight, &self.bias, self.eps)?
-            } else {
-                crate::ops::batch_norm_train(x, &self.weight, &self.bias, self.eps)?
-            };
-            if self.running_mean.is_variable() {
-                let m = self.momentum;
-                let dev = x.device();
-                let mean = Tensor::new(mean, dev)?.to_dtype(self.running_mean.dtype())?;
-                let var_unbiased = (Tensor::new(var, dev)? * (n as f64 / (n - 1) as f64))?
-                    .to_dtype(self.running_var.dtype())?;
-                let rm = ((&self.running_mean * (1.0 - m))? + (mean * m)?)?;
-                let rv = ((&self.running_var * (1.0 - m))? + (var_unbiased * m)?)?;
-                Var::from_tensor(&self.running_mean)?.set(&rm)?;
-                Var::from_tensor(&self.running_var)?.set(&rv)?;
-            }
-            return Ok(y);
-        }
-        let xt = x.transpose(0, 1)?.contiguous()?.reshape((c, n))?;
-        let mean = xt.mean_keepdim(D::Minus1)?;
-        let xc = xt.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let y = xc.broadcast_div(&(&var + self.eps)?.sqrt()?)?;
-        let y = y
-            .broadcast_mul(&self.weight.reshape((c, 1))?)?
-            .broadcast_add(&self.bias.reshape((c, 1))?)?;
-        let (b, _, h, w) = x.dims4()?;
-        let y = y.reshape((c, b, h, w))?.transpose(0, 1)?.contiguous()?;
+        let (y, mean, var) = if relu {
+            crate::ops::batch_norm_relu_train(x, &self.weight, &self.bias, self.eps)?
+        } else {
+            crate::ops::batch_norm_train(x, &self.weight, &self.bias, self.eps)?
+        };
         if self.running_mean.is_variable() {
             let m = self.momentum;
-            let mean = mean.flatten_all()?.detach();
-            let var_unbiased = (var.flatten_all()?.detach() * (n as f64 / (n - 1) as f64))?;
+            let dev = x.device();
+            let mean = Tensor::new(mean, dev)?.to_dtype(self.running_mean.dtype())?;
+            let var_unbiased = (Tensor::new(var, dev)? * (n as f64 / (n - 1) as f64))?
+                .to_dtype(self.running_var.dtype())?;
             let rm = ((&self.running_mean * (1.0 - m))? + (mean * m)?)?;
             let rv = ((&self.running_var * (1.0 - m))? + (var_unbiased * m)?)?;
             Var::from_tensor(&self.running_mean)?.set(&rm)?;
             Var::from_tensor(&self.running_var)?.set(&rv)?;
-        }
-        if relu {
-            return y.relu();
         }
         Ok(y)
     }

@@ -1,46 +1,13 @@
 //! Depthwise convolution and LayerNorm: forward against candle's own (slow) ops, backward against
 //! central finite differences in f64.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var, D};
+use common::{max_abs, randn};
 use densepred_core::ops::{
     depthwise_conv2d, depthwise_conv2d_reference, layer_norm, softmax_last_dim, DwConvParams,
 };
-
-fn randn(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
-    // Deterministic pseudo-random values without depending on candle's unseeded RNG.
-    let n: usize = shape.iter().product();
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let v: Vec<f64> = (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-        })
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu)
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
 
 /// Central-difference gradient of `f` (a scalar function) with respect to every element of `x`
 /// (f64, step 1e-6): the analytic gradient must agree within 1e-7 relative to its scale, far

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # CUDA kernel tests (core/tests/cuda_ops.rs) for a GPU machine that cannot build them itself.
 #
-#   bash tools/cuda/gpu_tests.sh build   # here: needs the CUDA 13.0 toolchain of
-#                                        # ../shared/notes/cuda_build.md under $CUDA_ROOT;
-#                                        # writes cuda-bundle/cuda_ops.xz (git-ignored)
+#   bash tools/cuda/gpu_tests.sh build   # here: with the CUDA 13.0 toolchain of tools/cuda/env.sh
+#                                        # (made on first use); writes cuda-bundle/cuda_ops.xz
+#                                        # (git-ignored)
 #   bash tools/cuda/gpu_tests.sh run     # on the GPU machine, with cuda-bundle/ carried there
 #
 # `run` uses the CUDA 13 libraries of the GPU machine's torch venv and sets
@@ -12,9 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 case "${1:-}" in
 build)
-    : "${CUDA_ROOT:?set CUDA_ROOT to the toolkit tree of ../shared/notes/cuda_build.md}"
-    export CUDA_HOME="$CUDA_ROOT" CUDA_PATH="$CUDA_ROOT" PATH="$CUDA_ROOT/bin:$PATH"
-    export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}" CUDARC_CUDA_VERSION="${CUDARC_CUDA_VERSION:-13000}"
+    source tools/cuda/env.sh
+    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target/cuda}"
     bin=$(cargo test -p densepred-core --features cuda --test cuda_ops --no-run --message-format=json \
         | python3 -c 'import json,sys
 for l in sys.stdin:

@@ -167,9 +167,29 @@ fn a_failing_rank_stops_the_job_with_its_error() {
     twin_images(&ann, true);
     let t = Instant::now();
     let out = mpirun(&train_args(&ann, &tmp.path().join("ranks"), 1));
-    let took = t.elapsed();
+    assert_stopped(&out, t.elapsed(), "no_such_image.jpg");
+}
+
+/// The job failed within 30 s, with `needle` in its error output.
+fn assert_stopped(out: &std::process::Output, took: Duration, needle: &str) {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("no_such_image.jpg"), "{err}");
+    assert!(err.contains(needle), "{err}");
     assert!(took < Duration::from_secs(30), "stopped after {took:?}");
+}
+
+#[test]
+fn a_nan_loss_stops_every_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ann = tmp.path().join("twin.json");
+    twin_images(&ann, false);
+    let mut args = train_args(&ann, &tmp.path().join("ranks"), 1);
+    // A learning rate that makes the first step blow the weights up: the next loss is not finite.
+    args.extend([
+        "--set".to_string(),
+        "optim_wrapper.optimizer={ type = \"SGD\", lr = 1e30, momentum = 0.9 }".to_string(),
+    ]);
+    let t = Instant::now();
+    let out = mpirun(&args);
+    assert_stopped(&out, t.elapsed(), "(diverged)");
 }

@@ -130,7 +130,7 @@ pub fn scaled_dot_product_attention(
     if q.dtype() != k.dtype() || q.dtype() != v.dtype() {
         candle_core::bail!("attention: q, k, v dtypes differ");
     }
-    if !q.device().is_cpu() || !matches!(q.dtype(), DType::F32 | DType::F64) {
+    if !super::dispatch::select(&super::dispatch::SCALED_DOT_PRODUCT_ATTENTION, q).is_ours() {
         return composed(q, k, v, scale);
     }
     q.contiguous()?
@@ -456,7 +456,7 @@ pub fn token_attention(q: &Tensor, kv: &Tensor, heads: usize, scale: f64) -> Res
     if q.dtype() != kv.dtype() {
         candle_core::bail!("token attention: q and kv dtypes differ");
     }
-    if q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64) {
+    if super::dispatch::select(&super::dispatch::TOKEN_ATTENTION, q).is_ours() {
         return q.contiguous()?.apply_op2(&kv.contiguous()?, op);
     }
     token_attention_composed(q, kv, heads, scale)
@@ -471,11 +471,7 @@ fn token_attention_composed(q: &Tensor, kv: &Tensor, heads: usize, scale: f64) -
     let kvh = kv.reshape((b, m, 2, heads, d))?.permute((2, 0, 3, 1, 4))?;
     let k = kvh.get(0)?.contiguous()?;
     let v = kvh.get(1)?.contiguous()?;
-    let o = if q.device().is_cpu() {
-        scaled_dot_product_attention(&qh, &k, &v, scale)?
-    } else {
-        composed(&qh, &k, &v, scale)?
-    };
+    let o = scaled_dot_product_attention(&qh, &k, &v, scale)?;
     o.transpose(1, 2)?.reshape((b, n, c))
 }
 

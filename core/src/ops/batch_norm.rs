@@ -425,7 +425,12 @@ fn bn_train(
             x.dims()
         );
     }
-    if !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::F64) {
+    let op = if relu {
+        &super::dispatch::BATCH_NORM_RELU_TRAIN
+    } else {
+        &super::dispatch::BATCH_NORM_TRAIN
+    };
+    if !super::dispatch::select(op, x).is_ours() {
         return composed(x, weight, bias, eps, relu);
     }
     let x = x.contiguous()?;

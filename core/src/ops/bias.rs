@@ -6,9 +6,7 @@
 //! same values, and reduce their gradients over trailing dimensions (candle's fast path) or with a
 //! gemm against a ones vector.
 
-use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor,
-};
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::im2col::{gemm_into, ConvFloat, MatView};
@@ -193,7 +191,14 @@ impl CustomOp2 for ChannelOp {
 }
 
 fn apply(x: &Tensor, p: &Tensor, axis: Axis, kind: Kind) -> Result<Tensor> {
-    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+    use super::dispatch as d;
+    let op = match (axis, kind) {
+        (Axis::Last, Kind::Add) => &d::ADD_BIAS_LAST,
+        (Axis::Last, Kind::Mul) => &d::MUL_SCALE_LAST,
+        (Axis::Second, Kind::Add) => &d::ADD_BIAS_CHANNELS,
+        (Axis::Second, Kind::Mul) => &d::MUL_SCALE_CHANNELS,
+    };
+    if d::select(op, x).is_ours() {
         return x
             .contiguous()?
             .apply_op2(&p.contiguous()?, ChannelOp { axis, kind });
@@ -511,7 +516,7 @@ pub fn linear_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
             b.dims()
         );
     }
-    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+    if super::dispatch::select(&super::dispatch::LINEAR_BIAS, x).is_ours() {
         return x
             .contiguous()?
             .apply_op3(&w.contiguous()?, &b.contiguous()?, LinearBias);
@@ -749,7 +754,7 @@ impl candle_core::CustomOp3 for PointwiseConv {
 /// 1x1 convolution (optionally grouped) with optional bias, `x` `(B, C_in, H·W)`, `w`
 /// `(groups, C_out/groups, C_in/groups)`, `b` `(C_out,)` → `(B, C_out, H·W)`; output channel
 /// `o` of group `o / (C_out/groups)` reads that group's input channels, as PyTorch's grouped
-/// conv. CPU f32/f64 only (callers fall back to matmul elsewhere).
+/// conv. Elsewhere (see [`super::dispatch`]) one grouped matmul per image plus the bias.
 ///
 /// Errors: shape or dtype mismatches.
 pub fn pointwise_conv_bias(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
@@ -762,6 +767,9 @@ pub fn pointwise_conv_bias(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result
             w.dims(),
             b.map(|b| b.dims().to_vec())
         );
+    }
+    if !super::dispatch::select(&super::dispatch::POINTWISE_CONV_BIAS, x).is_ours() {
+        return pointwise_conv_composed(x, w, b);
     }
     let zeros;
     let bias = match b {
@@ -778,4 +786,24 @@ pub fn pointwise_conv_bias(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result
             has_bias: b.is_some(),
         },
     )
+}
+
+/// [`pointwise_conv_bias`] from candle ops: one grouped matmul per image (a weight broadcast over
+/// the batch would make its gradient a slow leading-dimension reduction in candle), then the
+/// bias.
+fn pointwise_conv_composed(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (batch, c, hw) = x.dims3()?;
+    let (g, og, ig) = w.dims3()?;
+    let per_image = (0..batch)
+        .map(|i| {
+            w.matmul(&x.get(i)?.reshape((g, ig, hw))?)?
+                .reshape((g * og, hw))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    debug_assert_eq!(g * ig, c);
+    let y = Tensor::stack(&per_image, 0)?;
+    match b {
+        Some(b) => add_bias_channels(&y, b),
+        None => Ok(y),
+    }
 }

@@ -16,9 +16,7 @@
 //! Planes are spread over threads with rayon (batch x channel for the forward pass and the input
 //! gradient, channels for the weight gradient, which sums over the batch).
 
-use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor,
-};
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -590,8 +588,7 @@ pub fn depthwise_conv2d(
     bias: Option<&Tensor>,
     p: DwConvParams,
 ) -> Result<Tensor> {
-    let ours = x.device().is_cpu() || (cfg!(feature = "cuda") && x.device().is_cuda());
-    let y = if ours && matches!(x.dtype(), DType::F32 | DType::F64) {
+    let y = if super::dispatch::select(&super::dispatch::DEPTHWISE_CONV2D, x).is_ours() {
         x.contiguous()?
             .apply_op2(&weight.contiguous()?, DwConv2d { p })?
     } else {
@@ -615,5 +612,5 @@ pub fn depthwise_conv2d_reference(x: &Tensor, weight: &Tensor, p: DwConvParams) 
         );
     }
     let c = x.dim(1)?;
-    x.conv2d(weight, p.padding.0, p.stride.0, p.dilation.0, c)
+    super::im2col::candle_conv2d(x, weight, p.stride.0, p.padding.0, p.dilation.0, c)
 }

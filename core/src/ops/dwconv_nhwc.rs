@@ -370,7 +370,7 @@ impl CustomOp3 for LocalConv {
 /// `weight` `(C, 1, k, k)` (odd `k`) and `bias` `(C,)`, followed by `mode`; returns `(B, H·W, C)`.
 /// Same values as `to_tokens(conv2d(to_map(x), groups = C))` (+ residual + GELU).
 ///
-/// On devices other than the CPU it is composed of candle ops.
+/// Where our kernel does not run ([`super::dispatch`]) it is composed of candle ops.
 ///
 /// Errors: shapes that do not fit `hw`, an even kernel.
 pub fn token_dwconv(
@@ -380,7 +380,7 @@ pub fn token_dwconv(
     hw: (usize, usize),
     mode: LocalMode,
 ) -> Result<Tensor> {
-    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+    if super::dispatch::select(&super::dispatch::TOKEN_DWCONV, x).is_ours() {
         return x.contiguous()?.apply_op3(
             &weight.contiguous()?,
             &bias.contiguous()?,
@@ -399,6 +399,6 @@ pub fn token_dwconv(
     let y = y.reshape((b, c, n))?.transpose(1, 2)?.contiguous()?;
     match mode {
         LocalMode::Plain => Ok(y),
-        LocalMode::ResidualGelu => (y + x)?.gelu_erf(),
+        LocalMode::ResidualGelu => super::gelu_erf(&(y + x)?),
     }
 }

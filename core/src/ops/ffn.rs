@@ -448,7 +448,7 @@ pub fn detail_ffn(
 ) -> Result<Tensor> {
     let (b, c, hd, co, k) = validate_ffn(x, fc1_w, fc1_b, dw_w, dw_b, fc2_w, fc2_b, hw)?;
     let params = [fc1_w, fc1_b, dw_w, dw_b, fc2_w, fc2_b];
-    if !fusable(x, &params) {
+    if !fusable(&super::dispatch::DETAIL_FFN, x, &params) {
         let h = super::bias::linear_bias(x, fc1_w, fc1_b)?;
         let z = super::token_dwconv(&h, dw_w, dw_b, hw, super::LocalMode::ResidualGelu)?;
         return super::bias::linear_bias(&z, fc2_w, fc2_b);
@@ -466,12 +466,12 @@ pub fn detail_ffn(
     run_fused(x, &params, dims, 0.0, false)
 }
 
-/// Whether the FFN runs as one op: gradients tracked, CPU, f32/f64 throughout.
-fn fusable(x: &Tensor, params: &[&Tensor]) -> bool {
+/// Whether the FFN runs as one op: gradients tracked, our kernel for `x`
+/// ([`super::dispatch`]), one dtype throughout.
+fn fusable(op: &super::dispatch::Op, x: &Tensor, params: &[&Tensor]) -> bool {
     let tracked = x.track_op() || params.iter().any(|t| t.track_op());
     tracked
-        && x.device().is_cpu()
-        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && super::dispatch::select(op, x).is_ours()
         && params.iter().all(|t| t.dtype() == x.dtype())
 }
 
@@ -536,7 +536,7 @@ pub fn pre_norm_ffn_residual(
         );
     }
     let params = [fc1_w, fc1_b, dw_w, dw_b, fc2_w, fc2_b, ln_w, ln_b];
-    if !fusable(x, &params) {
+    if !fusable(&super::dispatch::PRE_NORM_FFN_RESIDUAL, x, &params) {
         let xn = super::layer_norm(x, ln_w, ln_b, ln_eps)?;
         return x + detail_ffn(&xn, fc1_w, fc1_b, dw_w, dw_b, fc2_w, fc2_b, hw)?;
     }

@@ -9,7 +9,9 @@
 //! This is the lowering PyTorch's CPU `slow_conv2d` uses too (`aten/src/ATen/native/ConvolutionMM2d.cpp`).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+#[cfg(test)]
+use candle_core::CustomOp1;
+use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Geometry of an unfold: input `(B, C, H, W)`, square-or-not kernel `(KH, KW)`, equal stride,
@@ -107,6 +109,7 @@ impl Geom {
     }
 }
 
+#[cfg(test)]
 /// `x (B,C,H,W)` contiguous → `cols (C·KH·KW, B·OH·OW)`, row `(c·KH + ky)·KW + kx`, column
 /// `(b·OH + oy)·OW + ox`, zeros where the tap falls in the padding.
 fn unfold_kernel<T: Copy + Send + Sync + num_traits::Zero>(g: &Geom, x: &[T]) -> Vec<T> {
@@ -153,6 +156,7 @@ fn unfold_into<T: Copy + Send + Sync + num_traits::Zero>(g: &Geom, x: &[T], out:
     });
 }
 
+#[cfg(test)]
 /// The adjoint of [`unfold_kernel`] (col2im): `cols (C·KH·KW, B·OH·OW)` → `(B,C,H,W)`, summing
 /// every column entry into the input pixel it was read from.
 fn fold_kernel<T>(g: &Geom, cols: &[T]) -> Vec<T>
@@ -209,18 +213,22 @@ where
         });
 }
 
+#[cfg(test)]
 struct Unfold {
     p: UnfoldParams,
 }
 
+#[cfg(test)]
 struct Fold {
     g: Geom,
 }
 
+#[cfg(test)]
 fn dims(l: &Layout) -> Result<(usize, usize, usize, usize)> {
     l.shape().dims4()
 }
 
+#[cfg(test)]
 impl CustomOp1 for Unfold {
     fn name(&self) -> &'static str {
         "unfold"
@@ -248,6 +256,7 @@ impl CustomOp1 for Unfold {
     }
 }
 
+#[cfg(test)]
 impl CustomOp1 for Fold {
     fn name(&self) -> &'static str {
         "fold"
@@ -282,8 +291,10 @@ impl CustomOp1 for Fold {
 /// `OH = (H + 2p − d(KH−1) − 1) / s + 1`, likewise `OW`. Differentiable (backward = col2im).
 ///
 /// Errors: a non-4-D or non-float input; kernel span larger than the padded input; zero stride,
-/// dilation or kernel size.
-pub fn unfold(x: &Tensor, p: UnfoldParams) -> Result<Tensor> {
+/// dilation or kernel size. Test-only: the fused products never build the explicit unfold; it
+/// is their reference.
+#[cfg(test)]
+pub(crate) fn unfold(x: &Tensor, p: UnfoldParams) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Unfold { p })
 }
 
@@ -896,7 +907,15 @@ pub fn conv2d_gemm_cat(
     padding: usize,
     dilation: usize,
 ) -> Result<Tensor> {
-    cat_conv(xs, None, w, stride, padding, dilation)
+    cat_conv(
+        &super::dispatch::CONV2D_GEMM_CAT,
+        xs,
+        None,
+        w,
+        stride,
+        padding,
+        dilation,
+    )
 }
 
 /// [`conv2d_gemm_cat`] of the parts each resized bilinearly
@@ -916,6 +935,7 @@ pub fn conv2d_gemm_cat_resized(
     dilation: usize,
 ) -> Result<Tensor> {
     cat_conv(
+        &super::dispatch::CONV2D_GEMM_CAT_RESIZED,
         xs,
         Some((size.0, size.1, align_corners)),
         w,
@@ -926,6 +946,7 @@ pub fn conv2d_gemm_cat_resized(
 }
 
 fn cat_conv(
+    op: &super::dispatch::Op,
     xs: &[Tensor],
     resize: Option<(usize, usize, bool)>,
     w: &Tensor,
@@ -943,6 +964,16 @@ fn cat_conv(
             "conv2d_gemm_cat: parts with {total} channels in all, weight {:?} expects {ic}",
             w.dims()
         );
+    }
+    if !super::dispatch::select(op, &xs[0]).is_ours() {
+        let parts = match resize {
+            Some((h, wd, ac)) => xs
+                .iter()
+                .map(|x| super::resize_bilinear(x, h, wd, ac))
+                .collect::<Result<Vec<_>>>()?,
+            None => xs.to_vec(),
+        };
+        return candle_conv2d(&Tensor::cat(&parts, 1)?, w, stride, padding, dilation, 1);
     }
     let conv = ConvGemm {
         p: UnfoldParams {
@@ -1003,6 +1034,9 @@ pub fn conv2d_gemm(
             w.dims()
         );
     }
+    if !super::dispatch::select(&super::dispatch::CONV2D_GEMM, x).is_ours() {
+        return candle_conv2d(x, w, stride, padding, dilation, 1);
+    }
     let p = UnfoldParams {
         kernel: (kh, kw),
         stride,
@@ -1019,6 +1053,42 @@ pub fn conv2d_gemm(
             product: ConvProduct::Forward { c_off: 0 },
         },
     )
+}
+
+/// candle's `conv2d`, made safe for training when the stride leaves trailing input rows/columns
+/// unread (`(L + 2p - span) % s != 0`, e.g. a 3x3/2 conv on an odd map): candle 0.11's backward
+/// then produces a gradient of the wrong shape. Those rows never influence the output, so they are
+/// cropped off first (explicit zero padding, then a narrow); the output is unchanged and the
+/// gradient of the cropped rows is 0, as PyTorch computes it.
+pub(crate) fn candle_conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    padding: usize,
+    dilation: usize,
+    groups: usize,
+) -> Result<Tensor> {
+    let (_, _, h, wd) = x.dims4()?;
+    let k = w.dim(2)?;
+    let span = dilation * (k - 1) + 1;
+    let unread = |len: usize| {
+        if len + 2 * padding >= span {
+            (len + 2 * padding - span) % stride
+        } else {
+            0
+        }
+    };
+    let (rh, rw) = (unread(h), unread(wd));
+    if rh == 0 && rw == 0 {
+        return x.conv2d(w, padding, stride, dilation, groups);
+    }
+    let xp = x
+        .pad_with_zeros(2, padding, padding)?
+        .pad_with_zeros(3, padding, padding)?;
+    let xp = xp
+        .narrow(2, 0, h + 2 * padding - rh)?
+        .narrow(3, 0, wd + 2 * padding - rw)?;
+    xp.conv2d(w, 0, stride, dilation, groups)
 }
 
 #[cfg(test)]

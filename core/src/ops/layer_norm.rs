@@ -113,12 +113,12 @@ fn normalize(x: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
 ///
 /// * `x`: `(..., C)`; `weight`, `bias`: `(C,)`. Returns the shape of `x`.
 ///
-/// On CPU with f32/f64 this is one fused kernel with an analytic backward pass; elsewhere it is
-/// composed of differentiable tensor ops.
+/// Our kernel (CPU, f32/f64) is one fused pass with an analytic backward; elsewhere
+/// ([`super::dispatch`]) it is composed of differentiable tensor ops.
 ///
 /// Errors: `weight`/`bias` whose length differs from `C`, mixed dtypes.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+    if super::dispatch::select(&super::dispatch::LAYER_NORM, x).is_ours() {
         x.contiguous()?
             .apply_op3(weight, bias, LayerNormOp::<LastDim>::new(eps))
     } else {
@@ -130,14 +130,14 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 /// LayerNorm over the channel dimension of an NCHW map (the "channels_first" LayerNorm of
 /// ConvNeXt / Conv2Former): `x` `(B, C, H, W)`, `weight`, `bias` `(C,)`; returns `(B, C, H, W)`.
 ///
-/// On CPU with f32/f64 this is one kernel on the NCHW layout (statistics over `C` at every
+/// Our kernel (CPU, f32/f64) is one pass on the NCHW layout (statistics over `C` at every
 /// position, no transposed copies) with the closed-form backward of the module doc; elsewhere it
 /// is [`layer_norm`] between two permutes.
 ///
 /// Errors: as [`layer_norm`], plus a non-4-D `x`.
 pub fn layer_norm_channels(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     x.dims4()?;
-    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+    if super::dispatch::select(&super::dispatch::LAYER_NORM_CHANNELS, x).is_ours() {
         x.contiguous()?
             .apply_op3(weight, bias, LayerNormOp::<Channels>::new(eps))
     } else {

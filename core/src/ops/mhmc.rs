@@ -13,7 +13,7 @@
 //! than the CPU.
 
 use super::dwconv::{axpy_row, axpy_row_adjoint, dot_row, with_pair, DwConvParams, Geom};
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -314,7 +314,7 @@ pub fn multi_head_mixed_conv(x: &Tensor, weights: &[Tensor], biases: &[Tensor]) 
     let op = Mhmc { b, c, h, w, ks };
     op.geoms()?;
     let same_dtype = weights.iter().chain(biases).all(|t| t.dtype() == x.dtype());
-    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && same_dtype {
+    if super::dispatch::select(&super::dispatch::MULTI_HEAD_MIXED_CONV, x).is_ours() && same_dtype {
         let mut flat = Vec::with_capacity(2 * heads);
         for (wt, bs) in weights.iter().zip(biases) {
             flat.push(wt.flatten_all()?);

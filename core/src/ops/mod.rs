@@ -7,6 +7,7 @@ pub mod batch_norm;
 pub mod bias;
 #[cfg(feature = "cuda")]
 mod cuda;
+pub mod dispatch;
 pub mod dwconv;
 pub mod dwconv_nhwc;
 pub mod ffn;
@@ -24,7 +25,7 @@ pub mod softmax;
 pub mod transpose;
 
 pub use dwconv::{depthwise_conv2d, depthwise_conv2d_reference, DwConvParams};
-pub use im2col::{conv2d_gemm, conv2d_gemm_cat, conv2d_gemm_cat_resized, unfold, UnfoldParams};
+pub use im2col::{conv2d_gemm, conv2d_gemm_cat, conv2d_gemm_cat_resized, UnfoldParams};
 pub use layer_norm::{layer_norm, layer_norm_channels};
 pub use softmax::softmax_last_dim;
 /// The elements of a CPU buffer that a contiguous `layout` covers: what every CPU kernel of our
@@ -45,9 +46,6 @@ pub(crate) fn contiguous<'a, T>(
 /// Elements per task of [`zeroed`]; buffers below twice this are zeroed on the calling thread.
 const ZERO_CHUNK: usize = 1 << 15;
 
-/// A zero-filled buffer of `n` elements for a kernel's output, zeroed by all rayon workers when
-/// it is large: `vec![0; n]` zeroes on the calling thread, and with mimalloc reusing freed
-/// blocks that memset ran alone for every op output of a training step (about 3% of an SMT-T
 /// Raw pointer for disjoint writes from rayon tasks (each task owns its own index range).
 #[derive(Clone, Copy)]
 pub(crate) struct SyncPtr<T>(pub(crate) *mut T);
@@ -62,6 +60,9 @@ impl<T> SyncPtr<T> {
     }
 }
 
+/// A zero-filled buffer of `n` elements for a kernel's output, zeroed by all rayon workers when
+/// it is large: `vec![0; n]` zeroes on the calling thread, and with mimalloc reusing freed
+/// blocks that memset ran alone for every op output of a training step (about 3% of an SMT-T
 /// step in `perf`, with the other worker idle).
 pub(crate) fn zeroed<T: Copy + Send + Sync + num_traits::Zero>(n: usize) -> Vec<T> {
     use rayon::prelude::*;

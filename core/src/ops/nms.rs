@@ -219,11 +219,10 @@ fn check(boxes: &Tensor, scores: &Tensor) -> Result<(Tensor, Tensor)> {
             boxes.dims()
         );
     }
-    // CUDA inputs stay on their device (the op has a CUDA path); others go to the CPU.
-    let dev = if cfg!(feature = "cuda") && boxes.device().is_cuda() {
-        boxes.device().clone()
-    } else {
-        Device::Cpu
+    // Our CUDA kernel runs on CUDA inputs' device; everything else goes to the CPU.
+    let dev = match super::dispatch::select(&super::dispatch::NMS, boxes) {
+        super::dispatch::Impl::Cuda => boxes.device().clone(),
+        _ => Device::Cpu,
     };
     let b = boxes.to_device(&dev)?.to_dtype(DType::F32)?.contiguous()?;
     let s = scores.to_device(&dev)?.to_dtype(DType::F32)?.contiguous()?;

@@ -81,6 +81,24 @@ impl Resample {
         }
     }
 
+    /// The same resampling from candle ops, `A_h · X · A_wᵀ` with dense `(oh, h)` and `(ow, w)`
+    /// matrices on the device of `x` `(B, C, h, w)` (the path where our kernel does not run;
+    /// candle's `upsample_bilinear2d` has no backward).
+    fn composed(&self, x: &Tensor) -> Result<Tensor> {
+        let dense = |taps: &Taps, inp: usize| -> Result<Tensor> {
+            let mut m = vec![0f64; taps.len() * inp];
+            for (o, t) in taps.iter().enumerate() {
+                for &(i, wt) in t {
+                    m[o * inp + i] += wt;
+                }
+            }
+            Tensor::from_vec(m, (taps.len(), inp), x.device())?.to_dtype(x.dtype())
+        };
+        let ah = dense(&self.th, self.h)?;
+        let aw_t = dense(&self.tw, self.w)?.t()?;
+        ah.broadcast_matmul(&x.broadcast_matmul(&aw_t)?)
+    }
+
     /// `(planes, h, w)` → `(planes, oh, ow)`.
     pub(crate) fn forward<T: num_traits::Float + Send + Sync>(
         &self,
@@ -227,16 +245,11 @@ pub fn resize_bilinear(x: &Tensor, oh: usize, ow: usize, align_corners: bool) ->
     if (h, w) == (oh, ow) {
         return Ok(x.clone());
     }
-    if !x.device().is_cpu() {
-        return x.upsample_bilinear2d(oh, ow, align_corners);
+    let r = Resample::bilinear(h, w, oh, ow, align_corners);
+    if !super::dispatch::select(&super::dispatch::RESIZE_BILINEAR, x).is_ours() {
+        return r.composed(x);
     }
-    x.contiguous()?.apply_op1(Resample {
-        th: bilinear_taps(h, oh, align_corners),
-        tw: bilinear_taps(w, ow, align_corners),
-        h,
-        w,
-        name: "resize-bilinear",
-    })
+    x.contiguous()?.apply_op1(r)
 }
 
 /// The adjoint (backward) of [`resize_bilinear`] from `(h, w)` to the size of `g`: gradients
@@ -271,7 +284,7 @@ pub fn add_resized(a: &Tensor, x: &Tensor, align_corners: bool) -> Result<Tensor
             x.dtype()
         );
     }
-    if (h, w) == (oh, ow) || !a.device().is_cpu() {
+    if (h, w) == (oh, ow) || !super::dispatch::select(&super::dispatch::ADD_RESIZED, a).is_ours() {
         return a + resize_bilinear(x, oh, ow, align_corners)?;
     }
     check(x, oh, ow, "add_resized")?;
@@ -339,21 +352,22 @@ impl candle_core::CustomOp2 for AddResized {
 /// Adaptive average pooling of `x` `(B, C, H, W)` to `(B, C, oh, ow)`,
 /// `torch.nn.AdaptiveAvgPool2d((oh, ow))`: output `(i, j)` averages rows
 /// `[⌊i·H/oh⌋, ⌈(i+1)·H/oh⌉)` × columns likewise (an output larger than the input repeats
-/// inputs through overlapping bins); differentiable. CPU only.
+/// inputs through overlapping bins); differentiable.
 ///
-/// Errors: a non-4-D or non-float input, an empty size, a non-CPU device.
+/// Errors: a non-4-D or non-float input, an empty size.
 pub fn adaptive_avg_pool2d(x: &Tensor, oh: usize, ow: usize) -> Result<Tensor> {
     let (h, w) = check(x, oh, ow, "adaptive_avg_pool2d")?;
-    if !x.device().is_cpu() {
-        candle_core::bail!("adaptive_avg_pool2d: only the CPU kernel exists");
-    }
-    x.contiguous()?.apply_op1(Resample {
+    let r = Resample {
         th: adaptive_taps(h, oh),
         tw: adaptive_taps(w, ow),
         h,
         w,
         name: "adaptive-avg-pool2d",
-    })
+    };
+    if !super::dispatch::select(&super::dispatch::ADAPTIVE_AVG_POOL2D, x).is_ours() {
+        return r.composed(x);
+    }
+    x.contiguous()?.apply_op1(r)
 }
 
 #[cfg(test)]

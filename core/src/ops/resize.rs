@@ -15,6 +15,11 @@ fn src_index(d: usize, inp: usize, out: usize) -> usize {
     ((d as f32 * s).floor() as usize).min(inp - 1)
 }
 
+/// The source index of every output position along one axis, as `index_select` takes them.
+fn nearest_index(inp: usize, out: usize) -> Vec<u32> {
+    (0..out).map(|d| src_index(d, inp, out) as u32).collect()
+}
+
 struct Nearest {
     oh: usize,
     ow: usize,
@@ -129,16 +134,20 @@ impl CustomOp1 for Nearest {
 }
 
 /// Nearest resize of `x` `(B, C, H, W)` to `(B, C, oh, ow)`, PyTorch `mode="nearest"` indexing;
-/// differentiable for any sizes. Other devices use candle's `upsample_nearest2d`.
+/// differentiable for any sizes.
 ///
 /// Errors: a non-4-D input or a zero output size.
 pub fn resize_nearest(x: &Tensor, oh: usize, ow: usize) -> Result<Tensor> {
     if oh == 0 || ow == 0 {
         candle_core::bail!("resize_nearest: empty output size {oh}x{ow}");
     }
-    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
-        x.contiguous()?.apply_op1(Nearest { oh, ow })
-    } else {
-        x.upsample_nearest2d(oh, ow)
+    if super::dispatch::select(&super::dispatch::RESIZE_NEAREST, x).is_ours() {
+        return x.contiguous()?.apply_op1(Nearest { oh, ow });
     }
+    // Elsewhere: the same source rows and columns gathered with `index_select` (candle's
+    // `upsample_nearest2d` has no backward for non-integer factors).
+    let (_, _, h, w) = x.dims4()?;
+    let rows = Tensor::new(nearest_index(h, oh).as_slice(), x.device())?;
+    let cols = Tensor::new(nearest_index(w, ow).as_slice(), x.device())?;
+    x.index_select(&rows, 2)?.index_select(&cols, 3)
 }

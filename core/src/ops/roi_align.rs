@@ -344,7 +344,8 @@ impl CustomOp2 for RoiAlignGrad {
 /// Errors: malformed shapes, a batch index outside `[0, B)`.
 pub fn roi_align(features: &Tensor, rois: &Tensor, p: RoiAlignParams) -> Result<Tensor> {
     let dev = features.device().clone();
-    if cfg!(feature = "cuda") && dev.is_cuda() {
+    if super::dispatch::select(&super::dispatch::ROI_ALIGN, features) == super::dispatch::Impl::Cuda
+    {
         let f = features.to_dtype(DType::F32)?.contiguous()?;
         let r = rois.to_device(&dev)?.to_dtype(DType::F32)?.contiguous()?;
         return f.apply_op2(&r, RoiAlign(p));

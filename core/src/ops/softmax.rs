@@ -6,7 +6,7 @@
 //! `dx = y * (dy - sum(dy * y))`.
 
 use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D,
+    backend::BackendStorage, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D,
 };
 use num_traits::Float;
 use rayon::prelude::*;
@@ -72,9 +72,9 @@ impl CustomOp1 for SoftmaxLastDim {
 }
 
 /// `softmax(x)` over the last dimension: `(..., N)` → `(..., N)`, rows summing to 1;
-/// differentiable. CPU f32/f64 use a fused kernel, other devices candle-nn's composed softmax.
+/// differentiable. Our kernel (CPU, f32/f64) is one pass; elsewhere candle-nn's composed softmax.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+    if super::dispatch::select(&super::dispatch::SOFTMAX_LAST_DIM, x).is_ours() {
         x.contiguous()?.apply_op1(SoftmaxLastDim)
     } else {
         candle_nn::ops::softmax(x, D::Minus1)

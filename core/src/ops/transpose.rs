@@ -4,9 +4,7 @@
 //! convolution of a vision transformer; candle 0.11's generic strided copy moves 4M floats in
 //! ~13 ms on this machine, a tiled copy in ~1 ms.
 
-use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor,
-};
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 const TILE: usize = 32;
@@ -90,7 +88,7 @@ pub fn transpose_last2(x: &Tensor) -> Result<Tensor> {
     if x.rank() < 2 {
         candle_core::bail!("transpose_last2: needs rank >= 2, got {:?}", x.dims());
     }
-    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+    if super::dispatch::select(&super::dispatch::TRANSPOSE_LAST2, x).is_ours() {
         x.contiguous()?.apply_op1(TransposeLast2)
     } else {
         x.transpose(x.rank() - 2, x.rank() - 1)?.contiguous()
