@@ -48,29 +48,56 @@ pub struct DataLoader {
 
 /// The part of each epoch that one rank of a data-parallel run loads, as mmengine's
 /// `DefaultSampler`: the epoch order (the same on every rank: seeded by `seed + epoch`) padded
-/// by repeating its head to a multiple of `world`, then every `world`-th index from `rank`.
+/// by repeating its head to a multiple of `world` (training: every rank runs the same number of
+/// steps), then every `world`-th index from `rank`. Evaluation shards ([`Shard::eval`]) are not
+/// padded, so every image is evaluated once (mmengine pads, then drops the duplicates when it
+/// collects the results).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shard {
     /// This process's rank, `0..world`.
     pub rank: usize,
     /// Number of processes.
     pub world: usize,
+    /// Whether the order is padded to a multiple of `world`.
+    pub pad: bool,
 }
 
 impl Default for Shard {
     fn default() -> Self {
-        Self { rank: 0, world: 1 }
+        Self::train(0, 1)
     }
 }
 
 impl Shard {
+    /// The padded shard of a training loader.
+    pub fn train(rank: usize, world: usize) -> Self {
+        Self {
+            rank,
+            world,
+            pad: true,
+        }
+    }
+
+    /// The unpadded shard of an evaluation loader: indices `rank, rank + world, …` of the order.
+    pub fn eval(rank: usize, world: usize) -> Self {
+        Self {
+            rank,
+            world,
+            pad: false,
+        }
+    }
+
     /// The indices of `order` this rank takes.
     pub fn take(&self, order: &[usize]) -> Vec<usize> {
         let world = self.world.max(1);
         if world == 1 || order.is_empty() {
             return order.to_vec();
         }
-        let total = order.len().div_ceil(world) * world;
+        let total = if self.pad {
+            order.len().div_ceil(world) * world
+        } else {
+            order.len()
+        };
         (self.rank..total)
             .step_by(world)
             .map(|i| order[i % order.len()])
@@ -79,7 +106,12 @@ impl Shard {
 
     /// Samples per rank and epoch for a dataset of `n`.
     pub fn len(&self, n: usize) -> usize {
-        n.div_ceil(self.world.max(1))
+        let world = self.world.max(1);
+        if self.pad {
+            n.div_ceil(world)
+        } else {
+            n.saturating_sub(self.rank).div_ceil(world)
+        }
     }
 }
 

@@ -594,7 +594,7 @@ fn shards_of_an_epoch_are_disjoint_and_cover_the_dataset() {
     for (n, world) in [(10usize, 2usize), (11, 2), (7, 3), (5, 8), (12, 1)] {
         let order: Vec<usize> = (0..n).rev().collect();
         let shards: Vec<Vec<usize>> = (0..world)
-            .map(|rank| Shard { rank, world }.take(&order))
+            .map(|rank| Shard::train(rank, world).take(&order))
             .collect();
         let per = n.div_ceil(world);
         assert!(shards.iter().all(|s| s.len() == per), "{n} {world}");
@@ -614,5 +614,20 @@ fn shards_of_an_epoch_are_disjoint_and_cover_the_dataset() {
             (0..n).collect::<Vec<_>>(),
             "{n} {world}: cover without overlap"
         );
+        // Evaluation shards: no padding, each index exactly once, `len` is each rank's count.
+        let eval: Vec<Vec<usize>> = (0..world)
+            .map(|rank| Shard::eval(rank, world).take(&order))
+            .collect();
+        for (rank, s) in eval.iter().enumerate() {
+            assert_eq!(
+                s.len(),
+                Shard::eval(rank, world).len(n),
+                "{n} {world} {rank}"
+            );
+        }
+        let mut all: Vec<usize> = eval.concat();
+        assert_eq!(all.len(), n, "{n} {world}");
+        all.sort_unstable();
+        assert_eq!(all, (0..n).collect::<Vec<_>>(), "{n} {world}");
     }
 }

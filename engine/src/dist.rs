@@ -6,6 +6,7 @@
 use crate::runner::{CandleContext, EngineError};
 use candle_core::{backprop::GradStore, DType, Tensor};
 use densepred_core::params::SeededVarMap;
+use densepred_datasets::loader::Shard;
 
 /// `--launcher` (mmengine's `launcher`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -42,6 +43,12 @@ pub struct Dist {
     pub local_rank: usize,
     #[cfg(feature = "mpi")]
     universe: Option<mpi::environment::Universe>,
+}
+
+impl std::fmt::Debug for Dist {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Dist {{ rank: {}, world: {} }}", self.rank, self.world)
+    }
 }
 
 impl Dist {
@@ -214,5 +221,86 @@ impl Dist {
             start = end;
         }
         Ok(total)
+    }
+
+    /// The evaluation shard of this rank: every image once ([`Shard::eval`]).
+    pub fn eval_shard(&self) -> Shard {
+        Shard::eval(self.rank, self.world)
+    }
+
+    /// Gathers every rank's `mine` on rank 0 (mmengine's `collect_results`, over MPI): `Some`
+    /// with one buffer per rank in rank order on rank 0, `None` on the others; a single
+    /// process gets `Some(vec![mine])`.
+    ///
+    /// Errors: a buffer of 2 GiB or more (MPI counts are 32-bit).
+    pub fn gather_bytes(&self, mine: Vec<u8>) -> Result<Option<Vec<Vec<u8>>>, EngineError> {
+        if i32::try_from(mine.len()).is_err() {
+            return Err(EngineError::Config(format!(
+                "rank {}: {} bytes of results to gather, more than MPI's 2 GiB per message",
+                self.rank,
+                mine.len()
+            )));
+        }
+        #[cfg(feature = "mpi")]
+        if let Some(u) = &self.universe {
+            use mpi::datatype::PartitionMut;
+            use mpi::traits::{Communicator, Root};
+            use mpi::Count;
+            let world = u.world();
+            let root = world.process_at_rank(0);
+            let n = mine.len() as Count;
+            if self.rank != 0 {
+                root.gather_into(&n);
+                root.gather_varcount_into(&mine[..]);
+                return Ok(None);
+            }
+            let mut counts = vec![0 as Count; self.world];
+            root.gather_into_root(&n, &mut counts[..]);
+            let displs: Vec<Count> = counts
+                .iter()
+                .scan(0 as Count, |at, &c| {
+                    let d = *at;
+                    *at += c;
+                    Some(d)
+                })
+                .collect();
+            let total: usize = counts.iter().map(|&c| c as usize).sum();
+            let mut buf = vec![0u8; total];
+            {
+                let mut part = PartitionMut::new(&mut buf[..], &counts[..], &displs[..]);
+                root.gather_varcount_into_root(&mine[..], &mut part);
+            }
+            let parts = counts
+                .iter()
+                .zip(&displs)
+                .map(|(&c, &d)| buf[d as usize..(d + c) as usize].to_vec())
+                .collect();
+            return Ok(Some(parts));
+        }
+        Ok(Some(vec![mine]))
+    }
+
+    /// [`Dist::gather_bytes`] of a JSON value.
+    ///
+    /// Errors: as [`Dist::gather_bytes`]; a rank's buffer that is not JSON.
+    pub fn gather_json(
+        &self,
+        mine: &serde_json::Value,
+    ) -> Result<Option<Vec<serde_json::Value>>, EngineError> {
+        let bytes = serde_json::to_vec(mine)
+            .map_err(|e| EngineError::Config(format!("results of rank {}: {e}", self.rank)))?;
+        let Some(parts) = self.gather_bytes(bytes)? else {
+            return Ok(None);
+        };
+        parts
+            .iter()
+            .enumerate()
+            .map(|(r, p)| {
+                serde_json::from_slice(p).map_err(|e| {
+                    EngineError::Config(format!("results gathered from rank {r}: {e}"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
     }
 }

@@ -99,7 +99,14 @@ impl TrainLoop<'_> {
                     let (l, ev, _) = self.val.expect("val_due checks it");
                     st.progress
                         .suspend(|| tracing::info!("evaluating on {} images", l.dataset.len()));
-                    let out = validate(model, &l.loader, l.dataset.as_ref(), ev, self.device)?;
+                    let out = validate(
+                        model,
+                        &l.loader,
+                        l.dataset.as_ref(),
+                        ev,
+                        self.device,
+                        self.dist,
+                    )?;
                     let out = out.map(|(lines, mut rec)| {
                         rec.insert("mode".into(), "val".into());
                         rec.insert("iter".into(), st.iter.into());

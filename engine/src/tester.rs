@@ -1,6 +1,7 @@
 //! Inference over a dataloader and its evaluation (mmengine's `ValLoop` / `TestLoop` with
 //! mmdetection's `CocoMetric` for detectors, mmsegmentation's `IoUMetric` for segmentors).
 
+use crate::dist::Dist;
 use crate::runner::{
     build_loader, model_inputs, to_batch, BuiltModel, CandleContext, EngineError, EvaluatorConfig,
     Loader,
@@ -87,7 +88,8 @@ pub fn progress_bar(len: u64, show: bool, what: &str) -> ProgressBar {
     pb
 }
 
-/// Runs `model` over `dl` and evaluates with `evaluator`.
+/// Runs `model` over `dl` and evaluates with `evaluator` (every rank of `dist` its
+/// [`Dist::eval_shard`]; rank 0 gathers and evaluates, see [`evaluate_loader`]).
 ///
 /// Errors: data, model or evaluation errors; a metric other than `bbox`.
 pub fn run_test(
@@ -97,6 +99,7 @@ pub fn run_test(
     seed: u64,
     device: &Device,
     show_progress: bool,
+    dist: &Dist,
 ) -> Result<TestOutput, EngineError> {
     let Loader { loader, dataset } = build_loader(dl, seed, false)?;
     evaluate_loader(
@@ -106,10 +109,14 @@ pub fn run_test(
         evaluator,
         device,
         show_progress,
+        dist,
     )
 }
 
-/// [`run_test`] on an already built loader.
+/// [`run_test`] on an already built loader. In a data-parallel run every rank predicts its
+/// [`Dist::eval_shard`] of the split and rank 0 gathers the detections and evaluates
+/// (mmengine's `collect_results`): the other ranks return an output without images, records or
+/// summaries.
 pub fn evaluate_loader(
     model: &BuiltModel,
     loader: &densepred_datasets::loader::DataLoader,
@@ -117,6 +124,7 @@ pub fn evaluate_loader(
     evaluator: &EvaluatorConfig,
     device: &Device,
     show_progress: bool,
+    dist: &Dist,
 ) -> Result<TestOutput, EngineError> {
     let detector = model.inference_detector()?;
     if evaluator.kind != "CocoMetric" {
@@ -150,7 +158,13 @@ pub fn evaluate_loader(
         ));
     }
     let meta = dataset.metainfo();
-    let pb = progress_bar(loader.num_batches() as u64, show_progress, "test");
+    let mut loader = loader.clone();
+    loader.shard = dist.eval_shard();
+    let pb = progress_bar(
+        loader.num_batches() as u64,
+        show_progress && dist.is_main(),
+        "test",
+    );
     let mut images = Vec::new();
     let mut records = Vec::new();
     let mut segm_records: Option<Vec<serde_json::Value>> = None;
@@ -189,7 +203,20 @@ pub fn evaluate_loader(
         pb.inc(1);
     }
     pb.finish_and_clear();
-    let skipped = check_all_evaluated(loader, images.len(), dataset.len())?;
+    let Some((images, records, segm_records)) =
+        gather_detections(dist, images, records, segm_records)?
+    else {
+        return Ok(TestOutput {
+            images: Vec::new(),
+            records: Vec::new(),
+            summary: None,
+            segm_records: None,
+            segm_summary: None,
+            classes: meta.classes.clone(),
+            skipped: 0,
+        });
+    };
+    let skipped = check_all_evaluated(&loader, images.len(), dataset.len())?;
     let (summary, segm_summary) = if evaluator.format_only {
         (None, None)
     } else {
@@ -222,6 +249,120 @@ pub fn evaluate_loader(
         classes: meta.classes.clone(),
         skipped,
     })
+}
+
+/// The ranks' results back in the split's order: rank `r` of `world` held positions
+/// `r, r + world, …` ([`Dist::eval_shard`]), so round `k` takes each rank's `k`-th item.
+fn interleave<T>(mut per_rank: Vec<std::vec::IntoIter<T>>) -> Vec<T> {
+    let mut out = Vec::new();
+    loop {
+        let before = out.len();
+        out.extend(per_rank.iter_mut().filter_map(|it| it.next()));
+        if out.len() == before {
+            return out;
+        }
+    }
+}
+
+/// Field `k` of `v`, gathered from rank `r`.
+///
+/// Errors: a missing field or one of another type, naming the rank and the field.
+fn field<T: serde::de::DeserializeOwned>(
+    v: &serde_json::Value,
+    k: &str,
+    r: usize,
+) -> Result<T, EngineError> {
+    serde_json::from_value(v[k].clone())
+        .map_err(|e| EngineError::Config(format!("results gathered from rank {r}: {k}: {e}")))
+}
+
+/// Rank 0's view of a data-parallel detection test: every rank's images (in the split's order:
+/// rank `r` held positions `r, r + world, …`) and their results records, ordered by image;
+/// `None` on the other ranks. One process returns its own.
+///
+/// Errors: MPI message limits, malformed gathered results.
+#[allow(clippy::type_complexity)]
+fn gather_detections(
+    dist: &Dist,
+    images: Vec<ImageResult>,
+    records: Vec<serde_json::Value>,
+    segm: Option<Vec<serde_json::Value>>,
+) -> Result<
+    Option<(
+        Vec<ImageResult>,
+        Vec<serde_json::Value>,
+        Option<Vec<serde_json::Value>>,
+    )>,
+    EngineError,
+> {
+    if dist.world == 1 {
+        return Ok(Some((images, records, segm)));
+    }
+    let mine = serde_json::json!({
+        "images": images.iter().map(|i| serde_json::json!({
+            "img_id": i.img_id,
+            "img_path": i.img_path,
+            "bboxes": i.dets.bboxes,
+            "scores": i.dets.scores,
+            "labels": i.dets.labels,
+        })).collect::<Vec<_>>(),
+        "records": records,
+        "segm": segm,
+    });
+    let Some(parts) = dist.gather_json(&mine)? else {
+        return Ok(None);
+    };
+    let bad = |r: usize, what: &str| {
+        EngineError::Config(format!("results gathered from rank {r}: bad {what}"))
+    };
+    let mut per_rank = Vec::with_capacity(parts.len());
+    let (mut records, mut segm_all) = (Vec::new(), None::<Vec<serde_json::Value>>);
+    for (r, mut p) in parts.into_iter().enumerate() {
+        let imgs: Vec<ImageResult> = p["images"]
+            .as_array()
+            .ok_or_else(|| bad(r, "images"))?
+            .iter()
+            .map(|v| {
+                Ok(ImageResult {
+                    img_id: field(v, "img_id", r)?,
+                    img_path: field(v, "img_path", r)?,
+                    dets: densepred_core::structures::Detections {
+                        bboxes: field(v, "bboxes", r)?,
+                        scores: field(v, "scores", r)?,
+                        labels: field(v, "labels", r)?,
+                        masks: None,
+                    },
+                })
+            })
+            .collect::<Result<_, EngineError>>()?;
+        per_rank.push(imgs.into_iter());
+        match p["records"].take() {
+            serde_json::Value::Array(a) => records.extend(a),
+            _ => return Err(bad(r, "records")),
+        }
+        match p["segm"].take() {
+            serde_json::Value::Array(a) => segm_all.get_or_insert_with(Vec::new).extend(a),
+            serde_json::Value::Null => {}
+            _ => return Err(bad(r, "segm")),
+        }
+    }
+    let images = interleave(per_rank);
+    let pos: std::collections::HashMap<u64, usize> = images
+        .iter()
+        .enumerate()
+        .map(|(i, im)| (im.img_id, i))
+        .collect();
+    let key = |r: &serde_json::Value| {
+        r["image_id"]
+            .as_u64()
+            .and_then(|id| pos.get(&id).copied())
+            .unwrap_or(usize::MAX)
+    };
+    records.sort_by_key(key);
+    if let Some(s) = segm_all.as_mut() {
+        s.sort_by_key(key);
+    }
+    Ok(Some((images, records, segm_all)))
 }
 
 impl TestOutput {
@@ -349,7 +490,9 @@ fn aug_pipeline(p: &Pipeline, ratio: f64) -> Pipeline {
 
 /// Runs the segmentor of `model` over `loader` and computes mmseg's `IoUMetric` (`mIoU`,
 /// `mAcc`, `aAcc`, per-class IoU / Acc) against the label maps the pipeline loads (at the
-/// original image size: `LoadAnnotations` after `Resize`, mmseg's test pipeline).
+/// original image size: `LoadAnnotations` after `Resize`, mmseg's test pipeline). In a
+/// data-parallel run every rank evaluates its [`Dist::eval_shard`] and rank 0 merges the counts
+/// (and the kept predictions); the other ranks return no metrics and no images.
 ///
 /// Errors: an evaluator other than `IoUMetric` / metrics other than `mIoU`; more than 255
 /// classes; a label map whose size differs from its image (named); data and model errors.
@@ -360,6 +503,7 @@ pub fn evaluate_seg_loader(
     evaluator: &EvaluatorConfig,
     device: &Device,
     opts: &SegTestOptions,
+    dist: &Dist,
 ) -> Result<SegTestOutput, EngineError> {
     let seg = model.inference_segmentor()?;
     if evaluator.kind != "IoUMetric" {
@@ -400,6 +544,8 @@ pub fn evaluate_seg_loader(
     } else {
         vec![]
     };
+    let mut loader = loader.clone();
+    loader.shard = dist.eval_shard();
     let loaders: Vec<densepred_datasets::loader::DataLoader> = if opts.aug_test {
         ratios
             .iter()
@@ -414,7 +560,7 @@ pub fn evaluate_seg_loader(
         vec![loader.clone()]
     };
     let n_batches = loaders[0].num_batches() as u64;
-    let pb = progress_bar(n_batches, opts.show_progress, "test");
+    let pb = progress_bar(n_batches, opts.show_progress && dist.is_main(), "test");
     let mut iters: Vec<_> = loaders.iter().map(|l| l.epoch(0)).collect();
     let mut images = Vec::new();
     let mut evaluated = 0usize;
@@ -514,13 +660,108 @@ pub fn evaluate_seg_loader(
         pb.inc(1);
     }
     pb.finish_and_clear();
-    let skipped = check_all_evaluated(loader, evaluated, dataset.len())?;
+    let Some((metric, any_gt, evaluated, images)) =
+        gather_seg(dist, metric, any_gt, evaluated, images)?
+    else {
+        return Ok(SegTestOutput {
+            metrics: None,
+            images: Vec::new(),
+            classes: meta.classes.clone(),
+            skipped: 0,
+        });
+    };
+    let skipped = check_all_evaluated(&loader, evaluated, dataset.len())?;
     Ok(SegTestOutput {
         metrics: any_gt.then(|| metric.compute()),
         images,
         classes: meta.classes.clone(),
         skipped,
     })
+}
+
+/// Rank 0's view of a data-parallel segmentation test: the merged `IoUMetric` counts, whether
+/// any image had ground truth, the number of images evaluated and the kept predictions in the
+/// split's order; `None` on the other ranks. One process returns its own. The predictions
+/// travel as raw bytes after a JSON header (`[header length: u64 LE][header][maps…]`).
+///
+/// Errors: MPI message limits, malformed gathered results.
+#[allow(clippy::type_complexity)]
+fn gather_seg(
+    dist: &Dist,
+    metric: IoUMetric,
+    any_gt: bool,
+    evaluated: usize,
+    images: Vec<SegImageResult>,
+) -> Result<Option<(IoUMetric, bool, usize, Vec<SegImageResult>)>, EngineError> {
+    if dist.world == 1 {
+        return Ok(Some((metric, any_gt, evaluated, images)));
+    }
+    let header = serde_json::json!({
+        "metric": metric,
+        "any_gt": any_gt,
+        "evaluated": evaluated,
+        "images": images.iter().map(|i| serde_json::json!({
+            "img_path": i.img_path,
+            "h": i.pred.nrows(),
+            "w": i.pred.ncols(),
+            "reduce_zero_label": i.reduce_zero_label,
+        })).collect::<Vec<_>>(),
+    });
+    let header = serde_json::to_vec(&header)
+        .map_err(|e| EngineError::Config(format!("results of rank {}: {e}", dist.rank)))?;
+    let mut buf = (header.len() as u64).to_le_bytes().to_vec();
+    buf.extend_from_slice(&header);
+    for i in &images {
+        buf.extend(i.pred.iter().copied());
+    }
+    drop(images);
+    let Some(parts) = dist.gather_bytes(buf)? else {
+        return Ok(None);
+    };
+    let bad = |r: usize, what: &str| {
+        EngineError::Config(format!("results gathered from rank {r}: bad {what}"))
+    };
+    let (mut merged, mut any, mut count) = (None::<IoUMetric>, false, 0usize);
+    let mut per_rank = Vec::with_capacity(parts.len());
+    for (r, p) in parts.iter().enumerate() {
+        let n = p
+            .get(..8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+            .ok_or_else(|| bad(r, "header"))?;
+        let h: serde_json::Value = p
+            .get(8..8 + n)
+            .and_then(|b| serde_json::from_slice(b).ok())
+            .ok_or_else(|| bad(r, "header"))?;
+        let m: IoUMetric =
+            serde_json::from_value(h["metric"].clone()).map_err(|_| bad(r, "metric"))?;
+        match merged.as_mut() {
+            None => merged = Some(m),
+            Some(acc) => acc.merge(&m).map_err(|e| bad(r, &format!("metric: {e}")))?,
+        }
+        any |= h["any_gt"].as_bool().ok_or_else(|| bad(r, "any_gt"))?;
+        count += h["evaluated"].as_u64().ok_or_else(|| bad(r, "evaluated"))? as usize;
+        let mut at = 8 + n;
+        let mut imgs = Vec::new();
+        for v in h["images"].as_array().ok_or_else(|| bad(r, "images"))? {
+            let (hh, ww) = (
+                v["h"].as_u64().ok_or_else(|| bad(r, "h"))? as usize,
+                v["w"].as_u64().ok_or_else(|| bad(r, "w"))? as usize,
+            );
+            let px = p.get(at..at + hh * ww).ok_or_else(|| bad(r, "label map"))?;
+            at += hh * ww;
+            imgs.push(SegImageResult {
+                img_path: serde_json::from_value(v["img_path"].clone())
+                    .map_err(|_| bad(r, "img_path"))?,
+                pred: ndarray::Array2::from_shape_vec((hh, ww), px.to_vec())
+                    .map_err(|_| bad(r, "label map"))?,
+                reduce_zero_label: v["reduce_zero_label"].as_bool().unwrap_or(false),
+            });
+        }
+        per_rank.push(imgs.into_iter());
+    }
+    let images = interleave(per_rank);
+    let metric = merged.ok_or_else(|| bad(0, "metric"))?;
+    Ok(Some((metric, any, count, images)))
 }
 
 /// mmsegmentation's log keys of a result (`mIoU`, `mAcc`, `aAcc` in percent, 2 decimals).
@@ -548,6 +789,7 @@ pub fn validate(
     dataset: &dyn densepred_datasets::Dataset,
     evaluator: &EvaluatorConfig,
     device: &Device,
+    dist: &Dist,
 ) -> Result<Option<(Vec<String>, serde_json::Map<String, serde_json::Value>)>, EngineError> {
     if model.is_segmentor() {
         let out = evaluate_seg_loader(
@@ -557,6 +799,7 @@ pub fn validate(
             evaluator,
             device,
             &SegTestOptions::default(),
+            dist,
         )?;
         Ok(out.metrics.map(|m| {
             let lines = m
@@ -567,7 +810,7 @@ pub fn validate(
             (lines, mmseg_keys(&m))
         }))
     } else {
-        let out = evaluate_loader(model, loader, dataset, evaluator, device, false)?;
+        let out = evaluate_loader(model, loader, dataset, evaluator, device, false, dist)?;
         let sums = out.summaries();
         if sums.is_empty() {
             return Ok(None);
@@ -593,6 +836,9 @@ pub struct TestRunOptions {
     pub strict: bool,
     /// Segmentors: aug test, predictions kept, progress bar (`show_progress` applies to both).
     pub seg: SegTestOptions,
+    /// The data-parallel run this test is part of (`None`: one process). Every rank tests its
+    /// shard; rank 0 gathers and evaluates, the others return empty outputs.
+    pub dist: Option<std::sync::Arc<Dist>>,
 }
 
 impl Default for TestRunOptions {
@@ -600,6 +846,7 @@ impl Default for TestRunOptions {
         Self {
             strict: true,
             seg: SegTestOptions::default(),
+            dist: None,
         }
     }
 }
@@ -627,12 +874,21 @@ pub fn test_checkpoint(
     device: &Device,
 ) -> Result<TestRun, EngineError> {
     let (dl, ev) = cfg.test_split()?;
+    let single = Dist::single();
+    let dist = opts.dist.as_deref().unwrap_or(&single);
     let model = crate::runner::build_model(&cfg.model, cfg.seed(), device)?;
     crate::runner::load_checkpoint(&model, checkpoint, opts.strict)?;
     if model.is_segmentor() {
         let l = build_loader(dl, cfg.seed(), false)?;
-        let out =
-            evaluate_seg_loader(&model, &l.loader, l.dataset.as_ref(), ev, device, &opts.seg)?;
+        let out = evaluate_seg_loader(
+            &model,
+            &l.loader,
+            l.dataset.as_ref(),
+            ev,
+            device,
+            &opts.seg,
+            dist,
+        )?;
         return Ok(TestRun::Segmentation(out));
     }
     if opts.seg.aug_test {
@@ -640,6 +896,14 @@ pub fn test_checkpoint(
             "the aug test is for segmentors; this config builds a detector".into(),
         ));
     }
-    let out = run_test(&model, dl, ev, cfg.seed(), device, opts.seg.show_progress)?;
+    let out = run_test(
+        &model,
+        dl,
+        ev,
+        cfg.seed(),
+        device,
+        opts.seg.show_progress,
+        dist,
+    )?;
     Ok(TestRun::Detection(out))
 }

@@ -107,10 +107,7 @@ pub fn train(
         mut loader,
         dataset,
     } = build_loader(train_dl, seed, true)?;
-    loader.shard = densepred_datasets::loader::Shard {
-        rank: dist.rank,
-        world: dist.world,
-    };
+    loader.shard = densepred_datasets::loader::Shard::train(dist.rank, dist.world);
     let classes = &dataset.metainfo().classes;
     if classes.len() != model.num_classes() {
         return Err(EngineError::Config(format!(
@@ -211,7 +208,8 @@ pub fn train(
 
     dist.broadcast_vars(&model.vars)?;
     let val = match (&cfg.val_dataloader, &cfg.val_evaluator) {
-        (Some(d), Some(e)) if loop_cfg.val_interval > 0 && main => {
+        // Every rank validates its shard; rank 0 gathers and evaluates.
+        (Some(d), Some(e)) if loop_cfg.val_interval > 0 => {
             Some((build_loader(d, seed, false)?, e.clone()))
         }
         _ => None,

@@ -82,6 +82,7 @@ fn tiny_upernet_overfits_four_images() {
             keep_predictions: true,
             ..Default::default()
         },
+        &densepred_engine::dist::Dist::single(),
     )
     .unwrap();
     let m = out.metrics.unwrap();

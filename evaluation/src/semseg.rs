@@ -84,7 +84,9 @@ impl SegMetrics {
     }
 }
 
-/// Accumulates label maps and computes [`SegMetrics`].
+/// Accumulates label maps and computes [`SegMetrics`]. Serialisable, so that the ranks of a
+/// distributed test send their counts to rank 0 ([`IoUMetric::merge`]).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct IoUMetric {
     inner: SemanticEval,
     num_classes: usize,
@@ -106,6 +108,16 @@ impl IoUMetric {
     pub fn update(&mut self, gt: &[u8], pred: &[u8]) -> Result<(), EvalError> {
         self.inner
             .update(gt, pred)
+            .map_err(|e| EvalError::Invalid(e.to_string()))
+    }
+
+    /// Adds `other`'s counts (another shard of the same split), as hotcoco's
+    /// `SemanticEval::merge`.
+    ///
+    /// Errors: a different number of classes or ignore index.
+    pub fn merge(&mut self, other: &IoUMetric) -> Result<(), EvalError> {
+        self.inner
+            .merge(&other.inner)
             .map_err(|e| EvalError::Invalid(e.to_string()))
     }
 

@@ -694,6 +694,7 @@ fn test_impl(
             show_progress: progress,
             ..SegTestOptions::default()
         },
+        dist: None,
     };
     match test_checkpoint(cfg, checkpoint, &opts, device)? {
         TestRun::Segmentation(out) => match &out.metrics {

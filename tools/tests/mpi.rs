@@ -10,7 +10,11 @@
 //!   max(max |w|, 1) (biases start at 0, hence the floor; the f32 summation-order difference
 //!   measured 7.5e-9).
 //! * Faults: a rank whose image is missing stops the whole job, with that rank's error, in well
-//!   under 30 s (MPI_Abort), instead of leaving the other rank waiting in the all-reduce.
+//!   under 30 s (MPI_Abort), instead of leaving the other rank waiting in the all-reduce; so does
+//!   a loss that overflows.
+//! * Evaluation: `test` over 2 ranks (each its unpadded shard, rank 0 gathers) gives the results
+//!   file, metrics and label maps of one process, for a detector and a segmentor; a segmentor's
+//!   validation during a 2-rank training merges both ranks' IoU counts.
 #![cfg(feature = "mpi")]
 
 use candle_core::Device;
@@ -89,9 +93,11 @@ fn train_args(ann: &Path, work: &Path, batch: usize) -> Vec<String> {
     .collect()
 }
 
-/// `mpirun -np 2 densepred ARGS --launcher mpi` (root allowed, as CI runs as root).
+/// `mpirun -np 2 densepred ARGS --launcher mpi` (root allowed, as CI runs as root), from the
+/// repository root.
 fn mpirun(args: &[String]) -> std::process::Output {
     Command::new("mpirun")
+        .current_dir(root())
         .args(["-np", "2", "--oversubscribe"])
         .arg(env!("CARGO_BIN_EXE_densepred"))
         .args(args)
@@ -184,12 +190,210 @@ fn a_nan_loss_stops_every_rank() {
     let ann = tmp.path().join("twin.json");
     twin_images(&ann, false);
     let mut args = train_args(&ann, &tmp.path().join("ranks"), 1);
-    // A learning rate that makes the first step blow the weights up: the next loss is not finite.
+    // A learning rate that blows the weights up: a loss of the third iteration overflows f32.
     args.extend([
         "--set".to_string(),
-        "optim_wrapper.optimizer={ type = \"SGD\", lr = 1e30, momentum = 0.9 }".to_string(),
+        "optim_wrapper.optimizer={ type = \"SGD\", lr = 1e38, momentum = 0.9 }".to_string(),
     ]);
     let t = Instant::now();
     let out = mpirun(&args);
     assert_stopped(&out, t.elapsed(), "(diverged)");
+}
+
+/// `densepred ARGS` in one process, from the repository root; asserts it succeeded.
+fn densepred(args: &[String]) -> std::process::Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_densepred"))
+        .current_dir(root())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `ARGS` followed by `--set S` for each of `sets`.
+fn with_sets(args: &[&str], sets: &[String]) -> Vec<String> {
+    let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    for s in sets {
+        v.push("--set".into());
+        v.push(s.clone());
+    }
+    v
+}
+
+/// A JSON file as a value.
+fn json(p: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+/// A detector's `test` split over 2 ranks (16 of the 32 mini_coco validation images each;
+/// rank 0 gathers) writes the same results file, record for record, and the same COCO metrics
+/// as one process.
+#[test]
+fn a_two_rank_detection_test_equals_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ann = tmp.path().join("twin.json");
+    twin_images(&ann, false);
+    densepred(&train_args(&ann, &tmp.path().join("train"), 2));
+    let ck = tmp.path().join("train/iter_5.safetensors");
+    let coco = root().join("assets/mini_coco");
+    let val = coco.join("annotations/instances_val.json");
+    let sets = [
+        format!("val_dataloader.dataset.data_root={}", coco.display()),
+        "val_dataloader.dataset.ann_file=annotations/instances_val.json".into(),
+        format!("val_evaluator.ann_file={}", val.display()),
+        "model.test_cfg.score_thr=0.0".into(),
+        // One image per batch: a batch pads its images to a common size, so detections depend
+        // on which images share a batch, and the ranks' batches differ from one process's.
+        "val_dataloader.batch_size=1".into(),
+        "model.backbone={ type = \"MCGA\", embed_dims = [16, 32, 64, 128], depths = [1, 1, 1, 1], num_heads = [1, 2, 2, 4], num_groups = 4 }".into(),
+    ];
+    let test = |tag: &str| {
+        let dir = tmp.path().join(tag);
+        with_sets(
+            &[
+                "test",
+                "tests/configs/retinanet_tiny_overfit.toml",
+                "--checkpoint",
+                ck.to_str().unwrap(),
+                "--no-progress",
+                "--out",
+                dir.join("results.bbox.json").to_str().unwrap(),
+                "--json-out",
+                dir.join("metrics.json").to_str().unwrap(),
+            ],
+            &sets,
+        )
+    };
+    densepred(&test("single"));
+    let out = mpirun(&test("ranks"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let single = json(&tmp.path().join("single/results.bbox.json"));
+    let ranks = json(&tmp.path().join("ranks/results.bbox.json"));
+    let (a, b) = (single.as_array().unwrap(), ranks.as_array().unwrap());
+    assert!(
+        a.len() > 100,
+        "only {} detections: the test compares too little",
+        a.len()
+    );
+    assert_eq!(a.len(), b.len(), "numbers of detections differ");
+    if let Some(i) = (0..a.len()).find(|&i| a[i] != b[i]) {
+        panic!("results differ at record {i}: {} vs {}", a[i], b[i]);
+    }
+    let (ms, mr) = (
+        json(&tmp.path().join("single/metrics.json")),
+        json(&tmp.path().join("ranks/metrics.json")),
+    );
+    assert!(ms.get("AP").is_some(), "{ms}");
+    assert_eq!(ms, mr);
+}
+
+/// A segmentor trained by 2 ranks validates over both (rank 0 merges the IoU counts), and its
+/// `test` over 2 ranks (2 and 1 of the three ADE20K samples) prints the metrics and writes the
+/// label maps of a one-process test.
+#[test]
+fn a_two_rank_segmentation_validation_and_test_equal_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prefix = "{ img_path = \"images/validation\", seg_map_path = \"annotations/validation\" }";
+    let mut sets: Vec<String> = Vec::new();
+    for split in ["train", "val", "test"] {
+        sets.push(format!(
+            "{split}_dataloader.dataset.data_root=\"assets/ade20k_samples\""
+        ));
+        sets.push(format!("{split}_dataloader.dataset.data_prefix={prefix}"));
+    }
+    sets.extend([
+        "model.decode_head.num_classes=150".into(),
+        "model.auxiliary_head.num_classes=150".into(),
+        // Two images per rank (the three padded to four): BatchNorm over the 1x1 pooled map of
+        // the PPM needs two values per channel (without SyncBN).
+        "train_dataloader.batch_size=2".into(),
+        "train_cfg.max_iters=2".into(),
+        "train_cfg.val_interval=2".into(),
+        "default_hooks.checkpoint.interval=2".into(),
+    ]);
+    let cfg = "tests/configs/upernet_tiny_overfit.toml";
+    let work = tmp.path().join("work");
+    let out = mpirun(&with_sets(
+        &[
+            "train",
+            cfg,
+            "--no-progress",
+            "--work-dir",
+            work.to_str().unwrap(),
+        ],
+        &sets,
+    ));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("mIoU"), "no validation table: {err}");
+    let log = std::fs::read_to_string(work.join("metrics.jsonl")).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"val\"") && l.contains("mIoU")),
+        "{log}"
+    );
+    let ck = work.join("iter_2.safetensors");
+    let test = |tag: &str| {
+        let dir = tmp.path().join(tag);
+        with_sets(
+            &[
+                "test",
+                cfg,
+                "--checkpoint",
+                ck.to_str().unwrap(),
+                "--no-progress",
+                "--out-dir",
+                dir.join("out").to_str().unwrap(),
+                "--json-out",
+                dir.join("metrics.json").to_str().unwrap(),
+            ],
+            &sets,
+        )
+    };
+    densepred(&test("single"));
+    let out = mpirun(&test("ranks"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (ms, mr) = (
+        json(&tmp.path().join("single/metrics.json")),
+        json(&tmp.path().join("ranks/metrics.json")),
+    );
+    assert!(ms.get("mIoU").is_some(), "{ms}");
+    assert_eq!(ms, mr);
+    let files = |tag: &str| {
+        let mut v: Vec<(String, Vec<u8>)> =
+            std::fs::read_dir(tmp.path().join(tag).join("out/labels"))
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|x| x == "png"))
+                .map(|p| {
+                    (
+                        p.file_name().unwrap().to_string_lossy().into_owned(),
+                        std::fs::read(&p).unwrap(),
+                    )
+                })
+                .collect();
+        v.sort();
+        v
+    };
+    let (fs, fr) = (files("single"), files("ranks"));
+    assert_eq!(
+        fs.len(),
+        3,
+        "{:?}",
+        fs.iter().map(|f| &f.0).collect::<Vec<_>>()
+    );
+    assert_eq!(fs, fr, "label maps differ");
 }

@@ -48,6 +48,11 @@ pub struct Args {
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// `none` (one process) or `mpi` (every rank of `mpirun -np N` / `srun --mpi=pmix` tests
+    /// its shard of the split; rank 0 gathers the results, evaluates, prints and writes).
+    /// `mpi` needs a build with `--features mpi`.
+    #[arg(long, default_value = "none")]
+    pub launcher: densepred_engine::dist::Launcher,
     /// `cpu`, `cuda` or `cuda:N` (CUDA needs a binary built with `--features cuda`); default:
     /// the config's `device` key, else `cpu`.
     #[arg(long)]
@@ -55,6 +60,10 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    super::as_rank(a.launcher, |dist| run_rank(a, dist))
+}
+
+fn run_rank(a: Args, dist: std::sync::Arc<densepred_engine::dist::Dist>) -> Result<()> {
     let (cfg, _) = RunConfig::load(&a.config, &a.overrides)?;
     let (dl, _) = cfg.test_split()?;
     let dev = densepred_engine::device::resolve_device(a.device.as_deref(), &cfg)?;
@@ -75,8 +84,14 @@ pub fn run(a: Args) -> Result<()> {
             keep_predictions: a.out_dir.is_some(),
             show_progress: !a.no_progress,
         },
+        dist: Some(dist.clone()),
     };
-    let out = match test_checkpoint(&cfg, &a.checkpoint, &opts, &dev)? {
+    let run = test_checkpoint(&cfg, &a.checkpoint, &opts, &dev)?;
+    if !dist.is_main() {
+        // Rank 0 gathered this rank's results; it prints and writes.
+        return Ok(());
+    }
+    let out = match run {
         TestRun::Segmentation(out) => return report_seg(&a, dl, out),
         TestRun::Detection(out) => out,
     };

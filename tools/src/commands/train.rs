@@ -41,19 +41,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let dist = std::sync::Arc::new(densepred_engine::dist::Dist::init(a.launcher)?);
-    let r = run_rank(a, dist.clone());
-    if let Err(e) = &r {
-        // Every rank stops (MPI_Abort) instead of waiting in the next all-reduce.
-        if let Some(e) = e.downcast_ref::<densepred_engine::runner::EngineError>() {
-            dist.abort_on(e);
-        } else if dist.world > 1 {
-            dist.abort_on(&densepred_engine::runner::EngineError::Config(format!(
-                "{e:#}"
-            )));
-        }
-    }
-    r
+    super::as_rank(a.launcher, |dist| run_rank(a, dist))
 }
 
 fn run_rank(a: Args, dist: Arc<densepred_engine::dist::Dist>) -> Result<()> {
