@@ -317,6 +317,27 @@ pub struct BatchNorm2d {
     pub eps: f64,
     /// Running-statistics update factor (PyTorch default 0.1).
     pub momentum: f64,
+    /// SyncBN (`norm_cfg.type = "SyncBN"`): in training, the statistics of the whole
+    /// data-parallel batch, over the group of [`set_sync_bn_group`] (plain BN when none is set:
+    /// one process).
+    pub sync: bool,
+}
+
+static SYNC_BN_GROUP: std::sync::RwLock<Option<crate::ops::batch_norm::AllReduceSum>> =
+    std::sync::RwLock::new(None);
+
+/// Sets the process group that SyncBN layers reduce their statistics over (the engine sets it
+/// when a data-parallel run starts; `None`, the default, makes SyncBN plain BN), as
+/// `torch.distributed`'s default group serves `nn.SyncBatchNorm`.
+pub fn set_sync_bn_group(group: Option<crate::ops::batch_norm::AllReduceSum>) {
+    *SYNC_BN_GROUP.write().unwrap_or_else(|e| e.into_inner()) = group;
+}
+
+fn sync_bn_group() -> Option<crate::ops::batch_norm::AllReduceSum> {
+    SYNC_BN_GROUP
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
 }
 
 impl BatchNorm2d {
@@ -329,7 +350,14 @@ impl BatchNorm2d {
             running_var: vb.get_with_hints(c, "running_var", Init::Const(1.0))?,
             eps,
             momentum: 0.1,
+            sync: false,
         })
+    }
+
+    /// The same layer as SyncBN (`sync = true`) or BN.
+    pub fn synced(mut self, sync: bool) -> Self {
+        self.sync = sync;
+        self
     }
 
     /// `(B, C, H, W)` → `(B, C, H, W)`; `train` selects batch statistics and updates the buffers.
@@ -357,7 +385,6 @@ impl BatchNorm2d {
     }
 
     fn forward_act(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
-        let c = x.dim(1)?;
         if !train {
             if relu {
                 return self.forward_act(x, false, false)?.relu();
@@ -366,23 +393,20 @@ impl BatchNorm2d {
             let shift = (&self.bias - (&self.running_mean * &scale)?)?;
             return add_bias_channels(&mul_scale_channels(x, &scale)?, &shift);
         }
-        let n = x.elem_count() / c;
-        if n < 2 {
-            candle_core::bail!(
-                "BatchNorm2d: training needs more than one value per channel, got input {:?}",
-                x.dims()
-            );
-        }
-        let (y, mean, var) = if relu {
-            crate::ops::batch_norm_relu_train(x, &self.weight, &self.bias, self.eps)?
-        } else {
-            crate::ops::batch_norm_train(x, &self.weight, &self.bias, self.eps)?
-        };
+        let group = if self.sync { sync_bn_group() } else { None };
+        let (y, mean, var, count) = crate::ops::batch_norm::batch_norm_train_synced(
+            x,
+            &self.weight,
+            &self.bias,
+            self.eps,
+            relu,
+            group.as_ref(),
+        )?;
         if self.running_mean.is_variable() {
             let m = self.momentum;
             let dev = x.device();
             let mean = Tensor::new(mean, dev)?.to_dtype(self.running_mean.dtype())?;
-            let var_unbiased = (Tensor::new(var, dev)? * (n as f64 / (n - 1) as f64))?
+            let var_unbiased = (Tensor::new(var, dev)? * (count / (count - 1.0)))?
                 .to_dtype(self.running_var.dtype())?;
             let rm = ((&self.running_mean * (1.0 - m))? + (mean * m)?)?;
             let rv = ((&self.running_var * (1.0 - m))? + (var_unbiased * m)?)?;

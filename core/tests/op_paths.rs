@@ -39,6 +39,9 @@ const COMPOSITIONS: &[&str] = &[
     "filter_nms",
     // `index_select` with reversed indices.
     "flip_last_dim",
+    // `batch_norm_train_synced` without a group, without / with the ReLU.
+    "batch_norm_train",
+    "batch_norm_relu_train",
 ];
 
 /// `(name, signature)` of every `pub fn` in `src`, the signature running to its body's `{`.
@@ -360,22 +363,26 @@ fn cases() -> Vec<Case> {
             Box::new(move |x| t(ops::transpose_last2(&x[0]))),
         ),
     ];
-    for (op, relu) in [("batch_norm_train", false), ("batch_norm_relu_train", true)] {
-        v.push(case(
-            op,
-            &[&[3, 4, 5, 2], &[4], &[4]],
-            Box::new(move |x| {
-                let f = if relu {
-                    ops::batch_norm_relu_train
-                } else {
-                    ops::batch_norm_train
-                };
-                let (y, mean, var) = f(&x[0], &around_one(&x[1]), &x[2], 1e-5)?;
+    v.push(case(
+        "batch_norm_train_synced",
+        &[&[3, 4, 5, 2], &[4], &[4]],
+        Box::new(move |x| {
+            let mut out = Vec::new();
+            for relu in [false, true] {
+                let (y, mean, var, _) = ops::batch_norm::batch_norm_train_synced(
+                    &x[0],
+                    &around_one(&x[1]),
+                    &x[2],
+                    1e-5,
+                    relu,
+                    None,
+                )?;
                 let dev = x[0].device();
-                Ok(vec![y, Tensor::new(mean, dev)?, Tensor::new(var, dev)?])
-            }),
-        ));
-    }
+                out.extend([y, Tensor::new(mean, dev)?, Tensor::new(var, dev)?]);
+            }
+            Ok(out)
+        }),
+    ));
     v
 }
 

@@ -81,6 +81,22 @@ impl Dist {
                     .ok()
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(0);
+                if world.size() > 1 {
+                    // SyncBN layers sum their statistics over all ranks.
+                    densepred_core::nn::set_sync_bn_group(Some(std::sync::Arc::new(
+                        |buf: &mut [f64]| {
+                            use mpi::collective::SystemOperation;
+                            use mpi::traits::CommunicatorCollectives;
+                            let send = buf.to_vec();
+                            mpi::topology::SimpleCommunicator::world().all_reduce_into(
+                                &send[..],
+                                buf,
+                                SystemOperation::sum(),
+                            );
+                            Ok(())
+                        },
+                    )));
+                }
                 Ok(Self {
                     rank: world.rank() as usize,
                     world: world.size() as usize,

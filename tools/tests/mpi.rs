@@ -128,35 +128,10 @@ fn two_ranks_of_batch_1_equal_one_process_of_batch_2() {
         "{}",
         String::from_utf8_lossy(&single.stderr)
     );
-    let load = |d: &str| {
-        candle_core::safetensors::load(tmp.path().join(d).join("iter_5.safetensors"), &Device::Cpu)
-            .unwrap()
-    };
-    let (a, b) = (load("single"), load("ranks"));
-    assert_eq!(a.len(), b.len());
-    assert!(a.len() > 100, "{} tensors", a.len());
-    for (k, ta) in &a {
-        let tb = &b[k];
-        let fa = ta.to_dtype(candle_core::DType::F64).unwrap();
-        let fb = tb.to_dtype(candle_core::DType::F64).unwrap();
-        let diff = (&fa - &fb)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        let scale = fa
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-            .max(1.0);
-        assert!(diff <= 1e-5 * scale, "{k}: max |Δ| {diff}");
-    }
+    assert_same_weights(
+        &tmp.path().join("single/iter_5.safetensors"),
+        &tmp.path().join("ranks/iter_5.safetensors"),
+    );
     // Only rank 0 wrote the work dir's log: one record per iteration, not two.
     let log = std::fs::read_to_string(tmp.path().join("ranks/metrics.jsonl")).unwrap();
     assert_eq!(
@@ -164,6 +139,30 @@ fn two_ranks_of_batch_1_equal_one_process_of_batch_2() {
         5,
         "{log}"
     );
+}
+
+/// Every tensor of checkpoint `a` equals `b`'s: max |Δ| ≤ 1e-5 · max(max |w|, 1) per tensor
+/// (see the module docs).
+fn assert_same_weights(a: &Path, b: &Path) {
+    let load = |p: &Path| candle_core::safetensors::load(p, &Device::Cpu).unwrap();
+    let (a, b) = (load(a), load(b));
+    assert_eq!(a.len(), b.len());
+    assert!(a.len() > 100, "{} tensors", a.len());
+    let max_abs = |t: &candle_core::Tensor| {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    for (k, ta) in &a {
+        let fa = ta.to_dtype(candle_core::DType::F64).unwrap();
+        let fb = b[k].to_dtype(candle_core::DType::F64).unwrap();
+        let diff = max_abs(&(&fa - &fb).unwrap());
+        let scale = max_abs(&fa).max(1.0);
+        assert!(diff <= 1e-5 * scale, "{k}: max |Δ| {diff}");
+    }
 }
 
 #[test]
@@ -396,4 +395,63 @@ fn a_two_rank_segmentation_validation_and_test_equal_one_process() {
         fs.iter().map(|f| &f.0).collect::<Vec<_>>()
     );
     assert_eq!(fs, fr, "label maps differ");
+}
+
+/// SyncBN: a tiny UperNet (BN-free MCGA backbone, SyncBN in both heads) trained by 2 ranks ×
+/// batch 1 ends with the weights and running statistics of 1 process × batch 2, as the batch
+/// statistics are the whole batch's on every rank. The two images are an ADE20K sample and its
+/// mirror image (different statistics, the same number of labelled pixels, so each rank's mean
+/// loss is half the process's). With plain BN a rank would normalise its one image alone, and
+/// the PPM's 1x1 pooled maps could not be normalised at all.
+#[test]
+fn sync_bn_over_two_ranks_equals_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    for d in ["images", "annotations"] {
+        std::fs::create_dir_all(data.join(d)).unwrap();
+    }
+    let src = root().join("assets/ade20k_samples");
+    let img = image::open(src.join("images/validation/ADE_val_00000001.jpg")).unwrap();
+    let lab = image::open(src.join("annotations/validation/ADE_val_00000001.png")).unwrap();
+    img.save(data.join("images/a.png")).unwrap();
+    lab.save(data.join("annotations/a.png")).unwrap();
+    img.fliph().save(data.join("images/b.png")).unwrap();
+    lab.fliph().save(data.join("annotations/b.png")).unwrap();
+    let train = |work: &str, batch: usize| {
+        with_sets(
+            &[
+                "train",
+                "tests/configs/upernet_tiny_overfit.toml",
+                "--no-progress",
+                "--work-dir",
+                tmp.path().join(work).to_str().unwrap(),
+            ],
+            &[
+                format!("train_dataloader.dataset.data_root=\"{}\"", data.display()),
+                "train_dataloader.dataset.data_prefix={ img_path = \"images\", seg_map_path = \"annotations\" }".into(),
+                format!("train_dataloader.batch_size={batch}"),
+                "train_dataloader.sampler.shuffle=false".into(),
+                "model.decode_head.num_classes=150".into(),
+                "model.auxiliary_head.num_classes=150".into(),
+                "model.backbone={ type = \"MCGA\", embed_dims = [16, 32, 64, 128], depths = [1, 1, 1, 1], num_heads = [1, 2, 2, 4], num_groups = 4 }".into(),
+                "model.decode_head.norm_cfg={ type = \"SyncBN\", requires_grad = true }".into(),
+                "model.auxiliary_head.norm_cfg={ type = \"SyncBN\", requires_grad = true }".into(),
+                "optim_wrapper.optimizer={ type = \"SGD\", lr = 0.01, momentum = 0.9 }".into(),
+                "train_cfg.max_iters=3".into(),
+                "train_cfg.val_interval=0".into(),
+                "default_hooks.checkpoint.interval=3".into(),
+            ],
+        )
+    };
+    let out = mpirun(&train("ranks", 1));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    densepred(&train("single", 2));
+    assert_same_weights(
+        &tmp.path().join("single/iter_3.safetensors"),
+        &tmp.path().join("ranks/iter_3.safetensors"),
+    );
 }

@@ -55,12 +55,29 @@ fn dims(shape: &Shape) -> Result<(usize, usize, usize)> {
     Ok((d[0], d[1], d[2..].iter().product()))
 }
 
+/// Sums `buf` elementwise over the processes of a data-parallel run, in place (an all-reduce
+/// that every rank calls with the same length, in the same order): the process group of SyncBN,
+/// as `torch.distributed`'s default group is for `nn.SyncBatchNorm`.
+///
+/// Errors: the message of a failed reduction.
+pub type AllReduceSum =
+    std::sync::Arc<dyn Fn(&mut [f64]) -> std::result::Result<(), String> + Send + Sync>;
+
+/// A SyncBN layer's group and the number of values per channel over all ranks.
+#[derive(Clone)]
+struct Synced {
+    group: AllReduceSum,
+    count: f64,
+}
+
 /// Forward with precomputed statistics: `(x, γ, β) → y` (then `max(y, 0)` when `relu`).
 struct BnTrain {
     /// `(mean, 1 / sqrt(var + eps))` per channel.
     ms: Vec<(f64, f64)>,
     /// Apply ReLU to the output (the backward masks the gradient where the output is 0).
     relu: bool,
+    /// SyncBN: the backward sums its per-channel reductions over the group.
+    sync: Option<Synced>,
 }
 
 fn fwd_kernel<T: num_traits::Float + Send + Sync>(
@@ -166,6 +183,7 @@ impl CustomOp3 for BnTrain {
                 ms: self.ms.clone(),
                 w: wv,
                 relu: self.relu,
+                sync: self.sync.clone(),
             },
         )?;
         let gx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
@@ -181,8 +199,86 @@ struct BnTrainBwd {
     ms: Vec<(f64, f64)>,
     w: Vec<f64>,
     relu: bool,
+    sync: Option<Synced>,
 }
 
+/// `(Σ g, Σ g·(x − m))` of channel `ch` over the batch (`g` = `dy` masked by the fused ReLU's
+/// output `y`), each plane in T with lane accumulators, added up in f64.
+#[allow(clippy::too_many_arguments)]
+fn channel_sums<T: num_traits::Float>(
+    x: &[T],
+    dy: &[T],
+    y: Option<&[T]>,
+    m: f64,
+    b: usize,
+    c: usize,
+    hw: usize,
+    ch: usize,
+) -> (f64, f64) {
+    let mt = T::from(m).unwrap_or(T::zero());
+    let (mut sdy, mut sdxm) = (0f64, 0f64);
+    for bi in 0..b {
+        let off = (bi * c + ch) * hw;
+        let (xs, ds) = (&x[off..off + hw], &dy[off..off + hw]);
+        let (a, bsum) = masked_sums(xs, ds, y.map(|y| &y[off..off + hw]), mt);
+        sdy += a.to_f64().unwrap_or(0.0);
+        sdxm += bsum.to_f64().unwrap_or(0.0);
+    }
+    (sdy, sdxm)
+}
+
+/// `dx` of channel `ch` from the sums of [`channel_sums`] over `cnt` values per channel:
+/// `dx = k·(g − Σg/cnt − x̂·Σg·x̂/cnt)`, `k = γ·r`, written as `k·g + c1·(x − m) + c0`.
+///
+/// # Safety
+/// `out` must hold `b·c·hw` elements and no other task may write channel `ch`'s planes.
+#[allow(clippy::too_many_arguments)]
+unsafe fn channel_dx<T: num_traits::Float>(
+    out: SyncPtr<T>,
+    x: &[T],
+    dy: &[T],
+    y: Option<&[T]>,
+    (m, r): (f64, f64),
+    w: f64,
+    (sdy, sdxm, cnt): (f64, f64, f64),
+    (b, c, hw, ch): (usize, usize, usize, usize),
+) {
+    let mt = T::from(m).unwrap_or(T::zero());
+    let sdyx = sdxm * r;
+    let k = w * r;
+    let (mdy, mdyx) = (sdy / cnt, sdyx / cnt);
+    let kt = T::from(k).unwrap_or(T::zero());
+    let c1 = T::from(-k * r * mdyx).unwrap_or(T::zero());
+    let c0 = T::from(-k * mdy).unwrap_or(T::zero());
+    for bi in 0..b {
+        let off = (bi * c + ch) * hw;
+        // SAFETY: the caller gives this task channel `ch`, whose planes start at
+        // (bi*c+ch)*hw in every image.
+        let o = unsafe { std::slice::from_raw_parts_mut(out.get().add(off), hw) };
+        let (xs, ds) = (&x[off..off + hw], &dy[off..off + hw]);
+        match y {
+            Some(y) => {
+                for (((o, &xv), &dv), &yv) in o.iter_mut().zip(xs).zip(ds).zip(&y[off..]) {
+                    let g = if yv > T::zero() { dv } else { T::zero() };
+                    *o = kt * g + c1 * (xv - mt) + c0;
+                }
+            }
+            None => {
+                for ((o, &xv), &dv) in o.iter_mut().zip(xs).zip(ds) {
+                    *o = kt * dv + c1 * (xv - mt) + c0;
+                }
+            }
+        }
+    }
+}
+
+/// `[dx (flat), dγ (C), dβ (C)]`. One process: one parallel pass per channel (sums, then `dx`
+/// while the channel is in cache). SyncBN: the sums of every channel first, summed over the
+/// group with the global count, then `dx` (PyTorch's `batch_norm_backward_reduce` + all-reduce +
+/// `batch_norm_backward_elemt`); `dγ`, `dβ` stay this rank's (the data-parallel gradient
+/// averaging combines them).
+///
+/// Errors: a failed reduction.
 #[allow(clippy::too_many_arguments)]
 fn bwd_kernel<T: num_traits::Float + Send + Sync>(
     x: &[T],
@@ -190,66 +286,73 @@ fn bwd_kernel<T: num_traits::Float + Send + Sync>(
     y: Option<&[T]>,
     ms: &[(f64, f64)],
     w: &[f64],
+    sync: Option<&Synced>,
     b: usize,
     c: usize,
     hw: usize,
-) -> Vec<T> {
+) -> Result<Vec<T>> {
     let n = b * c * hw;
     let mut out = super::zeroed::<T>(n + 2 * c);
     let ptr = SyncPtr(out.as_mut_ptr());
-    let per: Vec<(f64, f64)> = (0..c)
-        .into_par_iter()
-        .map(|ch| {
-            let p = ptr;
-            let (m, r) = ms[ch];
-            let cnt = (b * hw) as f64;
-            let mt = T::from(m).unwrap_or(T::zero());
-            // Per plane: Σ g and Σ g·(x − m), g = dy (times the ReLU's mask when fused), in T
-            // with lane accumulators, added up in f64.
-            let (mut sdy, mut sdxm) = (0f64, 0f64);
-            for bi in 0..b {
-                let off = (bi * c + ch) * hw;
-                let (xs, ds) = (&x[off..off + hw], &dy[off..off + hw]);
-                let (a, bsum) = masked_sums(xs, ds, y.map(|y| &y[off..off + hw]), mt);
-                sdy += a.to_f64().unwrap_or(0.0);
-                sdxm += bsum.to_f64().unwrap_or(0.0);
-            }
-            // Σ g·x̂ with x̂ = (x − m)·r.
-            let sdyx = sdxm * r;
-            let k = w[ch] * r;
-            let (mdy, mdyx) = (sdy / cnt, sdyx / cnt);
-            // dx = k·(g − mdy − x̂·mdyx) = k·g + c1·(x − m) + c0.
-            let kt = T::from(k).unwrap_or(T::zero());
-            let c1 = T::from(-k * r * mdyx).unwrap_or(T::zero());
-            let c0 = T::from(-k * mdy).unwrap_or(T::zero());
-            for bi in 0..b {
-                let off = (bi * c + ch) * hw;
-                // SAFETY: channel `ch` owns the indices (bi*c+ch)*hw.. of every image; no two
-                // tasks write the same element and `out` outlives the parallel loop.
-                let o = unsafe { std::slice::from_raw_parts_mut(p.0.add(off), hw) };
-                let (xs, ds) = (&x[off..off + hw], &dy[off..off + hw]);
-                match y {
-                    Some(y) => {
-                        for (((o, &xv), &dv), &yv) in o.iter_mut().zip(xs).zip(ds).zip(&y[off..]) {
-                            let g = if yv > T::zero() { dv } else { T::zero() };
-                            *o = kt * g + c1 * (xv - mt) + c0;
-                        }
-                    }
-                    None => {
-                        for ((o, &xv), &dv) in o.iter_mut().zip(xs).zip(ds) {
-                            *o = kt * dv + c1 * (xv - mt) + c0;
-                        }
-                    }
-                }
-            }
-            (sdyx, sdy)
-        })
-        .collect();
+    let dims = (b, c, hw);
+    let per: Vec<(f64, f64)> = match sync {
+        None => (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let (sdy, sdxm) = channel_sums(x, dy, y, ms[ch].0, b, c, hw, ch);
+                let cnt = (b * hw) as f64;
+                // SAFETY: one task per channel; `out` outlives the parallel loop.
+                unsafe {
+                    channel_dx(
+                        ptr,
+                        x,
+                        dy,
+                        y,
+                        ms[ch],
+                        w[ch],
+                        (sdy, sdxm, cnt),
+                        (b, c, hw, ch),
+                    )
+                };
+                (sdxm * ms[ch].1, sdy)
+            })
+            .collect(),
+        Some(s) => {
+            let local: Vec<(f64, f64)> = (0..c)
+                .into_par_iter()
+                .map(|ch| channel_sums(x, dy, y, ms[ch].0, b, c, hw, ch))
+                .collect();
+            let mut buf: Vec<f64> = local.iter().flat_map(|&(a, bb)| [a, bb]).collect();
+            (s.group)(&mut buf)
+                .map_err(|e| candle_core::Error::Msg(format!("SyncBN backward: {e}")))?;
+            (0..c).into_par_iter().for_each(|ch| {
+                let sums = (buf[2 * ch], buf[2 * ch + 1], s.count);
+                // SAFETY: one task per channel; `out` outlives the parallel loop.
+                unsafe {
+                    channel_dx(
+                        ptr,
+                        x,
+                        dy,
+                        y,
+                        ms[ch],
+                        w[ch],
+                        sums,
+                        (dims.0, dims.1, dims.2, ch),
+                    )
+                };
+            });
+            local
+                .iter()
+                .zip(ms)
+                .map(|(&(sdy, sdxm), &(_, r))| (sdxm * r, sdy))
+                .collect()
+        }
+    };
     for (ch, (gw, gb)) in per.into_iter().enumerate() {
         out[n + ch] = T::from(gw).unwrap_or(T::zero());
         out[n + c + ch] = T::from(gb).unwrap_or(T::zero());
     }
-    out
+    Ok(out)
 }
 
 /// `(Σ g, Σ g·(x − m))` over one plane, `g = dy` masked to `y > 0` when `y` is given (the fused
@@ -325,10 +428,11 @@ impl CustomOp3 for BnTrainBwd {
                     },
                     &self.ms,
                     &self.w,
+                    self.sync.as_ref(),
                     b,
                     c,
                     hw,
-                ))
+                )?)
             }
             (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(y)) => {
                 CpuStorage::F64(bwd_kernel(
@@ -341,10 +445,11 @@ impl CustomOp3 for BnTrainBwd {
                     },
                     &self.ms,
                     &self.w,
+                    self.sync.as_ref(),
                     b,
                     c,
                     hw,
-                ))
+                )?)
             }
             _ => candle_core::bail!("{what}: expected matching f32/f64, got {:?}", s1.dtype()),
         };
@@ -386,7 +491,8 @@ pub fn batch_norm_train(
     bias: &Tensor,
     eps: f64,
 ) -> Result<(Tensor, Vec<f64>, Vec<f64>)> {
-    bn_train(x, weight, bias, eps, false)
+    let (y, m, v, _) = batch_norm_train_synced(x, weight, bias, eps, false, None)?;
+    Ok((y, m, v))
 }
 
 /// [`batch_norm_train`] followed by ReLU as one op (mmcv's `ConvModule` norm + activation):
@@ -401,16 +507,28 @@ pub fn batch_norm_relu_train(
     bias: &Tensor,
     eps: f64,
 ) -> Result<(Tensor, Vec<f64>, Vec<f64>)> {
-    bn_train(x, weight, bias, eps, true)
+    let (y, m, v, _) = batch_norm_train_synced(x, weight, bias, eps, true, None)?;
+    Ok((y, m, v))
 }
 
-fn bn_train(
+/// [`batch_norm_train`] (`relu = false`) or [`batch_norm_relu_train`] (`relu = true`), with the
+/// statistics of the whole data-parallel batch when `group` is given (SyncBN, PyTorch's
+/// `nn.SyncBatchNorm`): each rank's per-channel mean and variance are combined over the group
+/// (sums of `n·mean`, then of `n·var + n·(mean_r − mean)²`, exact for unequal counts), and the
+/// backward sums `Σ dy` and `Σ dy·x̂` over the group before computing `dx`. Returns `(y, mean,
+/// var, count)` with `count` the values per channel over all ranks (for the unbiased running
+/// variance). With `group = None` it is the one-process op.
+///
+/// Errors: as [`batch_norm_train`]; a failed reduction; a group on a device or dtype without our
+/// kernel (SyncBN across ranks runs on the CPU, f32/f64).
+pub fn batch_norm_train_synced(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     eps: f64,
     relu: bool,
-) -> Result<(Tensor, Vec<f64>, Vec<f64>)> {
+    group: Option<&AllReduceSum>,
+) -> Result<(Tensor, Vec<f64>, Vec<f64>, f64)> {
     let (b, c, hw) = dims(x.shape())?;
     if weight.elem_count() != c || bias.elem_count() != c {
         candle_core::bail!(
@@ -419,23 +537,57 @@ fn bn_train(
             bias.dims()
         );
     }
-    if b * hw < 2 {
+    let local = (b * hw) as f64;
+    // SyncBN checks the count over all ranks, once it is known.
+    if b * hw < 2 && group.is_none() {
         candle_core::bail!(
             "batch_norm: training needs more than one value per channel, got input {:?}",
             x.dims()
         );
     }
-    let op = if relu {
-        &super::dispatch::BATCH_NORM_RELU_TRAIN
-    } else {
-        &super::dispatch::BATCH_NORM_TRAIN
-    };
-    if !super::dispatch::select(op, x).is_ours() {
-        return composed(x, weight, bias, eps, relu);
+    if !super::dispatch::select(&super::dispatch::BATCH_NORM_TRAIN_SYNCED, x).is_ours() {
+        if group.is_some() {
+            candle_core::bail!(
+                "SyncBN across ranks runs on our CPU kernel (f32/f64), not on {:?} {:?}",
+                x.device(),
+                x.dtype()
+            );
+        }
+        let (y, m, v) = composed(x, weight, bias, eps, relu)?;
+        return Ok((y, m, v, local));
     }
     let x = x.contiguous()?;
     let st = x.detach().apply_op1_no_bwd(&Stats)?.to_vec2::<f64>()?;
-    let (mean, var) = (st[0].clone(), st[1].clone());
+    let (mut mean, mut var) = (st[0].clone(), st[1].clone());
+    let mut sync = None;
+    if let Some(g) = group {
+        let reduce = |buf: &mut [f64]| {
+            g(buf).map_err(|e| candle_core::Error::Msg(format!("SyncBN statistics: {e}")))
+        };
+        let mut sums: Vec<f64> = mean.iter().map(|m| m * local).collect();
+        sums.push(local);
+        reduce(&mut sums)?;
+        let count = sums[c];
+        if count < 2.0 {
+            candle_core::bail!(
+                "SyncBN: training needs more than one value per channel over all ranks, got \
+                 input {:?} here and {count} values in all",
+                x.dims()
+            );
+        }
+        let global: Vec<f64> = sums[..c].iter().map(|s| s / count).collect();
+        let mut m2: Vec<f64> = (0..c)
+            .map(|i| local * var[i] + local * (mean[i] - global[i]).powi(2))
+            .collect();
+        reduce(&mut m2)?;
+        var = m2.iter().map(|s| s / count).collect();
+        mean = global;
+        sync = Some(Synced {
+            group: g.clone(),
+            count,
+        });
+    }
+    let count = sync.as_ref().map_or(local, |s| s.count);
     let ms = mean
         .iter()
         .zip(&var)
@@ -444,9 +596,9 @@ fn bn_train(
     let y = x.apply_op3(
         &weight.contiguous()?,
         &bias.contiguous()?,
-        BnTrain { ms, relu },
+        BnTrain { ms, relu, sync },
     )?;
-    Ok((y, mean, var))
+    Ok((y, mean, var, count))
 }
 
 /// Training-mode batch norm from candle ops (the statistics are part of the graph, as in
@@ -652,7 +804,7 @@ mod tests {
             let x = Var::from_tensor(&randn(&[3, 4, 5, 2], 11)).unwrap();
             let w = Var::from_tensor(&randn(&[4], 12)).unwrap();
             let b = Var::from_tensor(&randn(&[4], 13)).unwrap();
-            let (y1, m1, v1) = bn_train(&x, &w, &b, 1e-5, relu).unwrap();
+            let (y1, m1, v1, _) = batch_norm_train_synced(&x, &w, &b, 1e-5, relu, None).unwrap();
             let (y2, m2, v2) = composed(&x, &w, &b, 1e-5, relu).unwrap();
             let err = |a: &Tensor, b: &Tensor| {
                 (a - b)

@@ -88,8 +88,7 @@ const F32: &[DType] = &[DType::F32];
 pub const GELU_ERF: Op = Op::candle("gelu_erf", F32);
 pub const SCALED_DOT_PRODUCT_ATTENTION: Op = Op::candle("scaled_dot_product_attention", FLOAT);
 pub const TOKEN_ATTENTION: Op = Op::candle("token_attention", FLOAT);
-pub const BATCH_NORM_TRAIN: Op = Op::candle("batch_norm_train", FLOAT);
-pub const BATCH_NORM_RELU_TRAIN: Op = Op::candle("batch_norm_relu_train", FLOAT);
+pub const BATCH_NORM_TRAIN_SYNCED: Op = Op::candle("batch_norm_train_synced", FLOAT);
 pub const ADD_BIAS_LAST: Op = Op::candle("add_bias_last", FLOAT);
 pub const MUL_SCALE_LAST: Op = Op::candle("mul_scale_last", FLOAT);
 pub const ADD_BIAS_CHANNELS: Op = Op::candle("add_bias_channels", FLOAT);
@@ -142,8 +141,7 @@ pub const OPS: &[Op] = &[
     GELU_ERF,
     SCALED_DOT_PRODUCT_ATTENTION,
     TOKEN_ATTENTION,
-    BATCH_NORM_TRAIN,
-    BATCH_NORM_RELU_TRAIN,
+    BATCH_NORM_TRAIN_SYNCED,
     ADD_BIAS_LAST,
     MUL_SCALE_LAST,
     ADD_BIAS_CHANNELS,

@@ -64,7 +64,8 @@ impl Default for SegLossConfig {
     }
 }
 
-/// mmseg `norm_cfg`: BN (SyncBN is trained as BN on one process).
+/// mmseg `norm_cfg`: BN, or SyncBN (the statistics of the whole batch over the ranks of a
+/// data-parallel run, [`densepred_core::nn::BatchNorm2d::sync`]; BN in one process).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SegNormConfig {
@@ -74,6 +75,19 @@ pub struct SegNormConfig {
     /// Norm parameters are trained (only `true`, mmseg's default, is supported).
     #[serde(default = "d::yes", deserialize_with = "requires_grad_true")]
     pub requires_grad: bool,
+}
+
+impl SegNormConfig {
+    /// Whether the norm is SyncBN.
+    ///
+    /// Errors: a type other than `BN` / `SyncBN` (named as `norm_cfg.type`).
+    pub fn is_sync(&self) -> Result<bool> {
+        match self.kind.as_str() {
+            "BN" => Ok(false),
+            "SyncBN" => Ok(true),
+            o => candle_core::bail!("norm_cfg.type = {o:?}: BN and SyncBN are supported"),
+        }
+    }
 }
 
 /// `norm_cfg.requires_grad`: only `true` (the message names the key, since the decode heads'
@@ -177,8 +191,16 @@ pub struct SegConvModule {
 }
 
 impl SegConvModule {
-    /// `k`x`k` conv with "same" padding `k / 2`.
-    pub fn new(vb: VarBuilder, cin: usize, cout: usize, k: usize) -> Result<Self> {
+    /// `k`x`k` conv with "same" padding `k / 2`, then the norm of `norm` (BN or SyncBN).
+    ///
+    /// Errors: a norm type other than `BN` / `SyncBN`; candle errors.
+    pub fn new(
+        norm: &SegNormConfig,
+        vb: VarBuilder,
+        cin: usize,
+        cout: usize,
+        k: usize,
+    ) -> Result<Self> {
         Ok(Self {
             conv: Conv2d::new(
                 vb.pp("conv"),
@@ -191,7 +213,7 @@ impl SegConvModule {
                 },
                 false,
             )?,
-            bn: BatchNorm2d::new(vb.pp("bn"), cout, 1e-5)?,
+            bn: BatchNorm2d::new(vb.pp("bn"), cout, 1e-5)?.synced(norm.is_sync()?),
         })
     }
 
@@ -332,9 +354,18 @@ impl UperHead {
         let last = *ins.last().expect("non-empty");
         let ch = c.channels;
         let psp_modules = (0..cfg.pool_scales.len())
-            .map(|i| SegConvModule::new(vb.pp(format!("psp_modules.{i}.1")), last, ch, 1))
+            .map(|i| {
+                SegConvModule::new(
+                    &c.norm_cfg,
+                    vb.pp(format!("psp_modules.{i}.1")),
+                    last,
+                    ch,
+                    1,
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         let bottleneck = SegConvModule::new(
+            &c.norm_cfg,
             vb.pp("bottleneck"),
             last + cfg.pool_scales.len() * ch,
             ch,
@@ -342,12 +373,21 @@ impl UperHead {
         )?;
         let n = ins.len();
         let lateral_convs = (0..n - 1)
-            .map(|i| SegConvModule::new(vb.pp(format!("lateral_convs.{i}")), ins[i], ch, 1))
+            .map(|i| {
+                SegConvModule::new(
+                    &c.norm_cfg,
+                    vb.pp(format!("lateral_convs.{i}")),
+                    ins[i],
+                    ch,
+                    1,
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         let fpn_convs = (0..n - 1)
-            .map(|i| SegConvModule::new(vb.pp(format!("fpn_convs.{i}")), ch, ch, 3))
+            .map(|i| SegConvModule::new(&c.norm_cfg, vb.pp(format!("fpn_convs.{i}")), ch, ch, 3))
             .collect::<Result<Vec<_>>>()?;
-        let fpn_bottleneck = SegConvModule::new(vb.pp("fpn_bottleneck"), n * ch, ch, 3)?;
+        let fpn_bottleneck =
+            SegConvModule::new(&c.norm_cfg, vb.pp("fpn_bottleneck"), n * ch, ch, 3)?;
         let cls = ClsSeg::new(vb, ch, c.num_classes, c.dropout_ratio)?;
         Ok(Self {
             cfg: cfg.clone(),
@@ -456,11 +496,12 @@ impl FcnHead {
         let convs = (0..cfg.num_convs)
             .map(|i| {
                 let i_c = if i == 0 { cin } else { c.channels };
-                SegConvModule::new(vb.pp(format!("convs.{i}")), i_c, c.channels, k)
+                SegConvModule::new(&c.norm_cfg, vb.pp(format!("convs.{i}")), i_c, c.channels, k)
             })
             .collect::<Result<Vec<_>>>()?;
         let conv_cat = if cfg.concat_input {
             Some(SegConvModule::new(
+                &c.norm_cfg,
                 vb.pp("conv_cat"),
                 cin + c.channels,
                 c.channels,
@@ -549,7 +590,13 @@ impl FpnHead {
                     let i_c = if k == 0 { cin } else { c.channels };
                     // With upsampling, modules alternate conv (even index) / upsample (odd).
                     let idx = if st != s[0] { 2 * k } else { k };
-                    SegConvModule::new(vb.pp(format!("scale_heads.{i}.{idx}")), i_c, c.channels, 3)
+                    SegConvModule::new(
+                        &c.norm_cfg,
+                        vb.pp(format!("scale_heads.{i}.{idx}")),
+                        i_c,
+                        c.channels,
+                        3,
+                    )
                 })
                 .collect::<Result<Vec<_>>>()?;
             scale_heads.push(mods);
