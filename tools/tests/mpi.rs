@@ -12,6 +12,8 @@
 //! * Faults: a rank whose image is missing stops the whole job, with that rank's error, in well
 //!   under 30 s (MPI_Abort), instead of leaving the other rank waiting in the all-reduce; so does
 //!   a loss that overflows.
+//! * `--resume` with the same world size continues as if uninterrupted; SyncBN over 2 ranks × 1
+//!   image equals BN over one process's 2 images.
 //! * Evaluation: `test` over 2 ranks (each its unpadded shard, rank 0 gathers) gives the results
 //!   file, metrics and label maps of one process, for a detector and a segmentor; a segmentor's
 //!   validation during a 2-rank training merges both ranks' IoU counts.
@@ -453,5 +455,42 @@ fn sync_bn_over_two_ranks_equals_one_process() {
     assert_same_weights(
         &tmp.path().join("single/iter_3.safetensors"),
         &tmp.path().join("ranks/iter_3.safetensors"),
+    );
+}
+
+/// `--resume` under MPI with the same world size: 2 ranks stopped after 3 iterations and resumed
+/// to 5 end with the weights of 2 ranks that ran 5 iterations at once (every rank reads the
+/// checkpoint rank 0 wrote: weights, optimizer state, iteration).
+#[test]
+fn resuming_two_ranks_equals_an_uninterrupted_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ann = tmp.path().join("twin.json");
+    twin_images(&ann, false);
+    let run = |work: &str, iters: usize, resume: bool| {
+        let mut args = train_args(&ann, &tmp.path().join(work), 1);
+        args.extend(with_sets(
+            &[],
+            &[
+                format!("train_cfg.max_iters={iters}"),
+                "default_hooks.checkpoint.interval=1".into(),
+            ],
+        ));
+        if resume {
+            args.push("--resume".into());
+        }
+        let out = mpirun(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run("straight", 5, false);
+    run("resumed", 3, false);
+    assert!(!tmp.path().join("resumed/iter_5.safetensors").exists());
+    run("resumed", 5, true);
+    assert_same_weights(
+        &tmp.path().join("straight/iter_5.safetensors"),
+        &tmp.path().join("resumed/iter_5.safetensors"),
     );
 }
