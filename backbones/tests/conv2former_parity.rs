@@ -12,11 +12,12 @@ use densepred_backbones::conv2former::{map_checkpoint_key, Conv2Former, Conv2For
 use densepred_backbones::{AnyBackbone, Backbone, BackboneConfig};
 use densepred_core::params::SeededVarMap;
 use densepred_core::weights::{load_into, read_checkpoint};
+use densepred_testutil::max_abs;
 use std::path::PathBuf;
 
 mod common;
 
-const TOL: f32 = 2.5e-5;
+const TOL: f64 = 2.5e-5;
 
 fn fixture_dir() -> PathBuf {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/backbones");
@@ -30,20 +31,6 @@ fn fixture_dir() -> PathBuf {
 
 fn json(name: &str) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(fixture_dir().join(name)).unwrap()).unwrap()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 #[test]

@@ -6,14 +6,15 @@
 //! mistakes a port makes (LayerNorm eps 1e-5 vs 1e-6: 3.9e-5; patch-embed eps: 6.4e-5) all exceed
 //! it.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use densepred_backbones::smt::{map_checkpoint_key, Smt, SmtConfig};
 use densepred_backbones::Backbone;
 use densepred_core::params::SeededVarMap;
 use densepred_core::weights::{load_into, read_checkpoint};
+use densepred_testutil::max_abs;
 use std::path::PathBuf;
 
-const TOL: f32 = 2.5e-5;
+const TOL: f64 = 2.5e-5;
 
 fn fixture_dir() -> PathBuf {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/backbones");
@@ -51,20 +52,6 @@ fn config_from_fixture(name: &str) -> SmtConfig {
         }
     }
     serde_json::from_value(serde_json::Value::Object(obj)).unwrap()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn run_fixture(name: &str) {

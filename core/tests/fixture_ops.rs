@@ -233,18 +233,9 @@ mod losses {
         }
     }
 
+    /// Values in [-2, 2).
     fn rand(shape: &[usize], seed: u64) -> Tensor {
-        let n: usize = shape.iter().product();
-        let mut s = seed;
-        let v: Vec<f64> = (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 11) as f64 / (1u64 << 53) as f64) * 4.0 - 2.0
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+        (densepred_testutil::randn(shape, seed, candle_core::DType::F64) * 2.0).unwrap()
     }
 
     /// Every loss's gradient against central finite differences (f64).

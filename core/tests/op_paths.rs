@@ -13,11 +13,9 @@
 //!   they agree to about 1e-14; an indexing or formula error is O(1)); GELU 2e-6 in f32 (our
 //!   erf's error is ≤ 1.5e-7 and the gradient formula is evaluated separately).
 
-mod common;
-
 use candle_core::{DType, Result, Tensor, Var};
-use common::{max_abs, randn};
 use densepred_core::ops::{self, dispatch, DwConvParams, LocalMode};
+use densepred_testutil::{max_abs, randn};
 
 /// Public functions of `core/src/ops` that return tensors but are not ops with an entry: each is
 /// built from listed ops or from candle ops only, so it runs wherever they run.

@@ -1,13 +1,11 @@
 //! Depthwise convolution and LayerNorm: forward against candle's own (slow) ops, backward against
 //! central finite differences in f64.
 
-mod common;
-
 use candle_core::{DType, Device, Tensor, Var, D};
-use common::{max_abs, randn};
 use densepred_core::ops::{
     depthwise_conv2d, depthwise_conv2d_reference, layer_norm, softmax_last_dim, DwConvParams,
 };
+use densepred_testutil::{max_abs, randn};
 
 /// Central-difference gradient of `f` (a scalar function) with respect to every element of `x`
 /// (f64, step 1e-6): the analytic gradient must agree within 1e-7 relative to its scale, far

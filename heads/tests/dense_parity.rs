@@ -12,7 +12,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use densepred_core::params::SeededVarMap;
-use densepred_heads::dense::{AtssHead, AtssHeadConfig, RetinaHead, RetinaHeadConfig};
+use densepred_heads::dense::{AnchorHead, AtssHead, AtssHeadConfig, RetinaHead, RetinaHeadConfig};
 
 fn check_targets(
     f: &Fixture,

@@ -17,6 +17,7 @@ use densepred_heads::seg::{
     predict_labels, seg_accuracy, seg_loss, FcnHead, FcnHeadConfig, FpnHead, FpnHeadConfig,
     UperHead, UperHeadConfig,
 };
+use densepred_testutil::max_abs;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -59,20 +60,6 @@ fn load(f: &Fixture, vars: &SeededVarMap) {
     assert!(r.is_exact(), "{r}");
 }
 
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 fn scalar(t: &Tensor) -> f32 {
     t.to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap()
 }
@@ -110,7 +97,10 @@ fn check_eval(
     let gw = &f.t[&format!("{p}.grad_seg_logits")];
     let scale = scalar(&gw.abs().unwrap().flatten_all().unwrap().max(0).unwrap());
     let gerr = max_abs(gl, gw);
-    assert!(gerr <= 1e-4 * scale, "{p}: grad err {gerr} (max {scale})");
+    assert!(
+        gerr <= 1e-4 * scale as f64,
+        "{p}: grad err {gerr} (max {scale})"
+    );
     // Argmax labels and accuracy, allowing the pixels the fixture lists as near-ties.
     let near = f.meta["input_sets"][set][format!("{head}_pred_label_pixels_with_gap_below_1e-5")]
         .as_u64()

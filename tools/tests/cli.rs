@@ -1,6 +1,7 @@
 //! End-to-end tests of the `densepred` binary on the official SMT fixture.
 
 use candle_core::{Device, Tensor};
+use densepred_testutil::max_abs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -33,20 +34,6 @@ fn densepred(args: &[&str]) -> (bool, String, String) {
 
 fn load(p: &Path) -> std::collections::HashMap<String, Tensor> {
     candle_core::safetensors::load(p, &Device::Cpu).unwrap()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// `features` reproduces the official outputs (the ≤ 2.5e-5 gate of `smt_parity.rs`) from both a

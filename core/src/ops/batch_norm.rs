@@ -634,20 +634,11 @@ fn composed(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device, Var, D};
+    use candle_core::{DType, Var, D};
 
+    /// Values in [-1, 3) (a positive mean, as activations before a norm often have).
     fn randn(shape: &[usize], seed: u64) -> Tensor {
-        let n: usize = shape.iter().product();
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(3);
-        let v: Vec<f64> = (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 11) as f64 / (1u64 << 53) as f64) * 4.0 - 1.0
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+        ((densepred_testutil::randn(shape, seed, DType::F64) * 2.0).unwrap() + 1.0).unwrap()
     }
 
     /// Values, statistics and gradients equal the textbook composition in f64 (1e-10).

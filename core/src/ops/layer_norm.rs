@@ -492,17 +492,7 @@ mod channel_tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        assert_eq!(a.dims(), b.dims());
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
+    use densepred_testutil::max_abs as max_diff;
 
     /// Values and all three gradients equal the permute + last-dim LayerNorm composition in f64,
     /// on shapes whose positions span several tasks and end in a partial one.

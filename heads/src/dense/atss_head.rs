@@ -14,7 +14,7 @@ use densepred_core::losses::{
     binary_cross_entropy_with_logits, giou_loss, sigmoid_focal_loss, Reduction,
 };
 use densepred_core::nn::Conv2d;
-use densepred_core::structures::{Detections, GtInstances, ImageMeta};
+use densepred_core::structures::{Detections, ImageMeta};
 use serde::{Deserialize, Serialize};
 
 fn gn32() -> Option<NormConfig> {
@@ -65,7 +65,7 @@ pub struct AtssHeadConfig {
 
 /// The built ATSSHead.
 pub struct AtssHead {
-    cfg: AtssHeadConfig,
+    pub(super) cfg: AtssHeadConfig,
     cls_convs: Vec<ConvModule>,
     reg_convs: Vec<ConvModule>,
     atss_cls: Conv2d,
@@ -214,51 +214,12 @@ impl AtssHead {
         })
     }
 
-    /// The anchors of a batch whose outputs are `outs`.
-    pub fn anchors(&self, outs: &DenseOutputs) -> Result<Anchors> {
-        Anchors::new(
-            self.cfg.anchor_generator.generator(),
-            &outs.cls_scores,
-            outs.cls_scores[0].device(),
-        )
-    }
-
-    /// Per-image targets (ATSS assignment, pseudo sampling).
-    pub fn get_targets(
-        &self,
-        anchors: &Anchors,
-        metas: &[ImageMeta],
-        gts: &[GtInstances],
-        train_cfg: &DenseTrainConfig,
-    ) -> Result<Vec<ImageTargets>> {
-        batch_anchor_targets(
-            anchors,
-            self.cfg.anchor_generator.generator(),
-            metas,
-            gts,
-            train_cfg,
-            self.cfg.num_classes,
-        )
-    }
-
     /// mmdetection's `ATSSHead.loss_by_feat`: per level `loss_cls` (focal / max(#pos, 1)),
     /// `loss_bbox` (centerness-weighted GIoU of the decoded positives, divided by the batch's sum
     /// of centerness targets clamped to ≥ 1) and `loss_centerness` (BCE / max(#pos, 1)).
+    /// From precomputed targets ([`super::AnchorHead::loss_by_feat`] computes them).
     ///
     /// Errors: candle errors.
-    pub fn loss_by_feat(
-        &self,
-        outs: &DenseOutputs,
-        metas: &[ImageMeta],
-        gts: &[GtInstances],
-        train_cfg: &DenseTrainConfig,
-    ) -> Result<LevelLosses> {
-        let anchors = self.anchors(outs)?;
-        let targets = self.get_targets(&anchors, metas, gts, train_cfg)?;
-        self.loss_from_targets(outs, &anchors, &targets)
-    }
-
-    /// [`Self::loss_by_feat`] from precomputed targets.
     pub fn loss_from_targets(
         &self,
         outs: &DenseOutputs,

@@ -10,7 +10,7 @@ use candle_nn::VarBuilder;
 use densepred_core::config::defaults as d;
 use densepred_core::losses::{l1_loss, sigmoid_focal_loss, smooth_l1_loss, Reduction};
 use densepred_core::nn::Conv2d;
-use densepred_core::structures::{Detections, GtInstances, ImageMeta};
+use densepred_core::structures::{Detections, ImageMeta};
 use serde::{Deserialize, Serialize};
 
 /// `type = "RetinaHead"` (mmdetection's keyword arguments).
@@ -62,7 +62,7 @@ pub type LevelLosses = Vec<(String, Vec<Tensor>)>;
 
 /// The built RetinaHead.
 pub struct RetinaHead {
-    cfg: RetinaHeadConfig,
+    pub(super) cfg: RetinaHeadConfig,
     cls_convs: Vec<ConvModule>,
     reg_convs: Vec<ConvModule>,
     retina_cls: Conv2d,
@@ -161,51 +161,12 @@ impl RetinaHead {
         })
     }
 
-    /// The anchors of a batch whose outputs are `outs`.
-    pub fn anchors(&self, outs: &DenseOutputs) -> Result<Anchors> {
-        Anchors::new(
-            self.cfg.anchor_generator.generator(),
-            &outs.cls_scores,
-            outs.cls_scores[0].device(),
-        )
-    }
-
-    /// Per-image targets (MaxIoU assignment, pseudo sampling).
-    pub fn get_targets(
-        &self,
-        anchors: &Anchors,
-        metas: &[ImageMeta],
-        gts: &[GtInstances],
-        train_cfg: &DenseTrainConfig,
-    ) -> Result<Vec<ImageTargets>> {
-        batch_anchor_targets(
-            anchors,
-            self.cfg.anchor_generator.generator(),
-            metas,
-            gts,
-            train_cfg,
-            self.cfg.num_classes,
-        )
-    }
-
     /// mmdetection's `loss_by_feat`: `loss_cls` and `loss_bbox` per level, each a sum divided by
     /// the number of positive anchors of the batch (`avg_factor`; 1 when there are none, where
     /// mmdetection would divide by f32 eps).
+    /// From precomputed targets ([`super::AnchorHead::loss_by_feat`] computes them).
     ///
     /// Errors: candle errors; mismatched batch sizes.
-    pub fn loss_by_feat(
-        &self,
-        outs: &DenseOutputs,
-        metas: &[ImageMeta],
-        gts: &[GtInstances],
-        train_cfg: &DenseTrainConfig,
-    ) -> Result<LevelLosses> {
-        let anchors = self.anchors(outs)?;
-        let targets = self.get_targets(&anchors, metas, gts, train_cfg)?;
-        self.loss_from_targets(outs, &anchors, &targets)
-    }
-
-    /// [`Self::loss_by_feat`] from precomputed targets.
     pub fn loss_from_targets(
         &self,
         outs: &DenseOutputs,

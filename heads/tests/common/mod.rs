@@ -110,18 +110,7 @@ pub fn gts(f: &Fixture) -> Vec<GtInstances> {
         .collect()
 }
 
-pub fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
+pub use densepred_testutil::max_abs;
 
 pub fn scalar(t: &Tensor) -> f32 {
     t.to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap()
@@ -226,16 +215,7 @@ pub fn check_losses(
     let grads = total.backward().unwrap();
     for (key, v) in vars {
         let want = &f.t[&format!("grad.{key}")];
-        let scale = want
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .max(1e-12);
+        let scale = densepred_testutil::max_abs_value(want).max(1e-12);
         let got = grads.get(v).cloned().unwrap_or(v.zeros_like().unwrap());
         let err = max_abs(&got, want);
         assert!(

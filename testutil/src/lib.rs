@@ -1,0 +1,57 @@
+//! Helpers shared by the tests of densepred's crates (each takes it as a dev-dependency):
+//! deterministic pseudo-random tensors and the largest elementwise difference of two tensors.
+
+use candle_core::{DType, Device, Tensor};
+
+/// A tensor of `shape` and `dtype` on the CPU with values in `[-1, 1)`, from a 64-bit LCG
+/// seeded with `seed` (so no test depends on candle's unseeded RNG, and every run draws the
+/// same values).
+///
+/// # Panics
+/// On a dtype candle cannot convert f64 to (tests only).
+pub fn randn(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
+    let n: usize = shape.iter().product();
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let v: Vec<f64> = (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
+        .and_then(|t| t.to_dtype(dtype))
+        .expect("a CPU tensor of a float dtype")
+}
+
+/// The largest `|a − b|` over all elements, in f64 (0 for empty tensors).
+///
+/// # Panics
+/// When the shapes differ (named in the message), or on candle errors (tests only).
+pub fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    if a.elem_count() == 0 {
+        return 0.0;
+    }
+    (a - b)
+        .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64))
+        .and_then(|m| m.to_scalar::<f64>())
+        .expect("a float difference")
+}
+
+/// The largest `|t|` over all elements, in f64 (0 for an empty tensor).
+///
+/// # Panics
+/// On candle errors (tests only).
+pub fn max_abs_value(t: &Tensor) -> f64 {
+    if t.elem_count() == 0 {
+        return 0.0;
+    }
+    t.abs()
+        .and_then(|a| a.flatten_all()?.max(0)?.to_dtype(DType::F64))
+        .and_then(|m| m.to_scalar::<f64>())
+        .expect("a float tensor")
+}
