@@ -43,6 +43,9 @@ pub struct Dist {
     pub local_rank: usize,
     #[cfg(feature = "mpi")]
     universe: Option<mpi::environment::Universe>,
+    /// NCCL over the ranks' GPUs, joined by [`Dist::rank_device`] for CUDA runs.
+    #[cfg(feature = "nccl")]
+    nccl: std::sync::OnceLock<crate::nccl::Nccl>,
 }
 
 impl std::fmt::Debug for Dist {
@@ -60,6 +63,8 @@ impl Dist {
             local_rank: 0,
             #[cfg(feature = "mpi")]
             universe: None,
+            #[cfg(feature = "nccl")]
+            nccl: std::sync::OnceLock::new(),
         }
     }
 
@@ -102,6 +107,8 @@ impl Dist {
                     world: world.size() as usize,
                     local_rank,
                     universe: Some(universe),
+                    #[cfg(feature = "nccl")]
+                    nccl: std::sync::OnceLock::new(),
                 })
             }
             #[cfg(not(feature = "mpi"))]
@@ -187,6 +194,52 @@ impl Dist {
         Ok(())
     }
 
+    /// The device this rank trains on, given the run's `dev`: with several ranks on CUDA, GPU
+    /// `local_rank` (mmengine's rule: one GPU per process of a machine), joined to the others'
+    /// GPUs by NCCL in builds with the `nccl` feature (otherwise gradients are averaged over MPI
+    /// through host memory). Other devices, and one process, keep `dev`.
+    ///
+    /// Errors: a GPU `local_rank` that does not open; NCCL errors.
+    pub fn rank_device(
+        &self,
+        dev: candle_core::Device,
+    ) -> Result<candle_core::Device, EngineError> {
+        if self.world == 1 || !dev.is_cuda() {
+            return Ok(dev);
+        }
+        let dev = candle_core::Device::new_cuda(self.local_rank).map_err(|e| {
+            EngineError::Config(format!(
+                "rank {} of {}: GPU {} (its local rank) did not open: {e}",
+                self.rank, self.world, self.local_rank
+            ))
+        })?;
+        #[cfg(feature = "nccl")]
+        if self.nccl.get().is_none() {
+            let candle_core::Device::Cuda(cuda) = &dev else {
+                unreachable!("opened as CUDA above")
+            };
+            let comm = crate::nccl::Nccl::new(cuda, self.rank, self.world, |id| {
+                let mut buf: Vec<f32> = id.iter().map(|&b| b as f32).collect();
+                self.broadcast(&mut buf);
+                for (b, v) in id.iter_mut().zip(buf) {
+                    *b = v as u8;
+                }
+            })?;
+            let _ = self.nccl.set(comm);
+            tracing::info!(
+                "rank {}: gradients averaged by NCCL on GPU {}",
+                self.rank,
+                self.local_rank
+            );
+        }
+        #[cfg(not(feature = "nccl"))]
+        tracing::warn!(
+            "rank {}: CUDA without the `nccl` feature: gradients are averaged over MPI through host memory",
+            self.rank
+        );
+        Ok(dev)
+    }
+
     /// Replaces each gradient in `grads` of `params` by its mean over the ranks (a rank without
     /// a gradient for a parameter contributes zeros), all-reduced in buckets of at most
     /// [`BUCKET`] values. Returns the number of values all-reduced.
@@ -199,6 +252,13 @@ impl Dist {
     ) -> Result<usize, EngineError> {
         if self.world == 1 {
             return Ok(0);
+        }
+        #[cfg(feature = "nccl")]
+        if let (Some(n), true) = (
+            self.nccl.get(),
+            params.first().is_some_and(|p| p.device().is_cuda()),
+        ) {
+            return average_on_gpus(n, params, grads);
         }
         let mut total = 0;
         let mut start = 0;
@@ -319,4 +379,48 @@ impl Dist {
             .collect::<Result<Vec<_>, _>>()
             .map(Some)
     }
+}
+
+/// [`Dist::average_gradients`] with NCCL on the GPUs: each bucket concatenated on the device,
+/// averaged in place of a copy, split back (no host copies).
+#[cfg(feature = "nccl")]
+fn average_on_gpus(
+    n: &crate::nccl::Nccl,
+    params: &[&Tensor],
+    grads: &mut GradStore,
+) -> Result<usize, EngineError> {
+    let mut total = 0;
+    let mut start = 0;
+    while start < params.len() {
+        let mut end = start;
+        let mut count = 0;
+        while end < params.len() && (count == 0 || count + params[end].elem_count() <= BUCKET) {
+            count += params[end].elem_count();
+            end += 1;
+        }
+        let parts = params[start..end]
+            .iter()
+            .map(|p| match grads.get(p) {
+                Some(g) => g.to_dtype(DType::F32)?.flatten_all(),
+                None => Tensor::zeros(p.elem_count(), DType::F32, p.device()),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()
+            .ctx("gradient all-reduce")?;
+        let avg = n
+            .average(&Tensor::cat(&parts, 0).ctx("gradient all-reduce")?)
+            .ctx("gradient all-reduce (NCCL)")?;
+        let mut at = 0;
+        for p in &params[start..end] {
+            let k = p.elem_count();
+            let g = avg
+                .narrow(0, at, k)
+                .and_then(|g| g.reshape(p.shape())?.to_dtype(p.dtype()))
+                .ctx("gradient all-reduce")?;
+            grads.insert(p, g);
+            at += k;
+        }
+        total += count;
+        start = end;
+    }
+    Ok(total)
 }

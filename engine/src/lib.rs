@@ -9,6 +9,8 @@ pub mod dist;
 pub mod hooks;
 pub mod inference;
 pub mod loops;
+#[cfg(feature = "nccl")]
+mod nccl;
 pub mod optim;
 pub mod runner;
 pub mod schedule;

@@ -67,10 +67,11 @@ pub fn train(
     opts: &TrainOptions,
 ) -> Result<TrainSummary, EngineError> {
     let seed = cfg.seed();
-    let dev = &opts.device;
     let wd = &opts.work_dir;
     let single = Arc::new(crate::dist::Dist::single());
     let dist = opts.dist.as_ref().unwrap_or(&single);
+    // Several ranks on CUDA: one GPU per rank (its local rank), NCCL between them.
+    let dev = &dist.rank_device(opts.device.clone())?;
     let main = dist.is_main();
     if main {
         std::fs::create_dir_all(wd).map_err(|e| file_err(wd, e))?;

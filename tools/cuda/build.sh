@@ -5,6 +5,9 @@
 #   bash tools/cuda/build.sh            # CLI  -> target/cuda/release/densepred
 #                                       # wheel -> target/cuda/wheels/densepred-*.whl
 #   bash tools/cuda/build.sh cli|python # one of the two
+#   bash tools/cuda/build.sh cli-nccl   # the CLI with MPI + NCCL data-parallel training
+#                                       # (`--features nccl`; needs Open MPI, README
+#                                       # "Distributed training")
 #
 # The toolchain comes from PyPI (tools/cuda/env.sh, about 1.4 GB, once). A cold build takes about
 # 12 minutes on 2 cores (candle-kernels' own CUDA kernels dominate). Set CUDA_COMPUTE_CAP for a
@@ -22,17 +25,20 @@ source tools/cuda/env.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target/cuda}"
 what="${1:-all}"
 case "$what" in
-all | cli | python) ;;
+all | cli | python | cli-nccl) ;;
 *)
-    echo "usage: $0 [all|cli|python]" >&2
+    echo "usage: $0 [all|cli|python|cli-nccl]" >&2
     exit 2
     ;;
 esac
-if [ "$what" != python ]; then
+if [ "$what" = cli-nccl ]; then
+    cargo build --locked --release -p densepred-cli --features nccl
+    ls -la "$CARGO_TARGET_DIR/release/densepred"
+elif [ "$what" != python ]; then
     cargo build --locked --release -p densepred-cli --features cuda
     ls -la "$CARGO_TARGET_DIR/release/densepred"
 fi
-if [ "$what" != cli ]; then
+if [ "$what" = all ] || [ "$what" = python ]; then
     "$CUDA_VENV/bin/pip" install -q "maturin>=1.5,<2"
     "$CUDA_VENV/bin/maturin" build --release --locked --manifest-path python/Cargo.toml \
         --features cuda --out "$CARGO_TARGET_DIR/wheels"
