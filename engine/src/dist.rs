@@ -261,16 +261,10 @@ impl Dist {
             return average_on_gpus(n, params, grads);
         }
         let mut total = 0;
-        let mut start = 0;
-        while start < params.len() {
-            let mut end = start;
-            let mut n = 0;
-            while end < params.len() && (n == 0 || n + params[end].elem_count() <= BUCKET) {
-                n += params[end].elem_count();
-                end += 1;
-            }
-            let mut flat = Vec::with_capacity(n);
-            for p in &params[start..end] {
+        for bucket in buckets(params) {
+            let ps = &params[bucket];
+            let mut flat = Vec::new();
+            for p in ps {
                 match grads.get(p) {
                     Some(g) => flat.extend(
                         g.to_dtype(DType::F32)
@@ -284,7 +278,7 @@ impl Dist {
             self.all_reduce_sum(&mut flat);
             let inv = 1.0 / self.world as f32;
             let mut at = 0;
-            for p in &params[start..end] {
+            for p in ps {
                 let k = p.elem_count();
                 let avg: Vec<f32> = flat[at..at + k].iter().map(|v| v * inv).collect();
                 let g = Tensor::from_vec(avg, p.shape(), p.device())
@@ -293,8 +287,7 @@ impl Dist {
                 grads.insert(p, g);
                 at += k;
             }
-            total += n;
-            start = end;
+            total += flat.len();
         }
         Ok(total)
     }
@@ -390,15 +383,9 @@ fn average_on_gpus(
     grads: &mut GradStore,
 ) -> Result<usize, EngineError> {
     let mut total = 0;
-    let mut start = 0;
-    while start < params.len() {
-        let mut end = start;
-        let mut count = 0;
-        while end < params.len() && (count == 0 || count + params[end].elem_count() <= BUCKET) {
-            count += params[end].elem_count();
-            end += 1;
-        }
-        let parts = params[start..end]
+    for bucket in buckets(params) {
+        let ps = &params[bucket];
+        let parts = ps
             .iter()
             .map(|p| match grads.get(p) {
                 Some(g) => g.to_dtype(DType::F32)?.flatten_all(),
@@ -410,7 +397,7 @@ fn average_on_gpus(
             .average(&Tensor::cat(&parts, 0).ctx("gradient all-reduce")?)
             .ctx("gradient all-reduce (NCCL)")?;
         let mut at = 0;
-        for p in &params[start..end] {
+        for p in ps {
             let k = p.elem_count();
             let g = avg
                 .narrow(0, at, k)
@@ -419,8 +406,42 @@ fn average_on_gpus(
             grads.insert(p, g);
             at += k;
         }
-        total += count;
-        start = end;
+        total += at;
     }
     Ok(total)
+}
+
+/// Consecutive ranges of `params` holding at most [`BUCKET`] values each (a larger tensor gets
+/// a bucket of its own): the all-reduce calls of one step.
+fn buckets(params: &[&Tensor]) -> Vec<std::ops::Range<usize>> {
+    let counts: Vec<usize> = params.iter().map(|p| p.elem_count()).collect();
+    ranges_of_at_most(&counts, BUCKET)
+}
+
+/// Consecutive ranges of `counts` whose sums stay within `cap` (an item over `cap` alone).
+fn ranges_of_at_most(counts: &[usize], cap: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < counts.len() {
+        let mut end = start;
+        let mut n = 0;
+        while end < counts.len() && (n == 0 || n + counts[end] <= cap) {
+            n += counts[end];
+            end += 1;
+        }
+        out.push(start..end);
+        start = end;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    /// Buckets fill up to the cap, an oversized tensor stands alone, nothing is left out.
+    #[test]
+    fn buckets_cover_every_tensor_within_the_cap() {
+        let r = super::ranges_of_at_most(&[9, 2, 15, 1, 4, 5, 3], 10);
+        assert_eq!(r, vec![0..1, 1..2, 2..3, 3..6, 6..7]);
+        assert!(super::ranges_of_at_most(&[], 10).is_empty());
+    }
 }
