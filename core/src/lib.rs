@@ -4,6 +4,7 @@
 pub mod config;
 pub mod flops;
 pub mod io;
+pub mod kernel;
 pub mod losses;
 pub mod nn;
 pub mod ops;

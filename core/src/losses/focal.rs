@@ -10,7 +10,7 @@
 
 use super::{weight_reduce_loss, Reduction};
 use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor,
+    CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor,
 };
 use num_traits::Float;
 use rayon::prelude::*;
@@ -73,10 +73,6 @@ impl Focal {
     }
 }
 
-fn slice<'a, T>(v: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    crate::ops::contiguous(v, l, "focal loss: inputs")
-}
-
 impl CustomOp2 for Focal {
     fn name(&self) -> &'static str {
         "sigmoid-focal-loss"
@@ -96,18 +92,7 @@ impl CustomOp2 for Focal {
                 l2.shape()
             );
         }
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(t)) => {
-                CpuStorage::F32(self.forward(slice(x, l1)?, slice(t, l2)?))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(t)) => {
-                CpuStorage::F64(self.forward(slice(x, l1)?, slice(t, l2)?))
-            }
-            _ => candle_core::bail!(
-                "focal loss: expected f32/f64 of one dtype, got {:?}",
-                s1.dtype()
-            ),
-        };
+        let out = crate::cpu_float!("focal loss"; x = (s1, l1), t = (s2, l2) => self.forward(x, t));
         Ok((out, l1.shape().clone()))
     }
 
@@ -140,15 +125,8 @@ impl candle_core::CustomOp3 for FocalGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(t), CpuStorage::F32(g)) => {
-                CpuStorage::F32(self.0.backward(slice(x, l1)?, slice(t, l2)?, slice(g, l3)?))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(t), CpuStorage::F64(g)) => {
-                CpuStorage::F64(self.0.backward(slice(x, l1)?, slice(t, l2)?, slice(g, l3)?))
-            }
-            _ => candle_core::bail!("focal loss grad: expected f32/f64"),
-        };
+        let out = crate::cpu_float!("focal loss grad"; x = (s1, l1), t = (s2, l2), g = (s3, l3) =>
+            self.0.backward(x, t, g));
         Ok((out, l1.shape().clone()))
     }
 }

@@ -8,7 +8,7 @@
 //! writes one (the gradient) in the backward.
 
 use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor,
+    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor,
 };
 use num_traits::Float;
 use rayon::prelude::*;
@@ -146,18 +146,7 @@ impl CustomOp1 for SoftmaxCe {
         let t = &self.0;
         let b = l.shape().dims()[0];
         let what = "softmax_cross_entropy: logits";
-        let out = match st {
-            CpuStorage::F32(v) => {
-                CpuStorage::F32(fwd_kernel(crate::ops::contiguous(v, l, what)?, t))
-            }
-            CpuStorage::F64(v) => {
-                CpuStorage::F64(fwd_kernel(crate::ops::contiguous(v, l, what)?, t))
-            }
-            o => candle_core::bail!(
-                "softmax_cross_entropy: expected f32 or f64, got {:?}",
-                o.dtype()
-            ),
-        };
+        let out = crate::cpu_float!(what; v = (st, l) => fwd_kernel(v, t));
         Ok((out, Shape::from((b, t.s))))
     }
 
@@ -183,19 +172,7 @@ impl CustomOp2 for SoftmaxCeGrad {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let what = "softmax_cross_entropy backward";
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(grad_kernel(
-                crate::ops::contiguous(x, l1, what)?,
-                crate::ops::contiguous(g, l2, what)?,
-                &self.0,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(grad_kernel(
-                crate::ops::contiguous(x, l1, what)?,
-                crate::ops::contiguous(g, l2, what)?,
-                &self.0,
-            )),
-            _ => candle_core::bail!("softmax_cross_entropy backward: expected f32 or f64"),
-        };
+        let out = crate::cpu_float!(what; x = (s1, l1), g = (s2, l2) => grad_kernel(x, g, &self.0));
         Ok((out, l1.shape().clone()))
     }
 }
@@ -287,14 +264,7 @@ impl CustomOp1 for SoftmaxCeResized {
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let r = &self.0;
         let what = "softmax_cross_entropy_resized: logits";
-        let out = match st {
-            CpuStorage::F32(v) => CpuStorage::F32(r.forward(crate::ops::contiguous(v, l, what)?)),
-            CpuStorage::F64(v) => CpuStorage::F64(r.forward(crate::ops::contiguous(v, l, what)?)),
-            o => candle_core::bail!(
-                "softmax_cross_entropy_resized: expected f32 or f64, got {:?}",
-                o.dtype()
-            ),
-        };
+        let out = crate::cpu_float!(what; v = (st, l) => r.forward(v));
         Ok((out, Shape::from((r.per_image.len(), r.per_image[0].s))))
     }
 
@@ -321,17 +291,7 @@ impl CustomOp2 for SoftmaxCeResizedGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let what = "softmax_cross_entropy_resized backward";
         let r = &self.0;
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(r.grad(
-                crate::ops::contiguous(x, l1, what)?,
-                crate::ops::contiguous(g, l2, what)?,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(r.grad(
-                crate::ops::contiguous(x, l1, what)?,
-                crate::ops::contiguous(g, l2, what)?,
-            )),
-            _ => candle_core::bail!("{what}: expected f32 or f64"),
-        };
+        let out = crate::cpu_float!(what; x = (s1, l1), g = (s2, l2) => r.grad(x, g));
         Ok((out, l1.shape().clone()))
     }
 }

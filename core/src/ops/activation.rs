@@ -56,7 +56,7 @@ pub fn exp_f32(x: f32) -> f32 {
 struct GeluErf;
 
 fn gelu_f32(v: &[f32]) -> Vec<f32> {
-    let mut out = super::zeroed::<f32>(v.len());
+    let mut out = crate::kernel::zeroed::<f32>(v.len());
     out.par_chunks_mut(4096)
         .zip(v.par_chunks(4096))
         .for_each(|(o, x)| {
@@ -69,7 +69,7 @@ fn gelu_f32(v: &[f32]) -> Vec<f32> {
 
 fn gelu_grad_f32(v: &[f32], g: &[f32]) -> Vec<f32> {
     // d/dx [x Φ(x)] = Φ(x) + x φ(x)
-    let mut out = super::zeroed::<f32>(v.len());
+    let mut out = crate::kernel::zeroed::<f32>(v.len());
     let c = 1.0 / (2.0 * std::f32::consts::PI).sqrt();
     out.par_chunks_mut(4096)
         .zip(v.par_chunks(4096).zip(g.par_chunks(4096)))
@@ -91,7 +91,7 @@ impl CustomOp1 for GeluErf {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         match s {
             CpuStorage::F32(v) => Ok((
-                CpuStorage::F32(gelu_f32(super::contiguous(v, l, "gelu: input")?)),
+                CpuStorage::F32(gelu_f32(crate::kernel::contiguous(v, l, "gelu: input")?)),
                 l.shape().clone(),
             )),
             _ => candle_core::bail!("gelu: fast kernel is f32 only, got {:?}", s.dtype()),
@@ -120,8 +120,8 @@ impl candle_core::CustomOp2 for GeluErfGrad {
         match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(g)) => Ok((
                 CpuStorage::F32(gelu_grad_f32(
-                    super::contiguous(x, l1, "gelu grad: x")?,
-                    super::contiguous(g, l2, "gelu grad: dy")?,
+                    crate::kernel::contiguous(x, l1, "gelu grad: x")?,
+                    crate::kernel::contiguous(g, l2, "gelu grad: dy")?,
                 )),
                 l1.shape().clone(),
             )),

@@ -9,12 +9,9 @@
 //! `dV = Pᵀ dO`, `dP = dO Vᵀ`, `dS = P ⊙ (dP − rowsum(dO ⊙ O))`, `dQ = scale · dS K`,
 //! `dK = scale · dSᵀ Q`.
 
-use super::im2col::{gemm_into_ex, ConvFloat, MatView};
-use super::{softmax_last_dim, transpose_last2};
-use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D,
-};
+use super::{softmax::softmax_last_dim, transpose::transpose_last2};
+use crate::kernel::{gemm_into_ex, KernelFloat, MatView};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 struct Sdpa {
@@ -24,11 +21,7 @@ struct Sdpa {
 /// A CPU operand as a standalone (copied) tensor, so candle's kernels can run inside `cpu_fwd`.
 fn operand(s: &CpuStorage, l: &Layout, what: &str) -> Result<Tensor> {
     let dev = candle_core::Device::Cpu;
-    match s {
-        CpuStorage::F32(v) => Tensor::from_slice(super::contiguous(v, l, what)?, l.shape(), &dev),
-        CpuStorage::F64(v) => Tensor::from_slice(super::contiguous(v, l, what)?, l.shape(), &dev),
-        _ => candle_core::bail!("{what}: expected f32 or f64, got {:?}", s.dtype()),
-    }
+    crate::cpu_float!(raw what; v = (s, l) => Tensor::from_slice(v, l.shape(), &dev))
 }
 
 impl Sdpa {
@@ -191,11 +184,11 @@ impl TokGeo {
 /// [`softmax_last_dim`]).
 fn softmax_rows<T: num_traits::Float>(s: &mut [T], m: usize) {
     for r in s.chunks_mut(m) {
-        let mx = super::reduce::max(r);
+        let mx = crate::kernel::reduce::max(r);
         for v in r.iter_mut() {
             *v = (*v - mx).exp();
         }
-        let inv = T::one() / super::reduce::sum(r);
+        let inv = T::one() / crate::kernel::reduce::sum(r);
         for v in r.iter_mut() {
             *v = *v * inv;
         }
@@ -234,7 +227,7 @@ impl TokenAttention {
     }
 
     /// `P = softmax(scale · Q Kᵀ)` of one head, `(N, M)`.
-    fn probs<T: ConvFloat + num_traits::Float>(
+    fn probs<T: KernelFloat + num_traits::Float>(
         &self,
         g: &TokGeo,
         q: &[T],
@@ -258,7 +251,7 @@ impl TokenAttention {
         p
     }
 
-    fn forward<T: ConvFloat + num_traits::Float>(&self, g: &TokGeo, q: &[T], kv: &[T]) -> Vec<T> {
+    fn forward<T: KernelFloat + num_traits::Float>(&self, g: &TokGeo, q: &[T], kv: &[T]) -> Vec<T> {
         let c = g.c();
         let heads: Vec<Vec<T>> = (0..g.b * g.heads)
             .into_par_iter()
@@ -280,7 +273,7 @@ impl TokenAttention {
                 o
             })
             .collect();
-        let mut out = super::zeroed(g.b * g.n * c);
+        let mut out = crate::kernel::zeroed(g.b * g.n * c);
         out.par_chunks_mut(c).enumerate().for_each(|(r, row)| {
             let (bi, t) = (r / g.n, r % g.n);
             for h in 0..g.heads {
@@ -292,7 +285,7 @@ impl TokenAttention {
     }
 
     /// `(dq (B, N, C), dkv (B, M, 2C))` for the output `o` and its gradient `go`, both `(B, N, C)`.
-    fn backward<T: ConvFloat + num_traits::Float>(
+    fn backward<T: KernelFloat + num_traits::Float>(
         &self,
         g: &TokGeo,
         q: &[T],
@@ -346,7 +339,7 @@ impl TokenAttention {
                 (dq, dk, dv)
             })
             .collect();
-        let mut dq = super::zeroed(g.b * g.n * c);
+        let mut dq = crate::kernel::zeroed(g.b * g.n * c);
         dq.par_chunks_mut(c).enumerate().for_each(|(r, row)| {
             let (bi, t) = (r / g.n, r % g.n);
             for h in 0..g.heads {
@@ -354,7 +347,7 @@ impl TokenAttention {
                     .copy_from_slice(&per_head[bi * g.heads + h].0[t * g.d..(t + 1) * g.d]);
             }
         });
-        let mut dkv = super::zeroed(g.b * g.m * 2 * c);
+        let mut dkv = crate::kernel::zeroed(g.b * g.m * 2 * c);
         dkv.par_chunks_mut(2 * c).enumerate().for_each(|(r, row)| {
             let (bi, t) = (r / g.m, r % g.m);
             for h in 0..g.heads {
@@ -381,19 +374,7 @@ impl CustomOp2 for TokenAttention {
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.geo(l1.shape(), l2.shape())?;
         let what = "token attention";
-        let out = match (s1, s2) {
-            (CpuStorage::F32(q), CpuStorage::F32(kv)) => CpuStorage::F32(self.forward(
-                &g,
-                super::contiguous(q, l1, what)?,
-                super::contiguous(kv, l2, what)?,
-            )),
-            (CpuStorage::F64(q), CpuStorage::F64(kv)) => CpuStorage::F64(self.forward(
-                &g,
-                super::contiguous(q, l1, what)?,
-                super::contiguous(kv, l2, what)?,
-            )),
-            _ => candle_core::bail!("{what}: expected matching f32/f64, got {:?}", s1.dtype()),
-        };
+        let out = crate::cpu_float!(what; q = (s1, l1), kv = (s2, l2) => self.forward(&g, q, kv));
         Ok((out, l1.shape().clone()))
     }
 
@@ -407,35 +388,14 @@ impl CustomOp2 for TokenAttention {
         let g = self.geo(q.shape(), kv.shape())?;
         let go = go.contiguous()?;
         let what = "token attention backward";
-        macro_rules! run {
-            ($t:ty) => {{
-                let (qs, ql) = q.storage_and_layout();
-                let (ks, kl) = kv.storage_and_layout();
-                let (os, ol) = out.storage_and_layout();
-                let (gs, gl) = go.storage_and_layout();
-                let (dq, dkv) = match (&*qs, &*ks, &*os, &*gs) {
-                    (Storage::Cpu(a), Storage::Cpu(b), Storage::Cpu(c), Storage::Cpu(d)) => self
-                        .backward::<$t>(
-                            &g,
-                            super::contiguous(a.as_slice::<$t>()?, ql, what)?,
-                            super::contiguous(b.as_slice::<$t>()?, kl, what)?,
-                            super::contiguous(c.as_slice::<$t>()?, ol, what)?,
-                            super::contiguous(d.as_slice::<$t>()?, gl, what)?,
-                        ),
-                    _ => candle_core::bail!("{what}: expected CPU tensors"),
-                };
-                drop((qs, ks, os, gs));
-                (
-                    Tensor::from_vec(dq, q.shape(), q.device())?,
-                    Tensor::from_vec(dkv, kv.shape(), kv.device())?,
-                )
-            }};
-        }
-        let (dq, dkv) = match q.dtype() {
-            DType::F32 => run!(f32),
-            DType::F64 => run!(f64),
-            t => candle_core::bail!("{what}: unsupported dtype {t:?}"),
-        };
+        // Read through the storage locks: no copies of the saved tensors.
+        let (dq, dkv) = crate::cpu_float_tensors!(what; qv = q, kvv = kv, ov = out, gv = go => {
+            let (dq, dkv) = self.backward(&g, qv, kvv, ov, gv);
+            (
+                Tensor::from_vec(dq, q.shape(), q.device())?,
+                Tensor::from_vec(dkv, kv.shape(), kv.device())?,
+            )
+        });
         Ok((Some(dq), Some(dkv)))
     }
 }
@@ -478,7 +438,7 @@ fn token_attention_composed(q: &Tensor, kv: &Tensor, heads: usize, scale: f64) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Var;
+    use candle_core::{DType, Var};
 
     fn randn(shape: &[usize], seed: u64) -> Tensor {
         densepred_testutil::randn(shape, seed, DType::F64)

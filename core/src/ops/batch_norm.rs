@@ -7,7 +7,6 @@
 //! `x̂ = (x − μ) / sqrt(σ² + eps)`, `y = γ x̂ + β`, `n` values per channel,
 //! `dβ = Σ dy`, `dγ = Σ dy·x̂`, `dx = γ/sqrt(σ² + eps) · (dy − dβ/n − x̂·dγ/n)`.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -26,7 +25,11 @@ fn stats<T: num_traits::Float + Send + Sync>(
             let n = (b * hw) as f64;
             let plane = |bi: usize| &x[(bi * c + ch) * hw..][..hw];
             let s: f64 = (0..b)
-                .map(|bi| super::reduce::sum(plane(bi)).to_f64().unwrap_or(0.0))
+                .map(|bi| {
+                    crate::kernel::reduce::sum(plane(bi))
+                        .to_f64()
+                        .unwrap_or(0.0)
+                })
                 .sum();
             let mean = s / n;
             let mt = T::from(mean).unwrap_or(T::zero());
@@ -34,7 +37,7 @@ fn stats<T: num_traits::Float + Send + Sync>(
             // Σ(x − mean)² = Σ(x − mt)² − n·(mean − mt)².
             let q: f64 = (0..b)
                 .map(|bi| {
-                    super::reduce::sum_sq_dev(plane(bi), mt)
+                    crate::kernel::reduce::sum_sq_dev(plane(bi), mt)
                         .to_f64()
                         .unwrap_or(0.0)
                 })
@@ -45,7 +48,7 @@ fn stats<T: num_traits::Float + Send + Sync>(
         .collect()
 }
 
-use super::SyncPtr;
+use crate::kernel::SyncPtr;
 
 fn dims(shape: &Shape) -> Result<(usize, usize, usize)> {
     let d = shape.dims();
@@ -89,7 +92,7 @@ fn fwd_kernel<T: num_traits::Float + Send + Sync>(
     c: usize,
     hw: usize,
 ) -> Vec<T> {
-    let mut out = super::zeroed(x.len());
+    let mut out = crate::kernel::zeroed(x.len());
     out.par_chunks_mut(hw).enumerate().for_each(|(i, o)| {
         let ch = i % c;
         let (m, r) = ms[ch];
@@ -127,34 +130,8 @@ impl CustomOp3 for BnTrain {
     ) -> Result<(CpuStorage, Shape)> {
         let (_, c, hw) = dims(l1.shape())?;
         let what = "batch_norm";
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                CpuStorage::F32(fwd_kernel(
-                    super::contiguous(x, l1, what)?,
-                    super::contiguous(w, l2, what)?,
-                    super::contiguous(b, l3, what)?,
-                    &self.ms,
-                    self.relu,
-                    c,
-                    hw,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                CpuStorage::F64(fwd_kernel(
-                    super::contiguous(x, l1, what)?,
-                    super::contiguous(w, l2, what)?,
-                    super::contiguous(b, l3, what)?,
-                    &self.ms,
-                    self.relu,
-                    c,
-                    hw,
-                ))
-            }
-            _ => candle_core::bail!(
-                "batch_norm: expected matching f32/f64, got {:?}",
-                s1.dtype()
-            ),
-        };
+        let out = crate::cpu_float!(what; x = (s1, l1), w = (s2, l2), b = (s3, l3) =>
+            fwd_kernel(x, w, b, &self.ms, self.relu, c, hw));
         Ok((out, l1.shape().clone()))
     }
 
@@ -292,7 +269,7 @@ fn bwd_kernel<T: num_traits::Float + Send + Sync>(
     hw: usize,
 ) -> Result<Vec<T>> {
     let n = b * c * hw;
-    let mut out = super::zeroed::<T>(n + 2 * c);
+    let mut out = crate::kernel::zeroed::<T>(n + 2 * c);
     let ptr = SyncPtr(out.as_mut_ptr());
     let dims = (b, c, hw);
     let per: Vec<(f64, f64)> = match sync {
@@ -416,43 +393,9 @@ impl CustomOp3 for BnTrainBwd {
     ) -> Result<(CpuStorage, Shape)> {
         let (b, c, hw) = dims(l1.shape())?;
         let what = "batch_norm backward";
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(y)) => {
-                CpuStorage::F32(bwd_kernel(
-                    super::contiguous(x, l1, what)?,
-                    super::contiguous(g, l2, what)?,
-                    if self.relu {
-                        Some(super::contiguous(y, l3, what)?)
-                    } else {
-                        None
-                    },
-                    &self.ms,
-                    &self.w,
-                    self.sync.as_ref(),
-                    b,
-                    c,
-                    hw,
-                )?)
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(y)) => {
-                CpuStorage::F64(bwd_kernel(
-                    super::contiguous(x, l1, what)?,
-                    super::contiguous(g, l2, what)?,
-                    if self.relu {
-                        Some(super::contiguous(y, l3, what)?)
-                    } else {
-                        None
-                    },
-                    &self.ms,
-                    &self.w,
-                    self.sync.as_ref(),
-                    b,
-                    c,
-                    hw,
-                )?)
-            }
-            _ => candle_core::bail!("{what}: expected matching f32/f64, got {:?}", s1.dtype()),
-        };
+        let relu = self.relu;
+        let out = crate::cpu_float!(what; x = (s1, l1), g = (s2, l2), y = (s3, l3) =>
+            bwd_kernel(x, g, relu.then_some(y), &self.ms, &self.w, self.sync.as_ref(), b, c, hw)?);
         Ok((out, Shape::from(b * c * hw + 2 * c)))
     }
 }
@@ -466,11 +409,7 @@ impl CustomOp1 for Stats {
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, c, hw) = dims(l.shape())?;
-        let st = match s {
-            CpuStorage::F32(x) => stats(super::contiguous(x, l, "batch_norm")?, b, c, hw),
-            CpuStorage::F64(x) => stats(super::contiguous(x, l, "batch_norm")?, b, c, hw),
-            _ => candle_core::bail!("batch_norm: expected f32/f64, got {:?}", s.dtype()),
-        };
+        let st = crate::cpu_float!(raw "batch_norm"; x = (s, l) => stats(x, b, c, hw));
         let mut v: Vec<f64> = st.iter().map(|s| s.0).collect();
         v.extend(st.iter().map(|s| s.1));
         Ok((CpuStorage::F64(v), Shape::from((2, c))))

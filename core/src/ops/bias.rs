@@ -6,10 +6,10 @@
 //! same values, and reduce their gradients over trailing dimensions (candle's fast path) or with a
 //! gemm against a ones vector.
 
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::im2col::{gemm_into, ConvFloat, MatView};
+use crate::kernel::{gemm_into, KernelFloat, MatView};
 
 /// Where the channel axis is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,7 +53,7 @@ fn kernel<T: num_traits::Float + Send + Sync>(
     inner: usize,
     kind: Kind,
 ) -> Vec<T> {
-    let mut out = super::zeroed(x.len());
+    let mut out = crate::kernel::zeroed(x.len());
     let block = c * inner;
     out.par_chunks_mut(block)
         .zip(x.par_chunks(block))
@@ -83,7 +83,7 @@ fn kernel_last<T: num_traits::Float + Send + Sync>(
     c: usize,
     kind: Kind,
 ) -> Vec<T> {
-    let mut out = super::zeroed(x.len());
+    let mut out = crate::kernel::zeroed(x.len());
     out.par_chunks_mut(c * 64)
         .zip(x.par_chunks(c * 64))
         .for_each(|(o, x)| {
@@ -140,24 +140,8 @@ impl CustomOp2 for ChannelOp {
                 l1.shape()
             );
         }
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(p)) => CpuStorage::F32(self.run(
-                super::contiguous(x, l1, "channel op: x")?,
-                super::contiguous(p, l2, "channel op: parameter")?,
-                c,
-                inner,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(p)) => CpuStorage::F64(self.run(
-                super::contiguous(x, l1, "channel op: x")?,
-                super::contiguous(p, l2, "channel op: parameter")?,
-                c,
-                inner,
-            )),
-            _ => candle_core::bail!(
-                "channel op: expected matching f32/f64 tensors, got {:?}",
-                s1.dtype()
-            ),
-        };
+        let out =
+            crate::cpu_float!("channel op"; x = (s1, l1), p = (s2, l2) => self.run(x, p, c, inner));
         Ok((out, l1.shape().clone()))
     }
 
@@ -262,29 +246,8 @@ impl candle_core::CustomOp3 for LinearBias {
         let (rows, in_f) = rows_last(l1.shape())?;
         let (out_f, _) = l2.shape().dims2()?;
         let what = "linear";
-        let res = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                CpuStorage::F32(linear_fwd(
-                    super::contiguous(x, l1, what)?,
-                    super::contiguous(w, l2, what)?,
-                    super::contiguous(b, l3, what)?,
-                    rows,
-                    in_f,
-                    out_f,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                CpuStorage::F64(linear_fwd(
-                    super::contiguous(x, l1, what)?,
-                    super::contiguous(w, l2, what)?,
-                    super::contiguous(b, l3, what)?,
-                    rows,
-                    in_f,
-                    out_f,
-                ))
-            }
-            _ => candle_core::bail!("linear: expected matching f32/f64, got {:?}", s1.dtype()),
-        };
+        let res = crate::cpu_float!(what; x = (s1, l1), w = (s2, l2), b = (s3, l3) =>
+            linear_fwd(x, w, b, rows, in_f, out_f));
         Ok((res, with_last(l1.shape(), out_f)))
     }
 
@@ -327,7 +290,7 @@ fn with_last(shape: &Shape, last: usize) -> Shape {
 /// `y = x Wᵀ + b` on raw buffers: `y` starts as `b` on every row and the product accumulates
 /// onto it, so no pre-bias copy of `y` is made. `x` `(rows, in_f)`, `w` `(out_f, in_f)`, `b`
 /// `(out_f,)`, all row-major.
-pub(crate) fn linear_fwd<T: ConvFloat>(
+pub(crate) fn linear_fwd<T: KernelFloat>(
     x: &[T],
     w: &[T],
     b: &[T],
@@ -335,7 +298,7 @@ pub(crate) fn linear_fwd<T: ConvFloat>(
     in_f: usize,
     out_f: usize,
 ) -> Vec<T> {
-    let mut y = super::zeroed(rows * out_f);
+    let mut y = crate::kernel::zeroed(rows * out_f);
     if out_f > 0 {
         y.par_chunks_mut(out_f * 64)
             .for_each(|blk| blk.chunks_mut(out_f).for_each(|r| r.copy_from_slice(b)));
@@ -376,23 +339,18 @@ enum Product {
 }
 
 impl Product {
-    fn run<T: ConvFloat>(
+    fn run<T: KernelFloat>(
         &self,
         a: &[T],
-        la: &Layout,
         b: &[T],
+        la: &Layout,
         lb: &Layout,
     ) -> Result<(Vec<T>, Shape)> {
-        let what = "gemm product";
-        let (a, b) = (
-            super::contiguous(a, la, what)?,
-            super::contiguous(b, lb, what)?,
-        );
         match *self {
             Product::LinearGradInput => {
                 let (rows, out_f) = rows_last(la.shape())?;
                 let (_, in_f) = lb.shape().dims2()?;
-                let mut gx = super::zeroed(rows * in_f);
+                let mut gx = crate::kernel::zeroed(rows * in_f);
                 gemm_into(
                     &mut gx,
                     MatView::rows_of(rows, in_f, 0, in_f),
@@ -429,7 +387,7 @@ impl Product {
             Product::PointwiseGradInput => {
                 let (bn, _, hw) = la.shape().dims3()?;
                 let (g, og, ig) = lb.shape().dims3()?;
-                let mut gx = super::zeroed(bn * g * ig * hw);
+                let mut gx = crate::kernel::zeroed(bn * g * ig * hw);
                 for i in 0..bn {
                     for gi in 0..g {
                         gemm_into(
@@ -481,20 +439,10 @@ impl CustomOp2 for Product {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        match (s1, s2) {
-            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-                let (v, s) = self.run(a, l1, b, l2)?;
-                Ok((CpuStorage::F32(v), s))
-            }
-            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
-                let (v, s) = self.run(a, l1, b, l2)?;
-                Ok((CpuStorage::F64(v), s))
-            }
-            _ => candle_core::bail!(
-                "gemm product: expected matching f32/f64, got {:?}",
-                s1.dtype()
-            ),
-        }
+        crate::cpu_float!(raw "gemm product"; a = (s1, l1), b = (s2, l2) => {
+            let (v, s) = self.run(a, b, l1, l2)?;
+            Ok((crate::kernel::owned(v), s))
+        })
     }
 }
 
@@ -652,7 +600,7 @@ struct PointwiseConv {
 /// `y[i, g] = b + W_g · x[i, g]` per image `i` and group `g` on raw buffers (bias first, the
 /// product accumulates onto it). `x` `(B, G·ig, HW)`, `w` `(G, og, ig)`, `bias` `(G·og,)` or
 /// `None`.
-fn pointwise_fwd<T: ConvFloat>(
+fn pointwise_fwd<T: KernelFloat>(
     x: &[T],
     w: &[T],
     bias: Option<&[T]>,
@@ -660,7 +608,7 @@ fn pointwise_fwd<T: ConvFloat>(
     (g, og, ig): (usize, usize, usize),
 ) -> Vec<T> {
     let co = g * og;
-    let mut y = super::zeroed(bn * co * hw);
+    let mut y = crate::kernel::zeroed(bn * co * hw);
     if let Some(bias) = bias {
         if hw > 0 {
             y.par_chunks_mut(hw)
@@ -701,31 +649,9 @@ impl candle_core::CustomOp3 for PointwiseConv {
         let (b, _, hw) = l1.shape().dims3()?;
         let (g, og, ig) = l2.shape().dims3()?;
         let what = "pointwise conv";
-        macro_rules! run {
-            ($x:expr, $w:expr, $bias:expr) => {{
-                let bias = if self.has_bias {
-                    Some(super::contiguous($bias, l3, what)?)
-                } else {
-                    None
-                };
-                pointwise_fwd(
-                    super::contiguous($x, l1, what)?,
-                    super::contiguous($w, l2, what)?,
-                    bias,
-                    (b, hw),
-                    (g, og, ig),
-                )
-            }};
-        }
-        let res = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(bb)) => {
-                CpuStorage::F32(run!(x, w, bb))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(bb)) => {
-                CpuStorage::F64(run!(x, w, bb))
-            }
-            _ => candle_core::bail!("{what}: expected matching f32/f64, got {:?}", s1.dtype()),
-        };
+        let has_bias = self.has_bias;
+        let res = crate::cpu_float!(what; x = (s1, l1), w = (s2, l2), bias = (s3, l3) =>
+            pointwise_fwd(x, w, has_bias.then_some(bias), (b, hw), (g, og, ig)));
         Ok((res, Shape::from((b, g * og, hw))))
     }
 

@@ -16,7 +16,7 @@
 //! Planes are spread over threads with rayon (batch x channel for the forward pass and the input
 //! gradient, channels for the weight gradient, which sums over the batch).
 
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -220,7 +220,7 @@ pub(crate) fn dot_row<T: Float>(
     if sw == 1 {
         let base = (ox0 as isize + off) as usize;
         let n = ox1 - ox0;
-        return super::reduce::dot(&out[ox0..ox1], &inp[base..base + n]);
+        return crate::kernel::reduce::dot(&out[ox0..ox1], &inp[base..base + n]);
     } else {
         for ox in ox0..ox1 {
             acc = acc + out[ox] * inp[((ox * sw) as isize + off) as usize];
@@ -231,7 +231,7 @@ pub(crate) fn dot_row<T: Float>(
 
 fn forward_kernel<T: Float + Send + Sync>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     let (plane_in, plane_out, kk) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
-    let mut out = super::zeroed(g.b * g.c * plane_out);
+    let mut out = crate::kernel::zeroed(g.b * g.c * plane_out);
     let cols: Vec<_> = (0..g.kw).map(|kx| g.col_range(kx)).collect();
     out.par_chunks_mut(plane_out)
         .enumerate()
@@ -255,7 +255,7 @@ fn forward_kernel<T: Float + Send + Sync>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> 
 
 fn grad_input_kernel<T: Float + Send + Sync>(g: &Geom, gy: &[T], w: &[T]) -> Vec<T> {
     let (plane_in, plane_out, kk) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
-    let mut gx = super::zeroed(g.b * g.c * plane_in);
+    let mut gx = crate::kernel::zeroed(g.b * g.c * plane_in);
     let cols: Vec<_> = (0..g.kw).map(|kx| g.col_range(kx)).collect();
     gx.par_chunks_mut(plane_in)
         .enumerate()
@@ -310,37 +310,6 @@ fn grad_weight_kernel<T: Float + Send + Sync>(g: &Geom, x: &[T], gy: &[T]) -> Ve
     gw
 }
 
-/// Runs `f` on the contiguous data of two CPU storages of the same float dtype.
-pub(crate) fn with_pair<F32F, F64F>(
-    op: &str,
-    s1: &CpuStorage,
-    l1: &Layout,
-    s2: &CpuStorage,
-    l2: &Layout,
-    f32f: F32F,
-    f64f: F64F,
-) -> Result<CpuStorage>
-where
-    F32F: FnOnce(&[f32], &[f32]) -> Vec<f32>,
-    F64F: FnOnce(&[f64], &[f64]) -> Vec<f64>,
-{
-    match (s1, s2) {
-        (CpuStorage::F32(a), CpuStorage::F32(b)) => Ok(CpuStorage::F32(f32f(
-            super::contiguous(a, l1, "depthwise_conv2d: lhs")?,
-            super::contiguous(b, l2, "depthwise_conv2d: rhs")?,
-        ))),
-        (CpuStorage::F64(a), CpuStorage::F64(b)) => Ok(CpuStorage::F64(f64f(
-            super::contiguous(a, l1, "depthwise_conv2d: lhs")?,
-            super::contiguous(b, l2, "depthwise_conv2d: rhs")?,
-        ))),
-        _ => candle_core::bail!(
-            "{op}: expected two f32 or two f64 tensors, got {:?} and {:?}",
-            s1.dtype(),
-            s2.dtype()
-        ),
-    }
-}
-
 /// The forward op: `(x (B,C,H,W), w (C,1,KH,KW)) -> (B,C,OH,OW)`.
 struct DwConv2d {
     p: DwConvParams,
@@ -359,15 +328,8 @@ impl CustomOp2 for DwConv2d {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geom::new(l1.shape(), l2.shape(), self.p)?;
-        let out = with_pair(
-            self.name(),
-            s1,
-            l1,
-            s2,
-            l2,
-            |x, w| forward_kernel(&g, x, w),
-            |x, w| forward_kernel(&g, x, w),
-        )?;
+        let out =
+            crate::cpu_float!(self.name(); x = (s1, l1), w = (s2, l2) => forward_kernel(&g, x, w));
         Ok((out, Shape::from((g.b, g.c, g.oh, g.ow))))
     }
 
@@ -450,15 +412,7 @@ impl CustomOp2 for DwConv2dGradInput {
                 l1.shape()
             );
         }
-        let out = with_pair(
-            self.name(),
-            s1,
-            l1,
-            s2,
-            l2,
-            |gy, w| grad_input_kernel(&g, gy, w),
-            |gy, w| grad_input_kernel(&g, gy, w),
-        )?;
+        let out = crate::cpu_float!(self.name(); gy = (s1, l1), w = (s2, l2) => grad_input_kernel(&g, gy, w));
         Ok((out, self.x_shape.clone()))
     }
 
@@ -520,15 +474,7 @@ impl CustomOp2 for DwConv2dGradWeight {
                 l2.shape()
             );
         }
-        let out = with_pair(
-            self.name(),
-            s1,
-            l1,
-            s2,
-            l2,
-            |x, gy| grad_weight_kernel(&g, x, gy),
-            |x, gy| grad_weight_kernel(&g, x, gy),
-        )?;
+        let out = crate::cpu_float!(self.name(); x = (s1, l1), gy = (s2, l2) => grad_weight_kernel(&g, x, gy));
         Ok((out, self.w_shape.clone()))
     }
 

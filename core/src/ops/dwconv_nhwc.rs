@@ -11,9 +11,7 @@
 //! pre-activation; gradients for input, weight and bias.
 
 use super::activation::{erf_f32, exp_f32};
-use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -126,7 +124,7 @@ pub(crate) fn taps_major<T: Float>(w: &[T], c: usize, k: usize) -> Vec<T> {
 fn forward<T: Act>(g: &Geo, x: &[T], w: &[T], b: &[T], mode: LocalMode) -> Vec<T> {
     let wt = taps_major(w, g.c, g.k);
     let row = g.w * g.c;
-    let mut out = super::zeroed(g.b * g.h * row);
+    let mut out = crate::kernel::zeroed(g.b * g.h * row);
     out.par_chunks_mut(row).enumerate().for_each(|(r, o)| {
         conv_row(
             g,
@@ -185,7 +183,7 @@ pub(crate) fn grad_input<T: Float + Send + Sync>(
     let (c, k) = (g.c, g.k);
     let p = k / 2;
     let row = g.w * c;
-    let mut dx = super::zeroed(dz.len());
+    let mut dx = crate::kernel::zeroed(dz.len());
     dx.par_chunks_mut(row).enumerate().for_each(|(r, o)| {
         let (bi, y) = (r / g.h, r % g.h);
         let plane = &dz[bi * g.h * row..(bi + 1) * g.h * row];
@@ -285,10 +283,6 @@ struct LocalConv {
     mode: LocalMode,
 }
 
-fn sl<'a, T>(v: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    super::contiguous(v, l, "token dwconv: inputs")
-}
-
 impl LocalConv {
     fn geo(&self, x: &Shape, w: &Shape) -> Result<Geo> {
         let (b, n, c) = x.dims3()?;
@@ -320,15 +314,8 @@ impl CustomOp3 for LocalConv {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.geo(l1.shape(), l2.shape())?;
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                CpuStorage::F32(forward(&g, sl(x, l1)?, sl(w, l2)?, sl(b, l3)?, self.mode))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                CpuStorage::F64(forward(&g, sl(x, l1)?, sl(w, l2)?, sl(b, l3)?, self.mode))
-            }
-            _ => candle_core::bail!("token dwconv: expected f32/f64, got {:?}", s1.dtype()),
-        };
+        let out = crate::cpu_float!("token dwconv"; x = (s1, l1), w = (s2, l2), b = (s3, l3) =>
+            forward(&g, x, w, b, self.mode));
         Ok((out, l1.shape().clone()))
     }
 
@@ -343,25 +330,16 @@ impl CustomOp3 for LocalConv {
         let g = self.geo(x.shape(), w.shape())?;
         let dy = dy.contiguous()?;
         let dev = x.device();
-        macro_rules! run {
-            ($t:ty) => {{
-                let xv: Vec<$t> = x.flatten_all()?.to_vec1()?;
-                let wv: Vec<$t> = w.flatten_all()?.to_vec1()?;
-                let bv: Vec<$t> = b.flatten_all()?.to_vec1()?;
-                let dv: Vec<$t> = dy.flatten_all()?.to_vec1()?;
-                let (dx, dw, db) = backward(&g, &xv, &wv, &bv, &dv, self.mode);
-                (
-                    Tensor::from_vec(dx, x.shape(), dev)?,
-                    Tensor::from_vec(dw, w.shape(), dev)?,
-                    Tensor::from_vec(db, b.shape(), dev)?,
-                )
-            }};
-        }
-        let (dx, dw, db) = match x.dtype() {
-            DType::F32 => run!(f32),
-            DType::F64 => run!(f64),
-            d => candle_core::bail!("token dwconv backward: unsupported dtype {d:?}"),
-        };
+        let what = "token dwconv backward";
+        let (x, w, b) = (x.contiguous()?, w.contiguous()?, b.contiguous()?);
+        let (dx, dw, db) = crate::cpu_float_tensors!(what; xv = x, wv = w, bv = b, dv = dy => {
+            let (dx, dw, db) = backward(&g, xv, wv, bv, dv, self.mode);
+            (
+                Tensor::from_vec(dx, x.shape(), dev)?,
+                Tensor::from_vec(dw, w.shape(), dev)?,
+                Tensor::from_vec(db, b.shape(), dev)?,
+            )
+        });
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }
@@ -399,6 +377,6 @@ pub fn token_dwconv(
     let y = y.reshape((b, c, n))?.transpose(1, 2)?.contiguous()?;
     match mode {
         LocalMode::Plain => Ok(y),
-        LocalMode::ResidualGelu => super::gelu_erf(&(y + x)?),
+        LocalMode::ResidualGelu => super::activation::gelu_erf(&(y + x)?),
     }
 }

@@ -9,11 +9,8 @@
 //! PyTorch's autograd saves them. Same values as the composed ops (tested in f64).
 
 use super::dwconv_nhwc::{conv_row, grad_input, grad_weight_bias, taps_major, Act, Geo};
-use super::im2col::{gemm_into, ConvFloat, MatView};
-use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, WithDType,
-};
+use crate::kernel::{gemm_into, KernelFloat, MatView};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
@@ -71,7 +68,7 @@ impl Dims {
 }
 
 /// Element types of the CPU kernel.
-trait FfnFloat: ConvFloat + Act + WithDType + num_traits::Float {}
+trait FfnFloat: KernelFloat + Act + WithDType + num_traits::Float {}
 impl FfnFloat for f32 {}
 impl FfnFloat for f64 {}
 
@@ -130,7 +127,7 @@ struct DetailFfn {
 }
 
 /// `y = x Wᵀ + b` on row-major buffers: `x` `(rows, in_f)`, `w` `(out_f, in_f)`.
-fn linear<T: ConvFloat>(
+fn linear<T: KernelFloat>(
     x: &[T],
     w: &[T],
     b: &[T],
@@ -142,7 +139,7 @@ fn linear<T: ConvFloat>(
 }
 
 /// `a += b` elementwise, in parallel blocks.
-fn add_into<T: ConvFloat>(a: &mut [T], b: &[T]) {
+fn add_into<T: KernelFloat>(a: &mut [T], b: &[T]) {
     a.par_chunks_mut(1 << 14)
         .zip(b.par_chunks(1 << 14))
         .for_each(|(a, b)| {
@@ -153,7 +150,7 @@ fn add_into<T: ConvFloat>(a: &mut [T], b: &[T]) {
 }
 
 /// Column sums of a row-major `(rows, cols)` buffer (a bias gradient), in parallel over row blocks.
-fn col_sums<T: ConvFloat>(a: &[T], cols: usize) -> Vec<T> {
+fn col_sums<T: KernelFloat>(a: &[T], cols: usize) -> Vec<T> {
     if cols == 0 {
         return Vec::new();
     }
@@ -194,8 +191,8 @@ impl DetailFfn {
         let wt = taps_major(&p[o[2]..o[3]], d.hd, d.k);
         let b_dw = &p[o[3]..o[4]];
         let row = d.wid * d.hd;
-        let mut pre = super::zeroed(rows * d.hd);
-        let mut z = super::zeroed(rows * d.hd);
+        let mut pre = crate::kernel::zeroed(rows * d.hd);
+        let mut z = crate::kernel::zeroed(rows * d.hd);
         pre.par_chunks_mut(row)
             .zip(z.par_chunks_mut(row))
             .enumerate()
@@ -237,7 +234,7 @@ impl DetailFfn {
         let s = saved.unwrap_or_else(|| self.hidden(x, p));
         let mut dp = vec![T::zero(); o[8]];
         // fc2: dz = dy W2, dW2 = dyᵀ z, db2 = Σ dy.
-        let mut dz = super::zeroed(rows * d.hd);
+        let mut dz = crate::kernel::zeroed(rows * d.hd);
         gemm_into(
             &mut dz,
             MatView::rows_of(rows, d.hd, 0, d.hd),
@@ -277,7 +274,7 @@ impl DetailFfn {
         dp[o[2]..o[3]].copy_from_slice(&gw_dw);
         dp[o[3]..o[4]].copy_from_slice(&gb_dw);
         // fc1: dx = dh W1, dW1 = dhᵀ x, db1 = Σ dh.
-        let mut dx = super::zeroed(rows * d.c);
+        let mut dx = crate::kernel::zeroed(rows * d.c);
         gemm_into(
             &mut dx,
             MatView::rows_of(rows, d.c, 0, d.c),
@@ -327,17 +324,7 @@ impl CustomOp2 for DetailFfn {
     ) -> Result<(CpuStorage, Shape)> {
         let d = self.dims;
         let what = "detail FFN";
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(p)) => CpuStorage::F32(self.forward(
-                super::contiguous(x, l1, what)?,
-                super::contiguous(p, l2, what)?,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(p)) => CpuStorage::F64(self.forward(
-                super::contiguous(x, l1, what)?,
-                super::contiguous(p, l2, what)?,
-            )),
-            _ => candle_core::bail!("{what}: expected matching f32/f64, got {:?}", s1.dtype()),
-        };
+        let out = crate::cpu_float!(what; x = (s1, l1), p = (s2, l2) => self.forward(x, p));
         Ok((out, Shape::from((d.b, d.hgt * d.wid, d.co))))
     }
 
@@ -350,32 +337,14 @@ impl CustomOp2 for DetailFfn {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
         let what = "detail FFN backward";
-        macro_rules! run {
-            ($t:ty) => {{
-                // Read through the storage locks: no copies of x and p beyond these views.
-                let (xs, xl) = x.storage_and_layout();
-                let (ps, pl) = p.storage_and_layout();
-                let (ds, dl) = dy.storage_and_layout();
-                let (dx, dp) = match (&*xs, &*ps, &*ds) {
-                    (Storage::Cpu(xc), Storage::Cpu(pc), Storage::Cpu(dc)) => self.backward::<$t>(
-                        super::contiguous(xc.as_slice::<$t>()?, xl, what)?,
-                        super::contiguous(pc.as_slice::<$t>()?, pl, what)?,
-                        super::contiguous(dc.as_slice::<$t>()?, dl, what)?,
-                    ),
-                    _ => candle_core::bail!("{what}: expected CPU tensors"),
-                };
-                drop((xs, ps, ds));
-                (
-                    Tensor::from_vec(dx, x.shape(), x.device())?,
-                    Tensor::from_vec(dp, p.shape(), p.device())?,
-                )
-            }};
-        }
-        let (dx, dp) = match x.dtype() {
-            DType::F32 => run!(f32),
-            DType::F64 => run!(f64),
-            t => candle_core::bail!("{what}: unsupported dtype {t:?}"),
-        };
+        // Read through the storage locks: no copies of x and p beyond these views.
+        let (dx, dp) = crate::cpu_float_tensors!(what; xv = x, pv = p, dv = dy => {
+            let (dx, dp) = self.backward(xv, pv, dv);
+            (
+                Tensor::from_vec(dx, x.shape(), x.device())?,
+                Tensor::from_vec(dp, p.shape(), p.device())?,
+            )
+        });
         Ok((Some(dx), Some(dp)))
     }
 }
@@ -557,7 +526,7 @@ pub fn pre_norm_ffn_residual(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     fn rand(shape: &[usize], std: f64, seed: u64) -> Tensor {
         // A deterministic, non-degenerate fill (no RNG dependency in the test).

@@ -8,7 +8,7 @@
 //! (candle's `matmul`, parallel `gemm`) plus an `unfold` whose backward is `fold` (col2im).
 //! This is the lowering PyTorch's CPU `slow_conv2d` uses too (`aten/src/ATen/native/ConvolutionMM2d.cpp`).
 
-use candle_core::backend::BackendStorage;
+use crate::kernel::{gemm_into, KernelFloat, MatView};
 #[cfg(test)]
 use candle_core::CustomOp1;
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
@@ -113,7 +113,7 @@ impl Geom {
 /// `x (B,C,H,W)` contiguous → `cols (C·KH·KW, B·OH·OW)`, row `(c·KH + ky)·KW + kx`, column
 /// `(b·OH + oy)·OW + ox`, zeros where the tap falls in the padding.
 fn unfold_kernel<T: Copy + Send + Sync + num_traits::Zero>(g: &Geom, x: &[T]) -> Vec<T> {
-    let mut out = super::zeroed(g.rows() * g.cols());
+    let mut out = crate::kernel::zeroed(g.rows() * g.cols());
     unfold_into(g, x, &mut out);
     out
 }
@@ -165,12 +165,12 @@ where
 {
     let hw = g.h * g.w;
     // Channel-major scratch so each thread owns whole channels; then transposed to (B, C, H, W).
-    let mut by_c = super::zeroed(g.c * g.b * hw);
+    let mut by_c = crate::kernel::zeroed(g.c * g.b * hw);
     fold_channels(g, cols, &mut by_c);
     if g.b == 1 {
         return by_c;
     }
-    let mut out = super::zeroed(g.b * g.c * hw);
+    let mut out = crate::kernel::zeroed(g.b * g.c * hw);
     out.par_chunks_mut(hw).enumerate().for_each(|(i, dst)| {
         let (bi, c) = (i / g.c, i % g.c);
         dst.copy_from_slice(&by_c[(c * g.b + bi) * hw..][..hw]);
@@ -237,15 +237,7 @@ impl CustomOp1 for Unfold {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, c, h, w) = dims(l)?;
         let g = Geom::new(b, c, h, w, self.p)?;
-        let out = match s {
-            CpuStorage::F32(x) => {
-                CpuStorage::F32(unfold_kernel(&g, super::contiguous(x, l, "unfold: input")?))
-            }
-            CpuStorage::F64(x) => {
-                CpuStorage::F64(unfold_kernel(&g, super::contiguous(x, l, "unfold: input")?))
-            }
-            _ => candle_core::bail!("unfold: expected f32 or f64, got {:?}", s.dtype()),
-        };
+        let out = crate::cpu_float!("unfold"; x = (s, l) => unfold_kernel(&g, x));
         Ok((out, Shape::from((g.rows(), g.cols()))))
     }
 
@@ -272,15 +264,7 @@ impl CustomOp1 for Fold {
                 l.shape()
             );
         }
-        let out = match s {
-            CpuStorage::F32(x) => {
-                CpuStorage::F32(fold_kernel(&g, super::contiguous(x, l, "fold: input")?))
-            }
-            CpuStorage::F64(x) => {
-                CpuStorage::F64(fold_kernel(&g, super::contiguous(x, l, "fold: input")?))
-            }
-            _ => candle_core::bail!("fold: expected f32 or f64, got {:?}", s.dtype()),
-        };
+        let out = crate::cpu_float!("fold"; x = (s, l) => fold_kernel(&g, x));
         Ok((out, Shape::from((g.b, g.c, g.h, g.w))))
     }
 }
@@ -296,140 +280,6 @@ impl CustomOp1 for Fold {
 #[cfg(test)]
 pub(crate) fn unfold(x: &Tensor, p: UnfoldParams) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Unfold { p })
-}
-
-/// A strided view of a row-major operand: element `(r, c)` at `offset + r·rs + c·cs`.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct MatView {
-    pub(crate) rows: usize,
-    pub(crate) cols: usize,
-    pub(crate) offset: usize,
-    pub(crate) rs: usize,
-    pub(crate) cs: usize,
-}
-
-impl MatView {
-    /// A dense row-major `rows × cols` block with row stride `rs`, starting at `offset`.
-    pub(crate) fn rows_of(rows: usize, cols: usize, offset: usize, rs: usize) -> Self {
-        Self {
-            rows,
-            cols,
-            offset,
-            rs,
-            cs: 1,
-        }
-    }
-
-    /// The transposed view of the same elements.
-    pub(crate) fn t(self) -> Self {
-        Self {
-            rows: self.cols,
-            cols: self.rows,
-            offset: self.offset,
-            rs: self.cs,
-            cs: self.rs,
-        }
-    }
-
-    /// One past the largest element index the view touches.
-    fn end(&self) -> usize {
-        if self.rows == 0 || self.cols == 0 {
-            self.offset
-        } else {
-            self.offset + (self.rows - 1) * self.rs + (self.cols - 1) * self.cs + 1
-        }
-    }
-}
-
-/// Element types of the GEMM convolution (those `gemm` and the convolution kernels support).
-pub(crate) trait ConvFloat:
-    Copy + Send + Sync + num_traits::Zero + num_traits::One + std::ops::AddAssign + 'static
-{
-}
-impl ConvFloat for f32 {}
-impl ConvFloat for f64 {}
-
-/// `dst[d] (+)= a[av] @ b[bv]` with the `gemm` crate (the kernel behind candle's CPU `matmul`),
-/// on rayon's threads; `accumulate` adds to `dst` instead of overwriting it.
-///
-/// Panics (internal invariant, checked before the unsafe call): mismatched inner dimensions or a
-/// view reaching past its slice.
-pub(crate) fn gemm_into<T: ConvFloat>(
-    dst: &mut [T],
-    dv: MatView,
-    accumulate: bool,
-    a: &[T],
-    av: MatView,
-    b: &[T],
-    bv: MatView,
-) {
-    gemm_into_ex(dst, dv, accumulate, a, av, b, bv, T::one(), true)
-}
-
-/// [`gemm_into`] with a factor on the product, `dst (+)= scale · a @ b`, and a choice of running
-/// on rayon's threads (`parallel`) or on the calling thread only (for products that are already
-/// one of many parallel jobs).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_into_ex<T: ConvFloat>(
-    dst: &mut [T],
-    dv: MatView,
-    accumulate: bool,
-    a: &[T],
-    av: MatView,
-    b: &[T],
-    bv: MatView,
-    scale: T,
-    parallel: bool,
-) {
-    assert!(
-        av.cols == bv.rows && dv.rows == av.rows && dv.cols == bv.cols,
-        "gemm_into: shapes {av:?} @ {bv:?} -> {dv:?}"
-    );
-    assert!(dv.end() <= dst.len() && av.end() <= a.len() && bv.end() <= b.len());
-    if dv.rows == 0 || dv.cols == 0 {
-        return;
-    }
-    if av.cols == 0 {
-        if !accumulate {
-            for r in 0..dv.rows {
-                for c in 0..dv.cols {
-                    dst[dv.offset + r * dv.rs + c * dv.cs] = T::zero();
-                }
-            }
-        }
-        return;
-    }
-    let threads = rayon::current_num_threads();
-    let par = if parallel && threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: every index the three views reach lies inside its slice (asserted above), `dst`
-    // is borrowed mutably and does not alias `a` or `b`, and T is f32 or f64 (ConvFloat).
-    unsafe {
-        gemm::gemm(
-            dv.rows,
-            dv.cols,
-            av.cols,
-            dst.as_mut_ptr().add(dv.offset),
-            dv.cs as isize,
-            dv.rs as isize,
-            accumulate,
-            a.as_ptr().add(av.offset),
-            av.cs as isize,
-            av.rs as isize,
-            b.as_ptr().add(bv.offset),
-            bv.cs as isize,
-            bv.rs as isize,
-            T::one(),
-            scale,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
 }
 
 /// The dense convolution as one op: `(x (B,C_in,H,W), w (C_out,C_in,KH,KW)) → (B,C_out,OH,OW)`.
@@ -531,12 +381,18 @@ impl ConvGemm {
     /// `y_i = Σ_chunks W[:, chunk] @ unfold(x_i[chunk])`, written straight into the
     /// `(B, OC, OH·OW)` result.
     /// With `init`, the products are added to a copy of it (same shape as `y`).
-    fn forward<T: ConvFloat>(&self, d: &ConvDims, x: &[T], w: &[T], init: Option<&[T]>) -> Vec<T> {
+    fn forward<T: KernelFloat>(
+        &self,
+        d: &ConvDims,
+        x: &[T],
+        w: &[T],
+        init: Option<&[T]>,
+    ) -> Vec<T> {
         let (l, hw) = (d.l(), d.h * d.w);
         let chunks = self.channel_chunks(d.c, l);
         let mut y = match init {
             Some(v) => v.to_vec(),
-            None => super::zeroed(d.b * d.oc * l),
+            None => crate::kernel::zeroed(d.b * d.oc * l),
         };
         let mut cols = vec![T::zero(); chunks[0].1 * d.taps * l];
         for i in 0..d.b {
@@ -559,10 +415,10 @@ impl ConvGemm {
     }
 
     /// `dX_i[chunk] = fold(W[:, chunk]ᵀ @ dY_i)`, folded straight into the `(B, C, H, W)` result.
-    fn grad_input<T: ConvFloat>(&self, d: &ConvDims, w: &[T], gy: &[T]) -> Vec<T> {
+    fn grad_input<T: KernelFloat>(&self, d: &ConvDims, w: &[T], gy: &[T]) -> Vec<T> {
         let (l, hw) = (d.l(), d.h * d.w);
         let chunks = self.channel_chunks(d.c, l);
-        let mut gx = super::zeroed(d.b * d.c * hw);
+        let mut gx = crate::kernel::zeroed(d.b * d.c * hw);
         let mut gcols = vec![T::zero(); chunks[0].1 * d.taps * l];
         for i in 0..d.b {
             for &(c0, n) in &chunks {
@@ -584,7 +440,7 @@ impl ConvGemm {
 
     /// `dW[:, chunk] = Σ_i dY_i @ unfold(x_i[chunk])ᵀ`, accumulated in the `(OC, WC, KH, KW)`
     /// result (zero outside the input's channels).
-    fn grad_weight<T: ConvFloat>(&self, d: &ConvDims, x: &[T], gy: &[T]) -> Vec<T> {
+    fn grad_weight<T: KernelFloat>(&self, d: &ConvDims, x: &[T], gy: &[T]) -> Vec<T> {
         let (l, hw) = (d.l(), d.h * d.w);
         let chunks = self.channel_chunks(d.c, l);
         let mut gw = vec![T::zero(); d.oc * d.wc * d.taps];
@@ -642,66 +498,33 @@ fn check_grad_len(gy: usize, d: &ConvDims, l: &Layout) -> Result<()> {
 }
 
 impl ConvGemmOp {
-    fn run<T: ConvFloat>(
+    fn run<T: KernelFloat>(
         &self,
         a: &[T],
-        la: &Layout,
         b: &[T],
+        la: &Layout,
         lb: &Layout,
     ) -> Result<(Vec<T>, Shape)> {
         let p = self.conv.p;
         Ok(match self.product {
             ConvProduct::Forward { c_off } => {
                 let d = ConvDims::new(la.shape().dims4()?, lb.shape().dims4()?, c_off, p)?;
-                let y = self.conv.forward(
-                    &d,
-                    super::contiguous(a, la, "conv2d_gemm: input")?,
-                    super::contiguous(b, lb, "conv2d_gemm: weight")?,
-                    None,
-                );
+                let y = self.conv.forward(&d, a, b, None);
                 (y, Shape::from((d.b, d.oc, d.g1.oh, d.g1.ow)))
             }
             ConvProduct::GradInput { x, c_off } => {
                 let d = ConvDims::new(x, la.shape().dims4()?, c_off, p)?;
-                let gy = super::contiguous(b, lb, "conv2d_gemm backward: output gradient")?;
-                check_grad_len(gy.len(), &d, lb)?;
-                let gx = self.conv.grad_input(
-                    &d,
-                    super::contiguous(a, la, "conv2d_gemm backward: weight")?,
-                    gy,
-                );
+                check_grad_len(b.len(), &d, lb)?;
+                let gx = self.conv.grad_input(&d, a, b);
                 (gx, Shape::from(x))
             }
             ConvProduct::GradWeight { w, c_off } => {
                 let d = ConvDims::new(la.shape().dims4()?, w, c_off, p)?;
-                let gy = super::contiguous(b, lb, "conv2d_gemm backward: output gradient")?;
-                check_grad_len(gy.len(), &d, lb)?;
-                let gw = self.conv.grad_weight(
-                    &d,
-                    super::contiguous(a, la, "conv2d_gemm backward: input")?,
-                    gy,
-                );
+                check_grad_len(b.len(), &d, lb)?;
+                let gw = self.conv.grad_weight(&d, a, b);
                 (gw, Shape::from(w))
             }
         })
-    }
-}
-
-/// Runs `f` on two same-dtype float operands.
-fn with_f32_f64<R>(
-    s1: &CpuStorage,
-    s2: &CpuStorage,
-    f32_case: impl FnOnce(&[f32], &[f32]) -> Result<R>,
-    f64_case: impl FnOnce(&[f64], &[f64]) -> Result<R>,
-) -> Result<R> {
-    match (s1, s2) {
-        (CpuStorage::F32(a), CpuStorage::F32(b)) => f32_case(a, b),
-        (CpuStorage::F64(a), CpuStorage::F64(b)) => f64_case(a, b),
-        _ => candle_core::bail!(
-            "conv2d_gemm: expected f32 or f64 operands of one dtype, got {:?} and {:?}",
-            s1.dtype(),
-            s2.dtype()
-        ),
     }
 }
 
@@ -750,18 +573,10 @@ impl candle_core::CustomOp2 for ConvGemmOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        with_f32_f64(
-            s1,
-            s2,
-            |a, b| {
-                let (v, s) = self.run(a, l1, b, l2)?;
-                Ok((CpuStorage::F32(v), s))
-            },
-            |a, b| {
-                let (v, s) = self.run(a, l1, b, l2)?;
-                Ok((CpuStorage::F64(v), s))
-            },
-        )
+        crate::cpu_float!(raw "conv2d_gemm"; a = (s1, l1), b = (s2, l2) => {
+            let (v, s) = self.run(a, b, l1, l2)?;
+            Ok((crate::kernel::owned(v), s))
+        })
     }
 
     fn bwd(
@@ -791,12 +606,12 @@ struct ConvAccumulate {
 }
 
 impl ConvAccumulate {
-    fn run<T: ConvFloat + num_traits::Float>(
+    fn run<T: KernelFloat + num_traits::Float>(
         &self,
         acc: &[T],
         x: &[T],
-        lx: &Layout,
         w: &[T],
+        lx: &Layout,
         lw: &Layout,
     ) -> Result<(Vec<T>, Shape)> {
         let (b, c, h, wd) = lx.shape().dims4()?;
@@ -804,7 +619,7 @@ impl ConvAccumulate {
         let (x, lx) = match self.resize {
             Some((oh, ow, ac)) if (oh, ow) != (h, wd) => {
                 let r = super::resample::Resample::bilinear(h, wd, oh, ow, ac);
-                resized = r.forward(super::contiguous(x, lx, "conv2d_gemm_cat: input")?, b * c);
+                resized = r.forward(x, b * c);
                 (&resized[..], Layout::contiguous((b, c, oh, ow)))
             }
             _ => (x, lx.clone()),
@@ -826,12 +641,7 @@ impl ConvAccumulate {
                 d.g1.ow
             );
         }
-        let y = self.conv.forward(
-            &d,
-            super::contiguous(x, lx, "conv2d_gemm_cat: input")?,
-            super::contiguous(w, lw, "conv2d_gemm_cat: weight")?,
-            Some(acc),
-        );
+        let y = self.conv.forward(&d, x, w, Some(acc));
         Ok((y, Shape::from((d.b, d.oc, d.g1.oh, d.g1.ow))))
     }
 }
@@ -850,19 +660,10 @@ impl candle_core::CustomOp3 for ConvAccumulate {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        match (s1, s2, s3) {
-            (CpuStorage::F32(a), CpuStorage::F32(x), CpuStorage::F32(w)) => {
-                let a = super::contiguous(a, l1, "conv2d_gemm_cat: partial sum")?;
-                let (v, s) = self.run(a, x, l2, w, l3)?;
-                Ok((CpuStorage::F32(v), s))
-            }
-            (CpuStorage::F64(a), CpuStorage::F64(x), CpuStorage::F64(w)) => {
-                let a = super::contiguous(a, l1, "conv2d_gemm_cat: partial sum")?;
-                let (v, s) = self.run(a, x, l2, w, l3)?;
-                Ok((CpuStorage::F64(v), s))
-            }
-            _ => candle_core::bail!("conv2d_gemm_cat: expected f32 or f64 operands of one dtype"),
-        }
+        crate::cpu_float!(raw "conv2d_gemm_cat"; a = (s1, l1), x = (s2, l2), w = (s3, l3) => {
+            let (v, s) = self.run(a, x, w, l2, l3)?;
+            Ok((crate::kernel::owned(v), s))
+        })
     }
 
     fn bwd(
@@ -876,7 +677,7 @@ impl candle_core::CustomOp3 for ConvAccumulate {
         let (_, _, h, wd) = x.dims4()?;
         match self.resize {
             Some((oh, ow, ac)) if (oh, ow) != (h, wd) => {
-                let xr = super::resize_bilinear(&x.detach(), oh, ow, ac)?;
+                let xr = super::resample::resize_bilinear(&x.detach(), oh, ow, ac)?;
                 let (gxr, gw) = conv_grads(self.conv, self.c_off, &xr, w, grad)?;
                 drop(xr);
                 let gx = super::resample::resize_bilinear_adjoint(&gxr, h, wd, ac)?;
@@ -919,7 +720,7 @@ pub fn conv2d_gemm_cat(
 }
 
 /// [`conv2d_gemm_cat`] of the parts each resized bilinearly
-/// ([`super::resize_bilinear`] semantics) to `size = (H, W)` first: UperNet's
+/// ([`super::resample::resize_bilinear`] semantics) to `size = (H, W)` first: UperNet's
 /// `fpn_bottleneck(cat([resize(o, size) for o in outs]))`. The resized parts are neither kept
 /// nor built all at once: each is made inside its op, used and dropped, and made again in the
 /// backward. Equal to resize + cat + conv in value and gradients.
@@ -969,7 +770,7 @@ fn cat_conv(
         let parts = match resize {
             Some((h, wd, ac)) => xs
                 .iter()
-                .map(|x| super::resize_bilinear(x, h, wd, ac))
+                .map(|x| super::resample::resize_bilinear(x, h, wd, ac))
                 .collect::<Result<Vec<_>>>()?,
             None => xs.to_vec(),
         };
@@ -986,7 +787,7 @@ fn cat_conv(
     };
     let w = w.contiguous()?;
     let first = match resize {
-        Some((h, wd, ac)) => super::resize_bilinear(&xs[0], h, wd, ac)?,
+        Some((h, wd, ac)) => super::resample::resize_bilinear(&xs[0], h, wd, ac)?,
         None => xs[0].clone(),
     };
     let mut y = first.contiguous()?.apply_op2(

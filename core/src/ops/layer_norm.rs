@@ -8,16 +8,9 @@
 //! `dx = rstd * (g - mean(g) - xh * mean(g * xh))`, `dgamma = sum(dy * xh)`, `dbeta = sum(dy)`.
 //! Variance is the biased one, as in `torch.nn.LayerNorm`.
 
-use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
-    D,
-};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use num_traits::Float;
 use rayon::prelude::*;
-
-fn slice<'a, T>(d: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    super::contiguous(d, l, "layer_norm: inputs")
-}
 
 pub(super) fn ln_kernel<T: Float + Send + Sync>(
     x: &[T],
@@ -26,14 +19,14 @@ pub(super) fn ln_kernel<T: Float + Send + Sync>(
     dim: usize,
     eps: f64,
 ) -> Vec<T> {
-    let mut out = super::zeroed(x.len());
+    let mut out = crate::kernel::zeroed(x.len());
     let n = T::from(dim).unwrap_or_else(T::one);
     let eps = T::from(eps).unwrap_or_else(T::zero);
     out.par_chunks_mut(dim)
         .zip(x.par_chunks(dim))
         .for_each(|(o, xr)| {
-            let mean = super::reduce::sum(xr) / n;
-            let var = super::reduce::sum_sq_dev(xr, mean) / n;
+            let mean = crate::kernel::reduce::sum(xr) / n;
+            let var = crate::kernel::reduce::sum_sq_dev(xr, mean) / n;
             let rstd = (var + eps).sqrt().recip();
             for i in 0..dim {
                 o[i] = (xr[i] - mean) * rstd * g[i] + b[i];
@@ -55,7 +48,7 @@ pub(super) fn ln_backward<T: Float + Send + Sync>(
     dim: usize,
     eps: f64,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
-    let mut dx = super::zeroed(x.len());
+    let mut dx = crate::kernel::zeroed(x.len());
     if dim == 0 || x.is_empty() {
         return (dx, vec![T::zero(); dim], vec![T::zero(); dim]);
     }
@@ -68,8 +61,8 @@ pub(super) fn ln_backward<T: Float + Send + Sync>(
         .zip(x.par_chunks(blk).zip(dy.par_chunks(blk)))
         .fold(zeros, |(mut dg, mut db), (dxb, (xb, dyb))| {
             for ((o, xr), dr) in dxb.chunks_mut(dim).zip(xb.chunks(dim)).zip(dyb.chunks(dim)) {
-                let mean = super::reduce::sum(xr) / n;
-                let var = super::reduce::sum_sq_dev(xr, mean) / n;
+                let mean = crate::kernel::reduce::sum(xr) / n;
+                let var = crate::kernel::reduce::sum_sq_dev(xr, mean) / n;
                 let rstd = (var + eps).sqrt().recip();
                 // Σ g·dy and Σ g·dy·x̂ over the row, and the parameter sums.
                 let (mut s1, mut s2) = (T::zero(), T::zero());
@@ -205,8 +198,8 @@ fn lnc_forward<T: Float + Send + Sync>(
     (batch, c, hw): (usize, usize, usize),
     eps: f64,
 ) -> Vec<T> {
-    let mut out: Vec<T> = super::zeroed(x.len());
-    let ptr = super::SyncPtr(out.as_mut_ptr());
+    let mut out: Vec<T> = crate::kernel::zeroed(x.len());
+    let ptr = crate::kernel::SyncPtr(out.as_mut_ptr());
     let eps = T::from(eps).unwrap_or_else(T::zero);
     let chunks = hw.div_ceil(POS);
     (0..batch * chunks).into_par_iter().for_each(|t| {
@@ -237,8 +230,8 @@ fn lnc_backward<T: Float + Send + Sync>(
     (batch, c, hw): (usize, usize, usize),
     eps: f64,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
-    let mut dx: Vec<T> = super::zeroed(x.len());
-    let ptr = super::SyncPtr(dx.as_mut_ptr());
+    let mut dx: Vec<T> = crate::kernel::zeroed(x.len());
+    let ptr = crate::kernel::SyncPtr(dx.as_mut_ptr());
     let n = T::from(c).unwrap_or_else(T::one);
     let eps = T::from(eps).unwrap_or_else(T::zero);
     let chunks = hw.div_ceil(POS);
@@ -413,19 +406,8 @@ impl<L: NormLayout> CustomOp3 for LayerNormOp<L> {
                 l1.shape()
             );
         }
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(b)) => CpuStorage::F32(
-                L::forward(slice(x, l1)?, slice(g, l2)?, slice(b, l3)?, dims, self.eps),
-            ),
-            (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(b)) => CpuStorage::F64(
-                L::forward(slice(x, l1)?, slice(g, l2)?, slice(b, l3)?, dims, self.eps),
-            ),
-            _ => candle_core::bail!(
-                "{}: expected f32 or f64 inputs of one dtype, got {:?}",
-                L::NAME,
-                s1.dtype()
-            ),
-        };
+        let out = crate::cpu_float!(L::NAME; x = (s1, l1), g = (s2, l2), b = (s3, l3) =>
+            L::forward(x, g, b, dims, self.eps));
         Ok((out, l1.shape().clone()))
     }
 
@@ -439,36 +421,17 @@ impl<L: NormLayout> CustomOp3 for LayerNormOp<L> {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
         let dims = L::dims(x.shape())?;
-        macro_rules! run {
-            ($t:ty) => {{
-                // Read through the storage locks (no copies); the results are new tensors with
-                // no graph of their own.
-                let (xs, xl) = x.storage_and_layout();
-                let (gs, gl) = gamma.storage_and_layout();
-                let (ds, dl) = dy.storage_and_layout();
-                let (dx, dg, db) = match (&*xs, &*gs, &*ds) {
-                    (Storage::Cpu(xc), Storage::Cpu(gc), Storage::Cpu(dc)) => L::backward::<$t>(
-                        slice(xc.as_slice::<$t>()?, xl)?,
-                        slice(gc.as_slice::<$t>()?, gl)?,
-                        slice(dc.as_slice::<$t>()?, dl)?,
-                        dims,
-                        self.eps,
-                    ),
-                    _ => candle_core::bail!("{} backward: expected CPU tensors", L::NAME),
-                };
-                drop((xs, gs, ds));
-                (
-                    Tensor::from_vec(dx, x.shape(), x.device())?,
-                    Tensor::from_vec(dg, gamma.shape(), x.device())?,
-                    Tensor::from_vec(db, gamma.shape(), x.device())?,
-                )
-            }};
-        }
-        let (dx, dg, db) = match x.dtype() {
-            DType::F32 => run!(f32),
-            DType::F64 => run!(f64),
-            t => candle_core::bail!("{} backward: unsupported dtype {t:?}", L::NAME),
-        };
+        // Read through the storage locks (no copies); the results are new tensors with no graph
+        // of their own.
+        let (dev, xsh, gsh) = (x.device(), x.shape(), gamma.shape());
+        let (dx, dg, db) = crate::cpu_float_tensors!(L::NAME; xv = x, gv = gamma, dv = dy => {
+            let (dx, dg, db) = L::backward(xv, gv, dv, dims, self.eps);
+            (
+                Tensor::from_vec(dx, xsh, dev)?,
+                Tensor::from_vec(dg, gsh, dev)?,
+                Tensor::from_vec(db, gsh, dev)?,
+            )
+        });
         Ok((Some(dx), Some(dg), Some(db)))
     }
 }

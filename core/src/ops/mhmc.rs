@@ -12,7 +12,7 @@
 //! Same values as the composition (tested in f64); that composition is the path on devices other
 //! than the CPU.
 
-use super::dwconv::{axpy_row, axpy_row_adjoint, dot_row, with_pair, DwConvParams, Geom};
+use super::dwconv::{axpy_row, axpy_row_adjoint, dot_row, DwConvParams, Geom};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
@@ -79,7 +79,7 @@ impl Mhmc {
         let plane = self.h * self.w;
         let (offs, _) = self.offsets();
         let cg = self.cg();
-        let mut out = super::zeroed(self.b * self.c * plane);
+        let mut out = crate::kernel::zeroed(self.b * self.c * plane);
         out.par_chunks_mut(plane).enumerate().for_each(|(bo, op)| {
             let (bi, o) = (bo / self.c, bo % self.c);
             let (i, g) = self.source(o);
@@ -110,7 +110,7 @@ impl Mhmc {
         let (offs, _) = self.offsets();
         let cg = self.cg();
         let heads = self.heads();
-        let mut gx = super::zeroed(self.b * self.c * plane);
+        let mut gx = crate::kernel::zeroed(self.b * self.c * plane);
         gx.par_chunks_mut(plane).enumerate().for_each(|(bc, gi)| {
             let (bi, ch) = (bc / self.c, bc % self.c);
             let (i, g) = (ch / cg, ch % cg);
@@ -150,7 +150,7 @@ impl Mhmc {
                 for bi in 0..self.b {
                     let xin = &x[(bi * self.c + i * cg + g) * plane..][..plane];
                     let go = &gy[(bi * self.c + o) * plane..][..plane];
-                    gb = gb + super::reduce::sum(go);
+                    gb = gb + crate::kernel::reduce::sum(go);
                     for oy in 0..self.h {
                         let orow = &go[oy * self.w..(oy + 1) * self.w];
                         for ky in 0..k {
@@ -193,15 +193,7 @@ impl CustomOp2 for Mhmc {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.geoms()?;
-        let out = with_pair(
-            "MHMC",
-            s1,
-            l1,
-            s2,
-            l2,
-            |x, p| self.forward(&g, x, p),
-            |x, p| self.forward(&g, x, p),
-        )?;
+        let out = crate::cpu_float!("MHMC"; x = (s1, l1), p = (s2, l2) => self.forward(&g, x, p));
         Ok((out, l1.shape().clone()))
     }
 
@@ -253,26 +245,10 @@ impl CustomOp2 for MhmcGrad {
         let op = &self.op;
         let g = op.geoms()?;
         if self.input {
-            let out = with_pair(
-                "MHMC backward",
-                s1,
-                l1,
-                s2,
-                l2,
-                |gy, p| op.grad_input(&g, gy, p),
-                |gy, p| op.grad_input(&g, gy, p),
-            )?;
+            let out = crate::cpu_float!("MHMC backward"; gy = (s1, l1), p = (s2, l2) => op.grad_input(&g, gy, p));
             Ok((out, l1.shape().clone()))
         } else {
-            let out = with_pair(
-                "MHMC backward",
-                s1,
-                l1,
-                s2,
-                l2,
-                |x, gy| op.grad_params(&g, x, gy),
-                |x, gy| op.grad_params(&g, x, gy),
-            )?;
+            let out = crate::cpu_float!("MHMC backward"; x = (s1, l1), gy = (s2, l2) => op.grad_params(&g, x, gy));
             Ok((out, Shape::from(op.offsets().1)))
         }
     }

@@ -75,7 +75,7 @@ fn kernel(boxes: &[f32], scores: &[f32], classes: Option<&[i64]>, thr: f32) -> V
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     match s {
-        CpuStorage::F32(v) => super::contiguous(v, l, &format!("nms: {what}")),
+        CpuStorage::F32(v) => crate::kernel::contiguous(v, l, &format!("nms: {what}")),
         _ => candle_core::bail!("nms: {what} must be f32, got {:?}", s.dtype()),
     }
 }
@@ -184,7 +184,7 @@ impl CustomOp3 for BatchedNms {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let classes = match s3 {
-            CpuStorage::I64(v) => super::contiguous(v, l3, "batched_nms: idxs")?,
+            CpuStorage::I64(v) => crate::kernel::contiguous(v, l3, "batched_nms: idxs")?,
             _ => candle_core::bail!("batched_nms: idxs must be i64, got {:?}", s3.dtype()),
         };
         let keep = kernel(

@@ -5,9 +5,7 @@
 //! them and its transpose gives the gradient. candle 0.11 has a bilinear forward but its backward
 //! errors, and no adaptive pooling; UperNet's PPM and every segmentation head need both.
 
-use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// For each output index along one axis, the input taps and their weights.
@@ -179,15 +177,7 @@ impl CustomOp1 for ResampleBwd<'_> {
         let (b, c, _, _) = l.shape().dims4()?;
         let r = self.0;
         let what = "resample backward";
-        let out = match s {
-            CpuStorage::F32(g) => {
-                CpuStorage::F32(r.backward(super::contiguous(g, l, what)?, b * c))
-            }
-            CpuStorage::F64(g) => {
-                CpuStorage::F64(r.backward(super::contiguous(g, l, what)?, b * c))
-            }
-            _ => candle_core::bail!("{what}: expected f32/f64, got {:?}", s.dtype()),
-        };
+        let out = crate::cpu_float!(what; g = (s, l) => r.backward(g, b * c));
         Ok((out, Shape::from((b, c, r.h, r.w))))
     }
 }
@@ -207,15 +197,7 @@ impl CustomOp1 for Resample {
                 self.w
             );
         }
-        let out = match s {
-            CpuStorage::F32(x) => {
-                CpuStorage::F32(self.forward(super::contiguous(x, l, self.name)?, b * c))
-            }
-            CpuStorage::F64(x) => {
-                CpuStorage::F64(self.forward(super::contiguous(x, l, self.name)?, b * c))
-            }
-            _ => candle_core::bail!("{}: expected f32/f64, got {:?}", self.name, s.dtype()),
-        };
+        let out = crate::cpu_float!(self.name; x = (s, l) => self.forward(x, b * c));
         Ok((out, Shape::from((b, c, self.th.len(), self.tw.len()))))
     }
 
@@ -321,17 +303,8 @@ impl candle_core::CustomOp2 for AddResized {
             up
         }
         let what = "add_resized";
-        let out = match (s1, s2) {
-            (CpuStorage::F32(a), CpuStorage::F32(x)) => CpuStorage::F32(add(
-                super::contiguous(a, l1, what)?,
-                self.r.forward(super::contiguous(x, l2, what)?, b * c),
-            )),
-            (CpuStorage::F64(a), CpuStorage::F64(x)) => CpuStorage::F64(add(
-                super::contiguous(a, l1, what)?,
-                self.r.forward(super::contiguous(x, l2, what)?, b * c),
-            )),
-            _ => candle_core::bail!("{what}: expected f32/f64 operands of one dtype"),
-        };
+        let out =
+            crate::cpu_float!(what; a = (s1, l1), x = (s2, l2) => add(a, self.r.forward(x, b * c)));
         Ok((out, l1.shape().clone()))
     }
 

@@ -5,9 +5,7 @@
 //! `upsample_nearest2d` computes the same forward but its backward only supports integer factors;
 //! FPN top-down paths on un-padded images need e.g. 7x9 → 13x17.
 
-use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 fn src_index(d: usize, inp: usize, out: usize) -> usize {
@@ -77,58 +75,19 @@ impl CustomOp1 for Nearest {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, c, h, w) = l.shape().dims4()?;
         let what = "resize_nearest: input";
-        let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(fwd(
-                super::contiguous(v, l, what)?,
-                b * c,
-                h,
-                w,
-                self.oh,
-                self.ow,
-            )),
-            CpuStorage::F64(v) => CpuStorage::F64(fwd(
-                super::contiguous(v, l, what)?,
-                b * c,
-                h,
-                w,
-                self.oh,
-                self.ow,
-            )),
-            _ => candle_core::bail!("resize_nearest: expected f32/f64, got {:?}", s.dtype()),
-        };
+        let out = crate::cpu_float!(what; v = (s, l) => fwd(v, b * c, h, w, self.oh, self.ow));
         Ok((out, Shape::from((b, c, self.oh, self.ow))))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let (b, c, h, w) = x.dims4()?;
         let g = g.contiguous()?;
-        let out = match g.dtype() {
-            DType::F32 => Tensor::from_vec(
-                bwd(
-                    &g.flatten_all()?.to_vec1::<f32>()?,
-                    b * c,
-                    h,
-                    w,
-                    self.oh,
-                    self.ow,
-                ),
-                (b, c, h, w),
-                x.device(),
-            )?,
-            DType::F64 => Tensor::from_vec(
-                bwd(
-                    &g.flatten_all()?.to_vec1::<f64>()?,
-                    b * c,
-                    h,
-                    w,
-                    self.oh,
-                    self.ow,
-                ),
-                (b, c, h, w),
-                x.device(),
-            )?,
-            d => candle_core::bail!("resize_nearest backward: unsupported dtype {d:?}"),
-        };
+        let what = "resize_nearest backward";
+        let out = crate::cpu_float_tensors!(what; gv = g => Tensor::from_vec(
+            bwd(gv, b * c, h, w, self.oh, self.ow),
+            (b, c, h, w),
+            x.device(),
+        )?);
         Ok(Some(out))
     }
 }

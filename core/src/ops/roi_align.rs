@@ -115,7 +115,7 @@ fn dims(feat: &Shape, rois: &Shape) -> Result<(usize, usize, usize, usize, usize
 
 fn cslice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     match s {
-        CpuStorage::F32(v) => super::contiguous(v, l, &format!("roi_align: {what}")),
+        CpuStorage::F32(v) => crate::kernel::contiguous(v, l, &format!("roi_align: {what}")),
         _ => candle_core::bail!("roi_align: {what} must be f32"),
     }
 }

@@ -5,9 +5,7 @@
 //! numerically stable CPU forward (max-subtracted) and adds the standard backward
 //! `dx = y * (dy - sum(dy * y))`.
 
-use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D,
-};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -35,11 +33,11 @@ fn kernel<T: FastExp + Send + Sync>(x: &[T], dim: usize) -> Vec<T> {
     out.par_chunks_mut(dim)
         .zip(x.par_chunks(dim))
         .for_each(|(o, xr)| {
-            let m = super::reduce::max(xr);
+            let m = crate::kernel::reduce::max(xr);
             for (oi, &xi) in o.iter_mut().zip(xr) {
                 *oi = (xi - m).fast_exp();
             }
-            let s = super::reduce::sum(o);
+            let s = crate::kernel::reduce::sum(o);
             let inv = s.recip();
             for oi in o.iter_mut() {
                 *oi = *oi * inv;
@@ -56,11 +54,7 @@ impl CustomOp1 for SoftmaxLastDim {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let dim = l.shape().dims().last().copied().unwrap_or(1).max(1);
         let what = "softmax: input";
-        let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(kernel(super::contiguous(v, l, what)?, dim)),
-            CpuStorage::F64(v) => CpuStorage::F64(kernel(super::contiguous(v, l, what)?, dim)),
-            _ => candle_core::bail!("softmax: expected f32 or f64, got {:?}", s.dtype()),
-        };
+        let out = crate::cpu_float!(what; v = (s, l) => kernel(v, dim));
         Ok((out, l.shape().clone()))
     }
 

@@ -4,7 +4,7 @@
 //! convolution of a vision transformer; candle 0.11's generic strided copy moves 4M floats in
 //! ~13 ms on this machine, a tiled copy in ~1 ms.
 
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 const TILE: usize = 32;
@@ -18,7 +18,7 @@ pub(crate) fn kernel<T: Copy + Send + Sync + num_traits::Zero>(
     r: usize,
     c: usize,
 ) -> Vec<T> {
-    let mut out = super::zeroed(x.len());
+    let mut out = crate::kernel::zeroed(x.len());
     let plane = r * c;
     if plane == 0 {
         return out;
@@ -61,15 +61,7 @@ impl CustomOp1 for TransposeLast2 {
         let (r, c) = (dims[n - 2], dims[n - 1]);
         let batch = l.shape().elem_count() / (r * c).max(1);
         let what = "transpose: input";
-        let out = match s {
-            CpuStorage::F32(v) => {
-                CpuStorage::F32(kernel(super::contiguous(v, l, what)?, batch, r, c))
-            }
-            CpuStorage::F64(v) => {
-                CpuStorage::F64(kernel(super::contiguous(v, l, what)?, batch, r, c))
-            }
-            _ => candle_core::bail!("transpose: expected f32 or f64, got {:?}", s.dtype()),
-        };
+        let out = crate::cpu_float!(what; v = (s, l) => kernel(v, batch, r, c));
         let mut od = dims.to_vec();
         od.swap(n - 2, n - 1);
         Ok((out, Shape::from(od)))
