@@ -2,13 +2,14 @@
 //! size, for comparing with PyTorch piece by piece (`benchmarks/pytorch_smt_parts.py ffn`).
 //!
 //! `cargo run --release -p densepred-backbones --example smt_ffn_step -- C HW RATIO` (e.g.
-//! `64 56 4` for stage 1 of SMT-T); `FUSED=1` uses `ops::detail_ffn` (what SMT runs), otherwise
+//! `64 56 4` for stage 1 of SMT-T); `FUSED=1` uses `smt::detail_ffn` (what SMT runs), otherwise
 //! the three composed ops; `IT=N` iterations (first 5 untimed). Prints the median.
 #[global_allocator]
 static G: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use densepred_core::nn::{LayerNorm, Linear};
+use densepred_backbones::smt::detail_ffn;
 use densepred_core::ops::*;
 use std::time::Instant;
 

@@ -13,9 +13,10 @@
 //!   they agree to about 1e-14; an indexing or formula error is O(1)); GELU 2e-6 in f32 (our
 //!   erf's error is ≤ 1.5e-7 and the gradient formula is evaluated separately).
 
-use candle_core::{DType, Result, Tensor, Var};
+use candle_core::{DType, Result, Tensor};
 use densepred_core::ops::{self, dispatch, DwConvParams, LocalMode};
-use densepred_testutil::{max_abs, randn};
+use densepred_testutil::op_paths::{around_one, assert_fallbacks_match, assert_listed, case, Case};
+use densepred_testutil::randn;
 
 /// Public functions of `core/src/ops` that return tensors but are not ops with an entry: each is
 /// built from listed ops or from candle ops only, so it runs wherever they run.
@@ -42,87 +43,10 @@ const COMPOSITIONS: &[&str] = &[
     "batch_norm_relu_train",
 ];
 
-/// `(name, signature)` of every `pub fn` in `src`, the signature running to its body's `{`.
-fn public_fns(src: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut rest = src;
-    while let Some(i) = rest.find("\npub fn ") {
-        let after = &rest[i + "\npub fn ".len()..];
-        let name: String = after
-            .chars()
-            .take_while(|c| c.is_alphanumeric() || *c == '_')
-            .collect();
-        let sig_end = after.find('{').unwrap_or(after.len());
-        out.push((name, after[..sig_end].to_string()));
-        rest = after;
-    }
-    out
-}
-
 #[test]
 fn every_tensor_op_is_listed() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/ops");
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        let src = std::fs::read_to_string(&path).unwrap();
-        for (name, sig) in public_fns(&src) {
-            let ret = sig.split("->").nth(1).unwrap_or("");
-            if ret.contains("Tensor") {
-                found.push((
-                    name,
-                    path.file_name().unwrap().to_string_lossy().to_string(),
-                ));
-            }
-        }
-    }
-    assert!(found.len() >= 30, "the scan found only {found:?}");
-    let listed: Vec<&str> = dispatch::OPS.iter().map(|o| o.name).collect();
-    let unlisted: Vec<_> = found
-        .iter()
-        .filter(|(n, _)| !listed.contains(&n.as_str()) && !COMPOSITIONS.contains(&n.as_str()))
-        .collect();
-    assert!(
-        unlisted.is_empty(),
-        "tensor ops without an entry in ops::dispatch::OPS (so without a known CUDA path): \
-         {unlisted:?}"
-    );
-    let names: Vec<&str> = found.iter().map(|(n, _)| n.as_str()).collect();
-    let stale: Vec<_> = listed
-        .iter()
-        .chain(COMPOSITIONS)
-        .filter(|n| !names.contains(n))
-        .collect();
-    assert!(
-        stale.is_empty(),
-        "listed but not found in core/src/ops: {stale:?}"
-    );
-    for op in dispatch::OPS {
-        println!("{:32} cuda: {}", op.name, op.cuda_path());
-    }
-}
-
-/// One op call on `inputs` (the first decides the dispatch), returning its outputs.
-type Run = Box<dyn Fn(&[Tensor]) -> Result<Vec<Tensor>>>;
-
-struct Case {
-    op: &'static str,
-    inputs: Vec<Tensor>,
-    run: Run,
-}
-
-fn case(op: &'static str, shapes: &[&[usize]], run: Run) -> Case {
-    let inputs = shapes
-        .iter()
-        .enumerate()
-        .map(|(i, s)| randn(s, 100 + i as u64, DType::F64))
-        .collect();
-    Case { op, inputs, run }
-}
-
-/// A positive `(C,)` vector around 1 (norm weights, scales).
-fn around_one(t: &Tensor) -> Tensor {
-    ((t * 0.25).unwrap() + 1.0).unwrap()
+    assert_listed(dir, dispatch::OPS, COMPOSITIONS, 30);
 }
 
 fn cases() -> Vec<Case> {
@@ -202,59 +126,6 @@ fn cases() -> Vec<Case> {
             }),
         ),
         case(
-            "detail_ffn",
-            &[
-                &[2, 12, 4],
-                &[8, 4],
-                &[8],
-                &[8, 1, 3, 3],
-                &[8],
-                &[5, 8],
-                &[5],
-            ],
-            Box::new(move |x| {
-                t(ops::detail_ffn(
-                    &x[0],
-                    &x[1],
-                    &x[2],
-                    &x[3],
-                    &x[4],
-                    &x[5],
-                    &x[6],
-                    (3, 4),
-                ))
-            }),
-        ),
-        case(
-            "pre_norm_ffn_residual",
-            &[
-                &[2, 12, 4],
-                &[4],
-                &[4],
-                &[8, 4],
-                &[8],
-                &[8, 1, 3, 3],
-                &[8],
-                &[4, 8],
-                &[4],
-            ],
-            Box::new(move |x| {
-                t(ops::pre_norm_ffn_residual(
-                    &x[0],
-                    &around_one(&x[1]),
-                    &x[2],
-                    1e-6,
-                    &x[3],
-                    &x[4],
-                    &x[5],
-                    &x[6],
-                    &x[7],
-                    &x[8],
-                    (3, 4),
-                ))
-            }),
-        ),
-        case(
             "conv2d_gemm",
             &[&[2, 3, 9, 8], &[4, 3, 3, 3]],
             Box::new(move |x| {
@@ -299,17 +170,6 @@ fn cases() -> Vec<Case> {
                     &around_one(&x[1]),
                     &x[2],
                     1e-6,
-                ))
-            }),
-        ),
-        case(
-            "multi_head_mixed_conv",
-            &[&[2, 4, 6, 5], &[2, 1, 3, 3], &[2], &[2, 1, 5, 5], &[2]],
-            Box::new(move |x| {
-                t(ops::multi_head_mixed_conv(
-                    &x[0],
-                    &[x[1].clone(), x[3].clone()],
-                    &[x[2].clone(), x[4].clone()],
                 ))
             }),
         ),
@@ -384,87 +244,7 @@ fn cases() -> Vec<Case> {
     v
 }
 
-/// The outputs of `c` and the gradients of `Σ_k Σ y_k·r_k` with respect to each input.
-fn run(c: &Case) -> (Vec<Tensor>, Vec<Tensor>) {
-    let vars: Vec<Var> = c
-        .inputs
-        .iter()
-        .map(|x| Var::from_tensor(x).unwrap())
-        .collect();
-    let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-    let ys = (c.run)(&xs).unwrap_or_else(|e| panic!("{}: {e}", c.op));
-    let mut loss = Tensor::zeros((), ys[0].dtype(), ys[0].device()).unwrap();
-    for (k, y) in ys.iter().enumerate() {
-        let r = randn(y.dims(), 900 + k as u64, y.dtype());
-        loss = (loss + (y * r).unwrap().sum_all().unwrap()).unwrap();
-    }
-    let grads = loss.backward().unwrap();
-    let gs = xs
-        .iter()
-        .map(|x| match grads.get(x) {
-            Some(g) => g.clone(),
-            None => x.zeros_like().unwrap(),
-        })
-        .collect();
-    (ys, gs)
-}
-
 #[test]
 fn candle_fallbacks_match_our_kernels() {
-    let cases = cases();
-    let tested: Vec<&str> = cases.iter().map(|c| c.op).collect();
-    let untested: Vec<&str> = dispatch::OPS
-        .iter()
-        .filter(|o| o.fallback == dispatch::Fallback::Candle && !tested.contains(&o.name))
-        .map(|o| o.name)
-        .collect();
-    assert!(
-        untested.is_empty(),
-        "ops with a candle fallback but no case here: {untested:?}"
-    );
-    let mut failures = Vec::new();
-    for c in &cases {
-        let op = dispatch::OPS.iter().find(|o| o.name == c.op).unwrap();
-        assert_eq!(
-            dispatch::select(op, &c.inputs[0]),
-            dispatch::Impl::Cpu,
-            "{}",
-            c.op
-        );
-        dispatch::with_fallback(|| {
-            assert_eq!(dispatch::select(op, &c.inputs[0]), dispatch::Impl::Candle);
-        });
-        let (y_ours, g_ours) = run(c);
-        let (y_fb, g_fb) = dispatch::with_fallback(|| run(c));
-        let tol = if c.inputs[0].dtype() == DType::F32 {
-            2e-6
-        } else {
-            1e-9
-        };
-        assert_eq!(y_ours.len(), y_fb.len(), "{}", c.op);
-        assert_eq!(g_ours.len(), g_fb.len(), "{}", c.op);
-        let mut worst = 0f64;
-        for (a, b) in y_ours.iter().zip(&y_fb).chain(g_ours.iter().zip(&g_fb)) {
-            worst = worst.max(max_abs(a, b));
-        }
-        println!("{:32} max |ours - fallback| = {worst:.2e}", c.op);
-        if worst.is_nan() || worst > tol {
-            failures.push(format!("{}: {worst:e} > {tol:e}", c.op));
-        }
-        // The gradients are not all zero (the case exercises the backward).
-        let gmax = g_ours
-            .iter()
-            .map(|g| {
-                g.abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_dtype(DType::F64)
-                    .unwrap()
-            })
-            .map(|g| g.to_scalar::<f64>().unwrap())
-            .fold(0f64, f64::max);
-        assert!(gmax > 0.0, "{}: all gradients are zero", c.op);
-    }
-    assert!(failures.is_empty(), "fallbacks differ: {failures:?}");
+    assert_fallbacks_match(dispatch::OPS, &cases());
 }

@@ -1,5 +1,8 @@
 //! Helpers shared by the tests of densepred's crates (each takes it as a dev-dependency):
-//! deterministic pseudo-random tensors and the largest elementwise difference of two tensors.
+//! deterministic pseudo-random tensors, the largest elementwise difference of two tensors, and
+//! the harness of the op-path tests ([`op_paths`]).
+
+pub mod op_paths;
 
 use candle_core::{DType, Device, Tensor};
 

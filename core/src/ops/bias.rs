@@ -290,7 +290,7 @@ fn with_last(shape: &Shape, last: usize) -> Shape {
 /// `y = x Wᵀ + b` on raw buffers: `y` starts as `b` on every row and the product accumulates
 /// onto it, so no pre-bias copy of `y` is made. `x` `(rows, in_f)`, `w` `(out_f, in_f)`, `b`
 /// `(out_f,)`, all row-major.
-pub(crate) fn linear_fwd<T: KernelFloat>(
+pub fn linear_fwd<T: KernelFloat>(
     x: &[T],
     w: &[T],
     b: &[T],

@@ -63,7 +63,9 @@ impl Impl {
 }
 
 impl Op {
-    const fn candle(name: &'static str, dtypes: &'static [DType]) -> Self {
+    /// An op whose kernels are CPU-only and whose fallback is a candle composition (what most
+    /// ops are; model crates declare their fused ops with it).
+    pub const fn candle(name: &'static str, dtypes: &'static [DType]) -> Self {
         Op {
             name,
             dtypes,
@@ -82,7 +84,8 @@ impl Op {
     }
 }
 
-const FLOAT: &[DType] = &[DType::F32, DType::F64];
+/// f32 and f64: the dtypes of most of our kernels.
+pub const FLOAT: &[DType] = &[DType::F32, DType::F64];
 const F32: &[DType] = &[DType::F32];
 
 pub const GELU_ERF: Op = Op::candle("gelu_erf", F32);
@@ -102,14 +105,11 @@ pub const DEPTHWISE_CONV2D: Op = Op {
     fallback: Fallback::Candle,
 };
 pub const TOKEN_DWCONV: Op = Op::candle("token_dwconv", FLOAT);
-pub const DETAIL_FFN: Op = Op::candle("detail_ffn", FLOAT);
-pub const PRE_NORM_FFN_RESIDUAL: Op = Op::candle("pre_norm_ffn_residual", FLOAT);
 pub const CONV2D_GEMM: Op = Op::candle("conv2d_gemm", FLOAT);
 pub const CONV2D_GEMM_CAT: Op = Op::candle("conv2d_gemm_cat", FLOAT);
 pub const CONV2D_GEMM_CAT_RESIZED: Op = Op::candle("conv2d_gemm_cat_resized", FLOAT);
 pub const LAYER_NORM: Op = Op::candle("layer_norm", FLOAT);
 pub const LAYER_NORM_CHANNELS: Op = Op::candle("layer_norm_channels", FLOAT);
-pub const MULTI_HEAD_MIXED_CONV: Op = Op::candle("multi_head_mixed_conv", FLOAT);
 pub const NMS: Op = Op {
     name: "nms",
     dtypes: FLOAT,
@@ -136,7 +136,8 @@ pub const SOFTMAX_LAST_DIM: Op = Op::candle("softmax_last_dim", FLOAT);
 pub const TRANSPOSE_LAST2: Op = Op::candle("transpose_last2", FLOAT);
 
 /// Every tensor op of [`crate::ops`] with its implementations (what `densepred` runs on each
-/// device; `core/tests/op_paths.rs` checks the list is complete).
+/// device; `core/tests/op_paths.rs` checks the list is complete). Model crates list their own
+/// fused ops beside the model (SMT's: `densepred_backbones::smt::FUSED_OPS`).
 pub const OPS: &[Op] = &[
     GELU_ERF,
     SCALED_DOT_PRODUCT_ATTENTION,
@@ -150,14 +151,11 @@ pub const OPS: &[Op] = &[
     POINTWISE_CONV_BIAS,
     DEPTHWISE_CONV2D,
     TOKEN_DWCONV,
-    DETAIL_FFN,
-    PRE_NORM_FFN_RESIDUAL,
     CONV2D_GEMM,
     CONV2D_GEMM_CAT,
     CONV2D_GEMM_CAT_RESIZED,
     LAYER_NORM,
     LAYER_NORM_CHANNELS,
-    MULTI_HEAD_MIXED_CONV,
     NMS,
     PASTE_MASKS,
     RESIZE_BILINEAR,

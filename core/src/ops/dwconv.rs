@@ -44,9 +44,13 @@ impl DwConvParams {
     }
 }
 
-/// Sizes of one problem, resolved once from the shapes.
+/// Sizes of one depthwise convolution, resolved once from the shapes.
+///
+/// With the row kernels [`axpy_row`], [`axpy_row_adjoint`] and [`dot_row`] it is the
+/// kernel-level API of the NCHW depthwise convolution that fused ops built on it (SMT's
+/// multi-head mixed convolution in `densepred_backbones::smt::mhmc`) use.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Geom {
+pub struct Geom {
     b: usize,
     c: usize,
     h: usize,
@@ -73,7 +77,11 @@ fn out_len(len: usize, k: usize, s: usize, p: usize, d: usize, axis: &str) -> Re
 }
 
 impl Geom {
-    pub(crate) fn new(x: &Shape, w: &Shape, p: DwConvParams) -> Result<Self> {
+    /// The geometry of `x` `(B, C, H, W)` convolved with `w` `(C, 1, KH, KW)` under `p`.
+    ///
+    /// Errors: shapes that do not match, a zero stride or dilation, or a kernel span larger
+    /// than the padded input.
+    pub fn new(x: &Shape, w: &Shape, p: DwConvParams) -> Result<Self> {
         let (b, c, h, wd) = x.dims4()?;
         let (wc, one, kh, kw) = w.dims4()?;
         if wc != c || one != 1 {
@@ -124,7 +132,7 @@ impl Geom {
 
     /// Input row read by output row `oy` at kernel row `ky`, if inside the image.
     #[inline]
-    pub(crate) fn in_row(&self, oy: usize, ky: usize) -> Option<usize> {
+    pub fn in_row(&self, oy: usize, ky: usize) -> Option<usize> {
         let iy =
             (oy * self.p.stride.0 + ky * self.p.dilation.0) as isize - self.p.padding.0 as isize;
         (iy >= 0 && (iy as usize) < self.h).then_some(iy as usize)
@@ -133,7 +141,7 @@ impl Geom {
     /// For kernel column `kx`: the output columns `[ox0, ox1)` whose input column
     /// `ox * sw + off` lies inside the image, and `off = kx * dw - pw`.
     #[inline]
-    pub(crate) fn col_range(&self, kx: usize) -> (usize, usize, isize) {
+    pub fn col_range(&self, kx: usize) -> (usize, usize, isize) {
         let sw = self.p.stride.1 as isize;
         let off = (kx * self.p.dilation.1) as isize - self.p.padding.1 as isize;
         let ox0 = if off >= 0 { 0 } else { (-off + sw - 1) / sw };
@@ -149,7 +157,7 @@ impl Geom {
 
 /// `out_row[ox0..ox1] (+)= wv * in_row[ox*sw + off]` for the valid columns.
 #[inline]
-pub(crate) fn axpy_row<T: Float>(
+pub fn axpy_row<T: Float>(
     out: &mut [T],
     inp: &[T],
     wv: T,
@@ -177,7 +185,7 @@ pub(crate) fn axpy_row<T: Float>(
 
 /// The adjoint of `axpy_row`: `in_row[ox*sw + off] += wv * out_row[ox]`.
 #[inline]
-pub(crate) fn axpy_row_adjoint<T: Float>(
+pub fn axpy_row_adjoint<T: Float>(
     inp: &mut [T],
     out: &[T],
     wv: T,
@@ -205,7 +213,7 @@ pub(crate) fn axpy_row_adjoint<T: Float>(
 
 /// `sum_ox out_row[ox] * in_row[ox*sw + off]` over the valid columns.
 #[inline]
-pub(crate) fn dot_row<T: Float>(
+pub fn dot_row<T: Float>(
     out: &[T],
     inp: &[T],
     ox0: usize,

@@ -25,18 +25,29 @@ pub enum LocalMode {
 }
 
 /// Geometry of a token convolution: batch, map height and width, channels, (odd) kernel size.
+///
+/// With the row kernels below ([`conv_row`], [`taps_major`], [`grad_input`],
+/// [`grad_weight_bias`]) it is the kernel-level API that fused ops built on this convolution
+/// (SMT's detail FFN in `densepred_backbones::smt::ffn`) use.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Geo {
-    pub(crate) b: usize,
-    pub(crate) h: usize,
-    pub(crate) w: usize,
-    pub(crate) c: usize,
-    pub(crate) k: usize,
+pub struct Geo {
+    /// Batch size `B`.
+    pub b: usize,
+    /// Map height `H`.
+    pub h: usize,
+    /// Map width `W`.
+    pub w: usize,
+    /// Channels `C`.
+    pub c: usize,
+    /// Odd kernel size `k` ("same" padding `k / 2`).
+    pub k: usize,
 }
 
-/// Exact (erf) GELU and its derivative, vectorisable in f32.
-pub(crate) trait Act: Float + Send + Sync {
+/// Exact (erf) GELU and its derivative, vectorisable in f32 (`torch.nn.GELU()`'s default).
+pub trait Act: Float + Send + Sync {
+    /// `x·Φ(x)`.
     fn gelu(self) -> Self;
+    /// `Φ(x) + x·φ(x)`.
     fn gelu_grad(self) -> Self;
 }
 
@@ -64,10 +75,11 @@ impl Act for f64 {
     }
 }
 
-/// `z = [x +] DW(x) + b` for one output row `(b, y)`: `out` has `W·C` values.
+/// `z = [x +] DW(x) + b` for one output row `(b, y)`: `out` has `W·C` values; `x` is
+/// `(B, H·W, C)`, `wt` tap-major `(k·k, C)` ([`taps_major`]), `bias` `(C,)`.
 #[inline]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn conv_row<T: Float>(
+pub fn conv_row<T: Float>(
     g: &Geo,
     x: &[T],
     wt: &[T],
@@ -111,7 +123,7 @@ pub(crate) fn conv_row<T: Float>(
 }
 
 /// Weight `(C, 1, k, k)` → tap-major `(k·k, C)`.
-pub(crate) fn taps_major<T: Float>(w: &[T], c: usize, k: usize) -> Vec<T> {
+pub fn taps_major<T: Float>(w: &[T], c: usize, k: usize) -> Vec<T> {
     let mut t = vec![T::zero(); c * k * k];
     for ch in 0..c {
         for i in 0..k * k {
@@ -174,7 +186,7 @@ fn backward<T: Act>(
 
 /// `dx` of `z = [x +] DW(x) + b` given `dz` (`(B, H·W, C)`) and tap-major weights `wt` `(k·k, C)`:
 /// `dx[y', x'] = [dz[y', x'] +] Σ_taps w · dz[y' − ky + p, x' − kx + p]`, a gather per row.
-pub(crate) fn grad_input<T: Float + Send + Sync>(
+pub fn grad_input<T: Float + Send + Sync>(
     g: &Geo,
     dz: &[T],
     wt: &[T],
@@ -216,8 +228,8 @@ pub(crate) fn grad_input<T: Float + Send + Sync>(
 }
 
 /// Weight `(C, 1, k, k)` and bias `(C,)` gradients of `z = DW(x) + b` given `dz`: per-thread
-/// tap-major accumulators over row chunks, reduced.
-pub(crate) fn grad_weight_bias<T: Float + Send + Sync>(
+/// tap-major accumulators over row chunks, reduced. Returns `(dw (C·k·k), db (C))`.
+pub fn grad_weight_bias<T: Float + Send + Sync>(
     g: &Geo,
     x: &[T],
     dz: &[T],

@@ -12,7 +12,10 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use num_traits::Float;
 use rayon::prelude::*;
 
-pub(super) fn ln_kernel<T: Float + Send + Sync>(
+/// LayerNorm over the last dimension on raw buffers: `x` `(rows, dim)` row-major, `g`, `b`
+/// `(dim,)`; returns `(rows, dim)` (the CPU kernel of [`layer_norm`], for fused ops that
+/// normalise inside their own kernels).
+pub fn ln_kernel<T: Float + Send + Sync>(
     x: &[T],
     g: &[T],
     b: &[T],
@@ -41,7 +44,7 @@ const BWD_ROWS: usize = 64;
 /// The closed-form LayerNorm gradients (module doc) in one pass over the rows: `x`, `dy`
 /// `(rows, dim)` row-major, `g` `(dim,)`. Returns `(dx (rows, dim), dgamma (dim,), dbeta (dim,))`.
 /// Mean and `rstd` are recomputed per row, as in the forward kernel.
-pub(super) fn ln_backward<T: Float + Send + Sync>(
+pub fn ln_backward<T: Float + Send + Sync>(
     x: &[T],
     g: &[T],
     dy: &[T],

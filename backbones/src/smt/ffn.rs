@@ -1,18 +1,24 @@
 //! The detail-specific FFN of SMT (taken from Shunted Transformer) as one training op on tokens:
 //! `y = fc2(GELU(h + DW(h) + b_dw))` with `h = fc1(x)`.
 //!
-//! Composed of three ops ([`super::bias::linear_bias`], [`super::token_dwconv`],
-//! [`super::bias::linear_bias`]), candle's autograd gives the two hidden tensors (`h` and the GELU
+//! Composed of three ops ([`densepred_core::ops::bias::linear_bias`], [`densepred_core::ops::token_dwconv`],
+//! [`densepred_core::ops::bias::linear_bias`]), candle's autograd gives the two hidden tensors (`h` and the GELU
 //! output, each `ratio ×` the block's tokens) a zero-filled gradient buffer and an add each, on
 //! one thread. As one op, the backward writes every hidden gradient once into a buffer of its own
 //! and the forward keeps exactly what the backward needs (`h`, the GELU input and output), as
 //! PyTorch's autograd saves them. Same values as the composed ops (tested in f64).
 
-use super::dwconv_nhwc::{conv_row, grad_input, grad_weight_bias, taps_major, Act, Geo};
-use crate::kernel::{gemm_into, KernelFloat, MatView};
+use densepred_core::ops::dwconv_nhwc::{conv_row, grad_input, grad_weight_bias, taps_major, Act, Geo};
+use densepred_core::kernel::{gemm_into, KernelFloat, MatView};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
+use densepred_core::ops::dispatch::{Op, FLOAT};
 use rayon::prelude::*;
 use std::sync::Mutex;
+
+/// [`detail_ffn`]'s dispatch entry: our CPU kernel, a candle composition elsewhere.
+pub const DETAIL_FFN: Op = Op::candle("detail_ffn", FLOAT);
+/// [`pre_norm_ffn_residual`]'s dispatch entry: our CPU kernel, a candle composition elsewhere.
+pub const PRE_NORM_FFN_RESIDUAL: Op = Op::candle("pre_norm_ffn_residual", FLOAT);
 
 /// Sizes of one FFN: tokens `(B, H·W, C)`, hidden width `hd`, output width `co`, kernel `k`;
 /// `ln`: a LayerNorm over `C` runs first (its parameters packed after the FFN's).
@@ -135,7 +141,7 @@ fn linear<T: KernelFloat>(
     in_f: usize,
     out_f: usize,
 ) -> Vec<T> {
-    super::bias::linear_fwd(x, w, b, rows, in_f, out_f)
+    densepred_core::ops::bias::linear_fwd(x, w, b, rows, in_f, out_f)
 }
 
 /// `a += b` elementwise, in parallel blocks.
@@ -184,15 +190,15 @@ impl DetailFfn {
         let g = d.geo();
         let rows = d.rows();
         let xn = d.ln.then(|| {
-            super::layer_norm::ln_kernel(x, &p[o[6]..o[7]], &p[o[7]..o[8]], d.c, self.ln_eps)
+            densepred_core::ops::layer_norm::ln_kernel(x, &p[o[6]..o[7]], &p[o[7]..o[8]], d.c, self.ln_eps)
         });
         let xin = xn.as_deref().unwrap_or(x);
         let h = linear(xin, &p[o[0]..o[1]], &p[o[1]..o[2]], rows, d.c, d.hd);
         let wt = taps_major(&p[o[2]..o[3]], d.hd, d.k);
         let b_dw = &p[o[3]..o[4]];
         let row = d.wid * d.hd;
-        let mut pre = crate::kernel::zeroed(rows * d.hd);
-        let mut z = crate::kernel::zeroed(rows * d.hd);
+        let mut pre = densepred_core::kernel::zeroed(rows * d.hd);
+        let mut z = densepred_core::kernel::zeroed(rows * d.hd);
         pre.par_chunks_mut(row)
             .zip(z.par_chunks_mut(row))
             .enumerate()
@@ -234,7 +240,7 @@ impl DetailFfn {
         let s = saved.unwrap_or_else(|| self.hidden(x, p));
         let mut dp = vec![T::zero(); o[8]];
         // fc2: dz = dy W2, dW2 = dyᵀ z, db2 = Σ dy.
-        let mut dz = crate::kernel::zeroed(rows * d.hd);
+        let mut dz = densepred_core::kernel::zeroed(rows * d.hd);
         gemm_into(
             &mut dz,
             MatView::rows_of(rows, d.hd, 0, d.hd),
@@ -274,7 +280,7 @@ impl DetailFfn {
         dp[o[2]..o[3]].copy_from_slice(&gw_dw);
         dp[o[3]..o[4]].copy_from_slice(&gb_dw);
         // fc1: dx = dh W1, dW1 = dhᵀ x, db1 = Σ dh.
-        let mut dx = crate::kernel::zeroed(rows * d.c);
+        let mut dx = densepred_core::kernel::zeroed(rows * d.c);
         gemm_into(
             &mut dx,
             MatView::rows_of(rows, d.c, 0, d.c),
@@ -298,7 +304,7 @@ impl DetailFfn {
         if d.ln {
             // Through the LayerNorm (recomputing its row statistics from x).
             let (dxl, dg, db) =
-                super::layer_norm::ln_backward(x, &p[o[6]..o[7]], &dx, d.c, self.ln_eps);
+                densepred_core::ops::layer_norm::ln_backward(x, &p[o[6]..o[7]], &dx, d.c, self.ln_eps);
             dp[o[6]..o[7]].copy_from_slice(&dg);
             dp[o[7]..o[8]].copy_from_slice(&db);
             dx = dxl;
@@ -324,7 +330,7 @@ impl CustomOp2 for DetailFfn {
     ) -> Result<(CpuStorage, Shape)> {
         let d = self.dims;
         let what = "detail FFN";
-        let out = crate::cpu_float!(what; x = (s1, l1), p = (s2, l2) => self.forward(x, p));
+        let out = densepred_core::cpu_float!(what; x = (s1, l1), p = (s2, l2) => self.forward(x, p));
         Ok((out, Shape::from((d.b, d.hgt * d.wid, d.co))))
     }
 
@@ -338,7 +344,7 @@ impl CustomOp2 for DetailFfn {
         let dy = dy.contiguous()?;
         let what = "detail FFN backward";
         // Read through the storage locks: no copies of x and p beyond these views.
-        let (dx, dp) = crate::cpu_float_tensors!(what; xv = x, pv = p, dv = dy => {
+        let (dx, dp) = densepred_core::cpu_float_tensors!(what; xv = x, pv = p, dv = dy => {
             let (dx, dp) = self.backward(xv, pv, dv);
             (
                 Tensor::from_vec(dx, x.shape(), x.device())?,
@@ -417,10 +423,10 @@ pub fn detail_ffn(
 ) -> Result<Tensor> {
     let (b, c, hd, co, k) = validate_ffn(x, fc1_w, fc1_b, dw_w, dw_b, fc2_w, fc2_b, hw)?;
     let params = [fc1_w, fc1_b, dw_w, dw_b, fc2_w, fc2_b];
-    if !fusable(&super::dispatch::DETAIL_FFN, x, &params) {
-        let h = super::bias::linear_bias(x, fc1_w, fc1_b)?;
-        let z = super::token_dwconv(&h, dw_w, dw_b, hw, super::LocalMode::ResidualGelu)?;
-        return super::bias::linear_bias(&z, fc2_w, fc2_b);
+    if !fusable(&DETAIL_FFN, x, &params) {
+        let h = densepred_core::ops::bias::linear_bias(x, fc1_w, fc1_b)?;
+        let z = densepred_core::ops::token_dwconv(&h, dw_w, dw_b, hw, densepred_core::ops::LocalMode::ResidualGelu)?;
+        return densepred_core::ops::bias::linear_bias(&z, fc2_w, fc2_b);
     }
     let dims = Dims {
         b,
@@ -436,11 +442,11 @@ pub fn detail_ffn(
 }
 
 /// Whether the FFN runs as one op: gradients tracked, our kernel for `x`
-/// ([`super::dispatch`]), one dtype throughout.
-fn fusable(op: &super::dispatch::Op, x: &Tensor, params: &[&Tensor]) -> bool {
+/// ([`densepred_core::ops::dispatch`]), one dtype throughout.
+fn fusable(op: &densepred_core::ops::dispatch::Op, x: &Tensor, params: &[&Tensor]) -> bool {
     let tracked = x.track_op() || params.iter().any(|t| t.track_op());
     tracked
-        && super::dispatch::select(op, x).is_ours()
+        && densepred_core::ops::dispatch::select(op, x).is_ours()
         && params.iter().all(|t| t.dtype() == x.dtype())
 }
 
@@ -469,7 +475,7 @@ fn run_fused(
 
 /// A pre-norm transformer block's FFN half with its residual connection:
 /// `x + detail_ffn(layer_norm(x, ln_w, ln_b, ln_eps), ...)` (see [`detail_ffn`] and
-/// [`super::layer_norm`] for the shapes; `ln_w`, `ln_b` `(C,)`, and `fc2` must map back to `C`).
+/// [`densepred_core::ops::layer_norm`] for the shapes; `ln_w`, `ln_b` `(C,)`, and `fc2` must map back to `C`).
 /// SMT's `Block` computes `x + mlp(norm2(x))` this way (AFeng-x/SMT `models/smt.py`).
 ///
 /// When gradients are tracked on the CPU (f32/f64) it is one op, so that neither the normalised
@@ -505,8 +511,8 @@ pub fn pre_norm_ffn_residual(
         );
     }
     let params = [fc1_w, fc1_b, dw_w, dw_b, fc2_w, fc2_b, ln_w, ln_b];
-    if !fusable(&super::dispatch::PRE_NORM_FFN_RESIDUAL, x, &params) {
-        let xn = super::layer_norm(x, ln_w, ln_b, ln_eps)?;
+    if !fusable(&PRE_NORM_FFN_RESIDUAL, x, &params) {
+        let xn = densepred_core::ops::layer_norm(x, ln_w, ln_b, ln_eps)?;
         return x + detail_ffn(&xn, fc1_w, fc1_b, dw_w, dw_b, fc2_w, fc2_b, hw)?;
     }
     let (b, c, hd, _, k) = validate_ffn(x, fc1_w, fc1_b, dw_w, dw_b, fc2_w, fc2_b, hw)?;
@@ -563,16 +569,16 @@ mod tests {
         // Weight the outputs so that each element's gradient differs.
         let wy = rand(&[b, h * w, co], 1.0, 8);
         let fused = detail_ffn(&x, p[0], p[1], p[2], p[3], p[4], p[5], (h, w)).unwrap();
-        let hh = super::super::bias::linear_bias(&x, p[0], p[1]).unwrap();
-        let z = super::super::token_dwconv(
+        let hh = densepred_core::ops::bias::linear_bias(&x, p[0], p[1]).unwrap();
+        let z = densepred_core::ops::token_dwconv(
             &hh,
             p[2],
             p[3],
             (h, w),
-            super::super::LocalMode::ResidualGelu,
+            densepred_core::ops::LocalMode::ResidualGelu,
         )
         .unwrap();
-        let composed = super::super::bias::linear_bias(&z, p[4], p[5]).unwrap();
+        let composed = densepred_core::ops::bias::linear_bias(&z, p[4], p[5]).unwrap();
         let diff = (&fused - &composed)
             .unwrap()
             .abs()
@@ -658,7 +664,7 @@ mod tests {
             (h, w),
         )
         .unwrap();
-        let xn = crate::ops::layer_norm(&x, &ln_w, p[7], eps).unwrap();
+        let xn = densepred_core::ops::layer_norm(&x, &ln_w, p[7], eps).unwrap();
         let composed = (x.as_tensor()
             + detail_ffn(&xn, p[0], p[1], p[2], p[3], p[4], p[5], (h, w)).unwrap())
         .unwrap();

@@ -14,6 +14,22 @@
 //!
 //! Parameter names are the official classification `state_dict` keys; [`map_checkpoint_key`]
 //! also accepts the detection/segmentation spelling (`attn.dw_conv`, `backbone.` prefix).
+//!
+//! SMT's fused training ops live beside the model ([`ffn`]: the detail-specific FFN and the
+//! pre-norm FFN block; [`mhmc`]: the multi-head mixed convolution), built on core's kernel layer
+//! (`densepred_core::kernel`) and public ops; [`FUSED_OPS`] lists them for the dispatch rule of
+//! `densepred_core::ops::dispatch`.
+
+pub mod ffn;
+pub mod mhmc;
+
+pub use ffn::{detail_ffn, pre_norm_ffn_residual, DETAIL_FFN, PRE_NORM_FFN_RESIDUAL};
+pub use mhmc::{multi_head_mixed_conv, MULTI_HEAD_MIXED_CONV};
+
+/// SMT's fused ops with their implementations (as `densepred_core::ops::dispatch::OPS` lists
+/// core's; `backbones/tests/smt_op_paths.rs` checks the list is complete and each fallback).
+pub const FUSED_OPS: &[densepred_core::ops::dispatch::Op] =
+    &[DETAIL_FFN, PRE_NORM_FFN_RESIDUAL, MULTI_HEAD_MIXED_CONV];
 
 use crate::Backbone;
 use candle_core::{Result, Tensor, D};
@@ -21,7 +37,7 @@ use candle_nn::{Init, VarBuilder};
 use densepred_core::flops;
 use densepred_core::nn::{gelu, BatchNorm2d, Conv2d, ConvCfg, DropPath, LayerNorm, Linear};
 use densepred_core::ops::{
-    detail_ffn, mul_scale_last, multi_head_mixed_conv, pre_norm_ffn_residual, token_attention,
+    mul_scale_last, token_attention,
     token_dwconv, transpose_last2, LocalMode,
 };
 use densepred_core::ShapeSpec;

@@ -12,10 +12,14 @@
 //! Same values as the composition (tested in f64); that composition is the path on devices other
 //! than the CPU.
 
-use super::dwconv::{axpy_row, axpy_row_adjoint, dot_row, DwConvParams, Geom};
+use densepred_core::ops::dwconv::{axpy_row, axpy_row_adjoint, dot_row, DwConvParams, Geom};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use num_traits::Float;
+use densepred_core::ops::dispatch::{Op, FLOAT};
 use rayon::prelude::*;
+
+/// [`multi_head_mixed_conv`]'s dispatch entry: our CPU kernel, a candle composition elsewhere.
+pub const MULTI_HEAD_MIXED_CONV: Op = Op::candle("multi_head_mixed_conv", FLOAT);
 
 /// Geometry of one MHMC: per-head kernel sizes and the packed parameter offsets.
 #[derive(Debug, Clone)]
@@ -79,7 +83,7 @@ impl Mhmc {
         let plane = self.h * self.w;
         let (offs, _) = self.offsets();
         let cg = self.cg();
-        let mut out = crate::kernel::zeroed(self.b * self.c * plane);
+        let mut out = densepred_core::kernel::zeroed(self.b * self.c * plane);
         out.par_chunks_mut(plane).enumerate().for_each(|(bo, op)| {
             let (bi, o) = (bo / self.c, bo % self.c);
             let (i, g) = self.source(o);
@@ -110,7 +114,7 @@ impl Mhmc {
         let (offs, _) = self.offsets();
         let cg = self.cg();
         let heads = self.heads();
-        let mut gx = crate::kernel::zeroed(self.b * self.c * plane);
+        let mut gx = densepred_core::kernel::zeroed(self.b * self.c * plane);
         gx.par_chunks_mut(plane).enumerate().for_each(|(bc, gi)| {
             let (bi, ch) = (bc / self.c, bc % self.c);
             let (i, g) = (ch / cg, ch % cg);
@@ -150,7 +154,7 @@ impl Mhmc {
                 for bi in 0..self.b {
                     let xin = &x[(bi * self.c + i * cg + g) * plane..][..plane];
                     let go = &gy[(bi * self.c + o) * plane..][..plane];
-                    gb = gb + crate::kernel::reduce::sum(go);
+                    gb = gb + densepred_core::kernel::reduce::sum(go);
                     for oy in 0..self.h {
                         let orow = &go[oy * self.w..(oy + 1) * self.w];
                         for ky in 0..k {
@@ -193,7 +197,7 @@ impl CustomOp2 for Mhmc {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.geoms()?;
-        let out = crate::cpu_float!("MHMC"; x = (s1, l1), p = (s2, l2) => self.forward(&g, x, p));
+        let out = densepred_core::cpu_float!("MHMC"; x = (s1, l1), p = (s2, l2) => self.forward(&g, x, p));
         Ok((out, l1.shape().clone()))
     }
 
@@ -245,10 +249,10 @@ impl CustomOp2 for MhmcGrad {
         let op = &self.op;
         let g = op.geoms()?;
         if self.input {
-            let out = crate::cpu_float!("MHMC backward"; gy = (s1, l1), p = (s2, l2) => op.grad_input(&g, gy, p));
+            let out = densepred_core::cpu_float!("MHMC backward"; gy = (s1, l1), p = (s2, l2) => op.grad_input(&g, gy, p));
             Ok((out, l1.shape().clone()))
         } else {
-            let out = crate::cpu_float!("MHMC backward"; x = (s1, l1), gy = (s2, l2) => op.grad_params(&g, x, gy));
+            let out = densepred_core::cpu_float!("MHMC backward"; x = (s1, l1), gy = (s2, l2) => op.grad_params(&g, x, gy));
             Ok((out, Shape::from(op.offsets().1)))
         }
     }
@@ -261,7 +265,7 @@ impl CustomOp2 for MhmcGrad {
 /// `s[i]`, `torch.cat(..., dim=2).reshape(B, C, H, W)`).
 ///
 /// On the CPU (f32/f64) one op; elsewhere composed of candle ops and
-/// [`super::depthwise_conv2d`].
+/// [`densepred_core::ops::depthwise_conv2d`].
 ///
 /// Errors: `heads = 0`, `C` not divisible by it, mismatched weight or bias shapes, an even
 /// kernel, a kernel larger than the padded map.
@@ -290,7 +294,7 @@ pub fn multi_head_mixed_conv(x: &Tensor, weights: &[Tensor], biases: &[Tensor]) 
     let op = Mhmc { b, c, h, w, ks };
     op.geoms()?;
     let same_dtype = weights.iter().chain(biases).all(|t| t.dtype() == x.dtype());
-    if super::dispatch::select(&super::dispatch::MULTI_HEAD_MIXED_CONV, x).is_ours() && same_dtype {
+    if densepred_core::ops::dispatch::select(&MULTI_HEAD_MIXED_CONV, x).is_ours() && same_dtype {
         let mut flat = Vec::with_capacity(2 * heads);
         for (wt, bs) in weights.iter().zip(biases) {
             flat.push(wt.flatten_all()?);
@@ -312,7 +316,7 @@ fn composed(x: &Tensor, weights: &[Tensor], biases: &[Tensor]) -> Result<Tensor>
         .enumerate()
         .map(|(i, (wt, bs))| {
             let k = wt.dim(2)?;
-            super::depthwise_conv2d(
+            densepred_core::ops::depthwise_conv2d(
                 &x.narrow(1, i * cg, cg)?,
                 wt,
                 Some(bs),
