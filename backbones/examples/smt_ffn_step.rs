@@ -8,8 +8,8 @@
 static G: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use densepred_core::nn::{LayerNorm, Linear};
 use densepred_backbones::smt::detail_ffn;
+use densepred_core::nn::{LayerNorm, Linear};
 use densepred_core::ops::*;
 use std::time::Instant;
 

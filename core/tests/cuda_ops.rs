@@ -31,27 +31,9 @@ fn gpu() -> Option<Device> {
 
 /// Max |a − b| / max(1, max |b|), both brought to the CPU.
 fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap();
-    let b = b
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap();
-    assert_eq!(a.dims(), b.dims());
-    let scale = b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-        .max(1.0);
-    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-    d.to_scalar::<f64>().unwrap() / scale
+    let cpu = |t: &Tensor| t.to_device(&Device::Cpu).unwrap();
+    let (a, b) = (cpu(a), cpu(b));
+    densepred_testutil::max_abs(&a, &b) / densepred_testutil::max_abs_value(&b).max(1.0)
 }
 
 #[test]
@@ -102,7 +84,7 @@ fn depthwise_conv_forward_and_backward_match_cpu() {
                     .unwrap()
                     .sin()
                     .unwrap();
-                let g = (&y * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+                let g = densepred_testutil::grads_of_dot(&y, &proj);
                 (
                     y.clone(),
                     g.get(&xv).unwrap().clone(),
@@ -157,7 +139,7 @@ fn roi_align_forward_and_backward_match_cpu() {
                     .unwrap()
                     .cos()
                     .unwrap();
-                let g = (&y * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+                let g = densepred_testutil::grads_of_dot(&y, &proj);
                 (y.clone(), g.get(&f).unwrap().clone())
             };
             let (yc, gc) = run(&Device::Cpu);

@@ -437,7 +437,7 @@ mod roi {
                     let e = max_rel(&out, &f[&format!("{key}_output")]);
                     assert!(e <= 2e-5, "{key} output {e}");
                     let up = &f[&format!("{key}_upstream_grad")];
-                    let g = (out * up).unwrap().sum_all().unwrap().backward().unwrap();
+                    let g = densepred_testutil::grads_of_dot(&out, &up);
                     let e = max_rel(g.get(&feat).unwrap(), &f[&format!("{key}_grad_features")]);
                     assert!(e <= 5e-5, "{key} grad {e}");
                 }
@@ -509,7 +509,7 @@ mod roi_fd {
         };
         let g: Vec<f32> = {
             let out = roi_align(&feat, rois, p).unwrap();
-            let gs = (out * r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gs = densepred_testutil::grads_of_dot(&out, &r);
             gs.get(&feat)
                 .unwrap()
                 .flatten_all()

@@ -71,7 +71,7 @@ fn resample_matches_pytorch() {
             .unwrap()
             .to_dtype(DType::F32)
             .unwrap();
-        let g = (&y * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = densepred_testutil::grads_of_dot(&y, &proj);
         let gx: Vec<f32> = g.get(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         let want_grad = vec_f64(&c["grad"]);
         assert_eq!(

@@ -58,3 +58,14 @@ pub fn max_abs_value(t: &Tensor) -> f64 {
         .and_then(|m| m.to_scalar::<f64>())
         .expect("a float tensor")
 }
+
+/// The gradients of `Σ y·r` with respect to every variable `y` depends on: the backward pass of
+/// a fixed random projection `r` of `y`, what the gradient checks of the tests run.
+///
+/// # Panics
+/// When the shapes differ or on candle errors (tests only).
+pub fn grads_of_dot(y: &Tensor, r: &Tensor) -> candle_core::backprop::GradStore {
+    (y * r)
+        .and_then(|p| p.sum_all()?.backward())
+        .expect("a differentiable product")
+}

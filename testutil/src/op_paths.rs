@@ -71,7 +71,10 @@ pub fn public_tensor_fns(dir: &str) -> Vec<(String, String)> {
 /// On an unlisted op, a listed name not found, or too few found.
 pub fn assert_listed(dir: &str, listed: &[Op], compositions: &[&str], min_found: usize) {
     let found = public_tensor_fns(dir);
-    assert!(found.len() >= min_found, "the scan of {dir} found only {found:?}");
+    assert!(
+        found.len() >= min_found,
+        "the scan of {dir} found only {found:?}"
+    );
     let names: Vec<&str> = listed.iter().map(|o| o.name).collect();
     let unlisted: Vec<_> = found
         .iter()

@@ -150,19 +150,9 @@ fn assert_same_weights(a: &Path, b: &Path) {
     let (a, b) = (load(a), load(b));
     assert_eq!(a.len(), b.len());
     assert!(a.len() > 100, "{} tensors", a.len());
-    let max_abs = |t: &candle_core::Tensor| {
-        t.abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    };
     for (k, ta) in &a {
-        let fa = ta.to_dtype(candle_core::DType::F64).unwrap();
-        let fb = b[k].to_dtype(candle_core::DType::F64).unwrap();
-        let diff = max_abs(&(&fa - &fb).unwrap());
-        let scale = max_abs(&fa).max(1.0);
+        let diff = densepred_testutil::max_abs(ta, &b[k]);
+        let scale = densepred_testutil::max_abs_value(ta).max(1.0);
         assert!(diff <= 1e-5 * scale, "{k}: max |Δ| {diff}");
     }
 }

@@ -8,10 +8,12 @@
 //! and the forward keeps exactly what the backward needs (`h`, the GELU input and output), as
 //! PyTorch's autograd saves them. Same values as the composed ops (tested in f64).
 
-use densepred_core::ops::dwconv_nhwc::{conv_row, grad_input, grad_weight_bias, taps_major, Act, Geo};
-use densepred_core::kernel::{gemm_into, KernelFloat, MatView};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
+use densepred_core::kernel::{gemm_into, KernelFloat, MatView};
 use densepred_core::ops::dispatch::{Op, FLOAT};
+use densepred_core::ops::dwconv_nhwc::{
+    conv_row, grad_input, grad_weight_bias, taps_major, Act, Geo,
+};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
@@ -190,7 +192,13 @@ impl DetailFfn {
         let g = d.geo();
         let rows = d.rows();
         let xn = d.ln.then(|| {
-            densepred_core::ops::layer_norm::ln_kernel(x, &p[o[6]..o[7]], &p[o[7]..o[8]], d.c, self.ln_eps)
+            densepred_core::ops::layer_norm::ln_kernel(
+                x,
+                &p[o[6]..o[7]],
+                &p[o[7]..o[8]],
+                d.c,
+                self.ln_eps,
+            )
         });
         let xin = xn.as_deref().unwrap_or(x);
         let h = linear(xin, &p[o[0]..o[1]], &p[o[1]..o[2]], rows, d.c, d.hd);
@@ -303,8 +311,13 @@ impl DetailFfn {
         drop(dh);
         if d.ln {
             // Through the LayerNorm (recomputing its row statistics from x).
-            let (dxl, dg, db) =
-                densepred_core::ops::layer_norm::ln_backward(x, &p[o[6]..o[7]], &dx, d.c, self.ln_eps);
+            let (dxl, dg, db) = densepred_core::ops::layer_norm::ln_backward(
+                x,
+                &p[o[6]..o[7]],
+                &dx,
+                d.c,
+                self.ln_eps,
+            );
             dp[o[6]..o[7]].copy_from_slice(&dg);
             dp[o[7]..o[8]].copy_from_slice(&db);
             dx = dxl;
@@ -330,7 +343,8 @@ impl CustomOp2 for DetailFfn {
     ) -> Result<(CpuStorage, Shape)> {
         let d = self.dims;
         let what = "detail FFN";
-        let out = densepred_core::cpu_float!(what; x = (s1, l1), p = (s2, l2) => self.forward(x, p));
+        let out =
+            densepred_core::cpu_float!(what; x = (s1, l1), p = (s2, l2) => self.forward(x, p));
         Ok((out, Shape::from((d.b, d.hgt * d.wid, d.co))))
     }
 
@@ -425,7 +439,13 @@ pub fn detail_ffn(
     let params = [fc1_w, fc1_b, dw_w, dw_b, fc2_w, fc2_b];
     if !fusable(&DETAIL_FFN, x, &params) {
         let h = densepred_core::ops::bias::linear_bias(x, fc1_w, fc1_b)?;
-        let z = densepred_core::ops::token_dwconv(&h, dw_w, dw_b, hw, densepred_core::ops::LocalMode::ResidualGelu)?;
+        let z = densepred_core::ops::token_dwconv(
+            &h,
+            dw_w,
+            dw_b,
+            hw,
+            densepred_core::ops::LocalMode::ResidualGelu,
+        )?;
         return densepred_core::ops::bias::linear_bias(&z, fc2_w, fc2_b);
     }
     let dims = Dims {
@@ -589,39 +609,16 @@ mod tests {
             diff.to_scalar::<f64>().unwrap() < 1e-10,
             "forward differs by {diff}"
         );
-        let gf = (&fused * &wy)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gc = (&composed * &wy)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let gf = densepred_testutil::grads_of_dot(&fused, &wy);
+        let gc = densepred_testutil::grads_of_dot(&composed, &wy);
         let mut all = vec![x.as_tensor()];
         all.extend(p.iter().copied());
         for (i, t) in all.iter().enumerate() {
             let a = gf.get(t).expect("fused gradient");
             let e = gc.get(t).expect("composed gradient");
-            let scale = e
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+            let scale = densepred_testutil::max_abs_value(&e);
             assert!(scale > 1e-3, "tensor {i}: degenerate gradient");
-            let d = (a - e)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+            let d = densepred_testutil::max_abs(&a, &e);
             assert!(d < 1e-10, "tensor {i}: gradient differs by {d}");
         }
     }
@@ -668,18 +665,11 @@ mod tests {
         let composed = (x.as_tensor()
             + detail_ffn(&xn, p[0], p[1], p[2], p[3], p[4], p[5], (h, w)).unwrap())
         .unwrap();
-        let max_abs = |t: Tensor| {
-            t.abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        };
+        let max_abs = |t: Tensor| densepred_testutil::max_abs_value(&t);
         let d = max_abs((&fused - &composed).unwrap());
         assert!(d < 1e-10, "forward differs by {d}");
         let wy = rand(&[b, h * w, c], 1.0, 20);
-        let loss = |y: &Tensor| (y * &wy).unwrap().sum_all().unwrap().backward().unwrap();
+        let loss = |y: &Tensor| densepred_testutil::grads_of_dot(&y, &wy);
         let (gf, gc) = (loss(&fused), loss(&composed));
         let mut all = vec![x.as_tensor()];
         all.extend(p.iter().copied());

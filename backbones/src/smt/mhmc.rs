@@ -12,10 +12,10 @@
 //! Same values as the composition (tested in f64); that composition is the path on devices other
 //! than the CPU.
 
-use densepred_core::ops::dwconv::{axpy_row, axpy_row_adjoint, dot_row, DwConvParams, Geom};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
-use num_traits::Float;
 use densepred_core::ops::dispatch::{Op, FLOAT};
+use densepred_core::ops::dwconv::{axpy_row, axpy_row_adjoint, dot_row, DwConvParams, Geom};
+use num_traits::Float;
 use rayon::prelude::*;
 
 /// [`multi_head_mixed_conv`]'s dispatch entry: our CPU kernel, a candle composition elsewhere.
@@ -377,40 +377,17 @@ mod tests {
             d.to_scalar::<f64>().unwrap() < 1e-11,
             "forward differs by {d}"
         );
-        let g1 = (&ours * &weight)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g2 = (&reference * &weight)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g1 = densepred_testutil::grads_of_dot(&ours, &weight);
+        let g2 = densepred_testutil::grads_of_dot(&reference, &weight);
         let mut all = vec![x.as_tensor().clone()];
         all.extend(wt.iter().cloned());
         all.extend(bt.iter().cloned());
         for (i, t) in all.iter().enumerate() {
             let a = g1.get(t).expect("gradient of the op");
             let e = g2.get(t).expect("gradient of the composition");
-            let scale = e
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+            let scale = densepred_testutil::max_abs_value(&e);
             assert!(scale > 1e-3, "tensor {i}: degenerate gradient");
-            let d = (a - e)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+            let d = densepred_testutil::max_abs(&a, &e);
             assert!(d < 1e-11, "tensor {i}: gradient differs by {d}");
         }
     }

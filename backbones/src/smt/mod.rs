@@ -37,8 +37,7 @@ use candle_nn::{Init, VarBuilder};
 use densepred_core::flops;
 use densepred_core::nn::{gelu, BatchNorm2d, Conv2d, ConvCfg, DropPath, LayerNorm, Linear};
 use densepred_core::ops::{
-    mul_scale_last, token_attention,
-    token_dwconv, transpose_last2, LocalMode,
+    mul_scale_last, token_attention, token_dwconv, transpose_last2, LocalMode,
 };
 use densepred_core::ShapeSpec;
 use serde::{Deserialize, Serialize};

@@ -9,9 +9,7 @@
 //! `dL/dx = α_t·[(p − t)(1 − p_t)^γ − γ·ce·(1 − p_t)^(γ−1)·(2t − 1)·p(1 − p)]`.
 
 use super::{weight_reduce_loss, Reduction};
-use candle_core::{
-    CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 

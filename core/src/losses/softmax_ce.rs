@@ -7,9 +7,7 @@
 //! 512x512 with 150 classes and batch 2 each is 315 MB. This op keeps none in the forward and
 //! writes one (the gradient) in the backward.
 
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 use std::sync::Arc;

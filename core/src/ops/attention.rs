@@ -455,30 +455,11 @@ mod tests {
         let ours = scaled_dot_product_attention(&q, &k, &v, scale).unwrap();
         // The fallback of other devices is the reference.
         let refr = composed(&q, &k, &v, scale).unwrap();
-        let err = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        };
+        let err = |a: &Tensor, b: &Tensor| densepred_testutil::max_abs(&a, &b);
         assert!(err(&ours, &refr) < 1e-10);
         let proj = randn(ours.dims(), 4);
-        let go = (&ours * &proj)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gr = (&refr * &proj)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let go = densepred_testutil::grads_of_dot(&ours, &proj);
+        let gr = densepred_testutil::grads_of_dot(&refr, &proj);
         for t in [&q, &k, &v] {
             assert!(
                 err(go.get(t).unwrap(), gr.get(t).unwrap()) < 1e-10,
@@ -497,41 +478,14 @@ mod tests {
         let kv = Var::from_tensor(&randn(&[b, m, 2 * heads * d], 12)).unwrap();
         let ours = token_attention(&q, &kv, heads, 0.7).unwrap();
         let refr = token_attention_composed(&q, &kv, heads, 0.7).unwrap();
-        let err = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        };
+        let err = |a: &Tensor, b: &Tensor| densepred_testutil::max_abs(&a, &b);
         assert!(err(&ours, &refr) < 1e-10);
         let proj = randn(ours.dims(), 13);
-        let go = (&ours * &proj)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gr = (&refr * &proj)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let go = densepred_testutil::grads_of_dot(&ours, &proj);
+        let gr = densepred_testutil::grads_of_dot(&refr, &proj);
         for t in [&q, &kv] {
             let e = gr.get(t).unwrap();
-            assert!(
-                e.abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap()
-                    > 1e-3
-            );
+            assert!(densepred_testutil::max_abs_value(&e) > 1e-3);
             assert!(err(go.get(t).unwrap(), e) < 1e-10, "{:?}", t.dims());
         }
         assert!(token_attention(&q, &q, heads, 1.0).is_err());

@@ -609,16 +609,7 @@ mod tests {
             .unwrap()
             .transpose(0, 1)
             .unwrap();
-        let err = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        };
+        let err = |a: &Tensor, b: &Tensor| densepred_testutil::max_abs(&a, &b);
         assert!(err(&y, &r) < 1e-10);
         let mv: Vec<f64> = m.flatten_all().unwrap().to_vec1().unwrap();
         let vv: Vec<f64> = v.flatten_all().unwrap().to_vec1().unwrap();
@@ -626,8 +617,8 @@ mod tests {
             assert!((mean[i] - mv[i]).abs() < 1e-12 && (var[i] - vv[i]).abs() < 1e-12);
         }
         let proj = randn(y.dims(), 4);
-        let go = (&y * &proj).unwrap().sum_all().unwrap().backward().unwrap();
-        let gr = (&r * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+        let go = densepred_testutil::grads_of_dot(&y, &proj);
+        let gr = densepred_testutil::grads_of_dot(&r, &proj);
         for t in [&x, &w, &b] {
             assert!(
                 err(go.get(t).unwrap(), gr.get(t).unwrap()) < 1e-10,
@@ -656,8 +647,8 @@ mod tests {
             assert!((a - q).abs() < 1e-12);
         }
         let proj = randn(y.dims(), 14);
-        let go = (&y * &proj).unwrap().sum_all().unwrap().backward().unwrap();
-        let gr = (&r * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+        let go = densepred_testutil::grads_of_dot(&y, &proj);
+        let gr = densepred_testutil::grads_of_dot(&r, &proj);
         for t in [&x, &w, &b] {
             let d = (go.get(t).unwrap() - gr.get(t).unwrap())
                 .unwrap()
@@ -699,13 +690,7 @@ mod tests {
         let (y32, m32, v32, g32) = run(DType::F32);
         let (y64, m64, v64, g64) = run(DType::F64);
         let rel = |a: &Tensor, b: &Tensor| {
-            let scale = b
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+            let scale = densepred_testutil::max_abs_value(&b);
             let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
             d.to_scalar::<f64>().unwrap() / scale.max(1e-30)
         };
@@ -736,33 +721,14 @@ mod tests {
             let b = Var::from_tensor(&randn(&[4], 13)).unwrap();
             let (y1, m1, v1, _) = batch_norm_train_synced(&x, &w, &b, 1e-5, relu, None).unwrap();
             let (y2, m2, v2) = composed(&x, &w, &b, 1e-5, relu).unwrap();
-            let err = |a: &Tensor, b: &Tensor| {
-                (a - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap()
-            };
+            let err = |a: &Tensor, b: &Tensor| densepred_testutil::max_abs(&a, &b);
             assert!(err(&y1, &y2) < 1e-10);
             for (a, b) in m1.iter().zip(&m2).chain(v1.iter().zip(&v2)) {
                 assert!((a - b).abs() < 1e-10);
             }
             let proj = randn(&[3, 4, 5, 2], 14);
-            let g1 = (&y1 * &proj)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g2 = (&y2 * &proj)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let g1 = densepred_testutil::grads_of_dot(&y1, &proj);
+            let g2 = densepred_testutil::grads_of_dot(&y2, &proj);
             for t in [&x, &w, &b] {
                 let e = err(g1.get(t).unwrap(), g2.get(t).unwrap());
                 assert!(e < 1e-10, "relu {relu}, {:?}: {e}", t.dims());

@@ -491,20 +491,11 @@ mod linear_tests {
             .unwrap()
             .broadcast_add(&b)
             .unwrap();
-        let err = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        };
+        let err = |a: &Tensor, b: &Tensor| densepred_testutil::max_abs(&a, &b);
         assert!(err(&y, &r) < 1e-10);
         let proj = Tensor::randn(0f64, 1.0, (7, 3), &dev).unwrap();
-        let gy = (&y * &proj).unwrap().sum_all().unwrap().backward().unwrap();
-        let gr = (&r * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+        let gy = densepred_testutil::grads_of_dot(&y, &proj);
+        let gr = densepred_testutil::grads_of_dot(&r, &proj);
         for t in [&x, &w, &b] {
             assert!(
                 err(gy.get(t).unwrap(), gr.get(t).unwrap()) < 1e-10,
@@ -520,12 +511,7 @@ mod linear_tests {
         let y2 = linear_bias(&x3.reshape((8, 5)).unwrap(), &w, &b).unwrap();
         assert!(err(&y3.reshape((8, 3)).unwrap(), &y2) < 1e-12);
         let proj3 = Tensor::randn(0f64, 1.0, (2, 4, 3), &dev).unwrap();
-        let g3 = (&y3 * &proj3)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g3 = densepred_testutil::grads_of_dot(&y3, &proj3);
         let g2 = (&y2 * &proj3.reshape((8, 3)).unwrap())
             .unwrap()
             .sum_all()
@@ -548,16 +534,7 @@ mod linear_tests {
         let wt = Var::from_tensor(&Tensor::randn(0f64, 1.0, (cout, cin / g, 1, 1), &dev).unwrap())
             .unwrap();
         let bias = Var::from_tensor(&Tensor::randn(0f64, 1.0, cout, &dev).unwrap()).unwrap();
-        let err = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        };
+        let err = |a: &Tensor, b: &Tensor| densepred_testutil::max_abs(&a, &b);
         for with_bias in [true, false] {
             let wg = wt.reshape((g, cout / g, cin / g)).unwrap();
             let x3 = x.reshape((b, cin, h * w)).unwrap();
@@ -573,8 +550,8 @@ mod linear_tests {
             }
             assert!(err(&y, &r) < 1e-10);
             let proj = Tensor::randn(0f64, 1.0, (b, cout, h, w), &dev).unwrap();
-            let gy = (&y * &proj).unwrap().sum_all().unwrap().backward().unwrap();
-            let gr = (&r * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+            let gy = densepred_testutil::grads_of_dot(&y, &proj);
+            let gr = densepred_testutil::grads_of_dot(&r, &proj);
             for t in [&x, &wt] {
                 assert!(
                     err(gy.get(t).unwrap(), gr.get(t).unwrap()) < 1e-10,

@@ -213,14 +213,7 @@ pub fn axpy_row_adjoint<T: Float>(
 
 /// `sum_ox out_row[ox] * in_row[ox*sw + off]` over the valid columns.
 #[inline]
-pub fn dot_row<T: Float>(
-    out: &[T],
-    inp: &[T],
-    ox0: usize,
-    ox1: usize,
-    off: isize,
-    sw: usize,
-) -> T {
+pub fn dot_row<T: Float>(out: &[T], inp: &[T], ox0: usize, ox1: usize, off: isize, sw: usize) -> T {
     let mut acc = T::zero();
     if ox0 >= ox1 {
         return acc;

@@ -186,12 +186,7 @@ fn backward<T: Act>(
 
 /// `dx` of `z = [x +] DW(x) + b` given `dz` (`(B, H·W, C)`) and tap-major weights `wt` `(k·k, C)`:
 /// `dx[y', x'] = [dz[y', x'] +] Σ_taps w · dz[y' − ky + p, x' − kx + p]`, a gather per row.
-pub fn grad_input<T: Float + Send + Sync>(
-    g: &Geo,
-    dz: &[T],
-    wt: &[T],
-    residual: bool,
-) -> Vec<T> {
+pub fn grad_input<T: Float + Send + Sync>(g: &Geo, dz: &[T], wt: &[T], residual: bool) -> Vec<T> {
     let (c, k) = (g.c, g.k);
     let p = k / 2;
     let row = g.w * c;
@@ -229,11 +224,7 @@ pub fn grad_input<T: Float + Send + Sync>(
 
 /// Weight `(C, 1, k, k)` and bias `(C,)` gradients of `z = DW(x) + b` given `dz`: per-thread
 /// tap-major accumulators over row chunks, reduced. Returns `(dw (C·k·k), db (C))`.
-pub fn grad_weight_bias<T: Float + Send + Sync>(
-    g: &Geo,
-    x: &[T],
-    dz: &[T],
-) -> (Vec<T>, Vec<T>) {
+pub fn grad_weight_bias<T: Float + Send + Sync>(g: &Geo, x: &[T], dz: &[T]) -> (Vec<T>, Vec<T>) {
     let (c, k) = (g.c, g.k);
     let p = k / 2;
     let row = g.w * c;

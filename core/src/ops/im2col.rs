@@ -936,18 +936,8 @@ mod tests {
             let diff = (&ours - &refr).unwrap().abs().unwrap().max_all().unwrap();
             assert!(diff.to_scalar::<f64>().unwrap() < 1e-10);
             let proj = randn(ours.dims(), 3);
-            let go = (&ours * &proj)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gr = (&refr * &proj)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let go = densepred_testutil::grads_of_dot(&ours, &proj);
+            let gr = densepred_testutil::grads_of_dot(&refr, &proj);
             for v in [&x, &wt] {
                 let a = go.get(v).unwrap();
                 let r = gr.get(v).unwrap();
@@ -1002,14 +992,7 @@ mod tests {
             (&whole.1, &split.1),
             (&whole.2, &split.2),
         ] {
-            let d = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+            let d = densepred_testutil::max_abs(&a, &b);
             assert!(d < 1e-12, "max diff {d}");
         }
     }
@@ -1037,30 +1020,12 @@ mod tests {
             let diff = (&ours - &refr).unwrap().abs().unwrap().max_all().unwrap();
             assert!(diff.to_scalar::<f64>().unwrap() < 1e-12);
             let proj = randn(ours.dims(), 4);
-            let go = (&ours * &proj)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gr = (&refr * &proj)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let go = densepred_testutil::grads_of_dot(&ours, &proj);
+            let gr = densepred_testutil::grads_of_dot(&refr, &proj);
             for v in xs.iter().chain([&w]) {
                 let a = go.get(v).unwrap();
                 let r = gr.get(v).unwrap();
-                assert!(
-                    r.abs()
-                        .unwrap()
-                        .max_all()
-                        .unwrap()
-                        .to_scalar::<f64>()
-                        .unwrap()
-                        > 1e-3
-                );
+                assert!(densepred_testutil::max_abs_value(&r) > 1e-3);
                 let e = (a - r).unwrap().abs().unwrap().max_all().unwrap();
                 assert!(
                     e.to_scalar::<f64>().unwrap() < 1e-12,
@@ -1103,30 +1068,12 @@ mod tests {
             let diff = (&ours - &refr).unwrap().abs().unwrap().max_all().unwrap();
             assert!(diff.to_scalar::<f64>().unwrap() < 1e-12);
             let proj = randn(ours.dims(), 6);
-            let go = (&ours * &proj)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gr = (&refr * &proj)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let go = densepred_testutil::grads_of_dot(&ours, &proj);
+            let gr = densepred_testutil::grads_of_dot(&refr, &proj);
             for v in xs.iter().chain([&w]) {
                 let a = go.get(v).unwrap();
                 let r = gr.get(v).unwrap();
-                assert!(
-                    r.abs()
-                        .unwrap()
-                        .max_all()
-                        .unwrap()
-                        .to_scalar::<f64>()
-                        .unwrap()
-                        > 1e-3
-                );
+                assert!(densepred_testutil::max_abs_value(&r) > 1e-3);
                 let e = (a - r).unwrap().abs().unwrap().max_all().unwrap();
                 assert!(
                     e.to_scalar::<f64>().unwrap() < 1e-12,

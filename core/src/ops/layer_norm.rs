@@ -475,7 +475,7 @@ mod channel_tests {
             let proj = values(&shape, seed + 30);
             let run = |f: &dyn Fn(&Tensor, &Tensor, &Tensor, f64) -> Result<Tensor>| {
                 let y = f(x.as_tensor(), g.as_tensor(), b.as_tensor(), 1e-6).unwrap();
-                let gr = (&y * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+                let gr = densepred_testutil::grads_of_dot(&y, &proj);
                 let grads: Vec<Tensor> = [&x, &g, &b]
                     .iter()
                     .map(|v| gr.get(v.as_tensor()).unwrap().clone())
