@@ -450,18 +450,7 @@ fn fused_dense_cross_entropy_matches_composed() {
             avg_non_ignore,
         )
         .unwrap();
-        let (a, b) = (
-            fused.to_scalar::<f64>().unwrap(),
-            composed.to_scalar::<f64>().unwrap(),
-        );
-        assert!((a - b).abs() < 1e-12, "loss {a} vs {b}");
-        let ga = fused.backward().unwrap().get(&x).unwrap().clone();
-        let gb = composed.backward().unwrap().get(&x).unwrap().clone();
-        assert!(
-            max_abs(&ga, &gb) < 1e-12,
-            "gradient differs by {}",
-            max_abs(&ga, &gb)
-        );
+        assert_same_loss_and_grad(&fused, &composed, &x);
     }
     // Out-of-range labels are reported with their position.
     let bad = Tensor::from_vec(vec![9i64; n * h * w], (n, h, w), &Device::Cpu).unwrap();
@@ -478,6 +467,21 @@ fn fused_dense_cross_entropy_matches_composed() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("label 9 at element 0"), "{e}");
+}
+
+/// Two scalar f64 losses of `x` agree in value and in their gradient with respect to `x`, which
+/// is not zero (1e-12: the same arithmetic in another order).
+fn assert_same_loss_and_grad(a: &Tensor, b: &Tensor, x: &Var) {
+    let (va, vb) = (a.to_scalar::<f64>().unwrap(), b.to_scalar::<f64>().unwrap());
+    assert!((va - vb).abs() < 1e-12, "loss {va} vs {vb}");
+    let ga = a.backward().unwrap().get(x).unwrap().clone();
+    let gb = b.backward().unwrap().get(x).unwrap().clone();
+    let d = max_abs(&ga, &gb);
+    assert!(d < 1e-12, "gradient differs by {d}");
+    assert!(
+        densepred_testutil::max_abs_value(&ga) > 1e-3,
+        "zero gradient"
+    );
 }
 
 /// `cross_entropy_resized` (the resize to the label size fused into the loss, resized logits not
@@ -530,15 +534,6 @@ fn resized_cross_entropy_matches_resize_then_cross_entropy() {
             avg_non_ignore,
         )
         .unwrap();
-        let (a, b) = (
-            fused.to_scalar::<f64>().unwrap(),
-            reference.to_scalar::<f64>().unwrap(),
-        );
-        assert!((a - b).abs() < 1e-12, "loss {a} vs {b}");
-        let ga = fused.backward().unwrap().get(&x).unwrap().clone();
-        let gb = reference.backward().unwrap().get(&x).unwrap().clone();
-        let d = max_abs(&ga, &gb);
-        assert!(d < 1e-12, "gradient differs by {d}");
-        assert!(max_abs(&ga, &ga.zeros_like().unwrap()) > 1e-3);
+        assert_same_loss_and_grad(&fused, &reference, &x);
     }
 }

@@ -69,3 +69,43 @@ pub fn grads_of_dot(y: &Tensor, r: &Tensor) -> candle_core::backprop::GradStore 
         .and_then(|p| p.sum_all()?.backward())
         .expect("a differentiable product")
 }
+
+/// Asserts that `ours` equals `reference` within `tol` (largest absolute difference) and that
+/// the gradients of `Σ y·r` (`r` a fixed random projection drawn with `seed`) with respect to
+/// each tensor of `wrt` agree within `tol` too, the reference gradients not all zero (so the
+/// backward is exercised). The check of a fused op against its composition.
+///
+/// # Panics
+/// On a difference above `tol` (naming the output or the input's shape), a missing or zero
+/// gradient.
+pub fn assert_same_values_and_grads(
+    ours: &Tensor,
+    reference: &Tensor,
+    wrt: &[&Tensor],
+    seed: u64,
+    tol: f64,
+) {
+    let d = max_abs(ours, reference);
+    assert!(d <= tol, "values differ by {d:e} > {tol:e}");
+    let r = randn(ours.dims(), seed, ours.dtype());
+    let (go, gr) = (grads_of_dot(ours, &r), grads_of_dot(reference, &r));
+    for (i, t) in wrt.iter().enumerate() {
+        let a = go
+            .get(t)
+            .unwrap_or_else(|| panic!("input {i}: no gradient (ours)"));
+        let e = gr
+            .get(t)
+            .unwrap_or_else(|| panic!("input {i}: no gradient (reference)"));
+        assert!(
+            max_abs_value(e) > 0.0,
+            "input {i} {:?}: zero gradient",
+            t.dims()
+        );
+        let d = max_abs(a, e);
+        assert!(
+            d <= tol,
+            "input {i} {:?}: gradients differ by {d:e} > {tol:e}",
+            t.dims()
+        );
+    }
+}

@@ -586,8 +586,6 @@ mod tests {
         .map(|(s, std, seed)| Var::from_tensor(&rand(&s, std, seed)).unwrap())
         .collect();
         let p: Vec<&Tensor> = ps.iter().map(|v| v.as_tensor()).collect();
-        // Weight the outputs so that each element's gradient differs.
-        let wy = rand(&[b, h * w, co], 1.0, 8);
         let fused = detail_ffn(&x, p[0], p[1], p[2], p[3], p[4], p[5], (h, w)).unwrap();
         let hh = densepred_core::ops::bias::linear_bias(&x, p[0], p[1]).unwrap();
         let z = densepred_core::ops::token_dwconv(
@@ -599,28 +597,9 @@ mod tests {
         )
         .unwrap();
         let composed = densepred_core::ops::bias::linear_bias(&z, p[4], p[5]).unwrap();
-        let diff = (&fused - &composed)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
-        assert!(
-            diff.to_scalar::<f64>().unwrap() < 1e-10,
-            "forward differs by {diff}"
-        );
-        let gf = densepred_testutil::grads_of_dot(&fused, &wy);
-        let gc = densepred_testutil::grads_of_dot(&composed, &wy);
         let mut all = vec![x.as_tensor()];
         all.extend(p.iter().copied());
-        for (i, t) in all.iter().enumerate() {
-            let a = gf.get(t).expect("fused gradient");
-            let e = gc.get(t).expect("composed gradient");
-            let scale = densepred_testutil::max_abs_value(&e);
-            assert!(scale > 1e-3, "tensor {i}: degenerate gradient");
-            let d = densepred_testutil::max_abs(&a, &e);
-            assert!(d < 1e-10, "tensor {i}: gradient differs by {d}");
-        }
+        densepred_testutil::assert_same_values_and_grads(&fused, &composed, &all, 8, 1e-10);
     }
 
     /// The fused pre-norm block `x + FFN(LN(x))` against the LayerNorm op, the fused FFN and a
@@ -665,20 +644,9 @@ mod tests {
         let composed = (x.as_tensor()
             + detail_ffn(&xn, p[0], p[1], p[2], p[3], p[4], p[5], (h, w)).unwrap())
         .unwrap();
-        let max_abs = |t: Tensor| densepred_testutil::max_abs_value(&t);
-        let d = max_abs((&fused - &composed).unwrap());
-        assert!(d < 1e-10, "forward differs by {d}");
-        let wy = rand(&[b, h * w, c], 1.0, 20);
-        let loss = |y: &Tensor| densepred_testutil::grads_of_dot(&y, &wy);
-        let (gf, gc) = (loss(&fused), loss(&composed));
         let mut all = vec![x.as_tensor()];
         all.extend(p.iter().copied());
-        for (i, t) in all.iter().enumerate() {
-            let e = gc.get(t).expect("composed gradient");
-            assert!(max_abs(e.clone()) > 1e-3, "tensor {i}: degenerate gradient");
-            let d = max_abs((gf.get(t).expect("fused gradient") - e).unwrap());
-            assert!(d < 1e-10, "tensor {i}: gradient differs by {d}");
-        }
+        densepred_testutil::assert_same_values_and_grads(&fused, &composed, &all, 20, 1e-10);
     }
 
     /// Without tracked inputs the composed path runs; the fused one gives the same f32 values

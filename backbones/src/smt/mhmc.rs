@@ -364,32 +364,13 @@ mod tests {
             .collect();
         let wt: Vec<Tensor> = ws.iter().map(|v| v.as_tensor().clone()).collect();
         let bt: Vec<Tensor> = bs.iter().map(|v| v.as_tensor().clone()).collect();
-        let weight = fill(&[b, c, h, w], 1.0, 30);
         let ours = multi_head_mixed_conv(&x, &wt, &bt).unwrap();
         let reference = composed(&x, &wt, &bt).unwrap();
-        let d = (&ours - &reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
-        assert!(
-            d.to_scalar::<f64>().unwrap() < 1e-11,
-            "forward differs by {d}"
-        );
-        let g1 = densepred_testutil::grads_of_dot(&ours, &weight);
-        let g2 = densepred_testutil::grads_of_dot(&reference, &weight);
         let mut all = vec![x.as_tensor().clone()];
         all.extend(wt.iter().cloned());
         all.extend(bt.iter().cloned());
-        for (i, t) in all.iter().enumerate() {
-            let a = g1.get(t).expect("gradient of the op");
-            let e = g2.get(t).expect("gradient of the composition");
-            let scale = densepred_testutil::max_abs_value(&e);
-            assert!(scale > 1e-3, "tensor {i}: degenerate gradient");
-            let d = densepred_testutil::max_abs(&a, &e);
-            assert!(d < 1e-11, "tensor {i}: gradient differs by {d}");
-        }
+        let all: Vec<&Tensor> = all.iter().collect();
+        densepred_testutil::assert_same_values_and_grads(&ours, &reference, &all, 30, 1e-11);
     }
 
     #[test]

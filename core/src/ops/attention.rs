@@ -455,18 +455,7 @@ mod tests {
         let ours = scaled_dot_product_attention(&q, &k, &v, scale).unwrap();
         // The fallback of other devices is the reference.
         let refr = composed(&q, &k, &v, scale).unwrap();
-        let err = |a: &Tensor, b: &Tensor| densepred_testutil::max_abs(&a, &b);
-        assert!(err(&ours, &refr) < 1e-10);
-        let proj = randn(ours.dims(), 4);
-        let go = densepred_testutil::grads_of_dot(&ours, &proj);
-        let gr = densepred_testutil::grads_of_dot(&refr, &proj);
-        for t in [&q, &k, &v] {
-            assert!(
-                err(go.get(t).unwrap(), gr.get(t).unwrap()) < 1e-10,
-                "{:?}",
-                t.dims()
-            );
-        }
+        densepred_testutil::assert_same_values_and_grads(&ours, &refr, &[&q, &k, &v], 4, 1e-10);
     }
 
     /// The token op against the head split + [`Sdpa`] composition, in f64 (values and the
@@ -478,16 +467,7 @@ mod tests {
         let kv = Var::from_tensor(&randn(&[b, m, 2 * heads * d], 12)).unwrap();
         let ours = token_attention(&q, &kv, heads, 0.7).unwrap();
         let refr = token_attention_composed(&q, &kv, heads, 0.7).unwrap();
-        let err = |a: &Tensor, b: &Tensor| densepred_testutil::max_abs(&a, &b);
-        assert!(err(&ours, &refr) < 1e-10);
-        let proj = randn(ours.dims(), 13);
-        let go = densepred_testutil::grads_of_dot(&ours, &proj);
-        let gr = densepred_testutil::grads_of_dot(&refr, &proj);
-        for t in [&q, &kv] {
-            let e = gr.get(t).unwrap();
-            assert!(densepred_testutil::max_abs_value(&e) > 1e-3);
-            assert!(err(go.get(t).unwrap(), e) < 1e-10, "{:?}", t.dims());
-        }
+        densepred_testutil::assert_same_values_and_grads(&ours, &refr, &[&q, &kv], 13, 1e-10);
         assert!(token_attention(&q, &q, heads, 1.0).is_err());
     }
 

@@ -616,16 +616,7 @@ mod tests {
         for i in 0..4 {
             assert!((mean[i] - mv[i]).abs() < 1e-12 && (var[i] - vv[i]).abs() < 1e-12);
         }
-        let proj = randn(y.dims(), 4);
-        let go = densepred_testutil::grads_of_dot(&y, &proj);
-        let gr = densepred_testutil::grads_of_dot(&r, &proj);
-        for t in [&x, &w, &b] {
-            assert!(
-                err(go.get(t).unwrap(), gr.get(t).unwrap()) < 1e-10,
-                "{:?}",
-                t.dims()
-            );
-        }
+        densepred_testutil::assert_same_values_and_grads(&y, &r, &[&x, &w, &b], 4, 1e-10);
     }
 
     /// The fused BN + ReLU equals `relu(batch_norm_train(..))` in value and in every gradient
@@ -640,26 +631,9 @@ mod tests {
         let r = r.relu().unwrap();
         assert_eq!((mean, var), (mean_r, var_r));
         let yv: Vec<f64> = y.flatten_all().unwrap().to_vec1().unwrap();
-        let rv: Vec<f64> = r.flatten_all().unwrap().to_vec1().unwrap();
         let zeros = yv.iter().filter(|v| **v == 0.0).count();
         assert!(zeros > yv.len() / 4 && zeros < yv.len() * 3 / 4, "{zeros}");
-        for (a, q) in yv.iter().zip(&rv) {
-            assert!((a - q).abs() < 1e-12);
-        }
-        let proj = randn(y.dims(), 14);
-        let go = densepred_testutil::grads_of_dot(&y, &proj);
-        let gr = densepred_testutil::grads_of_dot(&r, &proj);
-        for t in [&x, &w, &b] {
-            let d = (go.get(t).unwrap() - gr.get(t).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
-            assert!(d < 1e-12, "{:?}: {d}", t.dims());
-        }
+        densepred_testutil::assert_same_values_and_grads(&y, &r, &[&x, &w, &b], 14, 1e-12);
     }
 
     /// The f32 kernels (plane sums in f32 lanes, added in f64) agree with the f64 ones on
@@ -726,13 +700,7 @@ mod tests {
             for (a, b) in m1.iter().zip(&m2).chain(v1.iter().zip(&v2)) {
                 assert!((a - b).abs() < 1e-10);
             }
-            let proj = randn(&[3, 4, 5, 2], 14);
-            let g1 = densepred_testutil::grads_of_dot(&y1, &proj);
-            let g2 = densepred_testutil::grads_of_dot(&y2, &proj);
-            for t in [&x, &w, &b] {
-                let e = err(g1.get(t).unwrap(), g2.get(t).unwrap());
-                assert!(e < 1e-10, "relu {relu}, {:?}: {e}", t.dims());
-            }
+            densepred_testutil::assert_same_values_and_grads(&y1, &y2, &[&x, &w, &b], 14, 1e-10);
         }
     }
 }

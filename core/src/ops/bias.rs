@@ -492,17 +492,7 @@ mod linear_tests {
             .broadcast_add(&b)
             .unwrap();
         let err = |a: &Tensor, b: &Tensor| densepred_testutil::max_abs(&a, &b);
-        assert!(err(&y, &r) < 1e-10);
-        let proj = Tensor::randn(0f64, 1.0, (7, 3), &dev).unwrap();
-        let gy = densepred_testutil::grads_of_dot(&y, &proj);
-        let gr = densepred_testutil::grads_of_dot(&r, &proj);
-        for t in [&x, &w, &b] {
-            assert!(
-                err(gy.get(t).unwrap(), gr.get(t).unwrap()) < 1e-10,
-                "{:?}",
-                t.dims()
-            );
-        }
+        densepred_testutil::assert_same_values_and_grads(&y, &r, &[&x, &w, &b], 7, 1e-10);
         assert!(linear_bias(&x, &w.t().unwrap(), &b).is_err());
         // Leading dimensions are rows: (2, 4, 5) gives what the (8, 5) rows give.
         let x3 = Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 4, 5), &dev).unwrap()).unwrap();
@@ -534,7 +524,6 @@ mod linear_tests {
         let wt = Var::from_tensor(&Tensor::randn(0f64, 1.0, (cout, cin / g, 1, 1), &dev).unwrap())
             .unwrap();
         let bias = Var::from_tensor(&Tensor::randn(0f64, 1.0, cout, &dev).unwrap()).unwrap();
-        let err = |a: &Tensor, b: &Tensor| densepred_testutil::max_abs(&a, &b);
         for with_bias in [true, false] {
             let wg = wt.reshape((g, cout / g, cin / g)).unwrap();
             let x3 = x.reshape((b, cin, h * w)).unwrap();
@@ -548,20 +537,12 @@ mod linear_tests {
                     .broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap())
                     .unwrap();
             }
-            assert!(err(&y, &r) < 1e-10);
-            let proj = Tensor::randn(0f64, 1.0, (b, cout, h, w), &dev).unwrap();
-            let gy = densepred_testutil::grads_of_dot(&y, &proj);
-            let gr = densepred_testutil::grads_of_dot(&r, &proj);
-            for t in [&x, &wt] {
-                assert!(
-                    err(gy.get(t).unwrap(), gr.get(t).unwrap()) < 1e-10,
-                    "{:?}",
-                    t.dims()
-                );
-            }
-            if with_bias {
-                assert!(err(gy.get(&bias).unwrap(), gr.get(&bias).unwrap()) < 1e-10);
-            }
+            let wrt: Vec<&Tensor> = if with_bias {
+                vec![&x, &wt, &bias]
+            } else {
+                vec![&x, &wt]
+            };
+            densepred_testutil::assert_same_values_and_grads(&y, &r, &wrt, 8, 1e-10);
         }
     }
 }

@@ -130,6 +130,14 @@ impl Geom {
         })
     }
 
+    /// Errors unless an output gradient of shape `gy` matches the output `(B, C, OH, OW)`.
+    fn check_grad(&self, gy: &Shape, what: &str) -> Result<()> {
+        if gy.dims() != [self.b, self.c, self.oh, self.ow] {
+            candle_core::bail!("{what}: gradient shape {gy:?} does not match the output");
+        }
+        Ok(())
+    }
+
     /// Input row read by output row `oy` at kernel row `ky`, if inside the image.
     #[inline]
     pub fn in_row(&self, oy: usize, ky: usize) -> Option<usize> {
@@ -406,13 +414,7 @@ impl CustomOp2 for DwConv2dGradInput {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geom::new(&self.x_shape, l2.shape(), self.p)?;
-        if l1.shape().dims() != [g.b, g.c, g.oh, g.ow] {
-            candle_core::bail!(
-                "{}: gradient shape {:?} does not match the output",
-                self.name(),
-                l1.shape()
-            );
-        }
+        g.check_grad(l1.shape(), self.name())?;
         let out = crate::cpu_float!(self.name(); gy = (s1, l1), w = (s2, l2) => grad_input_kernel(&g, gy, w));
         Ok((out, self.x_shape.clone()))
     }
@@ -427,13 +429,7 @@ impl CustomOp2 for DwConv2dGradInput {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use super::cuda::{grid_1d, launch_binary, Init};
         let g = Geom::new(&self.x_shape, l2.shape(), self.p)?;
-        if l1.shape().dims() != [g.b, g.c, g.oh, g.ow] {
-            candle_core::bail!(
-                "{}: gradient shape {:?} does not match the output",
-                self.name(),
-                l1.shape()
-            );
-        }
+        g.check_grad(l1.shape(), self.name())?;
         let n = g.b * g.c * g.h * g.w;
         let out = launch_binary(
             "dwconv_grad_input",
@@ -468,13 +464,7 @@ impl CustomOp2 for DwConv2dGradWeight {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geom::new(l1.shape(), &self.w_shape, self.p)?;
-        if l2.shape().dims() != [g.b, g.c, g.oh, g.ow] {
-            candle_core::bail!(
-                "{}: gradient shape {:?} does not match the output",
-                self.name(),
-                l2.shape()
-            );
-        }
+        g.check_grad(l2.shape(), self.name())?;
         let out = crate::cpu_float!(self.name(); x = (s1, l1), gy = (s2, l2) => grad_weight_kernel(&g, x, gy));
         Ok((out, self.w_shape.clone()))
     }
@@ -489,13 +479,7 @@ impl CustomOp2 for DwConv2dGradWeight {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use super::cuda::{launch_binary, Init, THREADS};
         let g = Geom::new(l1.shape(), &self.w_shape, self.p)?;
-        if l2.shape().dims() != [g.b, g.c, g.oh, g.ow] {
-            candle_core::bail!(
-                "{}: gradient shape {:?} does not match the output",
-                self.name(),
-                l2.shape()
-            );
-        }
+        g.check_grad(l2.shape(), self.name())?;
         // One block of THREADS (= DW_REDUCE_THREADS in densepred.cu) per kernel tap.
         let taps = g.c * g.kh * g.kw;
         let cfg = candle_core::cuda_backend::cudarc::driver::LaunchConfig {

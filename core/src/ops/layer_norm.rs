@@ -115,8 +115,14 @@ fn normalize(x: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
 /// Errors: `weight`/`bias` whose length differs from `C`, mixed dtypes.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     if super::dispatch::select(&super::dispatch::LAYER_NORM, x).is_ours() {
-        x.contiguous()?
-            .apply_op3(weight, bias, LayerNormOp::<LastDim>::new(eps))
+        x.contiguous()?.apply_op3(
+            weight,
+            bias,
+            LayerNormOp {
+                eps,
+                axis: NormAxis::Last,
+            },
+        )
     } else {
         let (xh, _) = normalize(x, eps)?;
         xh.broadcast_mul(weight)?.broadcast_add(bias)
@@ -134,8 +140,14 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 pub fn layer_norm_channels(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     x.dims4()?;
     if super::dispatch::select(&super::dispatch::LAYER_NORM_CHANNELS, x).is_ours() {
-        x.contiguous()?
-            .apply_op3(weight, bias, LayerNormOp::<Channels>::new(eps))
+        x.contiguous()?.apply_op3(
+            weight,
+            bias,
+            LayerNormOp {
+                eps,
+                axis: NormAxis::Channels,
+            },
+        )
     } else {
         layer_norm_channels_permuted(x, weight, bias, eps)
     }
@@ -285,109 +297,76 @@ fn lnc_backward<T: Float + Send + Sync>(
     (dx, dg, db)
 }
 
-/// Where a LayerNorm takes its statistics, with its CPU kernels: over the last dimension
-/// ([`LastDim`]) or over the channels of an NCHW map ([`Channels`]). One [`LayerNormOp`] serves
-/// both.
-trait NormLayout: Send + Sync + 'static {
+/// Where a LayerNorm takes its statistics, with its CPU kernels: over the last dimension or
+/// over the channels of an NCHW map. One [`LayerNormOp`] serves both.
+#[derive(Debug, Clone, Copy)]
+enum NormAxis {
+    /// Statistics over the last dimension.
+    Last,
+    /// Statistics over the channels of `(B, C, H, W)`.
+    Channels,
+}
+
+impl NormAxis {
     /// The op's name.
-    const NAME: &'static str;
+    fn name(self) -> &'static str {
+        match self {
+            NormAxis::Last => "layer-norm-last-dim",
+            NormAxis::Channels => "layer-norm-channels",
+        }
+    }
+
     /// The kernels' dimensions of an input shape, `(outer, normalised, inner)`.
-    fn dims(shape: &Shape) -> Result<(usize, usize, usize)>;
+    fn dims(self, shape: &Shape) -> Result<(usize, usize, usize)> {
+        match self {
+            NormAxis::Last => {
+                let dim = shape.dims().last().copied().unwrap_or(0);
+                Ok((shape.elem_count() / dim.max(1), dim, 1))
+            }
+            NormAxis::Channels => {
+                let (b, c, h, w) = shape.dims4()?;
+                Ok((b, c, h * w))
+            }
+        }
+    }
+
     /// Forward kernel: `(x, gamma, beta)` → `y`.
     fn forward<T: Float + Send + Sync>(
-        x: &[T],
-        g: &[T],
-        b: &[T],
+        self,
+        (x, g, b): (&[T], &[T], &[T]),
         dims: (usize, usize, usize),
         eps: f64,
-    ) -> Vec<T>;
+    ) -> Vec<T> {
+        match self {
+            NormAxis::Last => ln_kernel(x, g, b, dims.1, eps),
+            NormAxis::Channels => lnc_forward(x, g, b, dims, eps),
+        }
+    }
+
     /// Backward kernel: `(x, gamma, dy)` → `(dx, dgamma, dbeta)`.
     fn backward<T: Float + Send + Sync>(
-        x: &[T],
-        g: &[T],
-        dy: &[T],
-        dims: (usize, usize, usize),
-        eps: f64,
-    ) -> (Vec<T>, Vec<T>, Vec<T>);
-}
-
-/// Statistics over the last dimension.
-struct LastDim;
-
-impl NormLayout for LastDim {
-    const NAME: &'static str = "layer-norm-last-dim";
-    fn dims(shape: &Shape) -> Result<(usize, usize, usize)> {
-        let dim = shape.dims().last().copied().unwrap_or(0);
-        Ok((shape.elem_count() / dim.max(1), dim, 1))
-    }
-    fn forward<T: Float + Send + Sync>(
-        x: &[T],
-        g: &[T],
-        b: &[T],
-        dims: (usize, usize, usize),
-        eps: f64,
-    ) -> Vec<T> {
-        ln_kernel(x, g, b, dims.1, eps)
-    }
-    fn backward<T: Float + Send + Sync>(
-        x: &[T],
-        g: &[T],
-        dy: &[T],
+        self,
+        (x, g, dy): (&[T], &[T], &[T]),
         dims: (usize, usize, usize),
         eps: f64,
     ) -> (Vec<T>, Vec<T>, Vec<T>) {
-        ln_backward(x, g, dy, dims.1, eps)
-    }
-}
-
-/// Statistics over the channels of `(B, C, H, W)`.
-struct Channels;
-
-impl NormLayout for Channels {
-    const NAME: &'static str = "layer-norm-channels";
-    fn dims(shape: &Shape) -> Result<(usize, usize, usize)> {
-        let (b, c, h, w) = shape.dims4()?;
-        Ok((b, c, h * w))
-    }
-    fn forward<T: Float + Send + Sync>(
-        x: &[T],
-        g: &[T],
-        b: &[T],
-        dims: (usize, usize, usize),
-        eps: f64,
-    ) -> Vec<T> {
-        lnc_forward(x, g, b, dims, eps)
-    }
-    fn backward<T: Float + Send + Sync>(
-        x: &[T],
-        g: &[T],
-        dy: &[T],
-        dims: (usize, usize, usize),
-        eps: f64,
-    ) -> (Vec<T>, Vec<T>, Vec<T>) {
-        lnc_backward(x, g, dy, dims, eps)
-    }
-}
-
-/// The LayerNorm custom op of a [`NormLayout`]: `(x, gamma, beta)` → `y`, f32 or f64 on CPU,
-/// with the closed-form backward of the module doc.
-struct LayerNormOp<L> {
-    eps: f64,
-    layout: std::marker::PhantomData<L>,
-}
-
-impl<L> LayerNormOp<L> {
-    fn new(eps: f64) -> Self {
-        Self {
-            eps,
-            layout: std::marker::PhantomData,
+        match self {
+            NormAxis::Last => ln_backward(x, g, dy, dims.1, eps),
+            NormAxis::Channels => lnc_backward(x, g, dy, dims, eps),
         }
     }
 }
 
-impl<L: NormLayout> CustomOp3 for LayerNormOp<L> {
+/// The LayerNorm custom op over a [`NormAxis`]: `(x, gamma, beta)` → `y`, f32 or f64 on CPU,
+/// with the closed-form backward of the module doc.
+struct LayerNormOp {
+    eps: f64,
+    axis: NormAxis,
+}
+
+impl CustomOp3 for LayerNormOp {
     fn name(&self) -> &'static str {
-        L::NAME
+        self.axis.name()
     }
 
     fn cpu_fwd(
@@ -399,18 +378,19 @@ impl<L: NormLayout> CustomOp3 for LayerNormOp<L> {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let dims = L::dims(l1.shape())?;
+        let (axis, what) = (self.axis, self.axis.name());
+        let dims = axis.dims(l1.shape())?;
         if l2.shape().elem_count() != dims.1 || l3.shape().elem_count() != dims.1 || dims.1 == 0 {
             candle_core::bail!(
                 "{}: weight {:?} / bias {:?} must have the normalised size of x {:?}",
-                L::NAME,
+                what,
                 l2.shape(),
                 l3.shape(),
                 l1.shape()
             );
         }
-        let out = crate::cpu_float!(L::NAME; x = (s1, l1), g = (s2, l2), b = (s3, l3) =>
-            L::forward(x, g, b, dims, self.eps));
+        let out = crate::cpu_float!(what; x = (s1, l1), g = (s2, l2), b = (s3, l3) =>
+            axis.forward((x, g, b), dims, self.eps));
         Ok((out, l1.shape().clone()))
     }
 
@@ -423,12 +403,13 @@ impl<L: NormLayout> CustomOp3 for LayerNormOp<L> {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
-        let dims = L::dims(x.shape())?;
+        let (axis, what) = (self.axis, self.axis.name());
+        let dims = axis.dims(x.shape())?;
         // Read through the storage locks (no copies); the results are new tensors with no graph
         // of their own.
         let (dev, xsh, gsh) = (x.device(), x.shape(), gamma.shape());
-        let (dx, dg, db) = crate::cpu_float_tensors!(L::NAME; xv = x, gv = gamma, dv = dy => {
-            let (dx, dg, db) = L::backward(xv, gv, dv, dims, self.eps);
+        let (dx, dg, db) = crate::cpu_float_tensors!(what; xv = x, gv = gamma, dv = dy => {
+            let (dx, dg, db) = axis.backward((xv, gv, dv), dims, self.eps);
             (
                 Tensor::from_vec(dx, xsh, dev)?,
                 Tensor::from_vec(dg, gsh, dev)?,
