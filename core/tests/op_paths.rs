@@ -33,8 +33,8 @@ const COMPOSITIONS: &[&str] = &[
     "depthwise_conv2d_reference",
     // `layer_norm` between two permutes.
     "layer_norm_channels_permuted",
-    // Built on `nms`.
-    "batched_nms",
+    // Built on `batched_nms` (`nms`: one class for all boxes).
+    "nms",
     "filter_nms",
     // `index_select` with reversed indices.
     "flip_last_dim",

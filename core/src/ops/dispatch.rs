@@ -110,8 +110,8 @@ pub const CONV2D_GEMM_CAT: Op = Op::candle("conv2d_gemm_cat", FLOAT);
 pub const CONV2D_GEMM_CAT_RESIZED: Op = Op::candle("conv2d_gemm_cat_resized", FLOAT);
 pub const LAYER_NORM: Op = Op::candle("layer_norm", FLOAT);
 pub const LAYER_NORM_CHANNELS: Op = Op::candle("layer_norm_channels", FLOAT);
-pub const NMS: Op = Op {
-    name: "nms",
+pub const BATCHED_NMS: Op = Op {
+    name: "batched_nms",
     dtypes: FLOAT,
     cuda_kernel: true,
     fallback: Fallback::Host,
@@ -156,7 +156,7 @@ pub const OPS: &[Op] = &[
     CONV2D_GEMM_CAT_RESIZED,
     LAYER_NORM,
     LAYER_NORM_CHANNELS,
-    NMS,
+    BATCHED_NMS,
     PASTE_MASKS,
     RESIZE_BILINEAR,
     ADD_RESIZED,
@@ -217,7 +217,7 @@ mod tests {
         let h = Tensor::zeros(4, DType::F16, &Device::Cpu).unwrap();
         assert_eq!(select(&LAYER_NORM, &x), Impl::Cpu);
         assert_eq!(select(&LAYER_NORM, &h), Impl::Candle);
-        assert_eq!(select(&NMS, &h), Impl::Host);
+        assert_eq!(select(&BATCHED_NMS, &h), Impl::Host);
         with_fallback(|| {
             assert_eq!(select(&LAYER_NORM, &x), Impl::Candle);
             assert_eq!(select(&ROI_ALIGN, &x), Impl::Host);

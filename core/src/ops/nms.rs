@@ -10,8 +10,7 @@
 //!   coordinate-offset trick produces).
 
 use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result,
-    Shape, Tensor,
+    backend::BackendStorage, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor,
 };
 use rayon::prelude::*;
 
@@ -30,7 +29,7 @@ fn score_order(scores: &[f32]) -> Vec<usize> {
     order
 }
 
-fn kernel(boxes: &[f32], scores: &[f32], classes: Option<&[i64]>, thr: f32) -> Vec<i64> {
+fn kernel(boxes: &[f32], scores: &[f32], classes: &[i64], thr: f32) -> Vec<i64> {
     let n = scores.len();
     let order = score_order(scores);
     let area: Vec<f32> = (0..n)
@@ -44,7 +43,7 @@ fn kernel(boxes: &[f32], scores: &[f32], classes: Option<&[i64]>, thr: f32) -> V
         let inter = (xx2 - xx1).max(0.0) * (yy2 - yy1).max(0.0);
         inter / (area[i] + area[j] - inter)
     };
-    let same_class = |i: usize, j: usize| classes.is_none_or(|c| c[i] == c[j]);
+    let same_class = |i: usize, j: usize| classes[i] == classes[j];
     let mut suppressed = vec![false; n];
     let mut keep = Vec::new();
     for (oi, &i) in order.iter().enumerate() {
@@ -87,7 +86,7 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]>
 fn cuda_nms(
     boxes: (&candle_core::CudaStorage, &Layout),
     scores: (&candle_core::CudaStorage, &Layout),
-    classes: Option<(&candle_core::CudaStorage, &Layout)>,
+    classes: (&candle_core::CudaStorage, &Layout),
     thr: f32,
 ) -> Result<(candle_core::CudaStorage, Shape)> {
     use super::cuda::{to_device, to_host, view};
@@ -95,17 +94,17 @@ fn cuda_nms(
     let dev = boxes.0.device().clone();
     let b = to_host(&dev, &view::<f32>(boxes.0, boxes.1, "nms: boxes")?)?;
     let s = to_host(&dev, &view::<f32>(scores.0, scores.1, "nms: scores")?)?;
-    let c = match classes {
-        Some((st, l)) => Some(to_host(&dev, &view::<i64>(st, l, "batched_nms: idxs")?)?),
-        None => None,
-    };
+    let c = to_host(
+        &dev,
+        &view::<i64>(classes.0, classes.1, "batched_nms: idxs")?,
+    )?;
     let order = score_order(&s);
     let sorted_boxes: Vec<f32> = order
         .iter()
         .flat_map(|&i| b[4 * i..4 * i + 4].iter().copied())
         .collect();
-    let sorted_classes: Option<Vec<i64>> = c.map(|c| order.iter().map(|&i| c[i]).collect());
-    let mask = super::cuda::nms_mask(&dev, &sorted_boxes, sorted_classes.as_deref(), thr)?;
+    let sorted_classes: Vec<i64> = order.iter().map(|&i| c[i]).collect();
+    let mask = super::cuda::nms_mask(&dev, &sorted_boxes, Some(&sorted_classes), thr)?;
     let words = order.len().div_ceil(64);
     let mut removed = vec![0u64; words];
     let mut keep: Vec<i64> = Vec::new();
@@ -125,44 +124,6 @@ fn cuda_nms(
         to_device(&dev, &keep)?
     };
     Ok((i64::wrap_cuda_slice(out, dev), Shape::from(k)))
-}
-
-struct Nms {
-    thr: f32,
-}
-
-impl CustomOp2 for Nms {
-    fn name(&self) -> &'static str {
-        "nms"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let keep = kernel(
-            f32_slice(s1, l1, "boxes")?,
-            f32_slice(s2, l2, "scores")?,
-            None,
-            self.thr,
-        );
-        let k = keep.len();
-        Ok((CpuStorage::I64(keep), Shape::from(k)))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda_nms((s1, l1), (s2, l2), None, self.thr)
-    }
 }
 
 struct BatchedNms {
@@ -190,7 +151,7 @@ impl CustomOp3 for BatchedNms {
         let keep = kernel(
             f32_slice(s1, l1, "boxes")?,
             f32_slice(s2, l2, "scores")?,
-            Some(classes),
+            classes,
             self.thr,
         );
         let k = keep.len();
@@ -207,7 +168,7 @@ impl CustomOp3 for BatchedNms {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda_nms((s1, l1), (s2, l2), Some((s3, l3)), self.thr)
+        cuda_nms((s1, l1), (s2, l2), (s3, l3), self.thr)
     }
 }
 
@@ -220,7 +181,7 @@ fn check(boxes: &Tensor, scores: &Tensor) -> Result<(Tensor, Tensor)> {
         );
     }
     // Our CUDA kernel runs on CUDA inputs' device; everything else goes to the CPU.
-    let dev = match super::dispatch::select(&super::dispatch::NMS, boxes) {
+    let dev = match super::dispatch::select(&super::dispatch::BATCHED_NMS, boxes) {
         super::dispatch::Impl::Cuda => boxes.device().clone(),
         _ => Device::Cpu,
     };
@@ -235,9 +196,8 @@ fn check(boxes: &Tensor, scores: &Tensor) -> Result<(Tensor, Tensor)> {
 ///
 /// Errors: shape mismatch between `boxes` and `scores`.
 pub fn nms(boxes: &Tensor, scores: &Tensor, iou_threshold: f32) -> Result<Tensor> {
-    let (b, s) = check(boxes, scores)?;
-    b.apply_op2_no_bwd(&s, &Nms { thr: iou_threshold })?
-        .to_device(boxes.device())
+    let one_class = Tensor::zeros(scores.dims1()?, DType::I64, scores.device())?;
+    batched_nms(boxes, scores, &one_class, iou_threshold)
 }
 
 /// Per-class NMS: as [`nms`], but boxes only suppress boxes of the same `idxs` `(N,)` (any integer

@@ -66,8 +66,7 @@ pub struct AtssHeadConfig {
 /// The built ATSSHead.
 pub struct AtssHead {
     pub(super) cfg: AtssHeadConfig,
-    cls_convs: Vec<ConvModule>,
-    reg_convs: Vec<ConvModule>,
+    towers: ConvTowers,
     atss_cls: Conv2d,
     atss_reg: Conv2d,
     atss_centerness: Conv2d,
@@ -118,32 +117,14 @@ impl AtssHead {
         }
         let gen = cfg.anchor_generator.generator();
         let num_anchors = gen.num_base_priors()?;
-        let mut cls_convs = Vec::new();
-        let mut reg_convs = Vec::new();
-        for i in 0..cfg.stacked_convs {
-            let cin = if i == 0 {
-                cfg.in_channels
-            } else {
-                cfg.feat_channels
-            };
-            cls_convs.push(ConvModule::new(
-                vb.pp("cls_convs").pp(i),
-                cin,
-                cfg.feat_channels,
-                cfg.norm_cfg.as_ref(),
-            )?);
-            reg_convs.push(ConvModule::new(
-                vb.pp("reg_convs").pp(i),
-                cin,
-                cfg.feat_channels,
-                cfg.norm_cfg.as_ref(),
-            )?);
-        }
-        let last = if cfg.stacked_convs == 0 {
-            cfg.in_channels
-        } else {
-            cfg.feat_channels
-        };
+        let towers = ConvTowers::new(
+            &vb,
+            cfg.stacked_convs,
+            cfg.in_channels,
+            cfg.feat_channels,
+            cfg.norm_cfg.as_ref(),
+        )?;
+        let last = towers.out_channels;
         let atss_cls = pred_conv(
             vb.pp("atss_cls"),
             last,
@@ -161,8 +142,7 @@ impl AtssHead {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             cfg: cfg.clone(),
-            cls_convs,
-            reg_convs,
+            towers,
             atss_cls,
             atss_reg,
             atss_centerness,
@@ -195,14 +175,7 @@ impl AtssHead {
         }
         let (mut cls_scores, mut bbox_preds, mut ctrs) = (Vec::new(), Vec::new(), Vec::new());
         for (l, x) in feats.iter().enumerate() {
-            let mut c = x.clone();
-            for m in &self.cls_convs {
-                c = m.forward(&c)?;
-            }
-            let mut r = x.clone();
-            for m in &self.reg_convs {
-                r = m.forward(&r)?;
-            }
+            let (c, r) = self.towers.forward(x)?;
             cls_scores.push(self.atss_cls.forward(&c)?);
             bbox_preds.push(self.atss_reg.forward(&r)?.broadcast_mul(&self.scales[l])?);
             ctrs.push(self.atss_centerness.forward(&r)?);

@@ -282,6 +282,70 @@ pub struct DenseTrainConfig {
     pub sampler: Option<PseudoSamplerConfig>,
 }
 
+/// The two stacked conv towers of mmdetection's anchor heads (`cls_convs.{i}`, `reg_convs.{i}`:
+/// `stacked_convs` [`ConvModule`]s each, `in_channels → feat_channels → …`), run on every FPN
+/// level before the prediction convs.
+pub struct ConvTowers {
+    cls: Vec<ConvModule>,
+    reg: Vec<ConvModule>,
+    /// Channels of the towers' outputs (`in_channels` when there are no convs).
+    pub out_channels: usize,
+}
+
+impl ConvTowers {
+    /// Builds both towers under `vb`.
+    ///
+    /// Errors: as [`ConvModule::new`].
+    pub fn new(
+        vb: &VarBuilder,
+        stacked_convs: usize,
+        in_channels: usize,
+        feat_channels: usize,
+        norm: Option<&NormConfig>,
+    ) -> Result<Self> {
+        let (mut cls, mut reg) = (Vec::new(), Vec::new());
+        for i in 0..stacked_convs {
+            let cin = if i == 0 { in_channels } else { feat_channels };
+            cls.push(ConvModule::new(
+                vb.pp("cls_convs").pp(i),
+                cin,
+                feat_channels,
+                norm,
+            )?);
+            reg.push(ConvModule::new(
+                vb.pp("reg_convs").pp(i),
+                cin,
+                feat_channels,
+                norm,
+            )?);
+        }
+        let out_channels = if stacked_convs == 0 {
+            in_channels
+        } else {
+            feat_channels
+        };
+        Ok(Self {
+            cls,
+            reg,
+            out_channels,
+        })
+    }
+
+    /// One level `x` `(B, in_channels, H, W)` through both towers: the classification and the
+    /// regression features, each `(B, out_channels, H, W)`.
+    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let mut c = x.clone();
+        for m in &self.cls {
+            c = m.forward(&c)?;
+        }
+        let mut r = x.clone();
+        for m in &self.reg {
+            r = m.forward(&r)?;
+        }
+        Ok((c, r))
+    }
+}
+
 /// `ConvModule(conv 3x3 [+ GN] + ReLU)` of mmcv, with its names (`conv.*`, `gn.*`). The conv has
 /// no bias when a norm follows (mmcv's `bias="auto"`).
 pub struct ConvModule {

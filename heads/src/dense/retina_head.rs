@@ -63,8 +63,7 @@ pub type LevelLosses = Vec<(String, Vec<Tensor>)>;
 /// The built RetinaHead.
 pub struct RetinaHead {
     pub(super) cfg: RetinaHeadConfig,
-    cls_convs: Vec<ConvModule>,
-    reg_convs: Vec<ConvModule>,
+    towers: ConvTowers,
     retina_cls: Conv2d,
     retina_reg: Conv2d,
     num_anchors: usize,
@@ -84,32 +83,14 @@ impl RetinaHead {
             candle_core::bail!("RetinaHead: GIoULoss needs reg_decoded_bbox = true");
         }
         let num_anchors = cfg.anchor_generator.generator().num_base_priors()?;
-        let mut cls_convs = Vec::new();
-        let mut reg_convs = Vec::new();
-        for i in 0..cfg.stacked_convs {
-            let cin = if i == 0 {
-                cfg.in_channels
-            } else {
-                cfg.feat_channels
-            };
-            cls_convs.push(ConvModule::new(
-                vb.pp("cls_convs").pp(i),
-                cin,
-                cfg.feat_channels,
-                cfg.norm_cfg.as_ref(),
-            )?);
-            reg_convs.push(ConvModule::new(
-                vb.pp("reg_convs").pp(i),
-                cin,
-                cfg.feat_channels,
-                cfg.norm_cfg.as_ref(),
-            )?);
-        }
-        let last = if cfg.stacked_convs == 0 {
-            cfg.in_channels
-        } else {
-            cfg.feat_channels
-        };
+        let towers = ConvTowers::new(
+            &vb,
+            cfg.stacked_convs,
+            cfg.in_channels,
+            cfg.feat_channels,
+            cfg.norm_cfg.as_ref(),
+        )?;
+        let last = towers.out_channels;
         let retina_cls = pred_conv(
             vb.pp("retina_cls"),
             last,
@@ -119,8 +100,7 @@ impl RetinaHead {
         let retina_reg = pred_conv(vb.pp("retina_reg"), last, num_anchors * 4, 0.0)?;
         Ok(Self {
             cfg: cfg.clone(),
-            cls_convs,
-            reg_convs,
+            towers,
             retina_cls,
             retina_reg,
             num_anchors,
@@ -143,14 +123,7 @@ impl RetinaHead {
         let mut cls_scores = Vec::with_capacity(feats.len());
         let mut bbox_preds = Vec::with_capacity(feats.len());
         for x in feats {
-            let mut c = x.clone();
-            for m in &self.cls_convs {
-                c = m.forward(&c)?;
-            }
-            let mut r = x.clone();
-            for m in &self.reg_convs {
-                r = m.forward(&r)?;
-            }
+            let (c, r) = self.towers.forward(x)?;
             cls_scores.push(self.retina_cls.forward(&c)?);
             bbox_preds.push(self.retina_reg.forward(&r)?);
         }

@@ -5,7 +5,6 @@
 use crate::visualize::{draw_detections, save_png, write_seg_prediction};
 use anyhow::{Context, Result};
 use clap::Parser;
-use densepred_engine::runner::RunConfig;
 use densepred_engine::tester::{test_checkpoint, SegTestOptions, TestRun, TestRunOptions};
 use std::path::PathBuf;
 
@@ -42,31 +41,18 @@ pub struct Args {
     /// Load the checkpoint strictly (`--strict false`: load what matches and warn about the rest).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub strict: bool,
-    /// Override a config key (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub overrides: Vec<String>,
-    /// No progress bar.
-    #[arg(long)]
-    pub no_progress: bool,
-    /// `none` (one process) or `mpi` (every rank of `mpirun -np N` / `srun --mpi=pmix` tests
-    /// its shard of the split; rank 0 gathers the results, evaluates, prints and writes).
-    /// `mpi` needs a build with `--features mpi`.
-    #[arg(long, default_value = "none")]
-    pub launcher: densepred_engine::dist::Launcher,
-    /// `cpu`, `cuda` or `cuda:N` (CUDA needs a binary built with `--features cuda`); default:
-    /// the config's `device` key, else `cpu`.
-    #[arg(long)]
-    pub device: Option<String>,
+    #[command(flatten)]
+    pub run: super::RunArgs,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    super::as_rank(a.launcher, |dist| run_rank(a, dist))
+    super::as_rank(a.run.launcher, |dist| run_rank(a, dist))
 }
 
 fn run_rank(a: Args, dist: std::sync::Arc<densepred_engine::dist::Dist>) -> Result<()> {
-    let (cfg, _) = RunConfig::load(&a.config, &a.overrides)?;
+    let (cfg, _) = a.run.load(&a.config)?;
     let (dl, _) = cfg.test_split()?;
-    let dev = densepred_engine::device::resolve_device(a.device.as_deref(), &cfg)?;
+    let dev = a.run.device(&cfg)?;
     let is_segmentor = cfg.model.segmentor().is_some();
     if is_segmentor && (a.out.is_some() || a.show_dir.is_some()) {
         anyhow::bail!("--out and --show-dir are for detectors; segmentors use --out-dir");
@@ -82,7 +68,7 @@ fn run_rank(a: Args, dist: std::sync::Arc<densepred_engine::dist::Dist>) -> Resu
             aug_test: a.aug_test,
             aug_ratios: None,
             keep_predictions: a.out_dir.is_some(),
-            show_progress: !a.no_progress,
+            show_progress: !a.run.no_progress,
         },
         dist: Some(dist.clone()),
     };

@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use densepred_engine::runner::{work_dir_for, RunConfig};
+use densepred_engine::runner::work_dir_for;
 use densepred_engine::trainer::{train, TrainOptions};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,29 +23,16 @@ pub struct Args {
     /// official SMT ImageNet `.pth`).
     #[arg(long)]
     pub load_from: Option<PathBuf>,
-    /// Override a config key: `--set train_cfg.max_iters=20` (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub overrides: Vec<String>,
-    /// No progress bar.
-    #[arg(long)]
-    pub no_progress: bool,
-    /// `none` (one process) or `mpi` (every rank of `mpirun -np N` / `srun --mpi=pmix` trains on
-    /// its shard of the data; gradients are averaged over the ranks; rank 0 writes the work dir).
-    /// `mpi` needs a build with `--features mpi`.
-    #[arg(long, default_value = "none")]
-    pub launcher: densepred_engine::dist::Launcher,
-    /// `cpu`, `cuda` or `cuda:N` (CUDA needs a binary built with `--features cuda`); default:
-    /// the config's `device` key, else `cpu`.
-    #[arg(long)]
-    pub device: Option<String>,
+    #[command(flatten)]
+    pub run: super::RunArgs,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    super::as_rank(a.launcher, |dist| run_rank(a, dist))
+    super::as_rank(a.run.launcher, |dist| run_rank(a, dist))
 }
 
 fn run_rank(a: Args, dist: Arc<densepred_engine::dist::Dist>) -> Result<()> {
-    let (cfg, table) = RunConfig::load(&a.config, &a.overrides)?;
+    let (cfg, table) = a.run.load(&a.config)?;
     let work_dir = work_dir_for(&cfg, &a.config, a.work_dir.as_deref());
     let flag = Arc::new(AtomicBool::new(false));
     let f2 = flag.clone();
@@ -60,8 +47,8 @@ fn run_rank(a: Args, dist: Arc<densepred_engine::dist::Dist>) -> Result<()> {
         work_dir: work_dir.clone(),
         resume: a.resume || cfg.resume,
         load_from: a.load_from,
-        device: densepred_engine::device::resolve_device(a.device.as_deref(), &cfg)?,
-        progress: !a.no_progress,
+        device: a.run.device(&cfg)?,
+        progress: !a.run.no_progress,
         interrupt: Some(flag),
         dist: Some(dist.clone()),
     };
