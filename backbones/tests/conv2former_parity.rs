@@ -13,24 +13,16 @@ use densepred_backbones::{AnyBackbone, Backbone, BackboneConfig};
 use densepred_core::params::SeededVarMap;
 use densepred_core::weights::{load_into, read_checkpoint};
 use densepred_testutil::max_abs;
-use std::path::PathBuf;
 
 mod common;
 
 const TOL: f64 = 2.5e-5;
 
-fn fixture_dir() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/backbones");
-    assert!(
-        p.is_dir(),
-        "fixtures not found at {} (../shared must sit beside the checkout)",
-        p.display()
-    );
-    p
-}
-
 fn json(name: &str) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture_dir().join(name)).unwrap()).unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(densepred_testutil::fixtures_dir("backbones").join(name)).unwrap(),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -38,7 +30,7 @@ fn stage_outputs_and_logits_match_the_official_code() {
     let meta = json("conv2former_small.json");
     let cfg: Conv2FormerConfig =
         serde_json::from_value(meta["constructor_kwargs"].clone()).unwrap();
-    let path = fixture_dir().join("conv2former_small.safetensors");
+    let path = densepred_testutil::fixtures_dir("backbones").join("conv2former_small.safetensors");
     let tensors = read_checkpoint(&path).unwrap();
     let vars = SeededVarMap::new(0);
     let model = Conv2Former::new(vars.var_builder(DType::F32, &Device::Cpu), &cfg).unwrap();

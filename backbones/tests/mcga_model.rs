@@ -160,22 +160,9 @@ fn golden_outputs_are_unchanged() {
     for (n, got) in names.iter().zip(&outs) {
         let w = &want[*n];
         assert_eq!(got.dims(), w.dims(), "{n}");
-        let scale = w
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let scale = densepred_testutil::max_abs_value(&w);
         assert!(scale > 0.1, "{n}: outputs too small to test ({scale})");
-        let e = (got - w)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let e = densepred_testutil::max_abs(&got, &w);
         assert!(e <= 1e-5, "{n}: max abs error {e}");
     }
 }

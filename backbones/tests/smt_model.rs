@@ -235,14 +235,7 @@ fn detection_checkpoint_names_and_mismatch_report() {
         .loaded
         .contains(&"block3.1.attn.local_conv.weight".to_string()));
     let out = model.forward(&tensors["__input__"], false).unwrap();
-    let err = (&out[3] - &tensors["__stage4__"])
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let err = densepred_testutil::max_abs(&out[3], &tensors["__stage4__"]);
     assert!(err <= 2.5e-5, "{err}");
 
     // A model of another width: the error names the file and lists the first shape mismatches

@@ -12,23 +12,15 @@ use densepred_backbones::Backbone;
 use densepred_core::params::SeededVarMap;
 use densepred_core::weights::{load_into, read_checkpoint};
 use densepred_testutil::max_abs;
-use std::path::PathBuf;
 
 const TOL: f64 = 2.5e-5;
 
-fn fixture_dir() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/backbones");
-    assert!(
-        p.is_dir(),
-        "fixtures not found at {} (../shared must sit beside the checkout)",
-        p.display()
-    );
-    p
-}
-
 fn config_from_fixture(name: &str) -> SmtConfig {
     let meta: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture_dir().join(format!("{name}.json"))).unwrap(),
+        &std::fs::read_to_string(
+            densepred_testutil::fixtures_dir("backbones").join(format!("{name}.json")),
+        )
+        .unwrap(),
     )
     .unwrap();
     let kw = &meta["constructor_kwargs"];
@@ -55,7 +47,7 @@ fn config_from_fixture(name: &str) -> SmtConfig {
 }
 
 fn run_fixture(name: &str) {
-    let path = fixture_dir().join(format!("{name}.safetensors"));
+    let path = densepred_testutil::fixtures_dir("backbones").join(format!("{name}.safetensors"));
     let tensors = read_checkpoint(&path).unwrap();
     let vars = SeededVarMap::new(0);
     let model = Smt::new(

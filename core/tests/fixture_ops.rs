@@ -9,49 +9,11 @@ use densepred_core::ops::iou::{
     OverlapMode,
 };
 use densepred_core::ops::{batched_nms, nms};
+use densepred_testutil::max_rel;
 use std::collections::HashMap;
-use std::path::PathBuf;
 
-pub fn fixture(name: &str) -> HashMap<String, Tensor> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/fixtures/ops")
-        .join(name);
-    assert!(
-        p.exists(),
-        "missing fixture {} (../shared must sit beside the checkout)",
-        p.display()
-    );
-    candle_core::safetensors::load(&p, &Device::Cpu).unwrap()
-}
-
-/// max |a − b| / max(1, |b|), elementwise, over all elements (NaN where both are NaN counts as 0).
-pub fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims());
-    let a: Vec<f64> = a
-        .flatten_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let b: Vec<f64> = b
-        .flatten_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    assert_eq!(a.len(), b.len(), "element counts");
-    a.iter()
-        .zip(&b)
-        .map(|(x, y)| {
-            if x.is_nan() && y.is_nan() {
-                0.0
-            } else {
-                (x - y).abs() / y.abs().max(1.0)
-            }
-        })
-        .fold(0.0, f64::max)
+fn fixture(name: &str) -> HashMap<String, Tensor> {
+    densepred_testutil::fixture_tensors("ops", name)
 }
 
 const TOL: f64 = 1e-5;

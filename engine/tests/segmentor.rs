@@ -158,14 +158,7 @@ fn slide_inference_assembles_windows() {
     let top = Tensor::cat(&[quad(0, 0), quad(0, 64)], 3).unwrap();
     let bottom = Tensor::cat(&[quad(32, 0), quad(32, 64)], 3).unwrap();
     let want = Tensor::cat(&[top, bottom], 2).unwrap();
-    let diff = (got - &want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = densepred_testutil::max_abs(&got, &want);
     // Same kernels on the same crops: only the summation order of the assembly differs.
     assert!(diff < 1e-5, "max diff {diff}");
 
@@ -191,13 +184,6 @@ fn slide_inference_assembles_windows() {
         3,
     )
     .unwrap();
-    let diff = (got - &want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = densepred_testutil::max_abs(&got, &want);
     assert!(diff < 1e-5, "max diff {diff}");
 }

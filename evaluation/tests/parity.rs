@@ -3,17 +3,6 @@
 
 use densepred_evaluation::coco::{evaluate_results_file, load_gt, CocoIouType};
 use densepred_evaluation::semseg::IoUMetric;
-use std::path::PathBuf;
-
-fn dir() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/eval");
-    assert!(
-        p.is_dir(),
-        "missing {} (../shared must sit beside the checkout)",
-        p.display()
-    );
-    p
-}
 
 fn close(a: f64, b: f64) -> bool {
     (a - b).abs() <= 1e-6
@@ -28,7 +17,9 @@ fn coco_cases_match_pycocotools() {
         ("edge_bbox", &["bbox"]),
         ("edge_segm", &["segm", "bbox"]),
     ] {
-        let d = dir().join("coco").join(case);
+        let d = densepred_testutil::fixtures_dir("eval")
+            .join("coco")
+            .join(case);
         let expected: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(d.join("expected.json")).unwrap())
                 .unwrap();
@@ -71,13 +62,17 @@ fn coco_cases_match_pycocotools() {
 #[test]
 fn semseg_matches_mmseg_iou_metric() {
     let t = candle_core::safetensors::load(
-        dir().join("semseg/ade_like.safetensors"),
+        densepred_testutil::fixtures_dir("eval").join("semseg/ade_like.safetensors"),
         &candle_core::Device::Cpu,
     )
     .unwrap();
-    let expected: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir().join("semseg/expected.json")).unwrap())
-            .unwrap();
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            densepred_testutil::fixtures_dir("eval").join("semseg/expected.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
     let mut m = IoUMetric::new(150, 255);
     for i in 0..4 {
         let gt: Vec<u8> = t[&format!("gt_label_{i}")]
@@ -150,7 +145,7 @@ fn in_memory_detections_round_trip() {
     use densepred_evaluation::coco::{
         dump_results, evaluate_records, to_coco_results, ImageDetections,
     };
-    let d = dir().join("coco/segm");
+    let d = densepred_testutil::fixtures_dir("eval").join("coco/segm");
     let gt = load_gt(&d.join("gt.json")).unwrap();
     let expected: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(d.join("expected.json")).unwrap()).unwrap();

@@ -9,39 +9,12 @@ use densepred_heads::task::assigner::{AtssAssigner, MaxIoUAssigner, NegIouThr};
 use densepred_heads::task::coder::{DeltaXYWHBBoxCoder, WH_RATIO_CLIP};
 use densepred_heads::task::prior_generator::AnchorGenerator;
 use densepred_heads::task::sampler::{pseudo_sample, RandomSampler};
+use densepred_testutil::max_rel;
 use rand::SeedableRng;
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 fn fixture(name: &str) -> HashMap<String, Tensor> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/fixtures/ops")
-        .join(name);
-    assert!(p.exists(), "missing fixture {}", p.display());
-    candle_core::safetensors::load(&p, &Device::Cpu).unwrap()
-}
-
-fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims());
-    let a: Vec<f64> = a
-        .flatten_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let b: Vec<f64> = b
-        .flatten_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    assert_eq!(a.len(), b.len(), "element counts");
-    a.iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs() / y.abs().max(1.0))
-        .fold(0.0, f64::max)
+    densepred_testutil::fixture_tensors("ops", name)
 }
 
 #[test]

@@ -41,14 +41,7 @@ fn run(name: &str) {
         assert_eq!(outs.len(), cfg.num_outs);
         for (l, o) in outs.iter().enumerate() {
             let want = &t[&format!("output.{set}.{l}")];
-            let err = (o - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let err = densepred_testutil::max_abs(&o, &want);
             assert!(err <= 1e-5, "{name} {set} level {l}: {err}");
         }
         // Training on un-padded sizes: the top-down path's non-integer resizes backpropagate.

@@ -109,3 +109,57 @@ pub fn assert_same_values_and_grads(
         );
     }
 }
+
+/// `../shared/fixtures/<kind>` (`backbones`, `ops`, `models`, `eval`): the golden outputs beside
+/// the checkout.
+///
+/// # Panics
+/// When the folder is missing (the message says where `../shared` must be).
+pub fn fixtures_dir(kind: &str) -> std::path::PathBuf {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/fixtures")
+        .join(kind);
+    assert!(
+        p.is_dir(),
+        "missing fixtures {} (../shared must sit beside the checkout)",
+        p.display()
+    );
+    p
+}
+
+/// The tensors of the safetensors fixture `file` in [`fixtures_dir`]`(kind)`, on the CPU.
+///
+/// # Panics
+/// When the file is missing or unreadable.
+pub fn fixture_tensors(kind: &str, file: &str) -> std::collections::HashMap<String, Tensor> {
+    let p = fixtures_dir(kind).join(file);
+    assert!(p.exists(), "missing fixture {}", p.display());
+    candle_core::safetensors::load(&p, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// `max |a − b| / max(1, |b|)` elementwise over all elements, in f64 (a NaN in both counts as 0):
+/// the error measure of the fixture READMEs' relative tolerances.
+///
+/// # Panics
+/// When the shapes differ, or on candle errors.
+pub fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let v = |t: &Tensor| -> Vec<f64> {
+        t.flatten_all()
+            .and_then(|t| t.to_dtype(DType::F64)?.to_vec1())
+            .expect("a float tensor")
+    };
+    let (a, b) = (v(a), v(b));
+    assert_eq!(a.len(), b.len(), "element counts");
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| {
+            if x.is_nan() && y.is_nan() {
+                0.0
+            } else {
+                (x - y).abs() / y.abs().max(1.0)
+            }
+        })
+        .fold(0.0, f64::max)
+}

@@ -1,13 +1,11 @@
 //! End-to-end tests of the `densepred` binary on the official SMT fixture.
 
+mod common;
 use candle_core::{Device, Tensor};
+use common::*;
 use densepred_testutil::max_abs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 fn fixture() -> PathBuf {
     let p = root().join("../shared/fixtures/backbones/smt_small.safetensors");
@@ -17,19 +15,6 @@ fn fixture() -> PathBuf {
         p.display()
     );
     p
-}
-
-fn densepred(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_densepred"))
-        .args(args)
-        .current_dir(root())
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 fn load(p: &Path) -> std::collections::HashMap<String, Tensor> {
@@ -461,13 +446,7 @@ fn analyze_params_matches_mmdet_for_paper_detectors() {
             String::from_utf8_lossy(&out.stderr)
         );
         let text = String::from_utf8_lossy(&out.stdout);
-        let total: u64 = text
-            .lines()
-            .find_map(|l| l.strip_prefix("total"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
+        let total: u64 = common::params_total(&text);
         assert_eq!(
             total,
             fx["models"][key]["full_params"].as_u64().unwrap(),

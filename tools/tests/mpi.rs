@@ -19,14 +19,12 @@
 //!   validation during a 2-rank training merges both ranks' IoU counts.
 #![cfg(feature = "mpi")]
 
+mod common;
 use candle_core::Device;
+use common::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 /// Two copies of mini_coco image 263 (ids 263 and 100263), all its instances; with
 /// `missing_second`, the copy points at a file that does not exist.

@@ -3,25 +3,8 @@
 //! iterations, `test` it (IoU table, label PNGs and overlays, aug test), read the PNGs back with
 //! `eval seg` (same numbers), `infer` on a folder, and `analyze params` on the paper configs.
 
-use std::path::PathBuf;
-use std::process::Command;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn densepred(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_densepred"))
-        .args(args)
-        .current_dir(root())
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod common;
+use common::*;
 
 fn pngs(dir: &std::path::Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
@@ -201,13 +184,7 @@ fn analyze_params_matches_mmseg_for_upernet() {
     ] {
         let (ok, text, err) = densepred(&["analyze", "params", cfg]);
         assert!(ok, "{err}");
-        let total: u64 = text
-            .lines()
-            .find_map(|l| l.strip_prefix("total"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
+        let total: u64 = common::params_total(&text);
         assert_eq!(
             total,
             fx["models"][key]["full_params"].as_u64().unwrap(),

@@ -6,14 +6,12 @@
 //! killed once a checkpoint is on disk, and the comparison length follows from that checkpoint.
 //! The config's schedule (LinearLR over iterations 0–20) does not depend on `max_iters`.
 
+mod common;
+use common::*;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 fn train_cmd(work_dir: &Path, resume: bool, max_iters: u64) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_densepred"));
