@@ -39,6 +39,23 @@ pub struct TrainOptions {
     pub dist: Option<Arc<crate::dist::Dist>>,
 }
 
+impl TrainOptions {
+    /// A fresh single-process run on the CPU writing to `work_dir`: no resume, no extra
+    /// weights, no progress bars, no interrupt flag (the fields a caller usually changes are
+    /// public).
+    pub fn new(work_dir: impl Into<PathBuf>) -> Self {
+        TrainOptions {
+            work_dir: work_dir.into(),
+            resume: false,
+            load_from: None,
+            device: Device::Cpu,
+            progress: false,
+            interrupt: None,
+            dist: None,
+        }
+    }
+}
+
 /// What a finished run returns.
 pub struct TrainSummary {
     /// Iterations done in total.

@@ -25,15 +25,7 @@ fn train_briefly(config: &str, sets: Vec<String>, work: &Path) -> (RunConfig, Ve
             .into(),
     ]);
     let (cfg, table) = RunConfig::load(&root().join(config), &sets).unwrap();
-    let opts = TrainOptions {
-        work_dir: work.to_path_buf(),
-        resume: false,
-        load_from: None,
-        device: Device::Cpu,
-        progress: false,
-        interrupt: None,
-        dist: None,
-    };
+    let opts = TrainOptions::new(work.to_path_buf());
     let s = train(&cfg, &table, &opts).unwrap_or_else(|e| panic!("{config}: {e}"));
     assert_eq!(s.iters, ITERS, "{config}");
     let text = std::fs::read_to_string(work.join("metrics.jsonl")).unwrap();

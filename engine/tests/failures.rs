@@ -2,16 +2,14 @@
 //! unsupported compatibility keys are refused, checkpoints load strictly by default, and a test
 //! pass that lost images fails (or, with `skip_invalid`, says how many).
 
+mod common;
 use candle_core::{Device, Tensor};
+use common::root;
 use densepred_engine::inference::Inferencer;
 use densepred_engine::runner::{build_model, RunConfig};
 use densepred_engine::tester::{test_checkpoint, TestRun, TestRunOptions};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 fn shipped_run_configs() -> Vec<PathBuf> {
     let mut out = Vec::new();

@@ -10,6 +10,8 @@
 //!
 //! A failure prints the shrunk input that panicked.
 
+mod common;
+use common::root;
 use densepred_datasets::coco::{CocoDataset, CocoOptions};
 use densepred_datasets::transforms::{Pipeline, TransformConfig};
 use densepred_datasets::{DataError, Dataset};
@@ -19,12 +21,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use rand::SeedableRng;
 use serde_json::Value;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 /// Runs `test` on inputs from `strategy` until the time budget is spent, panicking (with the
 /// shrunk input) on the first failure.

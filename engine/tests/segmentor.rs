@@ -2,15 +2,13 @@
 //! (`../shared/fixtures/models/head_param_counts.json`: backbone without classifier + decode +
 //! auxiliary heads), and a tiny segmentor trains one step and predicts label maps.
 
+mod common;
 use candle_core::{DType, Device, Tensor};
+use common::root;
 use densepred_core::params::SeededVarMap;
 use densepred_engine::config::{load_with_overrides, section};
 use densepred_models::{ModelConfig, Segmentor};
-use std::path::{Path, PathBuf};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use std::path::Path;
 
 fn fixture_count(model: &str) -> usize {
     let p = root().join("../shared/fixtures/models/head_param_counts.json");

@@ -3,7 +3,6 @@
 //! and segm AP50 ≥ 0.4), which shows that targets, losses, gradients, the optimizer and
 //! post-processing work together.
 
-use candle_core::Device;
 use common::root;
 use densepred_engine::runner::RunConfig;
 use densepred_engine::trainer::{train, TrainOptions};
@@ -28,15 +27,7 @@ fn four_image_overrides(tmp: &Path, ids: &[u64]) -> Vec<String> {
 }
 
 fn train_options(tmp: &Path) -> TrainOptions {
-    TrainOptions {
-        work_dir: tmp.join("work"),
-        resume: false,
-        load_from: None,
-        device: Device::Cpu,
-        progress: false,
-        interrupt: None,
-        dist: None,
-    }
+    TrainOptions::new(tmp.join("work"))
 }
 
 #[test]

@@ -3,15 +3,12 @@
 //! label loading, padding, the losses, gradients, the optimizer and inference work together. Then
 //! the tester writes label maps at each image's original size.
 
+mod common;
 use candle_core::Device;
+use common::root;
 use densepred_engine::runner::{build_loader, build_model, load_weights, RunConfig};
 use densepred_engine::tester::{evaluate_seg_loader, SegTestOptions};
 use densepred_engine::trainer::{train, TrainOptions};
-use std::path::PathBuf;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 #[test]
 fn tiny_upernet_overfits_four_images() {
@@ -41,15 +38,7 @@ fn tiny_upernet_overfits_four_images() {
     ];
     let path = root().join("tests/configs/upernet_tiny_overfit.toml");
     let (cfg, table) = RunConfig::load(&path, &over).unwrap();
-    let opts = TrainOptions {
-        work_dir: tmp.path().join("work"),
-        resume: false,
-        load_from: None,
-        device: Device::Cpu,
-        progress: false,
-        interrupt: None,
-        dist: None,
-    };
+    let opts = TrainOptions::new(tmp.path().join("work"));
     let s = train(&cfg, &table, &opts).unwrap();
     assert_eq!(s.iters, 150);
     let val = s.last_val.expect("validation ran at the end");

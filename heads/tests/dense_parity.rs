@@ -31,9 +31,7 @@ fn check_targets(
     for (i, t) in targets.iter().enumerate() {
         assert_eq!(
             t.assign.gt_inds,
-            f.t[&format!("assign.{i}.gt_inds")]
-                .to_vec1::<i64>()
-                .unwrap(),
+            fixture_gt_inds(&f, i),
             "image {i} gt_inds"
         );
         assert_eq!(t.labels, labels[i], "image {i} labels");

@@ -64,9 +64,7 @@ fn rpn_head_matches_mmdet() {
     for (i, t) in targets.iter_mut().enumerate() {
         assert_eq!(
             t.assign.gt_inds,
-            f.t[&format!("assign.{i}.gt_inds")]
-                .to_vec1::<i64>()
-                .unwrap(),
+            fixture_gt_inds(&f, i),
             "image {i} gt_inds"
         );
         let pos = inds(&f, &format!("sample.{i}.pos_inds"));
@@ -341,26 +339,8 @@ fn roi_head_predict_matches_mmdet() {
 
     let dets = head.predict(&feats, &props, &metas(&f), &test).unwrap();
     assert_eq!(dets.len(), 2);
+    check_predictions(&f, &dets);
     for (i, d) in dets.iter().enumerate() {
-        let wb = boxes(&f, &format!("pred.{i}.bboxes"));
-        let ws = f.t[&format!("pred.{i}.scores")].to_vec1::<f32>().unwrap();
-        let wl = f.t[&format!("pred.{i}.labels")].to_vec1::<i64>().unwrap();
-        assert_eq!(d.len(), ws.len(), "image {i}: number of detections");
-        assert_eq!(d.labels, wl, "image {i}: labels");
-        for k in 0..ws.len() {
-            assert!(
-                (d.scores[k] - ws[k]).abs() <= 1e-5,
-                "image {i} det {k} score"
-            );
-            for c in 0..4 {
-                assert!(
-                    (d.bboxes[k][c] - wb[k][c]).abs() <= 1e-4 * wb[k][c].abs().max(1.0),
-                    "image {i} det {k}: {:?} vs {:?}",
-                    d.bboxes[k],
-                    wb[k]
-                );
-            }
-        }
         // Masks: every pixel equal except those the fixture lists within 1e-4 of the threshold.
         let wm = &f.t[&format!("pred.{i}.masks")];
         let (n, h, w) = wm.dims3().unwrap();

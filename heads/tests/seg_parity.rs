@@ -12,33 +12,17 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use densepred_core::params::SeededVarMap;
-use densepred_core::weights::{load_into, read_checkpoint};
+use densepred_core::weights::load_into;
 use densepred_heads::seg::{
     predict_labels, seg_accuracy, seg_loss, FcnHead, FcnHeadConfig, FpnHead, FpnHeadConfig,
     UperHead, UperHeadConfig,
 };
 use densepred_testutil::max_abs;
+
+#[allow(dead_code)]
+mod common;
+use common::{fixture, Fixture};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-
-struct Fixture {
-    t: BTreeMap<String, Tensor>,
-    meta: serde_json::Value,
-    path: PathBuf,
-}
-
-fn fixture(name: &str) -> Fixture {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/models");
-    let path = dir.join(format!("{name}.safetensors"));
-    let meta =
-        serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap())
-            .unwrap();
-    Fixture {
-        t: read_checkpoint(&path).unwrap(),
-        meta,
-        path,
-    }
-}
 
 fn cfg<T: serde::de::DeserializeOwned>(f: &Fixture, head: &str, dropout: Option<f64>) -> T {
     let mut c = f.meta["config"][head].clone();

@@ -225,6 +225,14 @@ pub fn check_losses(
     }
 }
 
+/// The fixture's assigned GT index per prior of image `i` (`assign.{i}.gt_inds`: 0 negative,
+/// −1 ignored, k + 1 the k-th GT).
+pub fn fixture_gt_inds(f: &Fixture, i: usize) -> Vec<i64> {
+    f.t[&format!("assign.{i}.gt_inds")]
+        .to_vec1::<i64>()
+        .unwrap()
+}
+
 pub fn check_predictions(f: &Fixture, dets: &[densepred_core::structures::Detections]) {
     for (i, d) in dets.iter().enumerate() {
         let wb = f.t[&format!("pred.{i}.bboxes")].to_vec2::<f32>().unwrap();
