@@ -5,7 +5,6 @@ use candle_core::{Device, Tensor};
 use common::*;
 use densepred_testutil::max_abs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 fn fixture() -> PathBuf {
     let p = root().join("../shared/fixtures/backbones/smt_small.safetensors");
@@ -435,18 +434,9 @@ fn analyze_params_matches_mmdet_for_paper_detectors() {
         ),
         ("configs/atss/atss_smt-s_fpn_3x_coco.toml", "atss_smt_s"),
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_densepred"))
-            .current_dir(root())
-            .args(["analyze", "params", cfg])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8_lossy(&out.stdout);
-        let total: u64 = common::params_total(&text);
+        let (ok, text, err) = densepred(&["analyze", "params", cfg]);
+        assert!(ok, "{err}");
+        let total = params_total(&text);
         assert_eq!(
             total,
             fx["models"][key]["full_params"].as_u64().unwrap(),

@@ -184,7 +184,7 @@ fn analyze_params_matches_mmseg_for_upernet() {
     ] {
         let (ok, text, err) = densepred(&["analyze", "params", cfg]);
         assert!(ok, "{err}");
-        let total: u64 = common::params_total(&text);
+        let total = params_total(&text);
         assert_eq!(
             total,
             fx["models"][key]["full_params"].as_u64().unwrap(),

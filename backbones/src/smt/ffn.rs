@@ -11,6 +11,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use densepred_core::kernel::{gemm_into, KernelFloat, MatView};
 use densepred_core::ops::dispatch::{Op, FLOAT};
+use densepred_core::ops::bias::linear_fwd;
 use densepred_core::ops::dwconv_nhwc::{
     conv_row, grad_input, grad_weight_bias, taps_major, Act, Geo,
 };
@@ -134,18 +135,6 @@ struct DetailFfn {
     saved: Mutex<Option<SavedAny>>,
 }
 
-/// `y = x Wᵀ + b` on row-major buffers: `x` `(rows, in_f)`, `w` `(out_f, in_f)`.
-fn linear<T: KernelFloat>(
-    x: &[T],
-    w: &[T],
-    b: &[T],
-    rows: usize,
-    in_f: usize,
-    out_f: usize,
-) -> Vec<T> {
-    densepred_core::ops::bias::linear_fwd(x, w, b, rows, in_f, out_f)
-}
-
 /// `a += b` elementwise, in parallel blocks.
 fn add_into<T: KernelFloat>(a: &mut [T], b: &[T]) {
     a.par_chunks_mut(1 << 14)
@@ -201,7 +190,7 @@ impl DetailFfn {
             )
         });
         let xin = xn.as_deref().unwrap_or(x);
-        let h = linear(xin, &p[o[0]..o[1]], &p[o[1]..o[2]], rows, d.c, d.hd);
+        let h = linear_fwd(xin, &p[o[0]..o[1]], &p[o[1]..o[2]], rows, d.c, d.hd);
         let wt = taps_major(&p[o[2]..o[3]], d.hd, d.k);
         let b_dw = &p[o[3]..o[4]];
         let row = d.wid * d.hd;
@@ -223,7 +212,7 @@ impl DetailFfn {
         let d = self.dims;
         let o = d.offsets();
         let s = self.hidden(x, p);
-        let mut y = linear(&s.z, &p[o[4]..o[5]], &p[o[5]..o[6]], d.rows(), d.hd, d.co);
+        let mut y = linear_fwd(&s.z, &p[o[4]..o[5]], &p[o[5]..o[6]], d.rows(), d.hd, d.co);
         if self.residual {
             add_into(&mut y, x);
         }

@@ -23,6 +23,18 @@ struct Nearest {
     ow: usize,
 }
 
+/// The source pixel `sy·w + sx` of each output pixel `y·ow + x`, row-major.
+fn source_pixels(h: usize, w: usize, oh: usize, ow: usize) -> Vec<usize> {
+    let xs: Vec<usize> = (0..ow).map(|d| src_index(d, w, ow)).collect();
+    (0..oh)
+        .flat_map(|y| {
+            let row = src_index(y, h, oh) * w;
+            xs.iter().map(move |&sx| row + sx)
+        })
+        .collect()
+}
+
+/// `planes` maps `(h, w)` → `(oh, ow)`: each output pixel copies its source pixel.
 fn fwd<T: Copy + Send + Sync + Default>(
     x: &[T],
     planes: usize,
@@ -31,20 +43,18 @@ fn fwd<T: Copy + Send + Sync + Default>(
     oh: usize,
     ow: usize,
 ) -> Vec<T> {
-    let ys: Vec<usize> = (0..oh).map(|d| src_index(d, h, oh)).collect();
-    let xs: Vec<usize> = (0..ow).map(|d| src_index(d, w, ow)).collect();
+    let src = source_pixels(h, w, oh, ow);
     let mut out = vec![T::default(); planes * oh * ow];
     out.par_chunks_mut(oh * ow).enumerate().for_each(|(p, o)| {
-        let src = &x[p * h * w..(p + 1) * h * w];
-        for (y, &sy) in ys.iter().enumerate() {
-            for (xo, &sx) in xs.iter().enumerate() {
-                o[y * ow + xo] = src[sy * w + sx];
-            }
+        let plane = &x[p * h * w..(p + 1) * h * w];
+        for (o, &s) in o.iter_mut().zip(&src) {
+            *o = plane[s];
         }
     });
     out
 }
 
+/// The adjoint of [`fwd`]: each output gradient is added to its source pixel.
 fn bwd<T: Copy + Send + Sync + Default + std::ops::AddAssign>(
     g: &[T],
     planes: usize,
@@ -53,15 +63,12 @@ fn bwd<T: Copy + Send + Sync + Default + std::ops::AddAssign>(
     oh: usize,
     ow: usize,
 ) -> Vec<T> {
-    let ys: Vec<usize> = (0..oh).map(|d| src_index(d, h, oh)).collect();
-    let xs: Vec<usize> = (0..ow).map(|d| src_index(d, w, ow)).collect();
+    let src = source_pixels(h, w, oh, ow);
     let mut out = vec![T::default(); planes * h * w];
     out.par_chunks_mut(h * w).enumerate().for_each(|(p, o)| {
-        let src = &g[p * oh * ow..(p + 1) * oh * ow];
-        for (y, &sy) in ys.iter().enumerate() {
-            for (xo, &sx) in xs.iter().enumerate() {
-                o[sy * w + sx] += src[y * ow + xo];
-            }
+        let gp = &g[p * oh * ow..(p + 1) * oh * ow];
+        for (&gv, &s) in gp.iter().zip(&src) {
+            o[s] += gv;
         }
     });
     out
