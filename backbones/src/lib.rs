@@ -4,7 +4,6 @@
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use densepred_core::ShapeSpec;
-use serde::Serialize;
 
 pub mod conv2former;
 pub mod mcga;
@@ -20,25 +19,17 @@ pub trait Backbone {
     fn out_shapes(&self) -> Vec<ShapeSpec>;
 }
 
-/// The `[backbone]` / `[model.backbone]` config table, selected by its `type` key.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "type")]
-pub enum BackboneConfig {
-    /// Scale-Aware Modulation Transformer.
-    #[serde(rename = "SMT")]
-    Smt(smt::SmtConfig),
-    /// Conv2Former (convolutional modulation).
-    Conv2Former(conv2former::Conv2FormerConfig),
-    /// MCGA (multi-scale convolutions meet group attention).
-    #[serde(rename = "MCGA")]
-    Mcga(mcga::McgaConfig),
+densepred_core::config_by_type! {
+    /// The `[backbone]` / `[model.backbone]` config table, selected by its `type` key.
+    pub enum BackboneConfig {
+        /// Scale-Aware Modulation Transformer.
+        "SMT" => Smt(smt::SmtConfig),
+        /// Conv2Former (convolutional modulation).
+        "Conv2Former" => Conv2Former(conv2former::Conv2FormerConfig),
+        /// MCGA (multi-scale convolutions meet group attention).
+        "MCGA" => Mcga(mcga::McgaConfig),
+    }
 }
-
-densepred_core::deserialize_by_type!(BackboneConfig {
-    "SMT" => BackboneConfig::Smt [smt::SmtConfig],
-    "Conv2Former" => BackboneConfig::Conv2Former [conv2former::Conv2FormerConfig],
-    "MCGA" => BackboneConfig::Mcga [mcga::McgaConfig],
-});
 
 /// A built backbone of any supported type.
 pub enum AnyBackbone {

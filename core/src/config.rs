@@ -149,6 +149,53 @@ macro_rules! deserialize_by_type {
     };
 }
 
+/// Declares a config enum selected by its table's `type` key: one newtype variant per `type`
+/// name, `Serialize` as serde's `#[serde(tag = "type")]` and `Deserialize` by
+/// [`deserialize_by_type!`] (error paths kept). An enum of a single `type` also gets `body()`,
+/// that variant's table.
+///
+/// ```ignore
+/// densepred_core::config_by_type! {
+///     /// `model.neck` table.
+///     pub enum NeckConfig {
+///         /// Feature pyramid network.
+///         "FPN" => Fpn(FpnConfig),
+///     }
+/// }
+/// ```
+#[macro_export]
+macro_rules! config_by_type {
+    (@decl $(#[$m:meta])* $vis:vis enum $name:ident {
+        $($(#[$vm:meta])* $tag:literal => $variant:ident($inner:ty)),+
+    }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
+        #[serde(tag = "type")]
+        $vis enum $name {
+            $($(#[$vm])* #[serde(rename = $tag)] $variant($inner),)+
+        }
+        $crate::deserialize_by_type!($name { $($tag => $name::$variant [$inner]),+ });
+    };
+    ($(#[$m:meta])* $vis:vis enum $name:ident {
+        $(#[$vm:meta])* $tag:literal => $variant:ident($inner:ty) $(,)?
+    }) => {
+        $crate::config_by_type!(@decl $(#[$m])* $vis enum $name { $(#[$vm])* $tag => $variant($inner) });
+        impl $name {
+            /// The table of the only `type`.
+            pub fn body(&self) -> &$inner {
+                match self {
+                    Self::$variant(c) => c,
+                }
+            }
+        }
+    };
+    ($(#[$m:meta])* $vis:vis enum $name:ident {
+        $($(#[$vm:meta])* $tag:literal => $variant:ident($inner:ty)),+ $(,)?
+    }) => {
+        $crate::config_by_type!(@decl $(#[$m])* $vis enum $name { $($(#[$vm])* $tag => $variant($inner)),+ });
+    };
+}
+
 /// Default values of config fields (`#[serde(default = "d::yes")]` with
 /// `use densepred_core::config::defaults as d;`): one home for the values mmdetection's
 /// defaults repeat across components.

@@ -113,21 +113,15 @@ pub struct Ade20kDatasetConfig {
     pub test_mode: bool,
 }
 
-/// The `dataset` table, selected by `type`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "type")]
-pub enum DatasetConfig {
-    /// COCO instances.
-    CocoDataset(CocoDatasetConfig),
-    /// ADE20K-layout semantic segmentation.
-    #[serde(rename = "ADE20KDataset")]
-    Ade20kDataset(Ade20kDatasetConfig),
+densepred_core::config_by_type! {
+    /// The `dataset` table, selected by `type`.
+    pub enum DatasetConfig {
+        /// COCO instances.
+        "CocoDataset" => CocoDataset(CocoDatasetConfig),
+        /// ADE20K-layout semantic segmentation.
+        "ADE20KDataset" => Ade20kDataset(Ade20kDatasetConfig),
+    }
 }
-
-densepred_core::deserialize_by_type!(DatasetConfig {
-    "CocoDataset" => DatasetConfig::CocoDataset [CocoDatasetConfig],
-    "ADE20KDataset" => DatasetConfig::Ade20kDataset [Ade20kDatasetConfig],
-});
 
 impl DatasetConfig {
     /// The class colours of `metainfo.palette`, when the config gives them.

@@ -7,20 +7,14 @@ use candle_nn::VarBuilder;
 use densepred_backbones::{AnyBackbone, Backbone, BackboneConfig};
 use densepred_necks::fpn::{Fpn, FpnConfig};
 use densepred_necks::Neck;
-use serde::Serialize;
 
-/// `model.neck` table.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "type")]
-pub enum NeckConfig {
-    /// Feature pyramid network.
-    #[serde(rename = "FPN")]
-    Fpn(FpnConfig),
+densepred_core::config_by_type! {
+    /// `model.neck` table.
+    pub enum NeckConfig {
+        /// Feature pyramid network.
+        "FPN" => Fpn(FpnConfig),
+    }
 }
-
-densepred_core::deserialize_by_type!(NeckConfig {
-    "FPN" => NeckConfig::Fpn [FpnConfig],
-});
 
 impl NeckConfig {
     /// Builds the neck under `vb` on the outputs of `backbone`.
@@ -47,33 +41,22 @@ impl NeckConfig {
     }
 }
 
-/// The `[model]` table, selected by `type`: a detector (mmdetection) or a segmentor
-/// (mmsegmentation).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "type")]
-pub enum ModelConfig {
-    /// RetinaNet (Lin et al. 2017).
-    RetinaNet(DetectorConfig),
-    /// ATSS (Zhang et al. 2020).
-    #[serde(rename = "ATSS")]
-    Atss(DetectorConfig),
-    /// Mask R-CNN (He et al. 2017): RPN, box and mask heads.
-    #[serde(rename = "MaskRCNN")]
-    MaskRcnn(TwoStageDetectorConfig),
-    /// Faster R-CNN (Ren et al. 2015): RPN and box head.
-    #[serde(rename = "FasterRCNN")]
-    FasterRcnn(TwoStageDetectorConfig),
-    /// mmsegmentation's encoder-decoder segmentor (UperNet, Semantic FPN).
-    EncoderDecoder(EncoderDecoderConfig),
+densepred_core::config_by_type! {
+    /// The `[model]` table, selected by `type`: a detector (mmdetection) or a segmentor
+    /// (mmsegmentation).
+    pub enum ModelConfig {
+        /// RetinaNet (Lin et al. 2017).
+        "RetinaNet" => RetinaNet(DetectorConfig),
+        /// ATSS (Zhang et al. 2020).
+        "ATSS" => Atss(DetectorConfig),
+        /// Mask R-CNN (He et al. 2017): RPN, box and mask heads.
+        "MaskRCNN" => MaskRcnn(TwoStageDetectorConfig),
+        /// Faster R-CNN (Ren et al. 2015): RPN and box head.
+        "FasterRCNN" => FasterRcnn(TwoStageDetectorConfig),
+        /// mmsegmentation's encoder-decoder segmentor (UperNet, Semantic FPN).
+        "EncoderDecoder" => EncoderDecoder(EncoderDecoderConfig),
+    }
 }
-
-densepred_core::deserialize_by_type!(ModelConfig {
-    "RetinaNet" => ModelConfig::RetinaNet [DetectorConfig],
-    "ATSS" => ModelConfig::Atss [DetectorConfig],
-    "MaskRCNN" => ModelConfig::MaskRcnn [TwoStageDetectorConfig],
-    "FasterRCNN" => ModelConfig::FasterRcnn [TwoStageDetectorConfig],
-    "EncoderDecoder" => ModelConfig::EncoderDecoder [EncoderDecoderConfig],
-});
 
 impl ModelConfig {
     /// The one-stage detector body, `None` for other models.

@@ -46,21 +46,15 @@ pub struct DataPreprocessorConfig {
     pub pad_mask: bool,
 }
 
-/// `model.bbox_head` table of a one-stage detector.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "type")]
-pub enum DenseHeadConfig {
-    /// RetinaNet's head.
-    RetinaHead(RetinaHeadConfig),
-    /// ATSS's head.
-    #[serde(rename = "ATSSHead")]
-    AtssHead(AtssHeadConfig),
+densepred_core::config_by_type! {
+    /// `model.bbox_head` table of a one-stage detector.
+    pub enum DenseHeadConfig {
+        /// RetinaNet's head.
+        "RetinaHead" => RetinaHead(RetinaHeadConfig),
+        /// ATSS's head.
+        "ATSSHead" => AtssHead(AtssHeadConfig),
+    }
 }
-
-densepred_core::deserialize_by_type!(DenseHeadConfig {
-    "RetinaHead" => DenseHeadConfig::RetinaHead [RetinaHeadConfig],
-    "ATSSHead" => DenseHeadConfig::AtssHead [AtssHeadConfig],
-});
 
 impl DenseHeadConfig {
     /// Number of object classes.

@@ -42,26 +42,17 @@ pub struct SegDataPreprocessorConfig {
     pub size_divisor: Option<usize>,
 }
 
-/// A decode or auxiliary head.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "type")]
-pub enum SegHeadConfig {
-    /// UperNet's head.
-    #[serde(rename = "UPerHead")]
-    UperHead(UperHeadConfig),
-    /// Semantic FPN's head.
-    #[serde(rename = "FPNHead")]
-    FpnHead(FpnHeadConfig),
-    /// FCN head (auxiliary).
-    #[serde(rename = "FCNHead")]
-    FcnHead(FcnHeadConfig),
+densepred_core::config_by_type! {
+    /// A decode or auxiliary head.
+    pub enum SegHeadConfig {
+        /// UperNet's head.
+        "UPerHead" => UperHead(UperHeadConfig),
+        /// Semantic FPN's head.
+        "FPNHead" => FpnHead(FpnHeadConfig),
+        /// FCN head (auxiliary).
+        "FCNHead" => FcnHead(FcnHeadConfig),
+    }
 }
-
-densepred_core::deserialize_by_type!(SegHeadConfig {
-    "UPerHead" => SegHeadConfig::UperHead [UperHeadConfig],
-    "FPNHead" => SegHeadConfig::FpnHead [FpnHeadConfig],
-    "FCNHead" => SegHeadConfig::FcnHead [FcnHeadConfig],
-});
 
 /// A built head.
 pub enum SegHead {

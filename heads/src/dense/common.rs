@@ -54,21 +54,15 @@ impl BBoxCoderConfig {
     }
 }
 
-/// `assigner` table of `train_cfg`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "type")]
-pub enum AssignerConfig {
-    /// IoU-threshold assignment (RetinaNet, RPN, R-CNN).
-    MaxIoUAssigner(MaxIoUAssigner),
-    /// Adaptive training sample selection (ATSS).
-    #[serde(rename = "ATSSAssigner")]
-    AtssAssigner(AtssAssigner),
+densepred_core::config_by_type! {
+    /// `assigner` table of `train_cfg`.
+    pub enum AssignerConfig {
+        /// IoU-threshold assignment (RetinaNet, RPN, R-CNN).
+        "MaxIoUAssigner" => MaxIoUAssigner(MaxIoUAssigner),
+        /// Adaptive training sample selection (ATSS).
+        "ATSSAssigner" => AtssAssigner(AtssAssigner),
+    }
 }
-
-densepred_core::deserialize_by_type!(AssignerConfig {
-    "MaxIoUAssigner" => AssignerConfig::MaxIoUAssigner [MaxIoUAssigner],
-    "ATSSAssigner" => AssignerConfig::AtssAssigner [AtssAssigner],
-});
 
 /// Classification loss table (`loss_cls`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

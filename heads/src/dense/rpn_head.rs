@@ -226,7 +226,7 @@ impl RpnHead {
     ) -> Result<LevelLosses> {
         let anchors = self.anchors(outs)?;
         let mut targets = self.assign(&anchors, metas, gts, train_cfg)?;
-        let sampler = train_cfg.sampler.sampler();
+        let sampler = train_cfg.sampler.body();
         for t in &mut targets {
             let (pos, neg) = candidates(t);
             let (pos, neg) = sampler.choose(pos, neg, rng);
@@ -413,24 +413,10 @@ pub fn keep_samples(t: &mut ImageTargets, pos: &[usize], neg: &[usize]) {
     t.pos_gt_bboxes = pg;
 }
 
-/// `model.rpn_head` table, selected by `type`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "type")]
-pub enum RpnHeadType {
-    /// mmdetection's `RPNHead`.
-    #[serde(rename = "RPNHead")]
-    Rpn(RpnHeadConfig),
-}
-
-densepred_core::deserialize_by_type!(RpnHeadType {
-    "RPNHead" => RpnHeadType::Rpn [RpnHeadConfig],
-});
-
-impl RpnHeadType {
-    /// The body.
-    pub fn body(&self) -> &RpnHeadConfig {
-        match self {
-            Self::Rpn(c) => c,
-        }
+densepred_core::config_by_type! {
+    /// `model.rpn_head` table, selected by `type`.
+    pub enum RpnHeadType {
+        /// mmdetection's `RPNHead`.
+        "RPNHead" => Rpn(RpnHeadConfig),
     }
 }

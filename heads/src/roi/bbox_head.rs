@@ -54,25 +54,11 @@ pub struct Shared2FcBBoxHeadConfig {
     pub init_cfg: Option<densepred_core::config::Unsupported>,
 }
 
-/// `roi_head.bbox_head` table, selected by `type`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "type")]
-pub enum BBoxHeadConfig {
-    /// Two shared FCs.
-    #[serde(rename = "Shared2FCBBoxHead")]
-    Shared2Fc(Shared2FcBBoxHeadConfig),
-}
-
-densepred_core::deserialize_by_type!(BBoxHeadConfig {
-    "Shared2FCBBoxHead" => BBoxHeadConfig::Shared2Fc [Shared2FcBBoxHeadConfig],
-});
-
-impl BBoxHeadConfig {
-    /// The body.
-    pub fn body(&self) -> &Shared2FcBBoxHeadConfig {
-        match self {
-            Self::Shared2Fc(c) => c,
-        }
+densepred_core::config_by_type! {
+    /// `roi_head.bbox_head` table, selected by `type`.
+    pub enum BBoxHeadConfig {
+        /// Two shared FCs.
+        "Shared2FCBBoxHead" => Shared2Fc(Shared2FcBBoxHeadConfig),
     }
 }
 

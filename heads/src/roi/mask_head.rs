@@ -67,25 +67,11 @@ pub struct FcnMaskHeadConfig {
     pub init_cfg: Option<densepred_core::config::Unsupported>,
 }
 
-/// `roi_head.mask_head` table, selected by `type`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "type")]
-pub enum MaskHeadConfig {
-    /// The FCN mask head.
-    #[serde(rename = "FCNMaskHead")]
-    Fcn(FcnMaskHeadConfig),
-}
-
-densepred_core::deserialize_by_type!(MaskHeadConfig {
-    "FCNMaskHead" => MaskHeadConfig::Fcn [FcnMaskHeadConfig],
-});
-
-impl MaskHeadConfig {
-    /// The body.
-    pub fn body(&self) -> &FcnMaskHeadConfig {
-        match self {
-            Self::Fcn(c) => c,
-        }
+densepred_core::config_by_type! {
+    /// `roi_head.mask_head` table, selected by `type`.
+    pub enum MaskHeadConfig {
+        /// The FCN mask head.
+        "FCNMaskHead" => Fcn(FcnMaskHeadConfig),
     }
 }
 

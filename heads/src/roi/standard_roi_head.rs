@@ -26,17 +26,13 @@ use densepred_core::structures::{BitmapMasks, Detections, GtInstances, ImageMeta
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-/// `bbox_roi_extractor` / `mask_roi_extractor` table, selected by `type`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "type")]
-pub enum RoIExtractorConfig {
-    /// One level per RoI.
-    SingleRoIExtractor(SingleRoIExtractorConfig),
+densepred_core::config_by_type! {
+    /// `bbox_roi_extractor` / `mask_roi_extractor` table, selected by `type`.
+    pub enum RoIExtractorConfig {
+        /// One level per RoI.
+        "SingleRoIExtractor" => SingleRoIExtractor(SingleRoIExtractorConfig),
+    }
 }
-
-densepred_core::deserialize_by_type!(RoIExtractorConfig {
-    "SingleRoIExtractor" => RoIExtractorConfig::SingleRoIExtractor [SingleRoIExtractorConfig],
-});
 
 impl RoIExtractorConfig {
     fn build(&self) -> Result<SingleRoIExtractor> {
@@ -68,24 +64,11 @@ pub struct StandardRoIHeadConfig {
     pub init_cfg: Option<densepred_core::config::Unsupported>,
 }
 
-/// `model.roi_head` table, selected by `type`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "type")]
-pub enum RoIHeadConfig {
-    /// mmdetection's `StandardRoIHead`.
-    StandardRoIHead(StandardRoIHeadConfig),
-}
-
-densepred_core::deserialize_by_type!(RoIHeadConfig {
-    "StandardRoIHead" => RoIHeadConfig::StandardRoIHead [StandardRoIHeadConfig],
-});
-
-impl RoIHeadConfig {
-    /// The body.
-    pub fn body(&self) -> &StandardRoIHeadConfig {
-        match self {
-            Self::StandardRoIHead(c) => c,
-        }
+densepred_core::config_by_type! {
+    /// `model.roi_head` table, selected by `type`.
+    pub enum RoIHeadConfig {
+        /// mmdetection's `StandardRoIHead`.
+        "StandardRoIHead" => StandardRoIHead(StandardRoIHeadConfig),
     }
 }
 
@@ -260,7 +243,7 @@ impl StandardRoIHead {
         let AssignerConfig::MaxIoUAssigner(assigner) = &train_cfg.assigner else {
             candle_core::bail!("train_cfg.rcnn.assigner: only MaxIoUAssigner is supported");
         };
-        let sampler = train_cfg.sampler.sampler();
+        let sampler = train_cfg.sampler.body();
         proposals
             .iter()
             .zip(gts)

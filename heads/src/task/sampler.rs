@@ -123,23 +123,10 @@ impl RandomSampler {
     }
 }
 
-/// `train_cfg.sampler` of a sampling head (RPN, R-CNN): mmdetection's `RandomSampler`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "type")]
-pub enum SamplerConfig {
-    /// mmdetection's `RandomSampler`.
-    RandomSampler(RandomSampler),
-}
-
-densepred_core::deserialize_by_type!(SamplerConfig {
-    "RandomSampler" => SamplerConfig::RandomSampler [RandomSampler],
-});
-
-impl SamplerConfig {
-    /// The sampler.
-    pub fn sampler(&self) -> &RandomSampler {
-        match self {
-            Self::RandomSampler(s) => s,
-        }
+densepred_core::config_by_type! {
+    /// `train_cfg.sampler` of a sampling head (RPN, R-CNN): mmdetection's `RandomSampler`.
+    pub enum SamplerConfig {
+        /// mmdetection's `RandomSampler`.
+        "RandomSampler" => RandomSampler(RandomSampler),
     }
 }
