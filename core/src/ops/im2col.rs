@@ -814,12 +814,13 @@ fn cat_conv(
 }
 
 /// Dense (`groups = 1`) 2-D convolution, `torch.nn.functional.conv2d` semantics, lowered to
-/// [`unfold`] + GEMM, with both gradients GEMMs as well (the unfolded input is recomputed in the
+/// `unfold` + GEMM, with both gradients GEMMs as well (the unfolded input is recomputed in the
 /// backward rather than kept): `x (B, C_in, H, W)`, `w (C_out, C_in, KH, KW)` →
 /// `(B, C_out, OH, OW)` (no bias). Input rows/columns that a stride leaves unread get a zero
 /// gradient, as in PyTorch.
 ///
-/// Errors: channel or dtype mismatch between `x` and `w`, and the [`unfold`] errors.
+/// Errors: channel or dtype mismatch between `x` and `w`, and the geometry errors of `unfold`
+/// (a kernel span larger than the padded input, zero stride or dilation).
 pub fn conv2d_gemm(
     x: &Tensor,
     w: &Tensor,
