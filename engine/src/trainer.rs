@@ -73,6 +73,55 @@ fn file_err(path: &Path, e: impl std::fmt::Display) -> EngineError {
     }
 }
 
+/// Whether `train_cfg` counts epochs, and the run's length in iterations (`epoch_len`
+/// iterations an epoch), as mmengine's `EpochBasedTrainLoop` / `IterBasedTrainLoop`.
+///
+/// Errors: another loop type, or its length key missing (named).
+fn loop_length(loop_cfg: &TrainLoopConfig, epoch_len: u64) -> Result<(bool, u64), EngineError> {
+    let missing = |k: &str| EngineError::Config(format!("train_cfg.{k} is required"));
+    match loop_cfg.kind.as_str() {
+        "EpochBasedTrainLoop" => Ok((
+            true,
+            loop_cfg.max_epochs.ok_or_else(|| missing("max_epochs"))? * epoch_len,
+        )),
+        "IterBasedTrainLoop" => Ok((
+            false,
+            loop_cfg.max_iters.ok_or_else(|| missing("max_iters"))?,
+        )),
+        o => Err(EngineError::Config(format!(
+            "train_cfg.type {o:?}: expected EpochBasedTrainLoop or IterBasedTrainLoop"
+        ))),
+    }
+}
+
+/// `--resume`: restores the weights, the optimizer state and the iteration of the checkpoint
+/// `work_dir/last_checkpoint` names, and returns that iteration (0, with a warning, when there is
+/// no checkpoint yet).
+///
+/// Errors: a named checkpoint file that is missing or unreadable (named).
+fn resume(model: &BuiltModel, opt: &mut Optimizer, wd: &Path) -> Result<u64, EngineError> {
+    let last = wd.join("last_checkpoint");
+    let Ok(stem) = std::fs::read_to_string(&last) else {
+        tracing::warn!("--resume: no {} yet, starting from scratch", last.display());
+        return Ok(0);
+    };
+    let stem = stem.trim();
+    let w = wd.join(format!("{stem}.safetensors"));
+    load_weights(model, &w, true)?;
+    let o = wd.join(format!("{stem}.optim.safetensors"));
+    let state = read_checkpoint(&o).map_err(|e| file_err(&o, e))?;
+    opt.load_state(&state).ctx("restoring optimizer state")?;
+    let m = wd.join(format!("{stem}.json"));
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&m).map_err(|e| file_err(&m, e))?)
+            .map_err(|e| file_err(&m, e))?;
+    let iter = meta["iter"]
+        .as_u64()
+        .ok_or_else(|| file_err(&m, "no `iter` field"))?;
+    tracing::info!("resumed from {} at iteration {iter}", w.display());
+    Ok(iter)
+}
+
 /// Trains the detector or segmentor of `cfg` (`table` is the resolved config, stored in checkpoints and the
 /// work dir).
 ///
@@ -141,25 +190,7 @@ pub fn train(
             "the training set yields no batch".into(),
         ));
     }
-    let by_epoch = match loop_cfg.kind.as_str() {
-        "EpochBasedTrainLoop" => true,
-        "IterBasedTrainLoop" => false,
-        o => {
-            return Err(EngineError::Config(format!(
-                "train_cfg.type {o:?}: expected EpochBasedTrainLoop or IterBasedTrainLoop"
-            )))
-        }
-    };
-    let max_iters = if by_epoch {
-        loop_cfg
-            .max_epochs
-            .ok_or_else(|| EngineError::Config("train_cfg.max_epochs is required".into()))?
-            * epoch_len
-    } else {
-        loop_cfg
-            .max_iters
-            .ok_or_else(|| EngineError::Config("train_cfg.max_iters is required".into()))?
-    };
+    let (by_epoch, max_iters) = loop_length(loop_cfg, epoch_len)?;
 
     let mut opt_cfg = ow.optimizer.clone();
     if let Some(a) = cfg.auto_scale_lr.as_ref().filter(|a| a.enable) {
@@ -189,40 +220,22 @@ pub fn train(
         opt.params.len()
     );
 
-    let mut start_iter = 0u64;
-    if opts.resume {
-        let last = wd.join("last_checkpoint");
-        match std::fs::read_to_string(&last) {
-            Ok(stem) => {
-                let stem = stem.trim();
-                let w = wd.join(format!("{stem}.safetensors"));
-                load_weights(&model, &w, true)?;
-                let o = wd.join(format!("{stem}.optim.safetensors"));
-                let state = read_checkpoint(&o).map_err(|e| file_err(&o, e))?;
-                opt.load_state(&state).ctx("restoring optimizer state")?;
-                let m = wd.join(format!("{stem}.json"));
-                let meta: serde_json::Value = serde_json::from_str(
-                    &std::fs::read_to_string(&m).map_err(|e| file_err(&m, e))?,
-                )
-                .map_err(|e| file_err(&m, e))?;
-                start_iter = meta["iter"]
-                    .as_u64()
-                    .ok_or_else(|| file_err(&m, "no `iter` field"))?;
-                tracing::info!("resumed from {} at iteration {start_iter}", w.display());
-            }
-            Err(_) => tracing::warn!("--resume: no {} yet, starting from scratch", last.display()),
+    let start_iter = if opts.resume {
+        resume(&model, &mut opt, wd)?
+    } else {
+        if let Some(p) = opts.load_from.as_ref().or(cfg.load_from.as_ref()) {
+            let report = load_weights(&model, p, false)?;
+            tracing::info!(
+                "load_from {}: {} tensors loaded, {} missing, {} unexpected",
+                p.display(),
+                report.loaded.len(),
+                report.missing.len(),
+                report.unexpected.len()
+            );
+            tracing::debug!("{report}");
         }
-    } else if let Some(p) = opts.load_from.as_ref().or(cfg.load_from.as_ref()) {
-        let report = load_weights(&model, p, false)?;
-        tracing::info!(
-            "load_from {}: {} tensors loaded, {} missing, {} unexpected",
-            p.display(),
-            report.loaded.len(),
-            report.missing.len(),
-            report.unexpected.len()
-        );
-        tracing::debug!("{report}");
-    }
+        0
+    };
 
     dist.broadcast_vars(&model.vars)?;
     let val = match (&cfg.val_dataloader, &cfg.val_evaluator) {
