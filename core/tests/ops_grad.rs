@@ -59,6 +59,26 @@ fn dwconv_forward_matches_candle_conv2d() {
     }
 }
 
+/// The register-blocked stride-1 path (forward and input gradient) on rows wide enough for its
+/// 32- and 8-column blocks and the single-column tail, with odd and even kernels, "same",
+/// smaller and zero padding: values and both gradients equal candle's grouped `conv2d` (f64,
+/// 1e-10: the same products summed in another order).
+#[test]
+fn dwconv_unit_stride_blocks_match_candle_conv2d() {
+    for &(k, p, width) in &[(11, 5, 75), (7, 3, 70), (3, 0, 41), (4, 1, 33), (5, 4, 9)] {
+        let x = Var::from_tensor(&randn(&[2, 3, 9, width], 7, DType::F64)).unwrap();
+        let w = Var::from_tensor(&randn(&[3, 1, k, k], 8, DType::F64)).unwrap();
+        let prm = DwConvParams {
+            stride: (1, 1),
+            padding: (p, p),
+            dilation: (1, 1),
+        };
+        let ours = depthwise_conv2d(&x, &w, None, prm).unwrap();
+        let reference = depthwise_conv2d_reference(&x, &w, prm).unwrap();
+        densepred_testutil::assert_same_values_and_grads(&ours, &reference, &[&x, &w], 9, 1e-10);
+    }
+}
+
 #[test]
 fn dwconv_bias_and_shapes() {
     let x = randn(&[1, 4, 6, 6], 3, DType::F32);

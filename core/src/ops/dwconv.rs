@@ -238,9 +238,110 @@ pub fn dot_row<T: Float>(out: &[T], inp: &[T], ox0: usize, ox1: usize, off: isiz
     acc
 }
 
+/// One plane of a stride-1, dilation-1 depthwise correlation, register-blocked:
+/// `out[oy, ox] = Σ_{ky, kx} wk[ky, kx] · x[oy + ky − ph, ox + kx − pw]` (zero outside `x`).
+///
+/// `x` is `(h, w)`, `out` `(oh, ow)`, `wk` `(kh, kw)`, all row-major. The rows of `x` are first
+/// copied into `padded` with `pw` zeros on the left (and enough on the right), so that every tap
+/// reads a full window (the last block's too); then each block of 32 or 8 output columns is
+/// accumulated in registers over all taps and stored once (the row kernels above load and store
+/// the output row once per tap, which bounds them by memory traffic for large kernels).
+#[allow(clippy::too_many_arguments)]
+fn plane_s1<T: Float>(
+    x: &[T],
+    (h, w): (usize, usize),
+    wk: &[T],
+    (kh, kw): (usize, usize),
+    (ph, pw): (usize, usize),
+    out: &mut [T],
+    (oh, ow): (usize, usize),
+    padded: &mut Vec<T>,
+) {
+    // Wide enough for the last 8-column block's window and for the copied rows.
+    let wp = (ow.next_multiple_of(8) + kw - 1).max(pw + w);
+    padded.clear();
+    padded.resize(h * wp, T::zero());
+    for r in 0..h {
+        padded[r * wp + pw..r * wp + pw + w].copy_from_slice(&x[r * w..(r + 1) * w]);
+    }
+    for oy in 0..oh {
+        // Kernel rows whose input row `oy + ky − ph` lies inside `x`.
+        let ky0 = ph.saturating_sub(oy);
+        let ky1 = kh.min((h + ph).saturating_sub(oy));
+        // The padded input rows of the taps `ky0..ky1`, and their kernel rows.
+        let rows = &padded[(oy + ky0 - ph) * wp..(oy + ky1 - ph) * wp];
+        let wrows = &wk[ky0 * kw..ky1 * kw];
+        let orow = &mut out[oy * ow..(oy + 1) * ow];
+        let mut ox = 0;
+        while ox + 32 <= ow {
+            orow[ox..ox + 32].copy_from_slice(&taps::<T, 32>(rows, wp, wrows, kw, ox));
+            ox += 32;
+        }
+        while ox + 8 <= ow {
+            orow[ox..ox + 8].copy_from_slice(&taps::<T, 8>(rows, wp, wrows, kw, ox));
+            ox += 8;
+        }
+        if ox < ow {
+            // The last block reads past the row into the zero padding; its extra columns are
+            // dropped.
+            let n = ow - ox;
+            orow[ox..].copy_from_slice(&taps::<T, 8>(rows, wp, wrows, kw, ox)[..n]);
+        }
+    }
+}
+
+/// `L` consecutive outputs from column `ox` of one output row of [`plane_s1`]: the sum over the
+/// kernel rows `wrows` (`kw` taps each) of each tap times the window of its padded input row
+/// (`rows`, `wp` wide), accumulated in an array the compiler keeps in vector registers.
+#[inline(always)]
+fn taps<T: Float, const L: usize>(
+    rows: &[T],
+    wp: usize,
+    wrows: &[T],
+    kw: usize,
+    ox: usize,
+) -> [T; L] {
+    let mut acc = [T::zero(); L];
+    for (prow, wr) in rows.chunks_exact(wp).zip(wrows.chunks_exact(kw)) {
+        for (kx, &wv) in wr.iter().enumerate() {
+            let src: &[T; L] = prow[ox + kx..ox + kx + L]
+                .try_into()
+                .expect("window inside the row");
+            for i in 0..L {
+                acc[i] = acc[i] + wv * src[i];
+            }
+        }
+    }
+    acc
+}
+
+/// Whether the register-blocked [`plane_s1`] applies: stride 1 and dilation 1 (every depthwise
+/// convolution of SMT, Conv2Former and MCGA) with padding below the kernel size.
+fn unit_stride(g: &Geom) -> bool {
+    g.p.stride == (1, 1) && g.p.dilation == (1, 1) && g.p.padding.0 < g.kh && g.p.padding.1 < g.kw
+}
+
 fn forward_kernel<T: Float + Send + Sync>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     let (plane_in, plane_out, kk) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
     let mut out = crate::kernel::zeroed(g.b * g.c * plane_out);
+    if unit_stride(g) {
+        out.par_chunks_mut(plane_out)
+            .enumerate()
+            .for_each_init(Vec::new, |pad, (bc, o)| {
+                let c = bc % g.c;
+                plane_s1(
+                    &x[bc * plane_in..(bc + 1) * plane_in],
+                    (g.h, g.w),
+                    &w[c * kk..(c + 1) * kk],
+                    (g.kh, g.kw),
+                    g.p.padding,
+                    o,
+                    (g.oh, g.ow),
+                    pad,
+                );
+            });
+        return out;
+    }
     let cols: Vec<_> = (0..g.kw).map(|kx| g.col_range(kx)).collect();
     out.par_chunks_mut(plane_out)
         .enumerate()
@@ -265,6 +366,26 @@ fn forward_kernel<T: Float + Send + Sync>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> 
 fn grad_input_kernel<T: Float + Send + Sync>(g: &Geom, gy: &[T], w: &[T]) -> Vec<T> {
     let (plane_in, plane_out, kk) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
     let mut gx = crate::kernel::zeroed(g.b * g.c * plane_in);
+    if unit_stride(g) {
+        // dx is the correlation of dy with the kernel rotated by 180°, padded by k − 1 − p.
+        gx.par_chunks_mut(plane_in)
+            .enumerate()
+            .for_each_init(Vec::new, |pad, (bc, gi)| {
+                let c = bc % g.c;
+                let rotated: Vec<T> = w[c * kk..(c + 1) * kk].iter().rev().copied().collect();
+                plane_s1(
+                    &gy[bc * plane_out..(bc + 1) * plane_out],
+                    (g.oh, g.ow),
+                    &rotated,
+                    (g.kh, g.kw),
+                    (g.kh - 1 - g.p.padding.0, g.kw - 1 - g.p.padding.1),
+                    gi,
+                    (g.h, g.w),
+                    pad,
+                );
+            });
+        return gx;
+    }
     let cols: Vec<_> = (0..g.kw).map(|kx| g.col_range(kx)).collect();
     gx.par_chunks_mut(plane_in)
         .enumerate()
