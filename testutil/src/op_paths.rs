@@ -1,7 +1,7 @@
 //! The harness of the op-path tests (`core/tests/op_paths.rs` for core's ops,
-//! `backbones/tests/smt_op_paths.rs` for SMT's fused ops): every public tensor op of a source
-//! folder has a dispatch entry, and each op whose fallback is a candle composition computes
-//! what our CPU kernel computes, in values and gradients.
+//! `backbones/tests/fused_op_paths.rs` for the backbones' fused ops): every public tensor op of
+//! a source folder has a dispatch entry, and each op whose fallback is a candle composition
+//! computes what our CPU kernel computes, in values and gradients.
 
 use crate::{max_abs, max_abs_value, randn};
 use candle_core::{DType, Result, Tensor, Var};

@@ -27,7 +27,7 @@ pub use ffn::{detail_ffn, pre_norm_ffn_residual, DETAIL_FFN, PRE_NORM_FFN_RESIDU
 pub use mhmc::{multi_head_mixed_conv, MULTI_HEAD_MIXED_CONV};
 
 /// SMT's fused ops with their implementations (as `densepred_core::ops::dispatch::OPS` lists
-/// core's; `backbones/tests/smt_op_paths.rs` checks the list is complete and each fallback).
+/// core's; `backbones/tests/fused_op_paths.rs` checks the list is complete and each fallback).
 pub const FUSED_OPS: &[densepred_core::ops::dispatch::Op] =
     &[DETAIL_FFN, PRE_NORM_FFN_RESIDUAL, MULTI_HEAD_MIXED_CONV];
 

@@ -46,9 +46,10 @@ impl DwConvParams {
 
 /// Sizes of one depthwise convolution, resolved once from the shapes.
 ///
-/// With the row kernels [`axpy_row`], [`axpy_row_adjoint`] and [`dot_row`] it is the
-/// kernel-level API of the NCHW depthwise convolution that fused ops built on it (SMT's
-/// multi-head mixed convolution in `densepred_backbones::smt::mhmc`) use.
+/// With the plane kernels ([`forward_kernel`], [`grad_input_kernel`], [`grad_weight_kernel`]) and
+/// the row kernels ([`axpy_row`], [`axpy_row_adjoint`], [`dot_row`]) it is the kernel-level API
+/// of the NCHW depthwise convolution that fused ops built on it use (SMT's multi-head mixed
+/// convolution, Conv2Former's MLP position branch, in `densepred_backbones`).
 #[derive(Debug, Clone, Copy)]
 pub struct Geom {
     b: usize,
@@ -321,7 +322,9 @@ fn unit_stride(g: &Geom) -> bool {
     g.p.stride == (1, 1) && g.p.dilation == (1, 1) && g.p.padding.0 < g.kh && g.p.padding.1 < g.kw
 }
 
-fn forward_kernel<T: Float + Send + Sync>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
+/// The forward CPU kernel: `x` `(B, C, H, W)` and `w` `(C, 1, KH, KW)` (row-major, sizes in `g`)
+/// → `y` `(B, C, OH, OW)`, no bias. Kernel-level API for fused ops built on this convolution.
+pub fn forward_kernel<T: Float + Send + Sync>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     let (plane_in, plane_out, kk) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
     let mut out = crate::kernel::zeroed(g.b * g.c * plane_out);
     if unit_stride(g) {
@@ -363,7 +366,8 @@ fn forward_kernel<T: Float + Send + Sync>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> 
     out
 }
 
-fn grad_input_kernel<T: Float + Send + Sync>(g: &Geom, gy: &[T], w: &[T]) -> Vec<T> {
+/// The input-gradient CPU kernel: `dy` `(B, C, OH, OW)` and `w` → `dx` `(B, C, H, W)`.
+pub fn grad_input_kernel<T: Float + Send + Sync>(g: &Geom, gy: &[T], w: &[T]) -> Vec<T> {
     let (plane_in, plane_out, kk) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
     let mut gx = crate::kernel::zeroed(g.b * g.c * plane_in);
     if unit_stride(g) {
@@ -415,7 +419,8 @@ fn grad_input_kernel<T: Float + Send + Sync>(g: &Geom, gy: &[T], w: &[T]) -> Vec
     gx
 }
 
-fn grad_weight_kernel<T: Float + Send + Sync>(g: &Geom, x: &[T], gy: &[T]) -> Vec<T> {
+/// The weight-gradient CPU kernel: `x` and `dy` → `dw` `(C, 1, KH, KW)` (summed over the batch).
+pub fn grad_weight_kernel<T: Float + Send + Sync>(g: &Geom, x: &[T], gy: &[T]) -> Vec<T> {
     let (plane_in, plane_out, kk) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
     let mut gw = vec![T::zero(); g.c * kk];
     let cols: Vec<_> = (0..g.kw).map(|kx| g.col_range(kx)).collect();

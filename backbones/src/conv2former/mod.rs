@@ -19,6 +19,14 @@
 //! All tensors are NCHW; every LayerNorm is channels-first with eps 1e-6, the stem's BatchNorms
 //! eps 1e-5, GELU is the exact (erf) one.
 
+pub mod pos_gelu;
+
+pub use pos_gelu::{pos_gelu_residual, POS_GELU_RESIDUAL};
+
+/// Conv2Former's fused ops with their implementations (as `densepred_core::ops::dispatch::OPS`
+/// lists core's; `backbones/tests/fused_op_paths.rs` checks the list and each fallback).
+pub const FUSED_OPS: &[densepred_core::ops::dispatch::Op] = &[POS_GELU_RESIDUAL];
+
 use crate::Backbone;
 use candle_core::{Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
@@ -336,8 +344,12 @@ impl Mlp {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = gelu(&self.fc1.forward(&self.norm.forward(x)?)?)?;
-        let h = (&h + gelu(&self.pos.forward(&h)?)?)?;
-        self.fc2.forward(&h)
+        let bias =
+            self.pos.bias.as_ref().ok_or_else(|| {
+                candle_core::Error::Msg("Conv2Former MLP: `pos` has no bias".into())
+            })?;
+        self.fc2
+            .forward(&pos_gelu_residual(&h, &self.pos.weight, bias)?)
     }
 }
 

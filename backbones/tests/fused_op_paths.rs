@@ -1,20 +1,34 @@
-//! SMT's fused ops (`backbones/src/smt/`) have a path on every device, and the candle
-//! compositions that devices without our kernels run compute what our CPU kernels compute: the
-//! same checks and tolerances as core's `core/tests/op_paths.rs` (see
-//! `densepred_testutil::op_paths`), on `densepred_backbones::smt::FUSED_OPS`.
+//! The backbones' fused ops (SMT's in `backbones/src/smt/`, Conv2Former's in
+//! `backbones/src/conv2former/`) have a path on every device, and the candle compositions that
+//! devices without our kernels run compute what our CPU kernels compute: the same checks and
+//! tolerances as core's `core/tests/op_paths.rs` (see `densepred_testutil::op_paths`), on each
+//! model's `FUSED_OPS`.
 
 use candle_core::{Result, Tensor};
-use densepred_backbones::smt::{self, FUSED_OPS};
+use densepred_backbones::{conv2former, smt};
 use densepred_testutil::op_paths::{around_one, assert_fallbacks_match, assert_listed, case};
 
 #[test]
 fn every_fused_op_is_listed() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/smt");
-    assert_listed(dir, FUSED_OPS, &[], 3);
+    assert_listed(dir, smt::FUSED_OPS, &[], 3);
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/conv2former");
+    assert_listed(dir, conv2former::FUSED_OPS, &[], 1);
 }
 
 #[test]
-fn candle_fallbacks_match_our_kernels() {
+fn conv2former_fallbacks_match_our_kernels() {
+    let t = |r: Result<Tensor>| r.map(|y| vec![y]);
+    let cases = vec![case(
+        "pos_gelu_residual",
+        &[&[2, 3, 6, 11], &[3, 1, 3, 3], &[3]],
+        Box::new(move |x| t(conv2former::pos_gelu_residual(&x[0], &x[1], &x[2]))),
+    )];
+    assert_fallbacks_match(conv2former::FUSED_OPS, &cases);
+}
+
+#[test]
+fn smt_fallbacks_match_our_kernels() {
     let t = |r: Result<Tensor>| r.map(|y| vec![y]);
     let cases = vec![
         case(
@@ -82,5 +96,5 @@ fn candle_fallbacks_match_our_kernels() {
             }),
         ),
     ];
-    assert_fallbacks_match(FUSED_OPS, &cases);
+    assert_fallbacks_match(smt::FUSED_OPS, &cases);
 }
