@@ -14,6 +14,8 @@ use candle_core::CustomOp1;
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+mod shifted;
+
 /// Geometry of an unfold: input `(B, C, H, W)`, square-or-not kernel `(KH, KW)`, equal stride,
 /// padding and dilation on both axes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -296,7 +298,27 @@ struct ConvGemm {
     p: UnfoldParams,
     /// Column budget per block (elements); [`MAX_COLS`] outside tests.
     max_cols: usize,
+    lowering: Lowering,
 }
+
+/// How [`ConvGemm`] lowers a convolution to GEMMs (production code runs [`Lowering::Auto`];
+/// the tests force each lowering).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(test), allow(dead_code))]
+enum Lowering {
+    /// [`Lowering::Shifted`] for stride 1 and at least [`SHIFTED_MIN_CHANNELS`] input channels,
+    /// else [`Lowering::Unfold`].
+    Auto,
+    /// im2col blocks and one GEMM per image and block (any stride).
+    Unfold,
+    /// One GEMM per tap on the shifted padded input ([`shifted`]; stride 1 only).
+    Shifted,
+}
+
+/// Fewest input channels for which [`Lowering::Auto`] picks the shifted GEMMs: their inner
+/// dimension is `C`, and below a few dozen the GEMM micro-kernels run mostly on edges (an RGB
+/// stem keeps the unfold).
+const SHIFTED_MIN_CHANNELS: usize = 16;
 
 /// Most elements of one unfolded column block (128 MiB of f32): larger convolutions are split
 /// over input channels.
@@ -370,6 +392,25 @@ impl ConvDims {
 }
 
 impl ConvGemm {
+    /// The production lowering of a convolution with geometry `p`.
+    fn new(p: UnfoldParams) -> Self {
+        Self {
+            p,
+            max_cols: MAX_COLS,
+            lowering: Lowering::Auto,
+        }
+    }
+
+    /// Whether `d` runs on the shifted GEMMs.
+    fn shifted(&self, d: &ConvDims) -> bool {
+        let possible = self.p.stride == 1 && d.b > 0;
+        match self.lowering {
+            Lowering::Auto => possible && d.c >= SHIFTED_MIN_CHANNELS,
+            Lowering::Unfold => false,
+            Lowering::Shifted => possible,
+        }
+    }
+
     /// Input-channel chunks `(start, len)` whose columns for one image stay within [`MAX_COLS`].
     fn channel_chunks(&self, c: usize, l: usize) -> Vec<(usize, usize)> {
         let (kh, kw) = self.p.kernel;
@@ -388,6 +429,9 @@ impl ConvGemm {
         w: &[T],
         init: Option<&[T]>,
     ) -> Vec<T> {
+        if self.shifted(d) {
+            return shifted::forward(d, x, w, init);
+        }
         let (l, hw) = (d.l(), d.h * d.w);
         let chunks = self.channel_chunks(d.c, l);
         let mut y = match init {
@@ -416,6 +460,9 @@ impl ConvGemm {
 
     /// `dX_i[chunk] = fold(W[:, chunk]ᵀ @ dY_i)`, folded straight into the `(B, C, H, W)` result.
     fn grad_input<T: KernelFloat>(&self, d: &ConvDims, w: &[T], gy: &[T]) -> Vec<T> {
+        if self.shifted(d) {
+            return shifted::grad_input(d, w, gy);
+        }
         let (l, hw) = (d.l(), d.h * d.w);
         let chunks = self.channel_chunks(d.c, l);
         let mut gx = crate::kernel::zeroed(d.b * d.c * hw);
@@ -441,6 +488,9 @@ impl ConvGemm {
     /// `dW[:, chunk] = Σ_i dY_i @ unfold(x_i[chunk])ᵀ`, accumulated in the `(OC, WC, KH, KW)`
     /// result (zero outside the input's channels).
     fn grad_weight<T: KernelFloat>(&self, d: &ConvDims, x: &[T], gy: &[T]) -> Vec<T> {
+        if self.shifted(d) {
+            return shifted::grad_weight(d, x, gy);
+        }
         let (l, hw) = (d.l(), d.h * d.w);
         let chunks = self.channel_chunks(d.c, l);
         let mut gw = vec![T::zero(); d.oc * d.wc * d.taps];
@@ -776,15 +826,12 @@ fn cat_conv(
         };
         return candle_conv2d(&Tensor::cat(&parts, 1)?, w, stride, padding, dilation, 1);
     }
-    let conv = ConvGemm {
-        p: UnfoldParams {
-            kernel: (kh, kw),
-            stride,
-            padding,
-            dilation,
-        },
-        max_cols: MAX_COLS,
-    };
+    let conv = ConvGemm::new(UnfoldParams {
+        kernel: (kh, kw),
+        stride,
+        padding,
+        dilation,
+    });
     let w = w.contiguous()?;
     let first = match resize {
         Some((h, wd, ac)) => super::resample::resize_bilinear(&xs[0], h, wd, ac)?,
@@ -848,10 +895,7 @@ pub fn conv2d_gemm(
     x.contiguous()?.apply_op2(
         &w.contiguous()?,
         ConvGemmOp {
-            conv: ConvGemm {
-                p,
-                max_cols: MAX_COLS,
-            },
+            conv: ConvGemm::new(p),
             product: ConvProduct::Forward { c_off: 0 },
         },
     )
@@ -918,7 +962,6 @@ mod tests {
         ] {
             let x = Var::from_tensor(&randn(&[b, c, h, w], 1)).unwrap();
             let wt = Var::from_tensor(&randn(&[oc, c, k, k], 2)).unwrap();
-            let ours = conv2d_gemm(&x, &wt, s, p, d).unwrap();
             // Reference: candle's conv2d on an explicitly padded and cropped input (its own
             // backward mis-shapes gradients when the stride leaves rows unread).
             let span = d * (k - 1) + 1;
@@ -933,8 +976,45 @@ mod tests {
                 .narrow(3, 0, w + 2 * p - rw)
                 .unwrap();
             let refr = xp.conv2d(&wt, 0, s, d, 1).unwrap();
-            assert_eq!(ours.dims(), refr.dims());
-            densepred_testutil::assert_same_values_and_grads(&ours, &refr, &[&x, &wt], 3, 1e-10);
+            // Both lowerings (the shifted GEMMs exist for stride 1 only).
+            let lowerings = if s == 1 {
+                vec![Lowering::Unfold, Lowering::Shifted]
+            } else {
+                vec![Lowering::Unfold]
+            };
+            for lowering in lowerings {
+                let conv = ConvGemm {
+                    lowering,
+                    ..ConvGemm::new(UnfoldParams {
+                        kernel: (k, k),
+                        stride: s,
+                        padding: p,
+                        dilation: d,
+                    })
+                };
+                assert_eq!(
+                    conv.shifted(&ConvDims::new((b, c, h, w), (oc, c, k, k), 0, conv.p).unwrap()),
+                    lowering == Lowering::Shifted
+                );
+                let ours = x
+                    .as_tensor()
+                    .apply_op2(
+                        wt.as_tensor(),
+                        ConvGemmOp {
+                            conv,
+                            product: ConvProduct::Forward { c_off: 0 },
+                        },
+                    )
+                    .unwrap();
+                assert_eq!(ours.dims(), refr.dims());
+                densepred_testutil::assert_same_values_and_grads(
+                    &ours,
+                    &refr,
+                    &[&x, &wt],
+                    3,
+                    1e-10,
+                );
+            }
         }
     }
 
@@ -957,7 +1037,11 @@ mod tests {
                 .apply_op2(
                     w.as_tensor(),
                     ConvGemmOp {
-                        conv: ConvGemm { p, max_cols },
+                        conv: ConvGemm {
+                            p,
+                            max_cols,
+                            lowering: Lowering::Unfold,
+                        },
                         product: ConvProduct::Forward { c_off: 0 },
                     },
                 )
@@ -992,6 +1076,9 @@ mod tests {
             (vec![2usize, 3, 1], 3usize, 2usize, 1usize),
             (vec![4], 3, 1, 1),
             (vec![1, 2], 1, 1, 0),
+            // The first part on the shifted GEMMs, the second on the unfold (its channels are
+            // below SHIFTED_MIN_CHANNELS): the accumulation crosses lowerings.
+            (vec![SHIFTED_MIN_CHANNELS, 3], 3, 1, 1),
         ] {
             let xs: Vec<Var> = chans
                 .iter()
