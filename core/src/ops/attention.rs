@@ -9,7 +9,8 @@
 //! `dV = Pᵀ dO`, `dP = dO Vᵀ`, `dS = P ⊙ (dP − rowsum(dO ⊙ O))`, `dQ = scale · dS K`,
 //! `dK = scale · dSᵀ Q`.
 
-use super::{softmax::softmax_last_dim, transpose::transpose_last2};
+use super::softmax::{softmax_in_place, softmax_last_dim, FastExp};
+use super::transpose::transpose_last2;
 use crate::kernel::{gemm_into_ex, KernelFloat, MatView};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -180,21 +181,6 @@ impl TokGeo {
     }
 }
 
-/// Row softmax of a row-major `(rows, m)` buffer, in place (max-subtracted, as
-/// [`softmax_last_dim`]).
-fn softmax_rows<T: num_traits::Float>(s: &mut [T], m: usize) {
-    for r in s.chunks_mut(m) {
-        let mx = crate::kernel::reduce::max(r);
-        for v in r.iter_mut() {
-            *v = (*v - mx).exp();
-        }
-        let inv = T::one() / crate::kernel::reduce::sum(r);
-        for v in r.iter_mut() {
-            *v = *v * inv;
-        }
-    }
-}
-
 /// Multi-head attention on token layouts, `softmax(scale · Q Kᵀ) V` per head, reading the heads
 /// as strided views of `q` `(B, N, C)` and `kv` `(B, M, 2C)` (keys in the first `C` channels,
 /// values in the last, head `h` at channels `h·d..(h+1)·d` of each) and writing `(B, N, C)`: no
@@ -227,7 +213,7 @@ impl TokenAttention {
     }
 
     /// `P = softmax(scale · Q Kᵀ)` of one head, `(N, M)`.
-    fn probs<T: KernelFloat + num_traits::Float>(
+    fn probs<T: KernelFloat + FastExp>(
         &self,
         g: &TokGeo,
         q: &[T],
@@ -247,11 +233,11 @@ impl TokenAttention {
             T::from(self.scale).unwrap_or_else(T::one),
             false,
         );
-        softmax_rows(&mut p, g.m);
+        p.chunks_mut(g.m).for_each(softmax_in_place);
         p
     }
 
-    fn forward<T: KernelFloat + num_traits::Float>(&self, g: &TokGeo, q: &[T], kv: &[T]) -> Vec<T> {
+    fn forward<T: KernelFloat + FastExp>(&self, g: &TokGeo, q: &[T], kv: &[T]) -> Vec<T> {
         let c = g.c();
         let heads: Vec<Vec<T>> = (0..g.b * g.heads)
             .into_par_iter()
@@ -285,7 +271,7 @@ impl TokenAttention {
     }
 
     /// `(dq (B, N, C), dkv (B, M, 2C))` for the output `o` and its gradient `go`, both `(B, N, C)`.
-    fn backward<T: KernelFloat + num_traits::Float>(
+    fn backward<T: KernelFloat + FastExp>(
         &self,
         g: &TokGeo,
         q: &[T],

@@ -182,21 +182,30 @@ impl CustomOp2 for RoiAlign {
         let bis = (0..k)
             .map(|n| batch_index(&rois[5 * n..5 * n + 5], b, n))
             .collect::<Result<Vec<_>>>()?;
+        // Channels-last copy `(B, H·W, C)`: each bilinear tap then reads `C` contiguous values
+        // and the per-bin sums vectorise over channels, instead of four scalar gathers per tap
+        // and channel (a third of the time of the 1000 proposals of a Mask R-CNN test image).
+        // The arithmetic per channel is unchanged: taps summed in torchvision's order.
+        let hw = h * w;
+        let nhwc = super::transpose::kernel(feat, b, c, hw);
         out.par_chunks_mut(c * plane)
             .enumerate()
             .for_each(|(n, o)| {
                 let (bins, inv) = plan(&rois[5 * n..5 * n + 5], &self.0, h, w);
-                for ch in 0..c {
-                    let f = &feat[(bis[n] * c + ch) * h * w..(bis[n] * c + ch + 1) * h * w];
-                    for (bin, taps) in bins.iter().enumerate() {
-                        let mut acc = 0f32;
-                        for t in taps {
-                            acc += t[0].1 * f[t[0].0]
-                                + t[1].1 * f[t[1].0]
-                                + t[2].1 * f[t[2].0]
-                                + t[3].1 * f[t[3].0];
+                let f = &nhwc[bis[n] * hw * c..][..hw * c];
+                let mut acc = vec![0f32; c];
+                for (bin, taps) in bins.iter().enumerate() {
+                    acc.fill(0.0);
+                    for t in taps {
+                        let px = |i: usize| &f[t[i].0 * c..][..c];
+                        let (v0, v1, v2, v3) = (px(0), px(1), px(2), px(3));
+                        let (w0, w1, w2, w3) = (t[0].1, t[1].1, t[2].1, t[3].1);
+                        for ch in 0..c {
+                            acc[ch] += w0 * v0[ch] + w1 * v1[ch] + w2 * v2[ch] + w3 * v3[ch];
                         }
-                        o[ch * plane + bin] = acc * inv;
+                    }
+                    for (ch, a) in acc.iter().enumerate() {
+                        o[ch * plane + bin] = a * inv;
                     }
                 }
             });
@@ -247,8 +256,12 @@ impl CustomOp2 for RoiAlign {
     }
 }
 
+/// Channels per task of the RoIAlign backward (two AVX-512 vectors).
+const CHANNEL_BLOCK: usize = 32;
+
 /// `(dL/dout (K, C, oh, ow), rois) → dL/dfeatures (B, C, H, W)`: each sample's weight scattered
-/// back. Parallel over channels (RoIs of one channel write the same plane, so they run in order).
+/// back. Parallel over channel blocks (RoIs of one channel write the same plane, so they run in
+/// order).
 struct RoiAlignGrad {
     p: RoiAlignParams,
     feat_shape: Shape,
@@ -276,31 +289,42 @@ impl CustomOp2 for RoiAlignGrad {
         let bis = (0..k)
             .map(|n| batch_index(&rois[5 * n..5 * n + 5], b, n))
             .collect::<Result<Vec<_>>>()?;
-        // Layout (C, B, H, W) while accumulating so each channel is one contiguous chunk.
-        let mut acc = vec![0f32; c * b * h * w];
-        acc.par_chunks_mut(b * h * w)
-            .enumerate()
-            .for_each(|(ch, gc)| {
+        // Accumulated channels-last, in blocks of CHANNEL_BLOCK channels, one rayon task per
+        // block: `(B, H·W, cb)`, so that each tap adds `cb` contiguous values (vectorised)
+        // instead of one. The per-channel sequence of additions is the channels-first one.
+        let hw = h * w;
+        let gyt = super::transpose::kernel(gy, k, c, plane);
+        let blocks: Vec<(usize, Vec<f32>)> = (0..c)
+            .step_by(CHANNEL_BLOCK)
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(|c0| {
+                let cb = CHANNEL_BLOCK.min(c - c0);
+                let mut acc = vec![0f32; b * hw * cb];
+                let mut v = vec![0f32; cb];
                 for (n, (bins, inv)) in plans.iter().enumerate() {
-                    let g = &mut gc[bis[n] * h * w..(bis[n] + 1) * h * w];
-                    let go = &gy[(n * c + ch) * plane..(n * c + ch + 1) * plane];
+                    let g = &mut acc[bis[n] * hw * cb..][..hw * cb];
                     for (bin, taps) in bins.iter().enumerate() {
-                        let v = go[bin] * inv;
+                        let go = &gyt[(n * plane + bin) * c + c0..][..cb];
+                        v.iter_mut().zip(go).for_each(|(v, &go)| *v = go * inv);
                         for t in taps {
                             for &(i, wt) in t {
-                                g[i] += wt * v;
+                                let gi = &mut g[i * cb..][..cb];
+                                gi.iter_mut().zip(&v).for_each(|(g, &v)| *g += wt * v);
                             }
                         }
                     }
                 }
-            });
-        let mut out = vec![0f32; b * c * h * w];
-        for ch in 0..c {
-            for bi in 0..b {
-                out[(bi * c + ch) * h * w..(bi * c + ch + 1) * h * w]
-                    .copy_from_slice(&acc[(ch * b + bi) * h * w..(ch * b + bi + 1) * h * w]);
-            }
-        }
+                (c0, super::transpose::kernel(&acc, b, hw, cb))
+            })
+            .collect();
+        let mut out = vec![0f32; b * c * hw];
+        out.par_chunks_mut(hw).enumerate().for_each(|(i, o)| {
+            let (bi, ch) = (i / c, i % c);
+            let (c0, blk) = &blocks[ch / CHANNEL_BLOCK];
+            let cb = CHANNEL_BLOCK.min(c - c0);
+            o.copy_from_slice(&blk[(bi * cb + ch - c0) * hw..][..hw]);
+        });
         Ok((CpuStorage::F32(out), self.feat_shape.clone()))
     }
 
@@ -374,4 +398,54 @@ pub fn map_roi_levels(rois: &Tensor, num_levels: usize, finest_scale: f64) -> Re
             lvl.clamp(0.0, (num_levels - 1) as f64) as usize
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    /// Channels are independent: with 69 channels (two full channel blocks of the backward and a
+    /// partial one), the output and the feature gradient of every channel equal those of that
+    /// channel alone (one partial block), bit for bit (the per-channel arithmetic is the same).
+    #[test]
+    fn channel_blocks_match_single_channels() {
+        let c = 2 * CHANNEL_BLOCK + 5;
+        let feat =
+            Var::from_tensor(&densepred_testutil::randn(&[2, c, 12, 10], 7, DType::F32)).unwrap();
+        let rois = Tensor::new(
+            &[
+                [0f32, 1.5, 2.0, 30.0, 41.0],
+                [1., 0., 0., 39.0, 47.0],
+                [0., 10., 12., 14., 13.],
+            ],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let p = RoiAlignParams {
+            output_size: (7, 7),
+            spatial_scale: 0.25,
+            sampling_ratio: 0,
+            aligned: true,
+        };
+        let up = densepred_testutil::randn(&[3, c, 7, 7], 8, DType::F32);
+        let out = roi_align(&feat, &rois, p).unwrap();
+        let grads = densepred_testutil::grads_of_dot(&out, &up);
+        let grad = grads.get(&feat).unwrap();
+        for ch in [0, 1, CHANNEL_BLOCK - 1, CHANNEL_BLOCK, c - 1] {
+            let one = Var::from_tensor(&feat.narrow(1, ch, 1).unwrap()).unwrap();
+            let o1 = roi_align(&one, &rois, p).unwrap();
+            let g1 = densepred_testutil::grads_of_dot(&o1, &up.narrow(1, ch, 1).unwrap());
+            assert_eq!(
+                densepred_testutil::max_abs(&o1, &out.narrow(1, ch, 1).unwrap()),
+                0.0
+            );
+            let g1 = g1.get(&one).unwrap();
+            assert_eq!(
+                densepred_testutil::max_abs(g1, &grad.narrow(1, ch, 1).unwrap()),
+                0.0
+            );
+        }
+        assert!(densepred_testutil::max_abs(grad, &grad.zeros_like().unwrap()) > 0.0);
+    }
 }

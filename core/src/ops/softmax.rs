@@ -12,7 +12,7 @@ use rayon::prelude::*;
 struct SoftmaxLastDim;
 
 /// Element-wise `exp`, specialised per dtype (f32: the vectorisable [`super::activation::exp_f32`]).
-trait FastExp: Float {
+pub(crate) trait FastExp: Float {
     fn fast_exp(self) -> Self;
 }
 impl FastExp for f32 {
@@ -28,21 +28,23 @@ impl FastExp for f64 {
     }
 }
 
+/// Softmax of one row in place, max-subtracted: the row kernel of [`softmax_last_dim`] and of
+/// the attention kernels' probabilities.
+#[inline]
+pub(crate) fn softmax_in_place<T: FastExp>(r: &mut [T]) {
+    let m = crate::kernel::reduce::max(r);
+    for v in r.iter_mut() {
+        *v = (*v - m).fast_exp();
+    }
+    let inv = crate::kernel::reduce::sum(r).recip();
+    for v in r.iter_mut() {
+        *v = *v * inv;
+    }
+}
+
 fn kernel<T: FastExp + Send + Sync>(x: &[T], dim: usize) -> Vec<T> {
-    let mut out = vec![T::zero(); x.len()];
-    out.par_chunks_mut(dim)
-        .zip(x.par_chunks(dim))
-        .for_each(|(o, xr)| {
-            let m = crate::kernel::reduce::max(xr);
-            for (oi, &xi) in o.iter_mut().zip(xr) {
-                *oi = (xi - m).fast_exp();
-            }
-            let s = crate::kernel::reduce::sum(o);
-            let inv = s.recip();
-            for oi in o.iter_mut() {
-                *oi = *oi * inv;
-            }
-        });
+    let mut out = x.to_vec();
+    out.par_chunks_mut(dim).for_each(softmax_in_place);
     out
 }
 
