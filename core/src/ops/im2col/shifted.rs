@@ -8,9 +8,10 @@
 //! same `(C, ·)` matrix shifted by `off` columns, and
 //! `Y_ext = Σ_taps W[:, :, ky, kx] @ X_pad[:, off_tap ..]` over the columns `j`. Columns with
 //! `ox ≥ OW` or `oy ≥ OH` are computed and dropped (a `(p + halo)/Wp` overhead, ~2% at 160² and
-//! ~14% on 14² RoIs); the result is cropped into `(B, OC, OH, OW)`. The gradients are the
-//! adjoint GEMMs on the same views: `dX_pad[:, off ..] += W_tapᵀ @ dY_ext` and
-//! `dW_tap = dY_ext @ X_pad[:, off ..]ᵀ`, with `dY_ext` zero on the dropped columns.
+//! ~30% on 14² RoIs); the result is cropped into `(B, OC, OH, OW)`. The input gradient is the
+//! adjoint GEMMs on the same views, `dX_pad[:, off ..] += W_tapᵀ @ dY_ext` with `dY_ext` zero
+//! on the dropped columns. (The weight gradient stays on the unfold: see
+//! `ConvGemm::grad_weight`.)
 //!
 //! Against unfold + one GEMM this writes `1x` the input instead of `KH·KW`x, touches no large
 //! fresh buffer per call, and makes the batch one GEMM (the mask head's hundreds of 14x14 RoIs:
@@ -183,24 +184,4 @@ pub(super) fn grad_input<T: KernelFloat>(d: &ConvDims, w: &[T], gy: &[T]) -> Vec
     drop(gy_ext);
     let p = d.g1.p;
     crop(d, &f, &gxp, d.c, (p, p), (d.h, d.w), None)
-}
-
-/// `dW (OC, WC, KH, KW)` from `x` and `dY`, zero outside the input's channels.
-pub(super) fn grad_weight<T: KernelFloat>(d: &ConvDims, x: &[T], gy: &[T]) -> Vec<T> {
-    let f = Frame::new(d);
-    let xp = pad(d, &f, x);
-    let gy_ext = extend(d, &f, gy);
-    let mut gw = vec![T::zero(); d.oc * d.wc * d.taps];
-    for (k, &off) in f.offsets.iter().enumerate() {
-        gemm_into(
-            &mut gw,
-            tap_weight(d, k),
-            false,
-            &gy_ext,
-            f.view(d.oc, 0),
-            &xp,
-            f.view(d.c, off).t(),
-        );
-    }
-    gw
 }
