@@ -104,7 +104,18 @@ impl Conv2d {
 
     /// `(B, C_in, H, W)` → `(B, C_out, OH, OW)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.forward_uncounted(x)?;
+        self.forward_act(x, false)
+    }
+
+    /// `relu(conv(x))`, `(B, C_in, H, W)` → `(B, C_out, OH, OW)`: mmcv's `ConvModule` without a
+    /// norm layer. A dense convolution with a bias runs as one op that keeps only its output
+    /// ([`crate::ops::conv2d_gemm_bias_act`]); the others are [`Conv2d::forward`] then `relu`.
+    pub fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, true)
+    }
+
+    fn forward_act(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
+        let y = self.forward_uncounted(x, relu)?;
         if crate::flops::active() {
             let (_, in_per_g, k, _) = self.weight.dims4()?;
             crate::flops::count("conv", (y.elem_count() * in_per_g * k * k) as u64);
@@ -112,7 +123,30 @@ impl Conv2d {
         Ok(y)
     }
 
-    fn forward_uncounted(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward_uncounted(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
+        if let (1, Some(b)) = (self.cfg.groups, &self.bias) {
+            let (_, in_per_g, k, _) = self.weight.dims4()?;
+            let pointwise = k == 1 && self.cfg.stride == 1 && self.cfg.padding == 0;
+            if !pointwise && x.dim(1)? == in_per_g {
+                let c = self.cfg;
+                return crate::ops::conv2d_gemm_bias_act(
+                    x,
+                    &self.weight,
+                    b,
+                    (c.stride, c.padding, c.dilation),
+                    relu,
+                );
+            }
+        }
+        let y = self.forward_linear(x)?;
+        if relu {
+            y.relu()
+        } else {
+            Ok(y)
+        }
+    }
+
+    fn forward_linear(&self, x: &Tensor) -> Result<Tensor> {
         let (out_c, in_per_g, k, _) = self.weight.dims4()?;
         let c = self.cfg;
         let in_c = x.dim(1)?;

@@ -107,7 +107,11 @@ mod tests {
         let before = std::thread::spawn(move || (product(), black_box(tiny) * 2.0))
             .join()
             .unwrap();
-        assert!(before.0 > 0.0 && before.0 < f32::MIN_POSITIVE, "{}", before.0);
+        assert!(
+            before.0 > 0.0 && before.0 < f32::MIN_POSITIVE,
+            "{}",
+            before.0
+        );
         assert_eq!(before.1, f32::from_bits(2));
         let after = std::thread::spawn(move || {
             super::flush_denormals_on_this_thread();

@@ -137,6 +137,24 @@ fn cases() -> Vec<Case> {
             }),
         ),
         case(
+            "conv2d_gemm_bias_act",
+            &[&[2, 3, 9, 8], &[4, 3, 3, 3], &[4]],
+            Box::new(move |x| {
+                let biased = ops::conv2d_gemm_bias_act(&x[0], &x[1], &x[2], (2, 1, 1), false)?;
+                let relu = ops::conv2d_gemm_bias_act(&x[0], &x[1], &x[2], (1, 1, 1), true)?;
+                Ok(vec![biased, relu])
+            }),
+        ),
+        case(
+            "conv_transpose2x2",
+            &[&[3, 4, 3, 5], &[4, 6, 2, 2], &[6]],
+            Box::new(move |x| {
+                let linear = ops::conv_transpose2x2(&x[0], &x[1], &x[2], false)?;
+                let relu = ops::conv_transpose2x2(&x[0], &x[1], &x[2], true)?;
+                Ok(vec![linear, relu])
+            }),
+        ),
+        case(
             "conv2d_gemm_cat",
             &[&[2, 2, 6, 5], &[2, 3, 6, 5], &[4, 5, 3, 3]],
             Box::new(move |x| t(ops::conv2d_gemm_cat(&x[..2], &x[2], 1, 1, 1))),

@@ -35,8 +35,8 @@ pub fn around_one(t: &Tensor) -> Tensor {
     ((t * 0.25).unwrap() + 1.0).unwrap()
 }
 
-/// `(name, file)` of every `pub fn` of the `.rs` files in `dir` whose return type names
-/// `Tensor`.
+/// `(name, file)` of every `pub fn` of the `.rs` files in `dir` and its subdirectories whose
+/// return type names `Tensor`.
 ///
 /// # Panics
 /// When `dir` cannot be read.
@@ -44,6 +44,10 @@ pub fn public_tensor_fns(dir: &str) -> Vec<(String, String)> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{dir}: {e}")) {
         let path = entry.unwrap().path();
+        if path.is_dir() {
+            found.extend(public_tensor_fns(&path.to_string_lossy()));
+            continue;
+        }
         let src = std::fs::read_to_string(&path).unwrap();
         let mut rest = src.as_str();
         while let Some(i) = rest.find("\npub fn ") {

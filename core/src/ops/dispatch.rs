@@ -106,7 +106,9 @@ pub const DEPTHWISE_CONV2D: Op = Op {
 };
 pub const TOKEN_DWCONV: Op = Op::candle("token_dwconv", FLOAT);
 pub const CONV2D_GEMM: Op = Op::candle("conv2d_gemm", FLOAT);
+pub const CONV2D_GEMM_BIAS_ACT: Op = Op::candle("conv2d_gemm_bias_act", FLOAT);
 pub const CONV2D_GEMM_CAT: Op = Op::candle("conv2d_gemm_cat", FLOAT);
+pub const CONV_TRANSPOSE2X2: Op = Op::candle("conv_transpose2x2", FLOAT);
 pub const CONV2D_GEMM_CAT_RESIZED: Op = Op::candle("conv2d_gemm_cat_resized", FLOAT);
 pub const LAYER_NORM: Op = Op::candle("layer_norm", FLOAT);
 pub const LAYER_NORM_CHANNELS: Op = Op::candle("layer_norm_channels", FLOAT);
@@ -152,7 +154,9 @@ pub const OPS: &[Op] = &[
     DEPTHWISE_CONV2D,
     TOKEN_DWCONV,
     CONV2D_GEMM,
+    CONV2D_GEMM_BIAS_ACT,
     CONV2D_GEMM_CAT,
+    CONV_TRANSPOSE2X2,
     CONV2D_GEMM_CAT_RESIZED,
     LAYER_NORM,
     LAYER_NORM_CHANNELS,

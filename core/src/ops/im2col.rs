@@ -14,7 +14,10 @@ use candle_core::CustomOp1;
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+mod bias_act;
 mod shifted;
+
+pub use bias_act::conv2d_gemm_bias_act;
 
 /// Geometry of an unfold: input `(B, C, H, W)`, square-or-not kernel `(KH, KW)`, equal stride,
 /// padding and dilation on both axes.

@@ -7,6 +7,7 @@ pub mod batch_norm;
 pub mod bias;
 #[cfg(feature = "cuda")]
 mod cuda;
+pub mod deconv;
 pub mod dispatch;
 pub mod dwconv;
 pub mod dwconv_nhwc;
@@ -25,9 +26,12 @@ pub use activation::gelu_erf;
 pub use attention::{scaled_dot_product_attention, token_attention};
 pub use batch_norm::{batch_norm_relu_train, batch_norm_train};
 pub use bias::{add_bias_channels, add_bias_last, mul_scale_channels, mul_scale_last};
+pub use deconv::conv_transpose2x2;
 pub use dwconv::{depthwise_conv2d, depthwise_conv2d_reference, DwConvParams};
 pub use dwconv_nhwc::{token_dwconv, LocalMode};
-pub use im2col::{conv2d_gemm, conv2d_gemm_cat, conv2d_gemm_cat_resized, UnfoldParams};
+pub use im2col::{
+    conv2d_gemm, conv2d_gemm_bias_act, conv2d_gemm_cat, conv2d_gemm_cat_resized, UnfoldParams,
+};
 pub use layer_norm::{layer_norm, layer_norm_channels};
 pub use nms::{batched_nms, filter_nms, nms};
 pub use paste_mask::paste_masks;

@@ -170,7 +170,7 @@ impl RpnHead {
         let mut cls_scores = Vec::with_capacity(feats.len());
         let mut bbox_preds = Vec::with_capacity(feats.len());
         for x in feats {
-            let h = self.rpn_conv.forward(x)?.relu()?;
+            let h = self.rpn_conv.forward_relu(x)?;
             cls_scores.push(self.rpn_cls.forward(&h)?);
             bbox_preds.push(self.rpn_reg.forward(&h)?);
         }

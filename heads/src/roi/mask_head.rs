@@ -164,24 +164,9 @@ impl MaskHead {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = x.clone();
         for c in &self.convs {
-            h = c.forward(&h)?.relu()?;
+            h = c.forward_relu(&h)?;
         }
-        deconv2x2(&h, &self.up_weight, &self.up_bias)?
-            .relu()
-            .and_then(|h| self.conv_logits.forward(&h))
+        let h = densepred_core::ops::conv_transpose2x2(&h, &self.up_weight, &self.up_bias, true)?;
+        self.conv_logits.forward(&h)
     }
-}
-
-/// `ConvTranspose2d(kernel 2, stride 2)`: `x` `(N, Ci, H, W)`, `weight` `(Ci, Co, 2, 2)`,
-/// `bias` `(Co,)` → `(N, Co, 2H, 2W)`. The output windows do not overlap, so this is one GEMM
-/// `(N·H·W, Ci) × (Ci, Co·4)` and a pixel shuffle (differentiable through candle's matmul).
-pub fn deconv2x2(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    let (n, ci, h, w) = x.dims4()?;
-    let co = weight.dim(1)?;
-    let rows = x.permute((0, 2, 3, 1))?.reshape((n * h * w, ci))?;
-    let y = rows.matmul(&weight.reshape((ci, co * 4))?)?;
-    y.reshape((n, h, w, co, 2, 2))?
-        .permute((0, 3, 1, 4, 2, 5))?
-        .reshape((n, co, 2 * h, 2 * w))?
-        .broadcast_add(&bias.reshape((1, co, 1, 1))?)
 }
