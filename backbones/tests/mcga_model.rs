@@ -4,8 +4,10 @@
 //! refactor cannot silently change the function, and the gradients against finite differences in
 //! f64.
 //!
-//! Golden tolerance: 1e-5 abs on O(1) outputs (f32; the outputs pass LayerNorms, so a change of
-//! summation order moves them by ~1e-6, while any change of the function moves them by ≫ 1e-3).
+//! Golden tolerance: 1e-5 of each output's largest magnitude (f32: the stage maps are O(1), the
+//! logits O(10). A change of summation order moves them by ~1e-6 of that magnitude: the dense
+//! convolutions' per-tap GEMMs of issue 20 moved the stage maps by 0.7–2.4e-6 and the logits by
+//! 0.9e-6 relative, 1.24e-5 absolute. Any change of the function moves them by ≫ 1e-3).
 //! Regenerate the file only for an intended change of the function:
 //! `DENSEPRED_WRITE_GOLDEN=1 cargo test --workspace --test mcga_model golden`.
 
@@ -163,7 +165,10 @@ fn golden_outputs_are_unchanged() {
         let scale = densepred_testutil::max_abs_value(&w);
         assert!(scale > 0.1, "{n}: outputs too small to test ({scale})");
         let e = densepred_testutil::max_abs(&got, &w);
-        assert!(e <= 1e-5, "{n}: max abs error {e}");
+        assert!(
+            e <= 1e-5 * scale,
+            "{n}: max abs error {e} (tolerance 1e-5 of the largest magnitude {scale})"
+        );
     }
 }
 

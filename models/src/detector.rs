@@ -258,13 +258,46 @@ impl Detector {
         metas: &[ImageMeta],
         gts: &[GtInstances],
     ) -> Result<Vec<(String, Tensor)>> {
+        Ok(self.loss_with_proposals(images, metas, gts, None)?.0)
+    }
+
+    /// [`Detector::loss`], with the RoI head of a two-stage detector run on `proposals` (per
+    /// image, xyxy in the `img_shape` frame) instead of the RPN's own when given (mmdetection's
+    /// `TwoStageDetector.loss` with proposals in the data samples); the RPN losses are computed
+    /// either way. Returns the losses and the proposals the RoI head ran on (none for a
+    /// single-stage detector).
+    ///
+    /// Errors: as [`Detector::loss`]; `proposals` for a single-stage detector, or not one list
+    /// per image.
+    pub fn loss_with_proposals(
+        &self,
+        images: &Tensor,
+        metas: &[ImageMeta],
+        gts: &[GtInstances],
+        proposals: Option<&[Vec<[f32; 4]>]>,
+    ) -> Result<(Vec<(String, Tensor)>, Vec<Vec<[f32; 4]>>)> {
         let missing = || candle_core::Error::msg("model.train_cfg is required for training");
+        if let Some(p) = proposals {
+            if p.len() != metas.len() {
+                candle_core::bail!(
+                    "proposals for {} images in a batch of {}",
+                    p.len(),
+                    metas.len()
+                );
+            }
+        }
         let feats = self.extract_feat(images, true)?;
         match &self.heads {
             Heads::Dense { cfg, head } => {
+                if proposals.is_some() {
+                    candle_core::bail!("a single-stage detector takes no proposals");
+                }
                 let train_cfg = cfg.train_cfg.as_ref().ok_or_else(missing)?;
                 let outs = head.forward(&feats)?;
-                sum_levels(head.loss_by_feat(&outs, metas, gts, train_cfg)?)
+                Ok((
+                    sum_levels(head.loss_by_feat(&outs, metas, gts, train_cfg)?)?,
+                    Vec::new(),
+                ))
             }
             Heads::TwoStage { cfg, rpn, roi } => {
                 let train_cfg = cfg.train_cfg.as_ref().ok_or_else(missing)?;
@@ -282,11 +315,14 @@ impl Detector {
                 let rpn_losses = densepred_core::rng::with_rng(|rng| {
                     rpn.loss_by_feat(&outs, metas, &objects, &train_cfg.rpn, rng)
                 })?;
-                let proposals: Vec<Vec<[f32; 4]>> = rpn
-                    .predict_by_feat(&outs, metas, &train_cfg.rpn_proposal)?
-                    .into_iter()
-                    .map(|p| p.bboxes)
-                    .collect();
+                let proposals: Vec<Vec<[f32; 4]>> = match proposals {
+                    Some(p) => p.to_vec(),
+                    None => rpn
+                        .predict_by_feat(&outs, metas, &train_cfg.rpn_proposal)?
+                        .into_iter()
+                        .map(|p| p.bboxes)
+                        .collect(),
+                };
                 // GT masks padded to the batch, as mmdetection's `pad_mask`.
                 let (_, _, bh, bw) = images.dims4()?;
                 let padded: Vec<GtInstances> = gts
@@ -301,7 +337,7 @@ impl Detector {
                 })?;
                 let mut losses = sum_levels(rpn_losses)?;
                 losses.extend(roi_losses.losses);
-                Ok(losses)
+                Ok((losses, proposals))
             }
         }
     }
