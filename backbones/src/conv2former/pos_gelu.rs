@@ -11,11 +11,11 @@
 //! `backbones/tests/fused_op_paths.rs`); that composition is the path on other devices.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use densepred_core::ops::activation::Act;
 use densepred_core::ops::dispatch::{self, Op, FLOAT};
 use densepred_core::ops::dwconv::{
     depthwise_conv2d, forward_kernel, grad_input_kernel, grad_weight_kernel, DwConvParams, Geom,
 };
-use densepred_core::ops::dwconv_nhwc::Act;
 use rayon::prelude::*;
 
 /// [`pos_gelu_residual`]'s dispatch entry: our CPU kernel, a candle composition elsewhere.

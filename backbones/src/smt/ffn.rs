@@ -10,11 +10,10 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use densepred_core::kernel::{gemm_into, KernelFloat, MatView};
+use densepred_core::ops::activation::Act;
 use densepred_core::ops::bias::linear_fwd;
 use densepred_core::ops::dispatch::{Op, FLOAT};
-use densepred_core::ops::dwconv_nhwc::{
-    conv_row, grad_input, grad_weight_bias, taps_major, Act, Geo,
-};
+use densepred_core::ops::dwconv_nhwc::{conv_row, grad_input, grad_weight_bias, taps_major, Geo};
 use rayon::prelude::*;
 use std::sync::Mutex;
 

@@ -18,4 +18,6 @@ pub mod reduce;
 pub mod storage;
 
 pub use gemm::{gemm_into, gemm_into_ex, KernelFloat, MatView};
-pub use storage::{contiguous, cpu, dtype_error, owned, zeroed, CpuStorage, SyncPtr};
+pub use storage::{
+    contiguous, cpu, dtype_error, map_binary, map_unary, owned, zeroed, CpuStorage, SyncPtr,
+};

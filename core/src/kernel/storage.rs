@@ -138,6 +138,68 @@ pub fn zeroed<T: Copy + Send + Sync + num_traits::Zero>(n: usize) -> Vec<T> {
     v
 }
 
+/// Elements per parallel task of [`map_unary`] and [`map_binary`].
+const MAP_CHUNK: usize = 1 << 14;
+
+/// `f(x)` for every element of `x`, in parallel chunks, written once into a fresh buffer.
+///
+/// For element-wise kernels: the inner loop is a plain zip of slices, which the compiler
+/// vectorises when `f` inlines to straight-line code (rayon's `par_iter().map().collect()` runs
+/// `f` element by element through its iterator adapters instead).
+pub fn map_unary<T, U, F>(x: &[T], f: F) -> Vec<U>
+where
+    T: Copy + Sync,
+    U: Send,
+    F: Fn(T) -> U + Sync,
+{
+    use rayon::prelude::*;
+    let n = x.len();
+    let mut v = Vec::with_capacity(n);
+    v.spare_capacity_mut()[..n]
+        .par_chunks_mut(MAP_CHUNK)
+        .zip(x.par_chunks(MAP_CHUNK))
+        .for_each(|(o, x)| {
+            for (o, &x) in o.iter_mut().zip(x) {
+                o.write(f(x));
+            }
+        });
+    // SAFETY: the output and input chunks have the same lengths (both slices have `n`
+    // elements, cut at the same size), so every one of the `n` elements was written.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// `f(a, b)` for every pair of elements of `a` and `b`, as [`map_unary`].
+///
+/// Panics if `a` and `b` differ in length (a caller's shape check failed).
+pub fn map_binary<T, U, F>(a: &[T], b: &[T], f: F) -> Vec<U>
+where
+    T: Copy + Sync,
+    U: Send,
+    F: Fn(T, T) -> U + Sync,
+{
+    use rayon::prelude::*;
+    assert_eq!(
+        a.len(),
+        b.len(),
+        "map_binary: operands of different lengths"
+    );
+    let n = a.len();
+    let mut v = Vec::with_capacity(n);
+    v.spare_capacity_mut()[..n]
+        .par_chunks_mut(MAP_CHUNK)
+        .zip(a.par_chunks(MAP_CHUNK))
+        .zip(b.par_chunks(MAP_CHUNK))
+        .for_each(|((o, a), b)| {
+            for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+                o.write(f(a, b));
+            }
+        });
+    // SAFETY: as in `map_unary`: three slices of `n` elements cut into chunks of one size.
+    unsafe { v.set_len(n) };
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{Layout, Shape};
@@ -151,6 +213,23 @@ mod tests {
             assert_eq!(v.len(), n);
             assert!(v.iter().all(|&x| x == 0.0));
         }
+    }
+
+    /// Both maps give `f` of every element, in order, across chunk boundaries.
+    #[test]
+    fn maps_cover_every_element_in_order() {
+        let n = 3 * super::MAP_CHUNK + 5;
+        let a: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        let b: Vec<f32> = (0..n).map(|i| 2.0 * i as f32).collect();
+        let u = super::map_unary(&a, |x| x + 1.0);
+        let s = super::map_binary(&a, &b, |x, y| y - x);
+        assert_eq!(u.len(), n);
+        assert_eq!(s.len(), n);
+        for i in 0..n {
+            assert_eq!(u[i], i as f32 + 1.0);
+            assert_eq!(s[i], i as f32);
+        }
+        assert!(super::map_unary::<f32, f32, _>(&[], |x| x).is_empty());
     }
 
     fn double(s: &super::CpuStorage, l: &Layout) -> candle_core::Result<super::CpuStorage> {

@@ -10,7 +10,7 @@
 //! Stride 1, odd kernel `k`, zero padding `k / 2` ("same"). The backward pass recomputes the
 //! pre-activation; gradients for input, weight and bias.
 
-use super::activation::{erf_f32, exp_f32};
+use super::activation::Act;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
@@ -41,38 +41,6 @@ pub struct Geo {
     pub c: usize,
     /// Odd kernel size `k` ("same" padding `k / 2`).
     pub k: usize,
-}
-
-/// Exact (erf) GELU and its derivative, vectorisable in f32 (`torch.nn.GELU()`'s default).
-pub trait Act: Float + Send + Sync {
-    /// `x·Φ(x)`.
-    fn gelu(self) -> Self;
-    /// `Φ(x) + x·φ(x)`.
-    fn gelu_grad(self) -> Self;
-}
-
-impl Act for f32 {
-    #[inline(always)]
-    fn gelu(self) -> f32 {
-        0.5 * self * (1.0 + erf_f32(self * std::f32::consts::FRAC_1_SQRT_2))
-    }
-    #[inline(always)]
-    fn gelu_grad(self) -> f32 {
-        let cdf = 0.5 * (1.0 + erf_f32(self * std::f32::consts::FRAC_1_SQRT_2));
-        cdf + self * exp_f32(-0.5 * self * self) * 0.398_942_3
-    }
-}
-
-impl Act for f64 {
-    #[inline(always)]
-    fn gelu(self) -> f64 {
-        0.5 * self * (1.0 + libm::erf(self * std::f64::consts::FRAC_1_SQRT_2))
-    }
-    #[inline(always)]
-    fn gelu_grad(self) -> f64 {
-        let cdf = 0.5 * (1.0 + libm::erf(self * std::f64::consts::FRAC_1_SQRT_2));
-        cdf + self * (-0.5 * self * self).exp() / (2.0 * std::f64::consts::PI).sqrt()
-    }
 }
 
 /// `z = [x +] DW(x) + b` for one output row `(b, y)`: `out` has `W·C` values; `x` is

@@ -114,12 +114,9 @@ impl CustomOp2 for ReluMask {
             );
         }
         crate::cpu_float!(raw "relu_mask"; g = (s1, l1), y = (s2, l2) => {
-            let v: Vec<_> = g
-                .par_iter()
-                .zip(y.par_iter())
-                .with_min_len(4096)
-                .map(|(&g, &y)| if y > num_traits::Zero::zero() { g } else { num_traits::Zero::zero() })
-                .collect();
+            let v = crate::kernel::map_binary(g, y, |g, y| {
+                if y > num_traits::Zero::zero() { g } else { num_traits::Zero::zero() }
+            });
             Ok((crate::kernel::owned(v), l1.shape().clone()))
         })
     }
