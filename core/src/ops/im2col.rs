@@ -998,6 +998,9 @@ mod tests {
             (1, 3, 2, 10, 10, 3, 1, 2, 2),
             (2, 2, 3, 6, 5, 1, 1, 0, 1),
             (1, 2, 2, 5, 5, 5, 1, 0, 1),
+            // Several images sharing the shifted frame's zero rows, padding beyond the reach.
+            (3, 2, 3, 4, 5, 3, 1, 1, 1),
+            (2, 2, 2, 5, 4, 3, 1, 2, 1),
         ] {
             let x = Var::from_tensor(&randn(&[b, c, h, w], 1)).unwrap();
             let wt = Var::from_tensor(&randn(&[oc, c, k, k], 2)).unwrap();

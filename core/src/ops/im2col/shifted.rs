@@ -1,16 +1,21 @@
 //! The stride-1 dense convolution without an unfolded matrix: one GEMM per kernel tap on a
 //! shifted view of the zero-padded input.
 //!
-//! The input is copied once into a padded, channel-major buffer `(C, B, Hp, Wp)` (`Hp = H + 2p`,
-//! `Wp = W + 2p`) whose columns `j = (b·Hp + y)·Wp + x` run over all images. With a stride of 1,
-//! output pixel `(oy, ox)` of image `b` at tap `(ky, kx)` reads column `j + off` with
-//! `j = (b·Hp + oy)·Wp + ox` and `off = (ky·Wp + kx)·d`, so for every tap the input operand is the
-//! same `(C, ·)` matrix shifted by `off` columns, and
+//! The input is copied once into a padded, channel-major buffer of rows `Wp = W + p` wide: `p`
+//! zero rows, then each image's `H` rows followed by `p` zero rows (`Hp = H + p` rows per image),
+//! each row holding `p` zeros and then the image's `W` pixels; pixel `(y, x)` of image `b` sits
+//! at `(p + b·Hp + y)·Wp + p + x`. The zero rows and columns are shared: the gap after a row (or
+//! an image) is the left (top) padding of the next one, and a read `p` beyond the right edge
+//! wraps into the next row's leading zeros. With a stride of 1, output pixel `(oy, ox)` of image
+//! `b` at tap `(ky, kx)` reads column `j + off` with `j = (b·Hp + oy)·Wp + ox` and
+//! `off = (ky·Wp + kx)·d` (its reads span the `p` zero rows and columns around the image), so for
+//! every tap the input operand is the same `(C, ·)` matrix shifted by `off` columns, and
 //! `Y_ext = Σ_taps W[:, :, ky, kx] @ X_pad[:, off_tap ..]` over the columns `j`. Columns with
-//! `ox ≥ OW` or `oy ≥ OH` are computed and dropped (a `(p + halo)/Wp` overhead, ~2% at 160² and
-//! ~30% on 14² RoIs); the result is cropped into `(B, OC, OH, OW)`. The input gradient is the
-//! adjoint GEMMs on the same views, `dX_pad[:, off ..] += W_tapᵀ @ dY_ext` with `dY_ext` zero
-//! on the dropped columns. (The weight gradient stays on the unfold: see
+//! `ox ≥ OW` or `oy ≥ OH` are computed and dropped (a `p/Wp + p/Hp` overhead, ~1% at 160² and
+//! 15% on 14² RoIs, where separate `(H + 2p) × (W + 2p)` frames cost 31%); the result is cropped
+//! into `(B, OC, OH, OW)`. The input gradient is the adjoint GEMMs on the same views,
+//! `dX_pad[:, off ..] += W_tapᵀ @ dY_ext` with `dY_ext` zero on the dropped columns (what lands
+//! on the shared zeros is discarded). (The weight gradient stays on the unfold: see
 //! `ConvGemm::grad_weight`.)
 //!
 //! Against unfold + one GEMM this writes `1x` the input instead of `KH·KW`x, touches no large
@@ -23,15 +28,17 @@ use super::ConvDims;
 use crate::kernel::{gemm_into, KernelFloat, MatView};
 use rayon::prelude::*;
 
-/// The padded frame of one convolution: `(Hp, Wp)`, the columns of `(C, B, Hp, Wp)`, the
-/// computed columns and the column offset of each tap.
+/// The padded frame of one convolution: `(Hp, Wp)`, the length of a channel's padded buffer,
+/// the computed columns and the column offset of each tap.
 struct Frame {
     hp: usize,
     wp: usize,
-    /// `B·Hp·Wp`: the row stride of the padded input and of the extended output.
+    /// `(B·Hp + p + 1)·Wp`: the row stride of the padded input and of the extended output (the
+    /// leading `p` zero rows, the images with their gaps, and a last row for the reads that wrap
+    /// past the end).
     n: usize,
-    /// Columns computed per tap: `(B−1)·Hp·Wp + (OH−1)·Wp + OW`, so that the last tap's view
-    /// ends exactly at the end of the padded input.
+    /// Columns computed per tap: `(B−1)·Hp·Wp + (OH−1)·Wp + OW`, through the last output pixel
+    /// (the last tap's view then ends `p` columns into the buffer's last row).
     cols: usize,
     offsets: Vec<usize>,
 }
@@ -39,8 +46,8 @@ struct Frame {
 impl Frame {
     fn new(d: &ConvDims) -> Self {
         let g = &d.g1;
-        let (hp, wp) = (g.h + 2 * g.p, g.w + 2 * g.p);
-        let n = d.b * hp * wp;
+        let (hp, wp) = (g.h + g.p, g.w + g.p);
+        let n = (d.b * hp + g.p + 1) * wp;
         let cols = (d.b - 1) * hp * wp + (g.oh - 1) * wp + g.ow;
         let offsets = (0..g.kh)
             .flat_map(|ky| (0..g.kw).map(move |kx| (ky * wp + kx) * g.d))
@@ -54,12 +61,13 @@ impl Frame {
         }
     }
 
-    /// Index of input pixel `(y, x)` of image `b` in a `(·, B, Hp, Wp)` row.
+    /// Index of row `y`, column `x` of image `b`'s frame in a channel's buffer (input pixel
+    /// `(y, x)` is at frame position `(y + p, x + p)`, output pixel `(oy, ox)` at `(oy, ox)`).
     fn at(&self, b: usize, y: usize, x: usize) -> usize {
         (b * self.hp + y) * self.wp + x
     }
 
-    /// The `(rows, cols)` view of a `(rows, B·Hp·Wp)` buffer starting `off` columns in.
+    /// The `(rows, cols)` view of a `(rows, n)` buffer starting `off` columns in.
     fn view(&self, rows: usize, off: usize) -> MatView {
         MatView::rows_of(rows, self.cols, off, self.n)
     }
@@ -77,7 +85,7 @@ fn tap_weight(d: &ConvDims, k: usize) -> MatView {
     }
 }
 
-/// `x (B, C, H, W)` → zero-padded `(C, B, Hp, Wp)`.
+/// `x (B, C, H, W)` → the zero-padded `(C, n)` buffer.
 fn pad<T: KernelFloat>(d: &ConvDims, f: &Frame, x: &[T]) -> Vec<T> {
     let (h, w, p) = (d.h, d.w, d.g1.p);
     let mut out = crate::kernel::zeroed(d.c * f.n);
@@ -92,7 +100,7 @@ fn pad<T: KernelFloat>(d: &ConvDims, f: &Frame, x: &[T]) -> Vec<T> {
     out
 }
 
-/// `(R, B, Hp, Wp)` → `(B, R, rows, cols)`: the window starting at `(y0, x0)` of each plane
+/// `(R, n)` → `(B, R, rows, cols)`: the window starting at frame position `(y0, x0)` of each image
 /// (`rows × cols` pixels), added to `init` when given.
 #[allow(clippy::too_many_arguments)]
 fn crop<T: KernelFloat>(
@@ -125,7 +133,7 @@ fn crop<T: KernelFloat>(
     out
 }
 
-/// `dY (B, OC, OH, OW)` → `(OC, B, Hp, Wp)` with the computed-and-dropped columns zero.
+/// `dY (B, OC, OH, OW)` → `(OC, n)` with the computed-and-dropped columns zero.
 fn extend<T: KernelFloat>(d: &ConvDims, f: &Frame, gy: &[T]) -> Vec<T> {
     let (oh, ow) = (d.g1.oh, d.g1.ow);
     let mut out = crate::kernel::zeroed(d.oc * f.n);
