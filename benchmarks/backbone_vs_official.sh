@@ -9,7 +9,8 @@
 # on: forward 1x3xSxS for each S in SIZES (default "224 512"; eval, classifier included, 10
 # iterations) and forward + backward 2x3x224x224 (train mode, sum of the stage-output means, 20
 # iterations). Every line printed is one run's median (and minimum) over its timed iterations
-# after warm-ups.
+# after warm-ups. DENSEPRED_BIN picks the densepred binary (default target/release/densepred,
+# built when missing), e.g. to compare two builds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${1:?python with torch and timm}
@@ -23,7 +24,7 @@ case "$arch" in
     conv2former_t) cfg=configs/backbones/conv2former-t ;;
     *) echo "unknown arch $arch" >&2; exit 2 ;;
 esac
-bin=target/release/densepred
+bin=${DENSEPRED_BIN:-target/release/densepred}
 [ -x "$bin" ] || cargo build --release -p densepred-cli
 for r in $(seq 1 "$rounds"); do
     echo "# round $r"

@@ -491,10 +491,12 @@ impl ConvGemm {
     /// `dW[:, chunk] = Σ_i dY_i @ unfold(x_i[chunk])ᵀ`, accumulated in the `(OC, WC, KH, KW)`
     /// result (zero outside the input's channels).
     ///
-    /// Always on unfold blocks: per tap, the shifted lowering's weight gradient is an
-    /// `(OC, C)` product over all pixels with both operands contiguous along the inner
-    /// dimension, and it measured 113–150 GFLOP/s against the unfold's 170–234 (3x3, 256
-    /// channels, at 2x160² and 256x14², 2 threads).
+    /// On unfold blocks, unless the convolution runs on the shifted GEMMs and one image's
+    /// unfold exceeds [`ConvGemm::max_cols`] (large maps): then one `(OC, C)` product per tap
+    /// over all pixels of the shifted frame ([`shifted::grad_weight`]), which at 2x160², 256
+    /// channels, 3x3 took 750–770 ms for both gradients against 860–890 ms with the unfold split
+    /// in two channel blocks per image (`core/examples/conv_products`, 2 threads), and which the
+    /// unfold beats where it fits whole (2x80²: even; 256x14²: 694 against 813 ms).
     ///
     /// When one image's columns fit [`ConvGemm::max_cols`] with room for more, images are
     /// unfolded in groups and each group is one GEMM (the mask head's hundreds of 14x14 RoIs: a
@@ -502,6 +504,9 @@ impl ConvGemm {
     fn grad_weight<T: KernelFloat>(&self, d: &ConvDims, x: &[T], gy: &[T]) -> Vec<T> {
         let (l, hw) = (d.l(), d.h * d.w);
         let chunks = self.channel_chunks(d.c, l);
+        if chunks.len() > 1 && self.shifted(d) {
+            return shifted::grad_weight(d, x, gy);
+        }
         let mut gw = vec![T::zero(); d.oc * d.wc * d.taps];
         let per_image = (d.c * d.taps * l).max(1);
         let group = (self.max_cols / per_image).clamp(1, d.b.max(1));
@@ -1001,6 +1006,13 @@ mod tests {
             // Several images sharing the shifted frame's zero rows, padding beyond the reach.
             (3, 2, 3, 4, 5, 3, 1, 1, 1),
             (2, 2, 2, 5, 4, 3, 1, 2, 1),
+            // A 1x1 kernel with padding: the output is wider than the shared-padding row.
+            (2, 2, 3, 4, 5, 1, 1, 1, 1),
+            // Many small images: the shifted frame with the images innermost, dilated, and
+            // with one GEMM per output row (OW·B ≥ 1024).
+            (12, 2, 3, 4, 5, 3, 1, 1, 1),
+            (6, 2, 2, 5, 5, 3, 1, 2, 2),
+            (256, 2, 2, 3, 4, 3, 1, 1, 1),
         ] {
             let x = Var::from_tensor(&randn(&[b, c, h, w], 1)).unwrap();
             let wt = Var::from_tensor(&randn(&[oc, c, k, k], 2)).unwrap();
@@ -1027,6 +1039,13 @@ mod tests {
             for lowering in lowerings {
                 let conv = ConvGemm {
                     lowering,
+                    // The shifted lowering's own weight gradient runs where the unfold would be
+                    // split over channels: force that with a one-element column budget.
+                    max_cols: if lowering == Lowering::Shifted {
+                        1
+                    } else {
+                        MAX_COLS
+                    },
                     ..ConvGemm::new(UnfoldParams {
                         kernel: (k, k),
                         stride: s,
