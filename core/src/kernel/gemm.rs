@@ -76,7 +76,8 @@ pub fn gemm_into<T: KernelFloat>(
 
 /// [`gemm_into`] with a factor on the product, `dst (+)= scale · a @ b`, and a choice of running
 /// on rayon's threads (`parallel`) or on the calling thread only (for products that are already
-/// one of many parallel jobs).
+/// one of many parallel jobs). Parallel products with a small output run as one band of rows per
+/// thread ([`split_over_threads`]), others on the `gemm` crate's threading.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_into_ex<T: KernelFloat>(
     dst: &mut [T],
@@ -108,6 +109,9 @@ pub fn gemm_into_ex<T: KernelFloat>(
         return;
     }
     let threads = rayon::current_num_threads();
+    if parallel && splits_over_threads(dv, av.cols, threads) {
+        return split_over_threads(dst, dv, accumulate, a, av, b, bv, scale, threads);
+    }
     let par = if parallel && threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
@@ -115,27 +119,199 @@ pub fn gemm_into_ex<T: KernelFloat>(
     };
     // SAFETY: every index the three views reach lies inside its slice (asserted above), `dst`
     // is borrowed mutably and does not alias `a` or `b`, and T is f32 or f64 (KernelFloat).
-    unsafe {
-        gemm::gemm(
-            dv.rows,
-            dv.cols,
-            av.cols,
-            dst.as_mut_ptr().add(dv.offset),
-            dv.cs as isize,
-            dv.rs as isize,
-            accumulate,
-            a.as_ptr().add(av.offset),
-            av.cs as isize,
-            av.rs as isize,
-            b.as_ptr().add(bv.offset),
-            bv.cs as isize,
-            bv.rs as isize,
-            T::one(),
-            scale,
-            false,
-            false,
-            false,
-            par,
-        )
+    unsafe { gemm_raw(dst.as_mut_ptr(), dv, accumulate, a, av, b, bv, scale, par) }
+}
+
+/// Products of at most this many multiply-adds (`M·N·K`, about 0.5 GFLOP) may be split by
+/// [`split_over_threads`]; larger ones use the `gemm` crate's own threading.
+const SPLIT_MAX_WORK: usize = 1 << 28;
+
+/// Products whose output has more elements than this (1 MiB of f32) keep the `gemm` crate's
+/// threading, which shares its packed operands between the threads.
+const SPLIT_MAX_DST: usize = 1 << 18;
+
+/// Whether [`gemm_into_ex`] runs a parallel product `dst[dv] (+)= (·, depth) @ (depth, ·)` on
+/// `threads` threads through [`split_over_threads`]: outputs at least as tall as wide, of at most
+/// [`SPLIT_MAX_DST`] elements, with enough work for the crate to thread at all.
+fn splits_over_threads(dv: MatView, depth: usize, threads: usize) -> bool {
+    let work = dv.rows.saturating_mul(dv.cols).saturating_mul(depth);
+    threads > 1
+        && dv.rows >= dv.cols
+        && dv.rows.saturating_mul(dv.cols) <= SPLIT_MAX_DST
+        && (gemm::get_threading_threshold()..SPLIT_MAX_WORK).contains(&work)
+}
+
+/// One single-threaded `gemm` call per rayon thread, each on its own band of `dst`'s rows (and of
+/// `a`'s), instead of the `gemm` crate's threading.
+///
+/// Why: the crate parallelises each depth block (`kc` of `K`) separately, packing and joining the
+/// threads once per block, so a product with a small output spends a large share of its time in
+/// that bookkeeping. `cargo run --release -p densepred-core --example gemm_split -- M K N`, 2
+/// threads, crate threading → row bands: `512 2048 49` (Conv2Former-N stage-4 fc2 at 224²)
+/// 141 → 167 GFLOP/s, `256 1024 196` 157 → 199, `256 256 196` 155 → 207, `2048 512 49` 164 → 173.
+/// Bands of columns measured slower than the crate on wide outputs (`64 6272 256` 220 → 169), so
+/// wide outputs are not split.
+#[allow(clippy::too_many_arguments)]
+fn split_over_threads<T: KernelFloat>(
+    dst: &mut [T],
+    dv: MatView,
+    accumulate: bool,
+    a: &[T],
+    av: MatView,
+    b: &[T],
+    bv: MatView,
+    scale: T,
+    threads: usize,
+) {
+    use rayon::prelude::*;
+    // Bands are multiples of 16 rows (a microkernel's width in f32 lanes).
+    const ALIGN: usize = 16;
+    let band = dv.rows.div_ceil(threads).div_ceil(ALIGN) * ALIGN;
+    let dptr = crate::kernel::SyncPtr(dst.as_mut_ptr());
+    (0..dv.rows.div_ceil(band)).into_par_iter().for_each(|i| {
+        let (start, rows) = (i * band, band.min(dv.rows - i * band));
+        let d = MatView {
+            offset: dv.offset + start * dv.rs,
+            rows,
+            ..dv
+        };
+        let a_band = MatView {
+            offset: av.offset + start * av.rs,
+            rows,
+            ..av
+        };
+        // SAFETY: the bands are disjoint row blocks of the `dst` view checked by the caller (each
+        // written by this task only), inside the views the caller checked against the slices.
+        unsafe {
+            gemm_raw(
+                dptr.get(),
+                d,
+                accumulate,
+                a,
+                a_band,
+                b,
+                bv,
+                scale,
+                gemm::Parallelism::None,
+            )
+        }
+    });
+}
+
+/// The `gemm` crate's call on our views: `dst[dv] = (dst[dv] if accumulate) + scale · a @ b`.
+///
+/// # Safety
+/// `dst` must point to a buffer that holds `dv.end()` elements, none of which alias `a` or `b`,
+/// and which no other thread touches inside `dv` during the call; `av` and `bv` must lie inside
+/// `a` and `b`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw<T: KernelFloat>(
+    dst: *mut T,
+    dv: MatView,
+    accumulate: bool,
+    a: &[T],
+    av: MatView,
+    b: &[T],
+    bv: MatView,
+    scale: T,
+    par: gemm::Parallelism,
+) {
+    gemm::gemm(
+        dv.rows,
+        dv.cols,
+        av.cols,
+        dst.add(dv.offset),
+        dv.cs as isize,
+        dv.rs as isize,
+        accumulate,
+        a.as_ptr().add(av.offset),
+        av.cs as isize,
+        av.rs as isize,
+        b.as_ptr().add(bv.offset),
+        bv.cs as isize,
+        bv.rs as isize,
+        T::one(),
+        scale,
+        false,
+        false,
+        false,
+        par,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `dst (+)= scale · a @ b` element by element, f64, on the same strided views.
+    #[allow(clippy::too_many_arguments)]
+    fn naive(
+        dst: &mut [f64],
+        dv: MatView,
+        acc: bool,
+        a: &[f64],
+        av: MatView,
+        b: &[f64],
+        bv: MatView,
+        scale: f64,
+    ) {
+        for r in 0..dv.rows {
+            for c in 0..dv.cols {
+                let s: f64 = (0..av.cols)
+                    .map(|k| {
+                        a[av.offset + r * av.rs + k * av.cs] * b[bv.offset + k * bv.rs + c * bv.cs]
+                    })
+                    .sum();
+                let d = &mut dst[dv.offset + r * dv.rs + c * dv.cs];
+                *d = if acc { *d + scale * s } else { scale * s };
+            }
+        }
+    }
+
+    fn values(n: usize, seed: u64) -> Vec<f64> {
+        (0..n as u64)
+            .map(|i| ((i * 2654435761 + seed) % 1000) as f64 / 500.0 - 1.0)
+            .collect()
+    }
+
+    /// The banded products (bands not a multiple of the thread count, a last band shorter than
+    /// the others, strided and transposed views, offsets, accumulation, a scale) against the naive
+    /// product, on a 3-thread pool so that the split path runs whatever the machine's core count.
+    #[test]
+    fn split_products_match_naive() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            // (rows, cols, depth), rows >= cols: three bands of 16-row multiples, the last shorter.
+            for &(m, n, k) in &[(130usize, 37usize, 200usize), (40, 17, 900), (97, 97, 90)] {
+                assert!(
+                    splits_over_threads(MatView::rows_of(m, n, 0, n), k, 3),
+                    "{m}x{n}x{k}"
+                );
+                // `a` stored transposed (k, m) after 5 leading elements; `b` row-major with a
+                // padded row stride; `dst` with an offset and padded rows.
+                let a = values(5 + k * m, 1);
+                let av = MatView::rows_of(k, m, 5, m).t();
+                let b = values(k * (n + 3), 2);
+                let bv = MatView::rows_of(k, n, 0, n + 3);
+                let dv = MatView::rows_of(m, n, 7, n + 2);
+                for (acc, scale) in [(false, 1.0), (true, -0.5)] {
+                    let start = values(7 + m * (n + 2), 3);
+                    let (mut got, mut want) = (start.clone(), start);
+                    gemm_into_ex(&mut got, dv, acc, &a, av, &b, bv, scale, true);
+                    naive(&mut want, dv, acc, &a, av, &b, bv, scale);
+                    assert_eq!(got.len(), want.len());
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        // f64 sums of at most 900 products of magnitude <= 1 in another order.
+                        assert!(
+                            (g - w).abs() <= 1e-11,
+                            "{m}x{n}x{k} acc {acc}: [{i}] {g} vs {w}"
+                        );
+                    }
+                }
+            }
+        });
     }
 }

@@ -53,27 +53,33 @@ fn kernel<T: num_traits::Float + Send + Sync>(
     inner: usize,
     kind: Kind,
 ) -> Vec<T> {
-    let mut out = crate::kernel::zeroed(x.len());
+    // Every channel row below is written from its `p` value: a short `p` would leave rows unset.
+    assert!(
+        p.len() >= c,
+        "channel op: {} values for {c} channels",
+        p.len()
+    );
+    let n = x.len();
+    let mut out = Vec::with_capacity(n);
     let block = c * inner;
-    out.par_chunks_mut(block)
+    out.spare_capacity_mut()[..n]
+        .par_chunks_mut(block)
         .zip(x.par_chunks(block))
         .for_each(|(o, x)| {
-            for ch in 0..c {
-                let v = p[ch];
-                let (os, xs) = if inner == 1 {
-                    (&mut o[ch..ch + 1], &x[ch..ch + 1])
-                } else {
-                    (
-                        &mut o[ch * inner..(ch + 1) * inner],
-                        &x[ch * inner..(ch + 1) * inner],
-                    )
-                };
+            for ((os, xs), &v) in o.chunks_mut(inner).zip(x.chunks(inner)).zip(p) {
                 match kind {
-                    Kind::Add => os.iter_mut().zip(xs).for_each(|(o, &x)| *o = x + v),
-                    Kind::Mul => os.iter_mut().zip(xs).for_each(|(o, &x)| *o = x * v),
+                    Kind::Add => os.iter_mut().zip(xs).for_each(|(o, &x)| {
+                        o.write(x + v);
+                    }),
+                    Kind::Mul => os.iter_mut().zip(xs).for_each(|(o, &x)| {
+                        o.write(x * v);
+                    }),
                 }
             }
         });
+    // SAFETY: the output and input are cut into the same blocks and channel rows (both have `n`
+    // elements; `p` holds one value per channel row of a block), so all `n` elements were written.
+    unsafe { out.set_len(n) };
     out
 }
 
@@ -566,14 +572,27 @@ fn pointwise_fwd<T: KernelFloat>(
     (g, og, ig): (usize, usize, usize),
 ) -> Vec<T> {
     let co = g * og;
-    let mut y = crate::kernel::zeroed(bn * co * hw);
-    if let Some(bias) = bias {
-        if hw > 0 {
-            y.par_chunks_mut(hw)
+    let n = bn * co * hw;
+    let y = match bias {
+        // The products accumulate onto the bias rows: the output is written once before them.
+        Some(bias) if hw > 0 => {
+            let mut y = Vec::with_capacity(n);
+            y.spare_capacity_mut()[..n]
+                .par_chunks_mut(hw)
                 .enumerate()
-                .for_each(|(r, row)| row.fill(bias[r % co]));
+                .for_each(|(r, row)| {
+                    let v = bias[r % co];
+                    row.iter_mut().for_each(|e| {
+                        e.write(v);
+                    });
+                });
+            // SAFETY: the `n / hw` rows of `hw` elements cover all `n` elements, each written.
+            unsafe { y.set_len(n) };
+            y
         }
-    }
+        _ => crate::kernel::zeroed(n),
+    };
+    let mut y = y;
     for i in 0..bn {
         for gi in 0..g {
             gemm_into(
