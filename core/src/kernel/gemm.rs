@@ -146,11 +146,11 @@ fn splits_over_threads(dv: MatView, depth: usize, threads: usize) -> bool {
 ///
 /// Why: the crate parallelises each depth block (`kc` of `K`) separately, packing and joining the
 /// threads once per block, so a product with a small output spends a large share of its time in
-/// that bookkeeping. `cargo run --release -p densepred-core --example gemm_split -- M K N`, 2
-/// threads, crate threading → row bands: `512 2048 49` (Conv2Former-N stage-4 fc2 at 224²)
-/// 141 → 167 GFLOP/s, `256 1024 196` 157 → 199, `256 256 196` 155 → 207, `2048 512 49` 164 → 173.
-/// Bands of columns measured slower than the crate on wide outputs (`64 6272 256` 220 → 169), so
-/// wide outputs are not split.
+/// that bookkeeping. `cargo run --release -p densepred-core --example gemm_orient -- M K N`, 2
+/// threads, its "Wᵀ copy" line (crate threading) against "Wᵀ copy, gemm_into" (row bands):
+/// `512 2048 49` (Conv2Former-N stage-4 fc2 at 224²) 141 → 167 GFLOP/s, `256 1024 196` 157 →
+/// 199, `256 256 196` 155 → 207, `2048 512 49` 164 → 173. Bands of columns measured slower than
+/// the crate on wide outputs (`64 6272 256` 220 → 169), so wide outputs are not split.
 #[allow(clippy::too_many_arguments)]
 fn split_over_threads<T: KernelFloat>(
     dst: &mut [T],
