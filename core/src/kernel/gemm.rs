@@ -108,10 +108,10 @@ pub fn gemm_into_ex<T: KernelFloat>(
         }
         return;
     }
-    let threads = rayon::current_num_threads();
-    if parallel && splits_over_threads(dv, av.cols, threads) {
-        return split_over_threads(dst, dv, accumulate, a, av, b, bv, scale, threads);
+    if let Some(band) = bands_of(dv, av.cols).filter(|_| parallel) {
+        return split_over_threads(dst, dv, accumulate, a, av, b, bv, scale, band);
     }
+    let threads = rayon::current_num_threads();
     let par = if parallel && threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
@@ -130,19 +130,33 @@ const SPLIT_MAX_WORK: usize = 1 << 28;
 /// threading, which shares its packed operands between the threads.
 const SPLIT_MAX_DST: usize = 1 << 18;
 
-/// Whether [`gemm_into_ex`] runs a parallel product `dst[dv] (+)= (·, depth) @ (depth, ·)` on
-/// `threads` threads through [`split_over_threads`]: outputs at least as tall as wide, of at most
-/// [`SPLIT_MAX_DST`] elements, with enough work for the crate to thread at all.
-fn splits_over_threads(dv: MatView, depth: usize, threads: usize) -> bool {
+/// The rows of each band when [`gemm_into_ex`] runs a parallel product
+/// `dst[dv] (+)= (·, depth) @ (depth, ·)` through [`split_over_threads`], `None` when it does not:
+/// outputs at least as tall as wide, of at most [`SPLIT_MAX_DST`] elements, with enough work for
+/// the crate to thread at all, and at least two bands.
+///
+/// The bands depend on the shape only, never on the thread count: the `gemm` crate's summation
+/// order depends on the shape it is given, so results stay bit-identical between 1 and N threads
+/// (a one-process run and an MPI run of one thread per rank write the same detections). Bands of
+/// at least [`BAND_MIN_ROWS`] rows, at most [`MAX_BANDS`] of them, in multiples of 16 rows (a
+/// microkernel's width in f32 lanes).
+fn bands_of(dv: MatView, depth: usize) -> Option<usize> {
     let work = dv.rows.saturating_mul(dv.cols).saturating_mul(depth);
-    threads > 1
-        && dv.rows >= dv.cols
+    let fits = dv.rows >= dv.cols
         && dv.rows.saturating_mul(dv.cols) <= SPLIT_MAX_DST
-        && (gemm::get_threading_threshold()..SPLIT_MAX_WORK).contains(&work)
+        && (gemm::get_threading_threshold()..SPLIT_MAX_WORK).contains(&work);
+    let band = BAND_MIN_ROWS.max(dv.rows.div_ceil(MAX_BANDS).div_ceil(16) * 16);
+    (fits && dv.rows > band).then_some(band)
 }
 
-/// One single-threaded `gemm` call per rayon thread, each on its own band of `dst`'s rows (and of
-/// `a`'s), instead of the `gemm` crate's threading.
+/// Fewest rows of a band of [`split_over_threads`].
+const BAND_MIN_ROWS: usize = 64;
+
+/// Most bands of [`split_over_threads`] (so at most this many threads share such a product).
+const MAX_BANDS: usize = 8;
+
+/// One single-threaded `gemm` call per band of `dst`'s rows (and of `a`'s; [`bands_of`]), the
+/// bands shared out over rayon's threads, instead of the `gemm` crate's threading.
 ///
 /// Why: the crate parallelises each depth block (`kc` of `K`) separately, packing and joining the
 /// threads once per block, so a product with a small output spends a large share of its time in
@@ -161,12 +175,9 @@ fn split_over_threads<T: KernelFloat>(
     b: &[T],
     bv: MatView,
     scale: T,
-    threads: usize,
+    band: usize,
 ) {
     use rayon::prelude::*;
-    // Bands are multiples of 16 rows (a microkernel's width in f32 lanes).
-    const ALIGN: usize = 16;
-    let band = dv.rows.div_ceil(threads).div_ceil(ALIGN) * ALIGN;
     let dptr = crate::kernel::SyncPtr(dst.as_mut_ptr());
     (0..dv.rows.div_ceil(band)).into_par_iter().for_each(|i| {
         let (start, rows) = (i * band, band.min(dv.rows - i * band));
@@ -284,10 +295,17 @@ mod tests {
             .build()
             .unwrap();
         pool.install(|| {
-            // (rows, cols, depth), rows >= cols: three bands of 16-row multiples, the last shorter.
-            for &(m, n, k) in &[(130usize, 37usize, 200usize), (40, 17, 900), (97, 97, 90)] {
+            // (rows, cols, depth), rows >= cols: bands of 64 rows (3, 4 and 2 of them, the last
+            // shorter) and 8 bands of 128 rows.
+            let shapes = [
+                (130usize, 37usize, 200usize),
+                (200, 50, 100),
+                (97, 97, 90),
+                (1000, 60, 20),
+            ];
+            for &(m, n, k) in &shapes {
                 assert!(
-                    splits_over_threads(MatView::rows_of(m, n, 0, n), k, 3),
+                    bands_of(MatView::rows_of(m, n, 0, n), k).is_some(),
                     "{m}x{n}x{k}"
                 );
                 // `a` stored transposed (k, m) after 5 leading elements; `b` row-major with a
@@ -304,7 +322,7 @@ mod tests {
                     naive(&mut want, dv, acc, &a, av, &b, bv, scale);
                     assert_eq!(got.len(), want.len());
                     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                        // f64 sums of at most 900 products of magnitude <= 1 in another order.
+                        // f64 sums of at most 200 products of magnitude <= 1 in another order.
                         assert!(
                             (g - w).abs() <= 1e-11,
                             "{m}x{n}x{k} acc {acc}: [{i}] {g} vs {w}"
@@ -313,5 +331,38 @@ mod tests {
                 }
             }
         });
+    }
+
+    /// A banded product gives the same bits on 1 and on 3 threads: the bands depend on the shape
+    /// only (what `tools/tests/mpi.rs` relies on when it compares a one-process run with ranks
+    /// of one thread each).
+    #[test]
+    fn banded_products_do_not_depend_on_thread_count() {
+        for &(m, n, k) in &[
+            (300usize, 40usize, 700usize),
+            (256, 64, 6272),
+            (130, 100, 1500),
+        ] {
+            let dv = MatView::rows_of(m, n, 0, n);
+            assert!(bands_of(dv, k).is_some(), "{m}x{n}x{k}");
+            let a: Vec<f32> = values(m * k, 4).iter().map(|&v| v as f32).collect();
+            let b: Vec<f32> = values(k * n, 5).iter().map(|&v| v as f32).collect();
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut d = vec![0f32; m * n];
+                let (av, bv) = (MatView::rows_of(m, k, 0, k), MatView::rows_of(k, n, 0, n));
+                pool.install(|| gemm_into(&mut d, dv, false, &a, av, &b, bv));
+                d
+            };
+            let one = run(1);
+            assert!(one.iter().any(|&v| v != 0.0));
+            assert!(
+                one == run(2) && one == run(3),
+                "{m}x{n}x{k}: results depend on threads"
+            );
+        }
     }
 }
