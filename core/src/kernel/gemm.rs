@@ -51,7 +51,14 @@ impl MatView {
 
 /// The element types of our CPU kernels: f32 and f64 (what `gemm` and every kernel support).
 pub trait KernelFloat:
-    Copy + Send + Sync + num_traits::Zero + num_traits::One + std::ops::AddAssign + 'static
+    Copy
+    + Send
+    + Sync
+    + num_traits::Float
+    + num_traits::Zero
+    + num_traits::One
+    + std::ops::AddAssign
+    + 'static
 {
 }
 impl KernelFloat for f32 {}

@@ -16,6 +16,7 @@ use rayon::prelude::*;
 
 mod bias_act;
 mod shifted;
+mod winograd;
 
 pub use bias_act::conv2d_gemm_bias_act;
 
@@ -309,19 +310,29 @@ struct ConvGemm {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(not(test), allow(dead_code))]
 enum Lowering {
-    /// [`Lowering::Shifted`] for stride 1 and at least [`SHIFTED_MIN_CHANNELS`] input channels,
-    /// else [`Lowering::Unfold`].
+    /// [`Lowering::Winograd`] for 3x3 kernels of stride 1, padding 1 and dilation 1 with at
+    /// least [`WINOGRAD_MIN_CHANNELS`] input and output channels, else [`Lowering::Shifted`] for
+    /// stride 1 and at least [`SHIFTED_MIN_CHANNELS`] input channels, else [`Lowering::Unfold`].
     Auto,
     /// im2col blocks and one GEMM per image and block (any stride).
     Unfold,
     /// One GEMM per tap on the shifted padded input ([`shifted`]; stride 1 only).
     Shifted,
+    /// Winograd's `F(2x2, 3x3)`: 16 GEMMs on transformed tiles ([`winograd`]; 3x3, stride 1,
+    /// padding 1, dilation 1 only).
+    Winograd,
 }
 
 /// Fewest input channels for which [`Lowering::Auto`] picks the shifted GEMMs: their inner
 /// dimension is `C`, and below a few dozen the GEMM micro-kernels run mostly on edges (an RGB
 /// stem keeps the unfold).
 const SHIFTED_MIN_CHANNELS: usize = 16;
+
+/// Fewest input and output channels for which [`Lowering::Auto`] picks Winograd's
+/// `F(2x2, 3x3)`: its 16 products per tile have inner dimension `C` and `OC` rows (the
+/// gradients swap them), and below this the transforms, which are memory-bound, outweigh the
+/// 2.25x fewer multiply-adds.
+const WINOGRAD_MIN_CHANNELS: usize = 64;
 
 /// Most elements of one unfolded column block (128 MiB of f32): larger convolutions are split
 /// over input channels.
@@ -404,12 +415,24 @@ impl ConvGemm {
         }
     }
 
-    /// Whether `d` runs on the shifted GEMMs.
+    /// Whether `d` runs on Winograd's `F(2x2, 3x3)`.
+    fn winograd(&self, d: &ConvDims) -> bool {
+        let possible = winograd::applies(d);
+        match self.lowering {
+            Lowering::Auto => {
+                possible && d.c >= WINOGRAD_MIN_CHANNELS && d.oc >= WINOGRAD_MIN_CHANNELS
+            }
+            Lowering::Winograd => possible,
+            Lowering::Unfold | Lowering::Shifted => false,
+        }
+    }
+
+    /// Whether `d` runs on the shifted GEMMs (when not on [`ConvGemm::winograd`]).
     fn shifted(&self, d: &ConvDims) -> bool {
         let possible = self.p.stride == 1 && d.b > 0;
         match self.lowering {
             Lowering::Auto => possible && d.c >= SHIFTED_MIN_CHANNELS,
-            Lowering::Unfold => false,
+            Lowering::Unfold | Lowering::Winograd => false,
             Lowering::Shifted => possible,
         }
     }
@@ -432,6 +455,9 @@ impl ConvGemm {
         w: &[T],
         init: Option<&[T]>,
     ) -> Vec<T> {
+        if self.winograd(d) {
+            return winograd::forward(d, x, w, init);
+        }
         if self.shifted(d) {
             return shifted::forward(d, x, w, init);
         }
@@ -463,6 +489,9 @@ impl ConvGemm {
 
     /// `dX_i[chunk] = fold(W[:, chunk]ᵀ @ dY_i)`, folded straight into the `(B, C, H, W)` result.
     fn grad_input<T: KernelFloat>(&self, d: &ConvDims, w: &[T], gy: &[T]) -> Vec<T> {
+        if self.winograd(d) {
+            return winograd::grad_input(d, w, gy);
+        }
         if self.shifted(d) {
             return shifted::grad_input(d, w, gy);
         }
@@ -502,6 +531,9 @@ impl ConvGemm {
     /// unfolded in groups and each group is one GEMM (the mask head's hundreds of 14x14 RoIs: a
     /// few products with an inner dimension of thousands instead of one per RoI with 196).
     fn grad_weight<T: KernelFloat>(&self, d: &ConvDims, x: &[T], gy: &[T]) -> Vec<T> {
+        if self.winograd(d) {
+            return winograd::grad_weight(d, x, gy);
+        }
         let (l, hw) = (d.l(), d.h * d.w);
         let chunks = self.channel_chunks(d.c, l);
         if chunks.len() > 1 && self.shifted(d) {
@@ -1031,11 +1063,14 @@ mod tests {
                 .unwrap();
             let refr = xp.conv2d(&wt, 0, s, d, 1).unwrap();
             // Both lowerings (the shifted GEMMs exist for stride 1 only).
-            let lowerings = if s == 1 {
+            let mut lowerings = if s == 1 {
                 vec![Lowering::Unfold, Lowering::Shifted]
             } else {
                 vec![Lowering::Unfold]
             };
+            if (k, s, p, d) == (3, 1, 1, 1) {
+                lowerings.push(Lowering::Winograd);
+            }
             for lowering in lowerings {
                 let conv = ConvGemm {
                     lowering,
@@ -1053,10 +1088,9 @@ mod tests {
                         dilation: d,
                     })
                 };
-                assert_eq!(
-                    conv.shifted(&ConvDims::new((b, c, h, w), (oc, c, k, k), 0, conv.p).unwrap()),
-                    lowering == Lowering::Shifted
-                );
+                let dims = ConvDims::new((b, c, h, w), (oc, c, k, k), 0, conv.p).unwrap();
+                assert_eq!(conv.shifted(&dims), lowering == Lowering::Shifted);
+                assert_eq!(conv.winograd(&dims), lowering == Lowering::Winograd);
                 let ours = x
                     .as_tensor()
                     .apply_op2(
@@ -1172,6 +1206,18 @@ mod tests {
             // The first part on the shifted GEMMs, the second on the unfold (its channels are
             // below SHIFTED_MIN_CHANNELS): the accumulation crosses lowerings.
             (vec![SHIFTED_MIN_CHANNELS, 3], 3, 1, 1),
+            // Two parts on Winograd's F(2x2, 3x3) (weight channels from an offset, the second
+            // adding to the first's output), the third on the shifted GEMMs.
+            (
+                vec![
+                    WINOGRAD_MIN_CHANNELS,
+                    WINOGRAD_MIN_CHANNELS,
+                    SHIFTED_MIN_CHANNELS,
+                ],
+                3,
+                1,
+                1,
+            ),
         ] {
             let xs: Vec<Var> = chans
                 .iter()
@@ -1179,7 +1225,12 @@ mod tests {
                 .map(|(i, &c)| Var::from_tensor(&randn(&[2, c, 7, 6], 10 + i as u64)).unwrap())
                 .collect();
             let total: usize = chans.iter().sum();
-            let w = Var::from_tensor(&randn(&[5, total, k, k], 3)).unwrap();
+            let oc = if chans[0] >= WINOGRAD_MIN_CHANNELS {
+                WINOGRAD_MIN_CHANNELS
+            } else {
+                5
+            };
+            let w = Var::from_tensor(&randn(&[oc, total, k, k], 3)).unwrap();
             let parts: Vec<Tensor> = xs.iter().map(|v| v.as_tensor().clone()).collect();
             let ours = conv2d_gemm_cat(&parts, &w, s, p, 1).unwrap();
             let refr = conv2d_gemm(&Tensor::cat(&parts, 1).unwrap(), &w, s, p, 1).unwrap();
