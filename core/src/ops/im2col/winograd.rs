@@ -150,11 +150,25 @@ fn weight_transform<T: KernelFloat>(d: &ConvDims, w: &[T]) -> Vec<T> {
     u
 }
 
-/// `dst[k] = f(a[k], b[k])` over the shortest of the three (a vectorisable loop).
+/// Four disjoint `len`-long slices of `buf` at `start + j·stride`, `j = 0..4` (`stride ≥ len`).
+fn rows4<T>(buf: &mut [T], start: usize, stride: usize, len: usize) -> [&mut [T]; 4] {
+    let (a, rest) = buf[start..].split_at_mut(stride);
+    let (b, rest) = rest.split_at_mut(stride);
+    let (c, d) = rest.split_at_mut(stride);
+    [&mut a[..len], &mut b[..len], &mut c[..len], &mut d[..len]]
+}
+
+/// `f` on each column `k` of four equally long rows, written to four output rows:
+/// `out[j][k] = f([a[0][k], a[1][k], a[2][k], a[3][k]])[j]` (a vectorisable loop over `k`).
 #[inline(always)]
-fn zip_map<T: Copy>(dst: &mut [T], a: &[T], b: &[T], f: impl Fn(T, T) -> T) {
-    for ((d, &a), &b) in dst.iter_mut().zip(a).zip(b) {
-        *d = f(a, b);
+fn columns4<T: Copy>(out: [&mut [T]; 4], a: [&[T]; 4], f: impl Fn([T; 4]) -> [T; 4]) {
+    let [o0, o1, o2, o3] = out;
+    let len = o0.len();
+    let (o1, o2, o3) = (&mut o1[..len], &mut o2[..len], &mut o3[..len]);
+    let [a0, a1, a2, a3] = a.map(|a| &a[..len]);
+    for k in 0..len {
+        let v = f([a0[k], a1[k], a2[k], a3[k]]);
+        (o0[k], o1[k], o2[k], o3[k]) = (v[0], v[1], v[2], v[3]);
     }
 }
 
@@ -186,7 +200,7 @@ fn input_transform<T: KernelFloat>(
         .enumerate()
         .for_each(|(c, v)| {
             let mut rows = vec![T::zero(); 4 * pw];
-            let mut col = vec![T::zero(); pw];
+            let mut cols = vec![T::zero(); 4 * pw];
             let (mut e, mut o) = (vec![T::zero(); tw + 1], vec![T::zero(); tw + 1]);
             for r in r0..r1 {
                 let (b, ty) = (r / t.th, r % t.th);
@@ -197,24 +211,20 @@ fn input_transform<T: KernelFloat>(
                         row[1..][..d.w].copy_from_slice(&plane[y * d.w..][..d.w]);
                     }
                 }
-                let (d0, rest) = rows.split_at(pw);
-                let (d1, rest) = rest.split_at(pw);
-                let (d2, d3) = rest.split_at(pw);
+                let rv: Vec<&[T]> = rows.chunks(pw).collect();
+                columns4(
+                    rows4(&mut cols, 0, pw, pw),
+                    [rv[0], rv[1], rv[2], rv[3]],
+                    bt,
+                );
                 let col0 = (r - r0) * tw;
-                for i in 0..4 {
-                    // Row i of Bᵀ d.
-                    match i {
-                        0 => zip_map(&mut col, d0, d2, |a, b| a - b),
-                        1 => zip_map(&mut col, d1, d2, |a, b| a + b),
-                        2 => zip_map(&mut col, d2, d1, |a, b| a - b),
-                        _ => zip_map(&mut col, d1, d3, |a, b| a - b),
-                    }
-                    deinterleave(&col, &mut e, &mut o);
-                    let out = |j: usize| (4 * i + j) * n + col0;
-                    zip_map(&mut v[out(0)..][..tw], &e, &e[1..], |a, b| a - b);
-                    zip_map(&mut v[out(1)..][..tw], &o, &e[1..], |a, b| a + b);
-                    zip_map(&mut v[out(2)..][..tw], &e[1..], &o, |a, b| a - b);
-                    zip_map(&mut v[out(3)..][..tw], &o, &o[1..], |a, b| a - b);
+                for (i, col) in cols.chunks(pw).enumerate() {
+                    deinterleave(col, &mut e, &mut o);
+                    columns4(
+                        rows4(v, 4 * i * n + col0, n, tw),
+                        [&e, &o, &e[1..], &o[1..]],
+                        bt,
+                    );
                 }
             }
         });
@@ -248,21 +258,17 @@ fn grad_output_transform<T: KernelFloat>(
                         &[]
                     };
                     deinterleave(row, &mut e, &mut od);
-                    let h = &mut h[4 * i * tw..][..4 * tw];
-                    h[..tw].copy_from_slice(&e);
-                    zip_map(&mut h[tw..2 * tw], &e, &od, |a, b| a + b);
-                    zip_map(&mut h[2 * tw..3 * tw], &e, &od, |a, b| a - b);
-                    zip_map(&mut h[3 * tw..], &od, &od, |a, _| -a);
+                    columns4(rows4(&mut h, 4 * i * tw, tw, tw), [&e, &od, &e, &od], |g| {
+                        a_mul([g[0], g[1]])
+                    });
                 }
                 let col0 = (r - r0) * tw;
                 let (h0, h1) = h.split_at(4 * tw);
                 for j in 0..4 {
                     let (a, b) = (&h0[j * tw..][..tw], &h1[j * tw..][..tw]);
-                    let out = |i: usize| (4 * i + j) * n + col0;
-                    dm[out(0)..][..tw].copy_from_slice(a);
-                    zip_map(&mut dm[out(1)..][..tw], a, b, |a, b| a + b);
-                    zip_map(&mut dm[out(2)..][..tw], a, b, |a, b| a - b);
-                    zip_map(&mut dm[out(3)..][..tw], b, b, |a, _| -a);
+                    columns4(rows4(dm, j * n + col0, 4 * n, tw), [a, b, a, b], |g| {
+                        a_mul([g[0], g[1]])
+                    });
                 }
             }
         });
@@ -339,37 +345,43 @@ pub(super) fn forward<T: KernelFloat>(
         // Y = Aᵀ M A, one task per output channel: Aᵀ down the tile's rows, then along them.
         let m = &m;
         (0..d.oc).into_par_iter().for_each(|o| {
-            let mut s = vec![T::zero(); 8 * t.tw];
-            let (mut e, mut od) = (vec![T::zero(); t.tw], vec![T::zero(); t.tw]);
+            // s[i][j] over tx: row i of Aᵀ M (i = 0, 1; rows 2 and 3 unused).
+            let mut s = vec![T::zero(); 16 * t.tw];
+            let mut eo = vec![T::zero(); 4 * t.tw];
             for r in r0..r1 {
                 let (b, ty) = (r / t.th, r % t.th);
                 let col0 = (r - r0) * t.tw;
                 let mv = |i: usize, j: usize| &m[((4 * i + j) * d.oc + o) * n + col0..][..t.tw];
-                let (s0, s1) = s.split_at_mut(4 * t.tw);
                 for j in 0..4 {
-                    let (s0, s1) = (&mut s0[j * t.tw..][..t.tw], &mut s1[j * t.tw..][..t.tw]);
-                    zip_map(s0, mv(0, j), mv(1, j), |a, b| a + b);
-                    zip_map(s1, mv(1, j), mv(2, j), |a, b| a - b);
-                    for k in 0..t.tw {
-                        s0[k] += mv(2, j)[k];
-                        s1[k] = s1[k] - mv(3, j)[k];
-                    }
+                    columns4(
+                        rows4(&mut s, j * t.tw, 4 * t.tw, t.tw),
+                        [mv(0, j), mv(1, j), mv(2, j), mv(3, j)],
+                        |m| {
+                            let [a, b] = at(m);
+                            [a, b, a, b]
+                        },
+                    );
                 }
                 // SAFETY: plane `(b, o)` lies inside `y` (length asserted above) and only this
                 // task (channel `o`) writes the planes of channel `o`.
                 let plane = unsafe {
                     std::slice::from_raw_parts_mut(ptr.get().add((b * d.oc + o) * hw), hw)
                 };
-                for (i, s) in s.chunks(4 * t.tw).enumerate() {
+                for (i, si) in s.chunks(4 * t.tw).take(2).enumerate() {
                     let yy = 2 * ty + i;
                     if yy >= d.h {
                         continue;
                     }
-                    let sj = |j: usize| &s[j * t.tw..][..t.tw];
-                    for k in 0..t.tw {
-                        e[k] = sj(0)[k] + sj(1)[k] + sj(2)[k];
-                        od[k] = sj(1)[k] - sj(2)[k] - sj(3)[k];
-                    }
+                    let sj: Vec<&[T]> = si.chunks(t.tw).collect();
+                    columns4(
+                        rows4(&mut eo, 0, t.tw, t.tw),
+                        [sj[0], sj[1], sj[2], sj[3]],
+                        |m| {
+                            let [a, b] = at(m);
+                            [a, b, a, b]
+                        },
+                    );
+                    let (e, od) = eo.split_at(t.tw);
                     let row = &mut plane[yy * d.w..][..d.w];
                     for (x, out) in row.iter_mut().enumerate() {
                         let val = if x % 2 == 0 { e[x / 2] } else { od[x / 2] };
@@ -411,51 +423,37 @@ pub(super) fn grad_input<T: KernelFloat>(d: &ConvDims, w: &[T], gy: &[T]) -> Vec
         let dv = &dv;
         let pw = 2 * t.tw + 2;
         (0..d.c).into_par_iter().for_each(|c| {
-            let mut wv = vec![T::zero(); 4 * t.tw];
+            // w[i][j] over tx: row i of B dV.
+            let mut wv = vec![T::zero(); 16 * t.tw];
             let mut acc = vec![T::zero(); pw];
             for r in r0..r1 {
                 let (b, ty) = (r / t.th, r % t.th);
                 let col0 = (r - r0) * t.tw;
                 let dvv = |i: usize, j: usize| &dv[((4 * i + j) * d.c + c) * n + col0..][..t.tw];
+                for j in 0..4 {
+                    columns4(
+                        rows4(&mut wv, j * t.tw, 4 * t.tw, t.tw),
+                        [dvv(0, j), dvv(1, j), dvv(2, j), dvv(3, j)],
+                        b_mul,
+                    );
+                }
                 // SAFETY: plane `(b, c)` lies inside `gx` and only this task (channel `c`)
                 // writes the planes of channel `c`.
                 let plane = unsafe {
                     std::slice::from_raw_parts_mut(ptr.get().add((b * d.c + c) * hw), hw)
                 };
-                for i in 0..4 {
+                for (i, wi) in wv.chunks(4 * t.tw).enumerate() {
                     let Some(y) = (2 * ty + i).checked_sub(1).filter(|&y| y < d.h) else {
                         continue;
                     };
-                    // Row i of B dV: w[j] over tx.
-                    for j in 0..4 {
-                        let w = &mut wv[j * t.tw..][..t.tw];
-                        match i {
-                            0 => w.copy_from_slice(dvv(0, j)),
-                            1 => {
-                                zip_map(w, dvv(1, j), dvv(2, j), |a, b| a - b);
-                                for (w, &v) in w.iter_mut().zip(dvv(3, j)) {
-                                    *w += v;
-                                }
-                            }
-                            2 => {
-                                zip_map(w, dvv(1, j), dvv(2, j), |a, b| a + b);
-                                for (w, &v) in w.iter_mut().zip(dvv(0, j)) {
-                                    *w = *w - v;
-                                }
-                            }
-                            _ => zip_map(w, dvv(3, j), dvv(3, j), |a, _| -a),
-                        }
-                    }
-                    // Times Bᵀ along the row: tile tx adds [w0, w1 − w2 + w3, w1 + w2 − w0, −w3]
-                    // at padded columns 2tx..2tx + 4.
+                    // Times Bᵀ along the row: tile tx adds B w at padded columns 2tx..2tx + 4.
                     acc.fill(T::zero());
-                    let wj = |j: usize| &wv[j * t.tw..][..t.tw];
+                    let wj: Vec<&[T]> = wi.chunks(t.tw).collect();
                     for k in 0..t.tw {
-                        let (w0, w1, w2, w3) = (wj(0)[k], wj(1)[k], wj(2)[k], wj(3)[k]);
-                        acc[2 * k] += w0;
-                        acc[2 * k + 1] += w1 - w2 + w3;
-                        acc[2 * k + 2] += w1 + w2 - w0;
-                        acc[2 * k + 3] = -w3;
+                        let v = b_mul([wj[0][k], wj[1][k], wj[2][k], wj[3][k]]);
+                        for (a, v) in acc[2 * k..][..4].iter_mut().zip(v) {
+                            *a += v;
+                        }
                     }
                     for (p, &a) in plane[y * d.w..][..d.w].iter_mut().zip(&acc[1..]) {
                         *p += a;
