@@ -131,6 +131,19 @@ impl Tiles {
     }
 }
 
+/// The tiling of `d`, its chunks of tile rows ([`Tiles::chunks`]) and two scratch buffers
+/// sized for the largest chunk: `(C, 16, tiles)` and `(OC, 16, tiles)` elements (the transformed
+/// input or its gradient, and the transformed output or its gradient).
+#[allow(clippy::type_complexity)]
+fn plan<T: KernelFloat>(d: &ConvDims) -> (Tiles, Vec<(usize, usize)>, Vec<T>, Vec<T>) {
+    let t = Tiles::new(d);
+    let chunks = t.chunks(d.c.max(d.oc));
+    let most = (chunks[0].1 - chunks[0].0) * t.tw;
+    let by_input = crate::kernel::zeroed(d.c * XI * most);
+    let by_output = crate::kernel::zeroed(d.oc * XI * most);
+    (t, chunks, by_input, by_output)
+}
+
 /// `U = G w Gᵀ` for every filter, as `(OC, 16, C)`: `U_ξ` is the `(OC, C)` view at `ξ·C` with
 /// row stride `16·C`. `w` is `(OC, WC, 3, 3)`; the input meets channels `c_off..c_off + C`.
 fn weight_transform<T: KernelFloat>(d: &ConvDims, w: &[T]) -> Vec<T> {
@@ -317,7 +330,7 @@ pub(super) fn forward<T: KernelFloat>(
     w: &[T],
     init: Option<&[T]>,
 ) -> Vec<T> {
-    let t = Tiles::new(d);
+    let (t, chunks, mut v, mut m) = plan(d);
     let u = weight_transform(d, w);
     let hw = d.h * d.w;
     let mut y = match init {
@@ -325,10 +338,6 @@ pub(super) fn forward<T: KernelFloat>(
         None => crate::kernel::zeroed(d.b * d.oc * hw),
     };
     assert_eq!(y.len(), d.b * d.oc * hw, "winograd conv: output");
-    let chunks = t.chunks(d.c.max(d.oc));
-    let most = (chunks[0].1 - chunks[0].0) * t.tw;
-    let mut v = crate::kernel::zeroed(d.c * XI * most);
-    let mut m = crate::kernel::zeroed(XI * d.oc * most);
     let ptr = SyncPtr(y.as_mut_ptr());
     for &(r0, r1) in &chunks {
         let n = (r1 - r0) * t.tw;
@@ -396,14 +405,10 @@ pub(super) fn forward<T: KernelFloat>(
 
 /// Input gradient `dX (B, C, H, W)` from `w (OC, WC, 3, 3)` and `dY (B, OC, H, W)`.
 pub(super) fn grad_input<T: KernelFloat>(d: &ConvDims, w: &[T], gy: &[T]) -> Vec<T> {
-    let t = Tiles::new(d);
+    let (t, chunks, mut dv, mut dm) = plan(d);
     let u = weight_transform(d, w);
     let hw = d.h * d.w;
     let mut gx: Vec<T> = crate::kernel::zeroed(d.b * d.c * hw);
-    let chunks = t.chunks(d.c.max(d.oc));
-    let most = (chunks[0].1 - chunks[0].0) * t.tw;
-    let mut dm = crate::kernel::zeroed(d.oc * XI * most);
-    let mut dv = crate::kernel::zeroed(XI * d.c * most);
     let ptr = SyncPtr(gx.as_mut_ptr());
     for &(r0, r1) in &chunks {
         let n = (r1 - r0) * t.tw;
@@ -468,11 +473,7 @@ pub(super) fn grad_input<T: KernelFloat>(d: &ConvDims, w: &[T], gy: &[T]) -> Vec
 /// Weight gradient `dW (OC, WC, 3, 3)` (zero outside the input's channels) from
 /// `x (B, C, H, W)` and `dY (B, OC, H, W)`.
 pub(super) fn grad_weight<T: KernelFloat>(d: &ConvDims, x: &[T], gy: &[T]) -> Vec<T> {
-    let t = Tiles::new(d);
-    let chunks = t.chunks(d.c.max(d.oc));
-    let most = (chunks[0].1 - chunks[0].0) * t.tw;
-    let mut v = crate::kernel::zeroed(d.c * XI * most);
-    let mut dm = crate::kernel::zeroed(d.oc * XI * most);
+    let (t, chunks, mut v, mut dm) = plan(d);
     let mut du = vec![T::zero(); XI * d.oc * d.c];
     for (k, &(r0, r1)) in chunks.iter().enumerate() {
         let n = (r1 - r0) * t.tw;
