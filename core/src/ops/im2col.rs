@@ -1045,6 +1045,9 @@ mod tests {
             (12, 2, 3, 4, 5, 3, 1, 1, 1),
             (6, 2, 2, 5, 5, 3, 1, 2, 2),
             (256, 2, 2, 3, 4, 3, 1, 1, 1),
+            // One-pixel maps (a P6 level of a small image): one Winograd tile, mostly padding.
+            (2, 2, 3, 1, 1, 3, 1, 1, 1),
+            (1, 2, 2, 1, 5, 3, 1, 1, 1),
         ] {
             let x = Var::from_tensor(&randn(&[b, c, h, w], 1)).unwrap();
             let wt = Var::from_tensor(&randn(&[oc, c, k, k], 2)).unwrap();
